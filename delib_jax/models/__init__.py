@@ -1,0 +1,115 @@
+"""Flax NNX models for deliberative explanations.
+
+    model = create_model("vgg16", num_classes=200)            # hardness head on A, jointly trained
+    out = predict(model, images)                              # jit-compiled, eval-mode batch norm
+    a = model.features(images); logits = model.classifier(a)  # the pieces the explanation needs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from delib_jax.models import backbones
+from delib_jax.models.deliberative import DeliberativeModel, HardnessNetwork, Outputs
+from delib_jax.models.heads import PoolMLPHead, hardness_head
+from delib_jax.models.weights import load_torchvision, read_state_dict
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture: backbone factory and class-head factory (given D and C)."""
+
+    backbone: Callable[..., nnx.Module]
+    head: Callable[..., PoolMLPHead]
+    default_size: int  # the input size the architecture is explained at
+
+
+def _vgg_head(d, c, *, rngs):
+    return PoolMLPHead(d, c, hidden=(4096, 4096), pooled_size=(7, 7), pool_window=2, pool_stride=2,
+                       dropout=0.5, dropout_before=(1, 2), rngs=rngs)
+
+
+def _alexnet_head(d, c, *, rngs):
+    return PoolMLPHead(d, c, hidden=(4096, 4096), pooled_size=(6, 6), pool_window=3, pool_stride=2,
+                       dropout=0.5, dropout_before=(0, 1), rngs=rngs)
+
+
+def _linear_head(d, c, *, rngs):
+    return PoolMLPHead(d, c, rngs=rngs)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "vgg16": ArchSpec(lambda **kw: backbones.VGG(batch_norm=False, **kw), _vgg_head, 224),
+    "vgg16_bn": ArchSpec(lambda **kw: backbones.VGG(batch_norm=True, **kw), _vgg_head, 224),
+    "resnet50": ArchSpec(lambda **kw: backbones.ResNet((3, 4, 6, 3), **kw), _linear_head, 224),
+    "alexnet": ArchSpec(lambda **kw: backbones.AlexNet(**kw), _alexnet_head, 224),
+    "small": ArchSpec(lambda **kw: backbones.SmallCNN(**kw), _linear_head, 128),
+}
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    *,
+    hardness: str = "head",
+    hardness_hidden: int = 512,
+    dtype=None,
+    rngs: nnx.Rngs | None = None,
+) -> DeliberativeModel:
+    """Build ``arch`` with a ``num_classes`` class head and a hardness predictor.
+
+    hardness: 'head' (default; a jointly trained head on A), 'network' (a separate backbone of the same
+    architecture with its own head, as in the authors' code) or 'none'. dtype: compute dtype of the backbone
+    (e.g. jnp.bfloat16); heads and parameters stay float32.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if hardness not in ("head", "network", "none"):
+        raise ValueError(f"hardness must be 'head', 'network' or 'none', got {hardness!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    spec = ARCHS[arch]
+    backbone = spec.backbone(dtype=dtype, rngs=rngs)
+    d = backbone.out_channels
+    classifier = spec.head(d, num_classes, rngs=rngs)
+    kwargs = {}
+    if hardness == "head":
+        kwargs["hardness_head"] = hardness_head(d, hidden=hardness_hidden, rngs=rngs)
+    elif hardness == "network":
+        kwargs["hardness_network"] = HardnessNetwork(
+            spec.backbone(dtype=dtype, rngs=rngs), hardness_head(d, hidden=hardness_hidden, rngs=rngs)
+        )
+    return DeliberativeModel(backbone, classifier, arch=arch, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (nnx.Param leaves; batch-norm running statistics excluded, as in torch)."""
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@nnx.jit
+def _predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
+    return model(images)
+
+
+def predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
+    """Jit-compiled eval-mode forward pass: images (B, H, W, 3) -> Outputs (logits, hardness logit, A).
+
+    Puts the model in eval mode (running batch-norm statistics, no dropout) and checks the images first."""
+    from delib_jax.models._layers import validate_images
+
+    validate_images(images)
+    model.eval()
+    return _predict(model, jnp.asarray(images))
+
+
+__all__ = [
+    "ARCHS", "ArchSpec", "DeliberativeModel", "HardnessNetwork", "Outputs", "PoolMLPHead",
+    "count_params", "create_model", "hardness_head", "load_torchvision", "predict", "read_state_dict",
+]

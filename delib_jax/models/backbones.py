@@ -1,0 +1,133 @@
+"""Backbones: images (B, H, W, 3) -> the explained feature tensor A (B, H', W', D).
+
+Each stops at the layer the paper explains: VGG16(-BN) the ReLU after conv5_3 (14x14x512 at 224), ResNet50 the output
+of layer4 (7x7x2048), AlexNet the last conv ReLU (13x13x256), the small CNN its last conv ReLU. Layer structure and
+sizes follow torchvision exactly so that its state dicts import one to one (see `delib_jax.models.weights`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from delib_jax.models import _layers
+
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+
+
+class VGG(nnx.Module):
+    """torchvision VGG ``features`` without the last max pool (which belongs to the class head)."""
+
+    def __init__(self, config: Sequence = VGG16_CONFIG, *, batch_norm: bool = False, dtype=None, rngs: nnx.Rngs):
+        self.config = tuple(config)
+        channels = [c for c in self.config if c != "M"]
+        ins = [3, *channels[:-1]]
+        self.convs = nnx.List(
+            [_layers.conv(i, o, 3, padding=1, dtype=dtype, rngs=rngs) for i, o in zip(ins, channels)]
+        )
+        self.norms = nnx.List([_layers.batch_norm(o, dtype=dtype, rngs=rngs) for o in channels]) if batch_norm else None
+        self.out_channels = channels[-1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        i = 0
+        for c in self.config:
+            if c == "M":
+                x = _layers.max_pool(x, 2, 2)
+                continue
+            x = self.convs[i](x)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = jax.nn.relu(x)
+            i += 1
+        return x
+
+
+class AlexNet(nnx.Module):
+    """torchvision AlexNet ``features`` without the last max pool."""
+
+    def __init__(self, *, dtype=None, rngs: nnx.Rngs):
+        spec = [(3, 64, 11, 4, 2), (64, 192, 5, 1, 2), (192, 384, 3, 1, 1), (384, 256, 3, 1, 1), (256, 256, 3, 1, 1)]
+        self.convs = nnx.List(
+            [_layers.conv(i, o, k, stride=s, padding=p, dtype=dtype, rngs=rngs) for i, o, k, s, p in spec]
+        )
+        self.out_channels = 256
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, conv in enumerate(self.convs):
+            x = jax.nn.relu(conv(x))
+            if i < 2:
+                x = _layers.max_pool(x, 3, 2)
+        return x
+
+
+class Bottleneck(nnx.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int, *, dtype=None, rngs: nnx.Rngs):
+        out = width * self.expansion
+        self.conv1 = _layers.conv(in_channels, width, 1, bias=False, dtype=dtype, rngs=rngs)
+        self.bn1 = _layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        self.conv2 = _layers.conv(width, width, 3, stride=stride, padding=1, bias=False, dtype=dtype, rngs=rngs)
+        self.bn2 = _layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        self.conv3 = _layers.conv(width, out, 1, bias=False, dtype=dtype, rngs=rngs)
+        self.bn3 = _layers.batch_norm(out, dtype=dtype, rngs=rngs)
+        if stride != 1 or in_channels != out:
+            self.downsample_conv = _layers.conv(in_channels, out, 1, stride=stride, bias=False, dtype=dtype, rngs=rngs)
+            self.downsample_bn = _layers.batch_norm(out, dtype=dtype, rngs=rngs)
+        else:
+            self.downsample_conv = self.downsample_bn = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = jax.nn.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        shortcut = x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
+        return jax.nn.relu(y + shortcut)
+
+
+class ResNet(nnx.Module):
+    """torchvision ResNet trunk (conv1 ... layer4), without the global pool and fc (the class head)."""
+
+    def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), *, dtype=None, rngs: nnx.Rngs):
+        self.conv1 = _layers.conv(3, 64, 7, stride=2, padding=3, bias=False, dtype=dtype, rngs=rngs)
+        self.bn1 = _layers.batch_norm(64, dtype=dtype, rngs=rngs)
+        layers, channels = [], 64
+        for stage, (n, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            stage_blocks = []
+            for i in range(n):
+                stride = 2 if (i == 0 and stage > 0) else 1
+                stage_blocks.append(Bottleneck(channels, width, stride, dtype=dtype, rngs=rngs))
+                channels = width * Bottleneck.expansion
+            layers.append(nnx.List(stage_blocks))
+        self.layers = nnx.List(layers)
+        self.out_channels = channels
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = _layers.max_pool(x, 3, 2, 1)
+        for stage in self.layers:
+            for block in stage:
+                x = block(x)
+        return x
+
+
+class SmallCNN(nnx.Module):
+    """A small conv-BN-ReLU network for tests and the synthetic datasets; A is at stride 2**(len(widths)-1)."""
+
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 128), *, dtype=None, rngs: nnx.Rngs):
+        ins = [3, *widths[:-1]]
+        self.convs = nnx.List([_layers.conv(i, o, 3, padding=1, dtype=dtype, rngs=rngs) for i, o in zip(ins, widths)])
+        self.norms = nnx.List([_layers.batch_norm(o, dtype=dtype, rngs=rngs) for o in widths])
+        self.out_channels = widths[-1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.convs)
+        for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
+            x = jax.nn.relu(bn(conv(x)))
+            if i < n - 1:
+                x = _layers.max_pool(x, 2, 2)
+        return x

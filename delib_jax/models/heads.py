@@ -1,0 +1,167 @@
+"""Heads on the explained feature tensor A: the class head (A -> C logits) and the hardness head (A -> 1 logit).
+
+Every shipped head is a `PoolMLPHead`: spatial pooling, flatten, then an MLP of Linear / eval-mode BatchNorm / ReLU /
+Dropout. All of these are piecewise linear, so in eval mode the logits are locally linear in A and their per-location
+directional derivatives ("logit tangents") can be propagated exactly and cheaply (`PoolMLPHead.tangents`). The
+attribution core uses them for its fast exact path.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from delib_jax.models import _layers
+
+
+class PoolMLPHead(nnx.Module):
+    """Spatial pooling + flatten + MLP, A (B, H, W, D) -> logits (B, out_features).
+
+    Pooling is either global average (``pooled_size=None``; ResNet, small CNN, hardness head) or a max pool of
+    ``pool_window``/``pool_stride``/``pool_padding`` followed by torch's AdaptiveAvgPool to ``pooled_size``
+    (VGG: 2/2/0 then 7x7; AlexNet: 3/2/0 then 6x6). ``dropout_before`` lists the Linear layers preceded by dropout.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_features: int,
+        *,
+        hidden: Sequence[int] = (),
+        pooled_size: tuple[int, int] | None = None,
+        pool_window: int | None = None,
+        pool_stride: int | None = None,
+        pool_padding: int = 0,
+        batch_norm: bool = False,
+        dropout: float = 0.0,
+        dropout_before: Sequence[int] = (),
+        rngs: nnx.Rngs,
+    ):
+        if pool_window is not None and pooled_size is None:
+            raise ValueError("a max-pooled head needs pooled_size (the AdaptiveAvgPool output size)")
+        self.in_channels = in_channels
+        self.out_features = out_features
+        self.pooled_size = None if pooled_size is None else tuple(pooled_size)
+        self.pool_window = pool_window
+        self.pool_stride = pool_stride if pool_stride is not None else pool_window
+        self.pool_padding = pool_padding
+        self.dropout_before = tuple(dropout_before)
+        flat = in_channels * (1 if pooled_size is None else pooled_size[0] * pooled_size[1])
+        sizes = [flat, *hidden, out_features]
+        self.linears = nnx.List(
+            [nnx.Linear(sizes[i], sizes[i + 1], rngs=rngs) for i in range(len(sizes) - 1)]
+        )
+        self.norms = nnx.List([_layers.batch_norm(h, rngs=rngs) for h in hidden]) if batch_norm else None
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    # -- primal -------------------------------------------------------------------------------------------------
+    def pool(self, a: jax.Array) -> jax.Array:
+        """(B, H, W, D) -> flattened pooled features (B, F)."""
+        if self.pooled_size is None:
+            return jnp.mean(a, axis=(1, 2))
+        if self.pool_window is not None:
+            a = _layers.max_pool(a, self.pool_window, self.pool_stride, self.pool_padding)
+        return _layers.flatten(_layers.adaptive_avg_pool(a, self.pooled_size))
+
+    def __call__(self, a: jax.Array) -> jax.Array:
+        """Logits (B, out_features) from A (B, H, W, D)."""
+        return self._mlp(self.pool(a))[0]
+
+    def _mlp(self, x: jax.Array, t: jax.Array | None = None, t_is_first: bool = False):
+        """MLP on pooled x (B, F); optionally carries tangents t (B, L, F) or, with t_is_first, (B, L, K1) that
+        already went through the first Linear (without its bias)."""
+        n = len(self.linears)
+        for i, lin in enumerate(self.linears):
+            if i in self.dropout_before:
+                x = self.dropout(x)
+            x = lin(x)
+            if t is not None and not (i == 0 and t_is_first):
+                t = t @ lin.kernel[...]
+            if i < n - 1:
+                if self.norms is not None:
+                    bn = self.norms[i]
+                    x = bn(x)
+                    if t is not None:
+                        t = t * (bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon))[:, None, :]
+                if t is not None:
+                    t = t * (x > 0)[:, None, :].astype(t.dtype)
+                x = jax.nn.relu(x)
+        return x, t
+
+    # -- exact per-location tangents (eval mode) ------------------------------------------------------------------
+    def tangents(self, a: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Logits z (B, K) and per-location logit tangents U (B, H*W, K) at A = ``a``.
+
+        U[b, l] is the directional derivative of z along v restricted to location l, i.e. J_z(a) (v_l e_l). It is exact
+        in eval mode because the head is piecewise linear; with v = a its sum over l is the jvp of z along a.
+        """
+        if self.norms is not None and not self.norms[0].use_running_average:
+            raise ValueError("tangents need the head in eval mode: call model.eval() first")
+        b, h, w, d = a.shape
+        lin0 = self.linears[0]
+        k1 = lin0.kernel.shape[-1]
+        if self.pooled_size is None:
+            x = jnp.mean(a, axis=(1, 2))
+            t = jnp.einsum("bhwd,dk->bhwk", v, lin0.kernel[...]) / (h * w)
+        else:
+            x, t = self._pooled_first_layer_tangents(a, v)
+        t = t.reshape(b, h * w, k1)
+        z, u = self._mlp(x, t, t_is_first=True)
+        return z, u
+
+    def _pooled_first_layer_tangents(self, a: jax.Array, v: jax.Array):
+        """Max pool + adaptive average pool + first Linear: pooled x (B, F) and tangents (B, H, W, K1).
+
+        Each pooled cell takes its max from one window offset per channel; a location's tangent is the sum over the
+        cells whose max it supplies of W1[cell]^T (v_l masked to those channels). One einsum over window offsets, then
+        each offset's cell grid is placed back onto the H x W grid with a strided pad."""
+        b, h, w, d = a.shape
+        kernel = self.linears[0].kernel[...]
+        ho, wo = self.pooled_size
+        if self.pool_window is None:
+            k, s, p = 1, 1, 0
+        else:
+            k, s, p = self.pool_window, self.pool_stride, self.pool_padding
+        hp = _layers.pool_output_size(h, k, s, p)
+        wp = _layers.pool_output_size(w, k, s, p)
+        a_pad = jnp.pad(a, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
+        v_pad = jnp.pad(v, ((0, 0), (p, p), (p, p), (0, 0)))
+        offsets = [(di, dj) for di in range(k) for dj in range(k)]
+
+        def window(x, di, dj):
+            return x[:, di : di + s * (hp - 1) + 1 : s, dj : dj + s * (wp - 1) + 1 : s, :]
+
+        a_win = jnp.stack([window(a_pad, di, dj) for di, dj in offsets])  # (k*k, B, hp, wp, D)
+        v_win = jnp.stack([window(v_pad, di, dj) for di, dj in offsets])
+        arg = jnp.argmax(a_win, axis=0)  # (B, hp, wp, D): which offset supplies each cell's max
+        pooled = jnp.max(a_win, axis=0)
+        g = jnp.where(arg[None] == jnp.arange(k * k)[:, None, None, None, None], v_win, 0)
+        w1 = kernel.reshape(ho, wo, d, -1)
+        if (ho, wo) != (hp, wp):  # fold the (linear) adaptive average pool into the first Linear
+            ph = jnp.asarray(_layers.adaptive_pool_matrix(hp, ho), w1.dtype)
+            pw = jnp.asarray(_layers.adaptive_pool_matrix(wp, wo), w1.dtype)
+            w1 = jnp.einsum("ai,bj,abdk->ijdk", ph, pw, w1)
+        t_cells = jnp.einsum("obijd,ijdk->obijk", g, w1)  # (k*k, B, hp, wp, K1)
+        t = 0.0
+        for o, (di, dj) in enumerate(offsets):
+            lo_h, lo_w = di - p, dj - p
+            cfg = [
+                (0, 0, 0),
+                (lo_h, h - lo_h - s * (hp - 1) - 1, s - 1),
+                (lo_w, w - lo_w - s * (wp - 1) - 1, s - 1),
+                (0, 0, 0),
+            ]
+            t = t + jax.lax.pad(t_cells[o], jnp.zeros((), t_cells.dtype), cfg)
+        x = _layers.flatten(_layers.adaptive_avg_pool(pooled, (ho, wo)))
+        return x, t
+
+
+def hardness_head(in_channels: int, *, hidden: int = 512, dropout: float = 0.0, rngs: nnx.Rngs) -> PoolMLPHead:
+    """The default jointly trained hardness predictor on A: global average pool -> Linear -> ReLU -> Linear -> 1 logit."""
+    return PoolMLPHead(
+        in_channels, 1, hidden=(hidden,) if hidden else (), dropout=dropout,
+        dropout_before=(1,) if hidden and dropout else (), rngs=rngs,
+    )

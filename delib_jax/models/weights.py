@@ -1,0 +1,222 @@
+"""Import ImageNet weights from torchvision-format state dicts (.safetensors, .npz, or .pth through torch).
+
+Nothing is downloaded: users bring the file. Conversions: Conv (O, I, kh, kw) -> (kh, kw, I, O); Linear W -> W.T;
+the first Linear after a pooled grid flattens NCHW in torch and NHWC here, so its rows are permuted; BatchNorm
+weight / bias / running_mean / running_var -> scale / bias / mean / var.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from delib_jax.models.backbones import VGG
+from delib_jax.models.deliberative import DeliberativeModel
+
+# (torch key, path of the NNX variable inside the module, conversion kind)
+Entry = tuple[str, tuple, str]
+
+
+def _bn(prefix: str, path: tuple) -> Iterator[Entry]:
+    for t, ours in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var")):
+        yield f"{prefix}.{t}", (*path, ours), "copy"
+
+
+def _conv(prefix: str, path: tuple, bias: bool = True) -> Iterator[Entry]:
+    yield f"{prefix}.weight", (*path, "kernel"), "conv"
+    if bias:
+        yield f"{prefix}.bias", (*path, "bias"), "copy"
+
+
+def _linear(prefix: str, path: tuple, kind: str = "linear") -> Iterator[Entry]:
+    yield f"{prefix}.weight", (*path, "kernel"), kind
+    yield f"{prefix}.bias", (*path, "bias"), "copy"
+
+
+def _vgg_entries(model: DeliberativeModel, backbone: VGG, root: tuple) -> Iterator[Entry]:
+    idx, i = 0, 0
+    for c in backbone.config:
+        if c == "M":
+            idx += 1
+            continue
+        yield from _conv(f"features.{idx}", (*root, "convs", i))
+        if backbone.norms is not None:
+            yield from _bn(f"features.{idx + 1}", (*root, "norms", i))
+            idx += 3
+        else:
+            idx += 2
+        i += 1
+
+
+def _alexnet_entries(root: tuple) -> Iterator[Entry]:
+    for i, idx in enumerate((0, 3, 6, 8, 10)):
+        yield from _conv(f"features.{idx}", (*root, "convs", i))
+
+
+def _resnet_entries(backbone, root: tuple) -> Iterator[Entry]:
+    yield from _conv("conv1", (*root, "conv1"), bias=False)
+    yield from _bn("bn1", (*root, "bn1"))
+    for s, stage in enumerate(backbone.layers):
+        for b, block in enumerate(stage):
+            p, path = f"layer{s + 1}.{b}", (*root, "layers", s, b)
+            for k in (1, 2, 3):
+                yield from _conv(f"{p}.conv{k}", (*path, f"conv{k}"), bias=False)
+                yield from _bn(f"{p}.bn{k}", (*path, f"bn{k}"))
+            if block.downsample_conv is not None:
+                yield from _conv(f"{p}.downsample.0", (*path, "downsample_conv"), bias=False)
+                yield from _bn(f"{p}.downsample.1", (*path, "downsample_bn"))
+
+
+def torchvision_entries(model: DeliberativeModel, *, backbone_root: tuple = ("backbone",)) -> list[Entry]:
+    """The full key map of ``model``'s backbone and class head to torchvision names."""
+    arch = model.arch
+    backbone = model.backbone
+    if arch in ("vgg16", "vgg16_bn"):
+        entries = list(_vgg_entries(model, backbone, backbone_root))
+        head = [("classifier.0", "fc6"), ("classifier.3", ""), ("classifier.6", "")]
+    elif arch == "alexnet":
+        entries = list(_alexnet_entries(backbone_root))
+        head = [("classifier.1", "fc6"), ("classifier.4", ""), ("classifier.6", "")]
+    elif arch == "resnet50":
+        entries = list(_resnet_entries(backbone, backbone_root))
+        head = [("fc", "")]
+    else:
+        raise ValueError(f"no torchvision weights exist for arch {arch!r} (only vgg16, vgg16_bn, resnet50, alexnet)")
+    for i, (prefix, kind) in enumerate(head):
+        entries += _linear(prefix, ("classifier", "linears", i), "linear_nchw" if kind == "fc6" else "linear")
+    return entries
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a torchvision-format state dict from .safetensors, .npz or (with torch installed) .pth / .pt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        sd = load_file(str(path))
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            sd = {k: f[k] for k in f.files}
+    elif suffix in (".pth", ".pt"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ValueError(
+                f"{path.name}: reading .pth needs torch; convert it to .safetensors or .npz instead"
+            ) from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"{path.name}: expected a state dict (a mapping of names to tensors)")
+        sd = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+    else:
+        raise ValueError(f"{path.name}: unsupported weights format {suffix!r}; use .safetensors, .npz or .pth")
+    # Checkpoints saved from DataParallel prefix every key with 'module.'.
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _convert(kind: str, w: np.ndarray) -> np.ndarray:
+    """torch layout -> ours; arrays of unexpected rank pass through so that the shape check reports them."""
+    if kind == "conv" and w.ndim == 4:
+        return np.transpose(w, (2, 3, 1, 0))
+    if kind.startswith("linear") and w.ndim == 2:
+        return w.T
+    return w
+
+
+def _permute_fc6(w: np.ndarray, channels: int) -> np.ndarray:
+    """torch (O, D*h*w) in NCHW order -> ours (h*w*D, O) in NHWC order."""
+    out, flat = w.shape
+    hw = flat // channels
+    side = int(round(hw**0.5))
+    return w.reshape(out, channels, side, side).transpose(2, 3, 1, 0).reshape(flat, out)
+
+
+def _variable(module: nnx.Module, path: tuple) -> nnx.Variable:
+    node = module
+    for p in path:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    return node
+
+
+def load_torchvision(
+    model: DeliberativeModel,
+    weights: str | Path | Mapping[str, np.ndarray],
+    *,
+    classifier_output: bool = True,
+    hardness_network: bool = True,
+) -> DeliberativeModel:
+    """Load a torchvision state dict into ``model`` in place (and return it).
+
+    classifier_output=False leaves the last class-head Linear as initialised (ImageNet's 1000 classes -> your C);
+    its keys may then be present or absent. With a separate hardness network, its backbone gets the same weights.
+    Raises ValueError naming every missing, unexpected and mis-shaped key.
+    """
+    sd = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights)
+    entries = torchvision_entries(model)
+    last_head = len(model.classifier.linears) - 1
+    skip = set()
+    if not classifier_output:
+        skip = {k for k, path, _ in entries if path[:3] == ("classifier", "linears", last_head)}
+    expected = {k for k, _, _ in entries}
+    ignorable = {k for k in sd if k.endswith("num_batches_tracked")}
+    missing = sorted(k for k in expected - skip if k not in sd)
+    unexpected = sorted(k for k in sd if k not in expected and k not in ignorable)
+    channels = model.backbone.out_channels
+    updates, misshaped = [], []
+    for key, path, kind in entries:
+        if key in skip or key not in sd:
+            continue
+        var = _variable(model, path)
+        target = tuple(var.shape)
+        w = np.asarray(sd[key], dtype=np.float32)
+        if kind == "linear_nchw" and w.ndim == 2 and w.shape[1] == target[0] and w.shape[1] % channels == 0:
+            new = _permute_fc6(w, channels)
+        else:
+            new = _convert(kind, w)
+        if new.shape != target:
+            misshaped.append(f"{key}: file has {tuple(sd[key].shape)}, model needs {_torch_shape(kind, target)}")
+            continue
+        updates.append((path, new))
+    if missing or unexpected or misshaped:
+        raise ValueError(_report(model.arch, missing, unexpected, misshaped))
+    for path, new in updates:
+        _variable(model, path).set_value(jnp.asarray(new))
+        if hardness_network and model.hardness_network is not None and path[0] == "backbone":
+            _variable(model.hardness_network, path).set_value(jnp.asarray(new))
+    return model
+
+
+def _torch_shape(kind: str, target: tuple) -> tuple:
+    if kind == "conv" and len(target) == 4:
+        kh, kw, i, o = target
+        return (o, i, kh, kw)
+    if kind.startswith("linear") and len(target) == 2:
+        return (target[1], target[0])
+    return target
+
+
+def _report(arch: str, missing, unexpected, misshaped, limit: int = 8) -> str:
+    def part(name, items):
+        if not items:
+            return ""
+        shown = ", ".join(items[:limit]) + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
+        return f"\n  {name} ({len(items)}): {shown}"
+
+    return (
+        f"weights do not match torchvision's {arch}:"
+        + part("missing keys", missing)
+        + part("unexpected keys", unexpected)
+        + part("mis-shaped keys", misshaped)
+        + "\n  (is this the right architecture? for a different number of classes pass classifier_output=False)"
+    )

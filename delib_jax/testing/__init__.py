@@ -1,0 +1,1 @@
+"""Test-only helpers: reference implementations and toy models. Never imported by the library itself."""

@@ -1,0 +1,5 @@
+import os
+
+# Tests run on the CPU, in float32 unless a test asks for float64 explicitly.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
