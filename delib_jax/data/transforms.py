@@ -1,0 +1,202 @@
+"""Geometric transforms that move images, part keypoints and label masks together, exactly.
+
+Coordinate convention (used throughout `delib_jax.data`): a keypoint ``(x, y)`` is in pixel units of its image, with the
+image's top-left corner at ``(0, 0)``; pixel ``(row i, column j)`` covers ``[j, j + 1) x [i, i + 1)`` so its centre is
+``(j + 0.5, i + 0.5)``. This is PIL's convention for ``resize(..., box=...)``, so the affine map used for keypoints is
+exactly the one PIL samples images and masks with.
+
+Every transform is a `Plan`: take the source region ``box = (x0, y0, x1, y1)``, resize it to ``size = (W, H)`` and
+optionally mirror it left-right. A source point maps to ``x' = (x - x0) * W / (x1 - x0)`` (then ``W - x'`` if flipped),
+``y' = (y - y0) * H / (y1 - y0)``; a point that lands outside ``[0, W) x [0, H)`` becomes invisible. Mirroring also
+swaps left and right parts (``flip_permutation``). Images are resampled bilinearly (with PIL's antialiasing on
+downscale, as torchvision's PIL path), masks with nearest neighbour.
+
+The factories reproduce torchvision: `eval_plan` is ``Resize(resize)`` + ``CenterCrop(crop)``, `train_plan` is
+``RandomResizedCrop(crop, scale=(0.08, 1), ratio=(3/4, 4/3))`` + ``RandomHorizontalFlip()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """Per-channel statistics of RGB images scaled to [0, 1]: ``(x / 255 - mean) / std``."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CUB_STATS = Normalization(mean=(0.4706, 0.4600, 0.4548), std=(0.2667, 0.2658, 0.2706))
+"""The CUB-200-2011 statistics of the authors' code."""
+IMAGENET_STATS = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+"""ImageNet statistics (torchvision's pretrained models; the authors' ADE20K setting)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One geometric transform: crop ``box`` (source pixels, floats), resize to ``size``, mirror if ``flip``.
+
+    Attributes:
+      box: ``(x0, y0, x1, y1)`` in source pixel coordinates.
+      size: output ``(width, height)``.
+      flip: mirror the output left-right.
+    """
+
+    box: tuple[float, float, float, float]
+    size: tuple[int, int]
+    flip: bool = False
+
+
+def flip_permutation(part_names: Sequence[str]) -> np.ndarray:
+    """The part order after a left-right mirror: ``"left X"`` and ``"right X"`` swap, other parts stay.
+
+    Returns:
+      (P,) int64 ``perm`` such that ``mirrored[:, k] = original[:, perm[k]]``.
+    """
+    names = list(part_names)
+    perm = np.arange(len(names), dtype=np.int64)
+    for k, name in enumerate(names):
+        for a, b in (("left ", "right "), ("right ", "left ")):
+            if name.startswith(a) and b + name[len(a):] in names:
+                perm[k] = names.index(b + name[len(a):])
+    return perm
+
+
+def eval_plan(width: int, height: int, *, resize: int = 256, crop: int = 224) -> Plan:
+    """torchvision ``Resize(resize)`` (shorter side to ``resize``) then ``CenterCrop(crop)``, as one `Plan`.
+
+    The resized long side is ``int(resize * long / short)`` and the crop offsets ``int(round((R - crop) / 2))``, as in
+    torchvision. Crops larger than the resized image are not supported (torchvision pads).
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if crop > resize:
+        raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return Plan(box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy), size=(crop, crop))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params``: 10 tries of a random area and aspect, else a centre crop.
+
+    Returns:
+      ``(left, top, w, h)`` in integer source pixels.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_plan(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    *,
+    crop: int = 224,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_probability: float = 0.5,
+) -> Plan:
+    """torchvision ``RandomResizedCrop(crop)`` then ``RandomHorizontalFlip(flip_probability)``, drawn from ``rng``."""
+    left, top, w, h = random_resized_crop_box(width, height, rng, scale=scale, ratio=ratio)
+    flip = bool(rng.uniform() < flip_probability)
+    return Plan(box=(float(left), float(top), float(left + w), float(top + h)), size=(crop, crop), flip=flip)
+
+
+def apply_to_image(plan: Plan, image: Image.Image) -> np.ndarray:
+    """Resample an RGB image (bilinear, antialiased on downscale).
+
+    Returns:
+      (H, W, 3) uint8 with ``(W, H) = plan.size``.
+    """
+    out = image.convert("RGB").resize(plan.size, Image.Resampling.BILINEAR, box=plan.box)
+    array = np.asarray(out, dtype=np.uint8)
+    return array[:, ::-1] if plan.flip else array
+
+
+def apply_to_mask(plan: Plan, mask: np.ndarray) -> np.ndarray:
+    """Resample a label mask with nearest neighbour (labels are never mixed).
+
+    Args:
+      mask: (h, w) integer labels in [0, 255].
+
+    Returns:
+      (H, W) uint8; output pixel ``(i, j)`` takes the source pixel containing the mapped centre of ``(i, j)``.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    out = Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(plan.size, Image.Resampling.NEAREST, box=plan.box)
+    array = np.asarray(out, dtype=np.uint8)
+    return array[:, ::-1] if plan.flip else array
+
+
+def apply_to_points(
+    plan: Plan, points: np.ndarray, visible: np.ndarray, *, flip_perm: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Map keypoints through the plan.
+
+    Args:
+      points: (P, 2) ``(x, y)`` in source pixels.
+      visible: (P,) bool.
+      flip_perm: (P,) part order after a mirror (`flip_permutation`); required when ``plan.flip`` and P > 0.
+
+    Returns:
+      ``(points, visible)``: (P, 2) float32 output coordinates and (P,) bool; points outside ``[0, W) x [0, H)`` or
+      invisible in the source come back invisible, with coordinates ``(0, 0)``.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    x0, y0, x1, y1 = plan.box
+    w, h = plan.size
+    x = (points[:, 0] - x0) * (w / (x1 - x0))
+    y = (points[:, 1] - y0) * (h / (y1 - y0))
+    if plan.flip:
+        x = w - x
+    inside = np.asarray(visible, dtype=bool) & (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    out = np.where(inside[:, None], np.stack([x, y], axis=-1), 0.0).astype(np.float32)
+    if plan.flip and len(out):
+        if flip_perm is None:
+            raise ValueError("a mirrored plan needs flip_perm to swap left and right parts")
+        out, inside = out[flip_perm], inside[flip_perm]
+    return out, inside
+
+
+def normalize(image: np.ndarray, stats: Normalization) -> np.ndarray:
+    """(..., 3) uint8 -> (..., 3) float32 ``(image / 255 - mean) / std``."""
+    mean = np.asarray(stats.mean, np.float32) * 255.0
+    inv = 1.0 / (np.asarray(stats.std, np.float32) * 255.0)
+    return (image.astype(np.float32) - mean) * inv
