@@ -145,8 +145,9 @@ def apply_to_image(plan: Plan, image: Image.Image) -> np.ndarray:
       (H, W, 3) uint8 with ``(W, H) = plan.size``.
     """
     out = image.convert("RGB").resize(plan.size, Image.Resampling.BILINEAR, box=plan.box)
-    array = np.asarray(out, dtype=np.uint8)
-    return array[:, ::-1] if plan.flip else array
+    if plan.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def apply_to_mask(plan: Plan, mask: np.ndarray) -> np.ndarray:
@@ -161,8 +162,9 @@ def apply_to_mask(plan: Plan, mask: np.ndarray) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
     out = Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(plan.size, Image.Resampling.NEAREST, box=plan.box)
-    array = np.asarray(out, dtype=np.uint8)
-    return array[:, ::-1] if plan.flip else array
+    if plan.flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def apply_to_points(
@@ -197,6 +199,7 @@ def apply_to_points(
 
 def normalize(image: np.ndarray, stats: Normalization) -> np.ndarray:
     """(..., 3) uint8 -> (..., 3) float32 ``(image / 255 - mean) / std``."""
-    mean = np.asarray(stats.mean, np.float32) * 255.0
-    inv = 1.0 / (np.asarray(stats.std, np.float32) * 255.0)
-    return (image.astype(np.float32) - mean) * inv
+    out = image.astype(np.float32)
+    out -= np.asarray(stats.mean, np.float32) * np.float32(255.0)
+    out *= np.float32(1.0) / (np.asarray(stats.std, np.float32) * np.float32(255.0))
+    return out

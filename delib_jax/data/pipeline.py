@@ -1,0 +1,307 @@
+"""Input pipelines (no TensorFlow): parallel decoding, augmentation and prefetching with ``grain``.
+
+A pipeline is a pure function of ``(source, config, step)``: batch ``step`` holds the examples at positions
+``[j * B, (j + 1) * B)`` of epoch ``e``'s order (``e, j = divmod(step, steps_per_epoch)``; the order is a permutation
+drawn from ``(seed, e)`` when shuffling), and each example's augmentation is drawn from ``(seed, e, dataset index)``.
+So the same seed gives the same batches in the same order whatever the number of threads, and
+``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped.
+
+Example::
+
+    ds = load_cub("/data/CUB_200_2011")
+    train = train_pipeline(cub_source(ds, "train"), batch_size=64, seed=0, num_epochs=None)
+    for step, batch in enumerate(train.iterate(start_step=restored_step), start=restored_step):
+        ...  # batch["image"]: (64, 224, 224, 3) float32, NHWC, normalised
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Literal
+
+import grain
+import numpy as np
+from PIL import Image
+
+from delib_jax.data import transforms
+from delib_jax.data._text import fail
+from delib_jax.data.ade20k import Ade20kDataset
+from delib_jax.data.cub import CubDataset
+from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, Normalization
+
+Split = Literal["train", "test", "all"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The N examples a pipeline reads, with the annotations that move with the image.
+
+    Attributes:
+      image_paths: N image files.
+      labels: (N,) int64 class ids.
+      indices: (N,) int64 index of each example in its dataset (returned as ``batch["index"]``).
+      parts: (N, P, 2) float32 keypoints ``(x, y)`` in source pixels, or None.
+      part_visible: (N, P) bool, or None.
+      part_names: P part names (left/right pairs are swapped by flips), or None.
+      mask_paths: N one-channel label PNGs (values 0..255), or None.
+    """
+
+    image_paths: tuple[str, ...]
+    labels: np.ndarray
+    indices: np.ndarray
+    parts: np.ndarray | None = None
+    part_visible: np.ndarray | None = None
+    part_names: tuple[str, ...] | None = None
+    mask_paths: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+
+def _split_indices(is_train: np.ndarray, split: Split) -> np.ndarray:
+    if split == "train":
+        return np.flatnonzero(is_train)
+    if split == "test":
+        return np.flatnonzero(~is_train)
+    if split == "all":
+        return np.arange(len(is_train))
+    raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+
+
+def cub_source(ds: CubDataset, split: Split = "train", *, indices: np.ndarray | None = None) -> Source:
+    """The CUB examples of ``split`` (official split) or of explicit dataset ``indices``, with their parts."""
+    ix = _split_indices(ds.is_train, split) if indices is None else np.asarray(indices, dtype=np.int64)
+    return Source(
+        image_paths=tuple(ds.image_paths[i] for i in ix),
+        labels=ds.labels[ix],
+        indices=ix,
+        parts=ds.parts[ix],
+        part_visible=ds.part_visible[ix],
+        part_names=ds.part_names,
+    )
+
+
+def ade20k_source(ds: Ade20kDataset, split: Split = "train", *, indices: np.ndarray | None = None) -> Source:
+    """The ADE20K examples of ``split`` ("test" = validation) or of explicit ``indices``: scene labels and masks."""
+    ix = _split_indices(ds.is_train, split) if indices is None else np.asarray(indices, dtype=np.int64)
+    return Source(
+        image_paths=tuple(ds.image_paths[i] for i in ix),
+        labels=ds.labels[ix],
+        indices=ix,
+        mask_paths=tuple(ds.mask_paths[i] for i in ix),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How to batch and augment.
+
+    Attributes:
+      batch_size: B.
+      train: augment with RandomResizedCrop(crop) + horizontal flip; otherwise Resize(resize) + CenterCrop(crop).
+      crop: output side.
+      resize: shorter side before the centre crop (evaluation only).
+      stats: normalisation statistics.
+      seed: shuffling and augmentation seed.
+      shuffle: reshuffle every epoch (default: ``train``).
+      num_epochs: epochs to run, None for endless.
+      drop_remainder: drop each epoch's last partial batch.
+      num_threads: decoding threads.
+      prefetch: batches decoded ahead.
+    """
+
+    batch_size: int
+    train: bool
+    crop: int = 224
+    resize: int = 256
+    stats: Normalization = CUB_STATS
+    seed: int = 0
+    shuffle: bool | None = None
+    num_epochs: int | None = 1
+    drop_remainder: bool = False
+    num_threads: int = 4
+    prefetch: int = 4
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
+        if self.num_threads < 1 or self.prefetch < 1:
+            raise ValueError("num_threads and prefetch must be >= 1")
+        if not self.train and self.crop > self.resize:
+            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+
+
+def decode_image(path: str) -> Image.Image:
+    """Open and fully decode an image file; `DatasetError` naming the file if it is missing or corrupt."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise fail(path, f"cannot decode image ({e})") from None
+
+
+def decode_mask(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Read a one-channel label PNG of image size ``size = (W, H)`` as (H, W) uint8."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"expected a one-channel mask, found mode {image.mode}")
+            mask = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise fail(path, f"cannot decode mask ({e})") from None
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise fail(path, f"mask is {mask.shape[1]}x{mask.shape[0]}, its image is {size[0]}x{size[1]}")
+    if mask.max(initial=0) > 255:
+        raise fail(path, "mask values exceed 255")
+    return mask.astype(np.uint8)
+
+
+def load_example(source: Source, position: int, config: PipelineConfig, rng: np.random.Generator | None) -> dict:
+    """Decode and transform one example.
+
+    Returns:
+      dict with image (H, W, 3) float32, label (), index (), and parts (P, 2) / part_visible (P,) / mask (H, W) uint8
+      where the source has them.
+    """
+    path = source.image_paths[position]
+    image = decode_image(path)
+    w, h = image.size
+    if config.train:
+        plan = transforms.train_plan(w, h, rng, crop=config.crop)
+    else:
+        plan = transforms.eval_plan(w, h, resize=config.resize, crop=config.crop)
+    out = {
+        "image": transforms.normalize(transforms.apply_to_image(plan, image), config.stats),
+        "label": np.int64(source.labels[position]),
+        "index": np.int64(source.indices[position]),
+    }
+    if source.parts is not None:
+        perm = transforms.flip_permutation(source.part_names or ())
+        out["parts"], out["part_visible"] = transforms.apply_to_points(
+            plan, source.parts[position], source.part_visible[position], flip_perm=perm
+        )
+    if source.mask_paths is not None:
+        out["mask"] = transforms.apply_to_mask(plan, decode_mask(source.mask_paths[position], (w, h)))
+    return out
+
+
+class Pipeline:
+    """Deterministic, resumable batches of a `Source`: ``dict`` of NumPy arrays.
+
+    Keys: image (B, H, W, 3) float32 normalised, label (B,) int64, index (B,) int64 dataset index, and where the
+    source has them parts (B, P, 2) float32, part_visible (B, P) bool, mask (B, H, W) uint8. The last batch of an
+    epoch may be smaller unless ``drop_remainder``.
+    """
+
+    def __init__(self, source: Source, config: PipelineConfig):
+        if len(source) == 0:
+            raise ValueError("the source has no examples")
+        self.source = source
+        self.config = config
+        n, b = len(source), config.batch_size
+        self.steps_per_epoch = n // b if config.drop_remainder else math.ceil(n / b)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {b} with drop_remainder leaves no batch of {n} examples")
+
+    @property
+    def num_steps(self) -> int | None:
+        """Total batches, None if endless."""
+        return None if self.config.num_epochs is None else self.config.num_epochs * self.steps_per_epoch
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an endless pipeline (num_epochs=None) has no length")
+        return self.num_steps
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, batch within epoch)`` of global batch ``step``."""
+        return divmod(step, self.steps_per_epoch)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(N,) source positions in the order of ``epoch``."""
+        n = len(self.source)
+        shuffle = self.config.train if self.config.shuffle is None else self.config.shuffle
+        if not shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.config.seed, epoch, 0x5EED]).permutation(n)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Batch number ``step`` (random access; what `iterate` yields at that step)."""
+        if step < 0 or (self.num_steps is not None and step >= self.num_steps):
+            raise IndexError(f"step {step} outside [0, {self.num_steps})")
+        epoch, j = self.position(step)
+        b = self.config.batch_size
+        positions = self.epoch_order(epoch)[j * b : (j + 1) * b]
+        examples = [
+            load_example(
+                self.source,
+                int(p),
+                self.config,
+                np.random.default_rng([self.config.seed, epoch, int(self.source.indices[p])]) if self.config.train else None,
+            )
+            for p in positions
+        ]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def iterate(self, *, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """Batches ``start_step, start_step + 1, ...``, decoded by ``num_threads`` threads, ``prefetch`` ahead."""
+        stop = self.num_steps if self.num_steps is not None else 2**62
+        if not 0 <= start_step <= stop:
+            raise ValueError(f"start_step {start_step} outside [0, {stop}]")
+        if start_step == stop:
+            return iter(())
+        dataset = grain.MapDataset.range(start_step, stop).map(self.batch)
+        options = grain.ReadOptions(num_threads=self.config.num_threads, prefetch_buffer_size=self.config.prefetch)
+        return iter(dataset.to_iter_dataset(options))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self.iterate()
+
+
+def train_pipeline(
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    crop: int = 224,
+    stats: Normalization = CUB_STATS,
+    drop_remainder: bool = True,
+    num_threads: int = 4,
+    prefetch: int = 4,
+) -> Pipeline:
+    """Training batches: reshuffled each epoch, RandomResizedCrop(crop) + horizontal flip."""
+    config = PipelineConfig(
+        batch_size=batch_size, train=True, crop=crop, stats=stats, seed=seed, num_epochs=num_epochs,
+        drop_remainder=drop_remainder, num_threads=num_threads, prefetch=prefetch,
+    )  # fmt: skip
+    return Pipeline(source, config)
+
+
+def eval_pipeline(
+    source: Source,
+    *,
+    batch_size: int,
+    resize: int = 256,
+    crop: int = 224,
+    stats: Normalization = CUB_STATS,
+    num_threads: int = 4,
+    prefetch: int = 4,
+) -> Pipeline:
+    """Evaluation batches: one epoch in source order, Resize(resize) + CenterCrop(crop), last batch kept."""
+    config = PipelineConfig(
+        batch_size=batch_size, train=False, resize=resize, crop=crop, stats=stats, num_epochs=1,
+        drop_remainder=False, num_threads=num_threads, prefetch=prefetch,
+    )  # fmt: skip
+    return Pipeline(source, config)
+
+
+__all__ = [
+    "CUB_STATS", "IMAGENET_STATS", "Pipeline", "PipelineConfig", "Source", "ade20k_source", "cub_source",
+    "decode_image", "decode_mask", "eval_pipeline", "load_example", "train_pipeline",
+]  # fmt: skip

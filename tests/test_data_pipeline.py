@@ -1,0 +1,162 @@
+"""Input pipelines: shapes, determinism by seed across thread counts, resuming, epochs, annotations, corrupt files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from delib_jax.data import DatasetError, load_ade20k, load_cub
+from delib_jax.data import transforms as T
+from delib_jax.data.pipeline import (
+    Pipeline,
+    PipelineConfig,
+    ade20k_source,
+    cub_source,
+    eval_pipeline,
+    train_pipeline,
+)
+from delib_jax.data.synthetic import make_ade20k, make_cub
+
+
+@pytest.fixture(scope="module")
+def cub(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cub")
+    make_cub(out, classes=3, images_per_class=6, size=48, seed=2, train_fraction=0.5)
+    return load_cub(out)
+
+
+def _train(cub, **kw):
+    opts = dict(batch_size=4, seed=0, num_epochs=2, crop=32, drop_remainder=False, num_threads=1)
+    return train_pipeline(cub_source(cub, "train"), **(opts | kw))
+
+
+def _equal(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_eval_batches(cub):
+    p = eval_pipeline(cub_source(cub, "test"), batch_size=4, resize=40, crop=32, num_threads=2)
+    batches = list(p)
+    assert len(p) == 3 and [b["image"].shape for b in batches] == [(4, 32, 32, 3)] * 2 + [(1, 32, 32, 3)]
+    b = batches[0]
+    assert b["image"].dtype == np.float32 and b["label"].dtype == np.int64
+    assert b["parts"].shape == (4, 15, 2) and b["part_visible"].shape == (4, 15) and b["part_visible"].dtype == bool
+    assert "mask" not in b
+    test = np.flatnonzero(~cub.is_train)
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), test)  # source order
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), cub.labels[test])
+    i = test[1]
+    with Image.open(cub.image_paths[i]) as im:
+        plan = T.eval_plan(*im.size, resize=40, crop=32)
+        expected_image = T.normalize(T.apply_to_image(plan, im), T.CUB_STATS)
+    pts, vis = T.apply_to_points(plan, cub.parts[i], cub.part_visible[i])
+    np.testing.assert_array_equal(b["parts"][1], pts)
+    np.testing.assert_array_equal(b["part_visible"][1], vis)
+    np.testing.assert_array_equal(b["image"][1], expected_image)
+
+
+def test_same_seed_same_batches_whatever_the_threads(cub):
+    one = list(_train(cub, num_threads=1, prefetch=1))
+    four = list(_train(cub, num_threads=4, prefetch=3))
+    assert _equal(one, four)
+    other = list(_train(cub, seed=1))
+    assert not _equal(one, other)
+
+
+def test_epochs_reshuffle_and_cover_the_split(cub):
+    p = _train(cub)
+    batches = list(p)
+    assert p.steps_per_epoch == 3 and len(batches) == 6 and batches[2]["label"].shape == (1,)
+    train = np.flatnonzero(cub.is_train)
+    epochs = [np.concatenate([b["index"] for b in batches[e * 3 : (e + 1) * 3]]) for e in range(2)]
+    for order in epochs:
+        assert sorted(order.tolist()) == train.tolist()
+    assert epochs[0].tolist() != epochs[1].tolist()
+    assert all(b["image"].shape[1:] == (32, 32, 3) for b in batches)
+
+
+def test_resume_from_any_step(cub):
+    p = _train(cub, num_threads=2)
+    full = list(p)
+    for start in (0, 1, 4, 6):
+        assert _equal(list(p.iterate(start_step=start)), full[start:])
+    assert p.position(4) == (1, 1)
+    assert _equal([p.batch(5)], full[5:])
+    endless = _train(cub, num_epochs=None)
+    it = endless.iterate(start_step=100)
+    assert _equal([next(it)], [endless.batch(100)])
+    with pytest.raises(TypeError):
+        len(endless)
+
+
+def test_drop_remainder(cub):
+    p = _train(cub, drop_remainder=True, batch_size=4)
+    batches = list(p)
+    assert p.steps_per_epoch == 2 and all(len(b["label"]) == 4 for b in batches) and len(batches) == 4
+    with pytest.raises(ValueError, match="no batch"):
+        _train(cub, drop_remainder=True, batch_size=100)
+
+
+def test_augmented_parts_follow_the_image(cub):
+    """Every visible augmented keypoint has a visible source keypoint whose mapping it is (after left/right swap)."""
+    perm = T.flip_permutation(cub.part_names)
+    flipped_seen = False
+    for b in _train(cub, num_epochs=3):
+        for k, i in enumerate(b["index"]):
+            vis = b["part_visible"][k]
+            assert (b["parts"][k][~vis] == 0).all()
+            assert ((b["parts"][k][vis] >= 0) & (b["parts"][k][vis] < 32)).all()
+            src_vis = cub.part_visible[i]
+            assert not (vis & ~src_vis & ~src_vis[perm]).any()
+            flipped_seen |= bool((vis & ~src_vis).any())
+    assert flipped_seen  # some flip made a far-side part the near one
+
+
+def test_ade20k_masks(tmp_path):
+    make_ade20k(tmp_path, scenes=2, images_per_scene=3, size=40, seed=0, unseen_val_images=1)
+    ds = load_ade20k(tmp_path)
+    p = eval_pipeline(ade20k_source(ds, "test"), batch_size=8, resize=36, crop=32, stats=T.IMAGENET_STATS)
+    (b,) = list(p)
+    assert b["mask"].shape == (2, 32, 32) and b["mask"].dtype == np.uint8 and "parts" not in b
+    i = int(b["index"][0])
+    src = np.asarray(Image.open(ds.mask_paths[i]))
+    plan = T.eval_plan(src.shape[1], src.shape[0], resize=36, crop=32)
+    np.testing.assert_array_equal(b["mask"][0], T.apply_to_mask(plan, src))
+    train = list(train_pipeline(ade20k_source(ds, "train"), batch_size=2, num_epochs=1, crop=24, num_threads=2))
+    assert all(set(np.unique(t["mask"])) <= set(np.unique(np.concatenate([np.asarray(Image.open(m)).ravel() for m in ds.mask_paths]))) for t in train)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_corrupt_jpeg_raises_dataset_error_naming_it(cub, tmp_path, damage):
+    source = cub_source(cub, "train")
+    victim = tmp_path / "victim.jpg"
+    shutil.copy(source.image_paths[2], victim)
+    if damage == "garbage":
+        victim.write_bytes(b"this is not a jpeg" * 10)
+    elif damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[:300])
+    else:
+        victim.unlink()
+    paths = list(source.image_paths)
+    paths[2] = str(victim)
+    broken = Pipeline(
+        type(source)(**{**source.__dict__, "image_paths": tuple(paths)}),
+        PipelineConfig(batch_size=4, train=False, resize=40, crop=32, num_threads=2),
+    )
+    with pytest.raises(DatasetError, match=str(victim).replace(".", r"\.")):
+        list(broken)
+
+
+def test_config_errors(cub):
+    with pytest.raises(ValueError):
+        PipelineConfig(batch_size=0, train=True)
+    with pytest.raises(ValueError):
+        PipelineConfig(batch_size=2, train=False, resize=30, crop=32)
+    with pytest.raises(ValueError):
+        cub_source(cub, "validation")
+    with pytest.raises(ValueError, match="start_step"):
+        _train(cub).iterate(start_step=7)
