@@ -85,7 +85,7 @@ class PoolMLPHead(nnx.Module):
                     bn = self.norms[i]
                     x = bn(x)
                     if t is not None:
-                        t = t * (bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon))[:, None, :]
+                        t = t * (bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon))
                 if t is not None:
                     t = t * (x > 0)[:, None, :].astype(t.dtype)
                 x = jax.nn.relu(x)

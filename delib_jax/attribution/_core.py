@@ -1,0 +1,295 @@
+"""Attribution maps for every class and the difficulty score, in one compiled pass.
+
+Outputs explained (Sec. 3.3): P = C class probabilities f_p = softmax(z)_p, then one difficulty score, either a
+function of the same softmax (hesitancy, entropy) or the sigmoid of the hardness predictor on its own features A_s
+(A itself for the jointly trained head). Outputs are grouped by the head they read, so each head's tangents are
+computed once for all of its outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from delib_jax import difficulty
+from delib_jax.attribution import _terms
+from delib_jax.models.heads import PoolMLPHead
+
+Array = jax.Array
+
+METHODS = ("gradient", "gradient_hessian", "integrated_gradients")
+QUADRATURE = ("trapezoid", "midpoint", "left")
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Attribution:
+    """Per-location attribution maps of one batch.
+
+    maps: (B, P, H, W), P = N class maps (in the order of ``classes``) then the difficulty map last;
+    first_order, second_order: the two terms before the options combined them (second_order zero for 'gradient');
+    classes: (B, N) class index of each class map (all C, or the top-N predictions); probs: (B, C); score: (B,);
+    residual: (B, P) integrated-gradients completeness residual sum(maps) - (g(A) - g(baseline)), else None.
+    """
+
+    maps: Array
+    first_order: Array
+    second_order: Array
+    classes: Array
+    probs: Array
+    score: Array
+    residual: Array | None = None
+
+    @property
+    def class_maps(self) -> Array:
+        """(B, N, H, W)."""
+        return self.maps[:, :-1]
+
+    @property
+    def difficulty_map(self) -> Array:
+        """(B, H, W)."""
+        return self.maps[:, -1]
+
+
+@dataclass(frozen=True)
+class Options:
+    """Static configuration of an attribution pass (hashable, so it keys jit's cache)."""
+
+    method: str = "gradient_hessian"
+    score: str = "hardness"
+    second_order: str = "diagonal"  # or "cross"
+    second_order_on: str = "all"  # or "difficulty" (the authors' code)
+    positive: bool = False  # keep positive contributions only
+    abs_second: bool = False  # |second-order term| (the authors' code on CUB)
+    top_n: int | None = None
+    path: str = "auto"  # "fast" (structure-aware), "generic" (nested jvp over locations) or "auto"
+    chunk_size: int | None = None  # locations per chunk in the generic path
+    steps: int = 50  # integrated gradients
+    quadrature: str = "trapezoid"
+
+    def check(self, num_classes: int) -> "Options":
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        difficulty.check_score(self.score)
+        if self.second_order not in ("diagonal", "cross"):
+            raise ValueError(f"second_order must be 'diagonal' or 'cross', got {self.second_order!r}")
+        if self.second_order_on not in ("all", "difficulty"):
+            raise ValueError(f"second_order_on must be 'all' or 'difficulty', got {self.second_order_on!r}")
+        if self.path not in ("auto", "fast", "generic"):
+            raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {self.path!r}")
+        if num_classes < 2:
+            raise ValueError(f"attribution needs at least 2 classes, the class head has {num_classes}")
+        if self.top_n is not None and not 1 <= self.top_n <= num_classes:
+            raise ValueError(f"top_n must be between 1 and the number of classes ({num_classes}), got {self.top_n}")
+        if self.method == "integrated_gradients":
+            if self.steps < 1:
+                raise ValueError(f"integrated gradients needs steps >= 1, got {self.steps}")
+            if self.quadrature not in QUADRATURE:
+                raise ValueError(f"quadrature must be one of {', '.join(QUADRATURE)}, got {self.quadrature!r}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        return self
+
+
+def output_functions(score: str) -> tuple[Callable[[Array], Array], Callable[[Array], Array] | None]:
+    """Row-wise output functions: (class-head logits -> its outputs, hardness logit -> [s] or None).
+
+    For self-referential scores the class head's outputs are [softmax(z), score(softmax(z))] (C + 1)."""
+    if score == "hardness":
+        return (lambda z: jax.nn.softmax(z, axis=-1)), (lambda h: jax.nn.sigmoid(h))
+    fn = difficulty.SCORES[score]
+
+    def phi(z):
+        p = jax.nn.softmax(z, axis=-1)
+        return jnp.concatenate([p, fn(p)[..., None]], axis=-1)
+
+    return phi, None
+
+
+def quadrature(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points alpha in [0, 1] and weights summing to 1 for integrating along the straight path."""
+    if rule == "trapezoid":
+        alphas = np.linspace(0.0, 1.0, steps + 1)
+        weights = np.full(steps + 1, 1.0 / steps)
+        weights[[0, -1]] *= 0.5
+    elif rule == "midpoint":
+        alphas = (np.arange(steps) + 0.5) / steps
+        weights = np.full(steps, 1.0 / steps)
+    else:  # left Riemann sum
+        alphas = np.arange(steps) / steps
+        weights = np.full(steps, 1.0 / steps)
+    return alphas.astype(np.float32), weights.astype(np.float32)
+
+
+def _group_terms(head, phi, a, v, opts: Options, second: str | None):
+    """(first, second) of shape (B, P_g, L) for the outputs phi(head(.)) at point a along v."""
+    fast = isinstance(head, PoolMLPHead) and opts.path != "generic"
+    if opts.path == "fast" and not isinstance(head, PoolMLPHead):
+        raise ValueError(f"path='fast' needs a PoolMLPHead, got {type(head).__name__}; use path='generic'")
+    if fast:
+        z, u = head.tangents(a, v)
+        return _terms.tangent_terms(phi, z, u, second=second)
+    return _terms.generic_terms(lambda x: phi(head(x)), a, v, second=second, chunk_size=opts.chunk_size)
+
+
+def _groups(classifier, hardness_head, a, a_s, opts: Options, base=None, base_s=None):
+    """[(head, output function, features it reads, baseline)] -- one entry per head."""
+    class_phi, hard_phi = output_functions(opts.score)
+    groups = [(classifier, class_phi, a, base)]
+    if hard_phi is not None:
+        groups.append((hardness_head, hard_phi, a_s, base_s))
+    return groups
+
+
+def _taylor(classifier, hardness_head, a, a_s, opts: Options):
+    """first, second (B, C+1, L) for 'gradient' / 'gradient_hessian' at A along A (Eq. 2)."""
+    second = opts.second_order if opts.method == "gradient_hessian" else None
+    firsts, seconds = [], []
+    for head, phi, x, _ in _groups(classifier, hardness_head, a, a_s, opts):
+        f, s = _terms_or_zero(head, phi, x, x, opts, second)
+        firsts.append(f)
+        seconds.append(s)
+    return jnp.concatenate(firsts, axis=1), jnp.concatenate(seconds, axis=1), None
+
+
+def _terms_or_zero(head, phi, a, v, opts, second):
+    f, s = _group_terms(head, phi, a, v, opts, second)
+    return f, (jnp.zeros_like(f) if s is None else 0.5 * s)
+
+
+def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
+    """Integrated gradients per location: (A - A0)_l . mean_alpha grad g(A0 + alpha (A - A0))_l, and the residual."""
+    alphas, weights = quadrature(opts.steps, opts.quadrature)
+    firsts, residuals = [], []
+    for head, phi, x, x0 in _groups(classifier, hardness_head, a, a_s, opts, base, base_s):
+        delta = x - x0
+
+        def step(acc, aw, head=head, phi=phi, x0=x0, delta=delta):
+            alpha, weight = aw
+            f, _ = _group_terms(head, phi, x0 + alpha * delta, delta, opts, None)
+            return acc + weight * f, None
+
+        p_out = jax.eval_shape(lambda y: phi(head(y)), x).shape[-1]
+        zero = jnp.zeros((a.shape[0], p_out, a.shape[1] * a.shape[2]), x.dtype)
+        total, _ = jax.lax.scan(step, zero, (jnp.asarray(alphas), jnp.asarray(weights)))
+        firsts.append(total)
+        residuals.append(jnp.sum(total, axis=-1) - (phi(head(x)) - phi(head(x0))))
+    first = jnp.concatenate(firsts, axis=1)
+    return first, jnp.zeros_like(first), jnp.concatenate(residuals, axis=1)
+
+
+def _combine(first, second, opts: Options):
+    if opts.abs_second:
+        second = jnp.abs(second)
+    if opts.second_order_on == "difficulty":
+        second = second.at[:, :-1].set(0.0)
+    maps = first + second
+    if opts.positive:
+        maps = jnp.maximum(maps, 0.0)
+    return maps, second
+
+
+def _attribute(classifier, hardness_head, a, a_s, base, base_s, opts: Options) -> Attribution:
+    b, h, w, _ = a.shape
+    logits = classifier(a)
+    probs = jax.nn.softmax(logits, axis=-1)
+    hard_logit = None if hardness_head is None else hardness_head(a_s)[:, 0]
+    score = difficulty.score_from_outputs(opts.score, logits, hard_logit)
+    if opts.method == "integrated_gradients":
+        first, second, residual = _integrated(classifier, hardness_head, a, a_s, base, base_s, opts)
+    else:
+        first, second, residual = _taylor(classifier, hardness_head, a, a_s, opts)
+    maps, second = _combine(first, second, opts)
+    c = probs.shape[-1]
+    if opts.top_n is None:
+        classes = jnp.broadcast_to(jnp.arange(c), (b, c))
+    else:
+        classes = jax.lax.top_k(probs, opts.top_n)[1]
+    index = jnp.concatenate([classes, jnp.full((b, 1), c)], axis=1)  # difficulty is output C
+
+    def pick(x):
+        return jnp.take_along_axis(x, index[:, :, None], axis=1).reshape(b, -1, h, w)
+
+    if residual is not None:
+        residual = jnp.take_along_axis(residual, index, axis=1)
+    return Attribution(
+        maps=pick(maps), first_order=pick(first), second_order=pick(second), classes=classes, probs=probs,
+        score=score, residual=residual,
+    )
+
+
+_attribute_jit = nnx.jit(_attribute, static_argnames=("opts",))
+
+
+def _check_features(name: str, x, channels: int | None) -> jax.Array:
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"{name} must have shape (B, H, W, D), got {getattr(x, 'shape', type(x).__name__)}")
+    if channels is not None and x.shape[-1] != channels:
+        raise ValueError(f"{name} has {x.shape[-1]} channels but the head expects {channels}")
+    if not isinstance(x, jax.core.Tracer) and not np.isfinite(np.asarray(x, np.float32)).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def attribute(
+    classifier: nnx.Module,
+    features: Array,
+    *,
+    hardness_head: nnx.Module | None = None,
+    hardness_features: Array | None = None,
+    baseline: Array | None = None,
+    hardness_baseline: Array | None = None,
+    jit: bool = True,
+    **options,
+) -> Attribution:
+    """Attribution maps (B, P, H, W) of every class and the difficulty score at the feature tensor A.
+
+    classifier: class head A -> logits (B, C) (any NNX module; a PoolMLPHead gets the fast exact path).
+    features: A (B, H, W, D). hardness_head / hardness_features: the hardness predictor and the tensor it reads
+    (A_s; defaults to A) -- needed for score='hardness'. baseline(s): integrated-gradients start (default zeros).
+    options: see `Options` (method, score, second_order, second_order_on, positive, abs_second, top_n, path,
+    chunk_size, steps, quadrature). Heads are put in eval mode. Arithmetic is float32 (or float64 under x64).
+    """
+    opts = Options(**options)
+    in_ch = getattr(classifier, "in_channels", None)
+    a = _check_features("features", features, in_ch)
+    if jax.config.jax_enable_x64 and jnp.asarray(features).dtype == jnp.float64:
+        a = jnp.asarray(features)
+    opts = opts.check(_num_classes(classifier, a))
+    a_s = None
+    if opts.score == "hardness":
+        if hardness_head is None:
+            raise ValueError("score='hardness' needs a hardness_head (or choose score='hesitancy' or 'entropy')")
+        a_s = a if hardness_features is None else _check_features(
+            "hardness_features", hardness_features, getattr(hardness_head, "in_channels", None))
+        if hardness_features is not None and jnp.asarray(hardness_features).dtype == a.dtype == jnp.float64:
+            a_s = jnp.asarray(hardness_features)
+        if a_s.shape[:3] != a.shape[:3]:
+            raise ValueError(f"hardness_features {a_s.shape} must share (B, H, W) with features {a.shape}")
+        hardness_head.eval()
+    else:
+        hardness_head = None
+    classifier.eval()
+    base = base_s = None
+    if opts.method == "integrated_gradients":
+        base = jnp.zeros_like(a) if baseline is None else _check_features("baseline", baseline, a.shape[-1])
+        if base.shape != a.shape:
+            raise ValueError(f"baseline {base.shape} must have the shape of features {a.shape}")
+        base = base.astype(a.dtype)
+        if a_s is not None:
+            base_s = jnp.zeros_like(a_s) if hardness_baseline is None else _check_features(
+                "hardness_baseline", hardness_baseline, a_s.shape[-1]).astype(a_s.dtype)
+    fn = _attribute_jit if jit else _attribute
+    return fn(classifier, hardness_head, a, a_s, base, base_s, opts)
+
+
+def _num_classes(classifier, a) -> int:
+    c = getattr(classifier, "out_features", None)
+    if c is None:
+        c = jax.eval_shape(classifier, jax.ShapeDtypeStruct((1, *a.shape[1:]), a.dtype)).shape[-1]
+    return int(c)

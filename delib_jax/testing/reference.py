@@ -1,0 +1,46 @@
+"""Slow, obviously-correct references for the attribution core (tests only).
+
+Each location's gradient and DxD Hessian block come from jax.jacobian / jax.hessian of the output as a function of
+that location's activation vector alone; the cross-location variant uses the full Hessian of each image.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def brute_force_terms(g: Callable, a: np.ndarray, second: str = "diagonal") -> tuple[np.ndarray, np.ndarray]:
+    """first, second (B, P, H, W) of g: (1, H, W, D) -> (1, P) at A (B, H, W, D), direction A.
+
+    first = grad_l . a_l; second = a_l^T H_ll a_l (diagonal) or a_l . (H A)_l (cross), without the 1/2."""
+    a = jnp.asarray(a)
+    b, h, w, d = a.shape
+
+    def local(x, img, i, j):
+        return g(img.at[i, j].set(x)[None])[0]
+
+    jac = jax.jit(jax.jacobian(local))
+    hes = jax.jit(jax.hessian(local))
+    full_hessian = jax.jit(jax.hessian(lambda x: g(x[None])[0]))
+    firsts, seconds = [], []
+    for n in range(b):
+        img = a[n]
+        if second == "cross":
+            hv = jnp.einsum("phwdijk,ijk->phwd", full_hessian(img), img)  # (H A) per output
+        f_img = np.zeros((g(img[None]).shape[-1], h, w))
+        s_img = np.zeros_like(f_img)
+        for i in range(h):
+            for j in range(w):
+                v = img[i, j]
+                f_img[:, i, j] = jac(v, img, i, j) @ v
+                if second == "cross":
+                    s_img[:, i, j] = hv[:, i, j] @ v
+                else:
+                    s_img[:, i, j] = jnp.einsum("d,pde,e->p", v, hes(v, img, i, j), v)
+        firsts.append(f_img)
+        seconds.append(s_img)
+    return np.stack(firsts), np.stack(seconds)
