@@ -65,7 +65,9 @@ def test_first_lines_parsed_exactly(pristine):
     _, attr, present, certainty, _ = lines[312 + 8].split()  # image 2, attribute 9
     assert attr == "9"
     assert ds.attributes[1, 8] == (present == "1") and ds.attribute_certainty[1, 8] == int(certainty)
-    first_row = [float(t) for t in (root / "attributes" / "class_attribute_labels_continuous.txt").read_text().split()[:312]]
+    first_row = [
+        float(t) for t in (root / "attributes" / "class_attribute_labels_continuous.txt").read_text().split()[:312]
+    ]
     np.testing.assert_allclose(ds.class_attributes[0], np.asarray(first_row) / 100, rtol=1e-6)
 
 

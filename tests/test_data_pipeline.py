@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +34,9 @@ def _train(cub, **kw):
 
 
 def _equal(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
 
 
 def test_eval_batches(cub):
@@ -127,7 +128,11 @@ def test_ade20k_masks(tmp_path):
     plan = T.eval_plan(src.shape[1], src.shape[0], resize=36, crop=32)
     np.testing.assert_array_equal(b["mask"][0], T.apply_to_mask(plan, src))
     train = list(train_pipeline(ade20k_source(ds, "train"), batch_size=2, num_epochs=1, crop=24, num_threads=2))
-    assert all(set(np.unique(t["mask"])) <= set(np.unique(np.concatenate([np.asarray(Image.open(m)).ravel() for m in ds.mask_paths]))) for t in train)
+    assert all(
+        set(np.unique(t["mask"]))
+        <= set(np.unique(np.concatenate([np.asarray(Image.open(m)).ravel() for m in ds.mask_paths])))
+        for t in train
+    )
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])

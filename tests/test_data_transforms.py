@@ -15,7 +15,11 @@ CUB_FLIP = [0, 1, 2, 3, 4, 5, 10, 11, 12, 9, 6, 7, 8, 13, 14]
 def test_flip_permutation_swaps_left_and_right_cub_parts():
     assert T.flip_permutation(cub.PART_NAMES).tolist() == CUB_FLIP
     names = [cub.PART_NAMES[i] for i in CUB_FLIP]
-    assert names[6:9] == ["right eye", "right leg", "right wing"] and names[10:13] == ["left eye", "left leg", "left wing"]
+    assert names[6:9] == ["right eye", "right leg", "right wing"] and names[10:13] == [
+        "left eye",
+        "left leg",
+        "left wing",
+    ]
 
 
 def test_eval_plan_landscape_by_hand():

@@ -17,7 +17,20 @@ from delib_jax.data.cub import (
 from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, Normalization, Plan
 
 __all__ = [
-    "ATTRIBUTE_GROUPS", "ATTRIBUTE_NAMES", "Ade20kDataset", "CUB_STATS", "CubDataset", "DatasetError",
-    "IMAGENET_STATS", "Normalization", "ObjectInfo", "PART_ATTRIBUTE_GROUPS", "PART_NAMES", "Plan", "attribute_groups",
-    "load_ade20k", "load_cub", "read_object_info",
+    "ATTRIBUTE_GROUPS",
+    "ATTRIBUTE_NAMES",
+    "CUB_STATS",
+    "IMAGENET_STATS",
+    "PART_ATTRIBUTE_GROUPS",
+    "PART_NAMES",
+    "Ade20kDataset",
+    "CubDataset",
+    "DatasetError",
+    "Normalization",
+    "ObjectInfo",
+    "Plan",
+    "attribute_groups",
+    "load_ade20k",
+    "load_cub",
+    "read_object_info",
 ]  # fmt: skip

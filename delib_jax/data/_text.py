@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 class DatasetError(ValueError):
@@ -48,7 +49,9 @@ def rows(path: Path, *, fields: int, rest: bool = False) -> Iterator[tuple[int, 
             parts = line.split()
             ok = len(parts) == fields
         if not ok:
-            raise fail(path, f"expected {fields} fields{' or more' if rest else ''}, found {len(parts)}: {line!r}", number)
+            raise fail(
+                path, f"expected {fields} fields{' or more' if rest else ''}, found {len(parts)}: {line!r}", number
+            )
         yield number, parts
 
 
@@ -69,6 +72,6 @@ def to_float(path: Path, line: int, token: str) -> float:
         value = float(token)
     except ValueError:
         raise fail(path, f"expected a number, found {token!r}", line) from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise fail(path, f"expected a finite number, found {token!r}", line)
     return value

@@ -97,7 +97,11 @@ def read_object_info(path: str | Path) -> ObjectInfo:
     path = Path(path)
     text = read_text(path)
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    records = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1) if any(c.strip() for c in r)]
+    records = [
+        (n, r)
+        for n, r in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1)
+        if any(c.strip() for c in r)
+    ]
     if not records:
         raise fail(path, "file is empty")
     header = [c.strip().lower() for c in records[0][1]]
@@ -152,7 +156,9 @@ def _split_files(root: Path, folder: str, prefix: str) -> list[str]:
     images = root / "images" / folder
     if not images.is_dir():
         raise fail(images, "folder not found")
-    stems = sorted(p.stem for p in images.iterdir() if p.suffix.lower() == ".jpg" and p.stem.startswith(f"ADE_{prefix}_"))
+    stems = sorted(
+        p.stem for p in images.iterdir() if p.suffix.lower() == ".jpg" and p.stem.startswith(f"ADE_{prefix}_")
+    )
     annotations = root / "annotations" / folder
     present = {p.name for p in annotations.iterdir()} if annotations.is_dir() else set()
     for stem in stems:

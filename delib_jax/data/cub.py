@@ -254,9 +254,7 @@ def _read_image_attributes(
         if m.group(0).split().__len__() != 6 or _int_or_none(m.group(1)) not in SIX_FIELD_IMAGE_IDS:
             raise _first_bad_attribute_line(path, index, num_attributes, num_certainties)
     try:
-        table = np.loadtxt(
-            path, dtype=np.int64, usecols=(0, 1, 2, 3), comments=None, ndmin=2, encoding="utf-8"
-        )
+        table = np.loadtxt(path, dtype=np.int64, usecols=(0, 1, 2, 3), comments=None, ndmin=2, encoding="utf-8")
     except ValueError:
         raise _first_bad_attribute_line(path, index, num_attributes, num_certainties) from None
     if table.shape[0] != len(index) * num_attributes:
@@ -291,7 +289,9 @@ def _int_or_none(token: bytes) -> int | None:
         return None
 
 
-def _first_bad_attribute_line(path: Path, index: dict[int, int], num_attributes: int, num_certainties: int) -> DatasetError:
+def _first_bad_attribute_line(
+    path: Path, index: dict[int, int], num_attributes: int, num_certainties: int
+) -> DatasetError:
     """Slow exact scan of ``image_attribute_labels.txt``: the `DatasetError` for its first bad line."""
     seen = set()
     for number, line in enumerate(read_text(path).splitlines(), start=1):

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import grain
 import numpy as np
@@ -242,7 +243,9 @@ class Pipeline:
                 self.source,
                 int(p),
                 self.config,
-                np.random.default_rng([self.config.seed, epoch, int(self.source.indices[p])]) if self.config.train else None,
+                np.random.default_rng([self.config.seed, epoch, int(self.source.indices[p])])
+                if self.config.train
+                else None,
             )
             for p in positions
         ]

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from delib_jax.data.cub import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES, CERTAINTY_NAMES, COLOR_VALUES, PART_NAMES
+from delib_jax.data.cub import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES, CERTAINTY_NAMES, PART_NAMES
 
 # ----------------------------------------------------------------------------------------------------------- CUB
 
@@ -190,7 +191,10 @@ def _bill(shape: str, length: float) -> list[list[tuple[float, float]]]:
         "cone": [(0, -0.09), (lx * 0.8, 0.0), (0, 0.09)],
     }
     if shape == "specialized":
-        return [poly([(0, -0.05), (lx, 0.05), (lx, 0.08), (0, -0.02)]), poly([(0, 0.05), (lx, -0.05), (lx, -0.02), (0, 0.02)])]
+        return [
+            poly([(0, -0.05), (lx, 0.05), (lx, 0.08), (0, -0.02)]),
+            poly([(0, 0.05), (lx, -0.05), (lx, -0.02), (0, 0.02)]),
+        ]
     return [poly(spec[shape])]
 
 
@@ -232,7 +236,7 @@ class _Canvas:
 
     def bar(self, points, fill, width: float):
         """A polyline of width ``width`` (canonical units) drawn as polygons, so thin parts keep their pixels."""
-        for (u0, v0), (u1, v1) in zip(points[:-1], points[1:]):
+        for (u0, v0), (u1, v1) in itertools.pairwise(points):
             d = math.hypot(u1 - u0, v1 - v0)
             nu, nv = -(v1 - v0) / d * width / 2, (u1 - u0) / d * width / 2
             self.polygon([(u0 + nu, v0 + nv), (u1 + nu, v1 + nv), (u1 - nu, v1 - nv), (u0 - nu, v0 - nv)], fill)
@@ -267,7 +271,9 @@ def _head_pattern(cv: _Canvas, pattern: str, crown_rgb, rng) -> None:
     elif pattern == "malar":
         cv.line([(ex + 0.05, ey + 0.08), (ex - 0.1, ey + 0.14)], mark, 0.03)
     elif pattern == "crested":
-        cv.polygon([(hx - 0.08, hy - r * 0.85), (hx - 0.2, hy - r - 0.14), (hx + 0.05, hy - r * 0.9)], cv.color(crown_rgb))
+        cv.polygon(
+            [(hx - 0.08, hy - r * 0.85), (hx - 0.2, hy - r - 0.14), (hx + 0.05, hy - r * 0.9)], cv.color(crown_rgb)
+        )
     elif pattern == "masked":
         cv.polygon(_ellipse(ex - 0.01, ey, 0.11, 0.06, 16), mark)
     elif pattern == "unique_pattern":
@@ -345,7 +351,9 @@ def draw_bird(
     hx, hy, r = _HEAD
     crown = cv.color(values["crown_color"])
     cv.polygon(_ellipse(hx, hy, r, r), crown)
-    cv.polygon(_sector(hx, hy, r, 20, 110, inner=(hx + 0.02, hy + 0.02)) + [(0.36, -0.12)], cv.color(values["throat_color"]))
+    cv.polygon(
+        _sector(hx, hy, r, 20, 110, inner=(hx + 0.02, hy + 0.02)) + [(0.36, -0.12)], cv.color(values["throat_color"])
+    )
     cv.polygon(_sector(hx, hy, r, 140, 215, inner=(hx - r * 0.45, hy)), cv.color(values["nape_color"]))
     cv.polygon(_sector(hx, hy, r, -60, -15, inner=(hx + r * 0.4, hy - r * 0.25)), cv.color(values["forehead_color"]))
     _head_pattern(cv, values["head_pattern"], crown, rng)
@@ -378,16 +386,26 @@ def _background(w: int, h: int, rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(image)
     palette = list(RGB.values())
     for _ in range(int(rng.integers(6, 14))):
-        color = palette[int(rng.integers(len(palette)))] if rng.uniform() < 0.4 else tuple(int(c) for c in rng.integers(0, 256, 3))
+        color = (
+            palette[int(rng.integers(len(palette)))]
+            if rng.uniform() < 0.4
+            else tuple(int(c) for c in rng.integers(0, 256, 3))
+        )
         x, y = rng.uniform(-0.1, 1.1) * w, rng.uniform(-0.1, 1.1) * h
         s = rng.uniform(0.04, 0.18) * min(w, h)
         kind = int(rng.integers(3))
         if kind == 0:
             draw.ellipse([x - s, y - s * rng.uniform(0.3, 1.0), x + s, y + s * rng.uniform(0.3, 1.0)], fill=color)
         elif kind == 1:
-            draw.line([x, y, x + rng.uniform(-3, 3) * s, y + rng.uniform(-1, 1) * s], fill=color, width=int(rng.integers(1, 5)))
+            draw.line(
+                [x, y, x + rng.uniform(-3, 3) * s, y + rng.uniform(-1, 1) * s],
+                fill=color,
+                width=int(rng.integers(1, 5)),
+            )
         else:
-            draw.polygon([(x + s * math.cos(a), y + s * math.sin(a) * 0.5) for a in rng.uniform(0, 2 * math.pi, 3)], fill=color)
+            draw.polygon(
+                [(x + s * math.cos(a), y + s * math.sin(a) * 0.5) for a in rng.uniform(0, 2 * math.pi, 3)], fill=color
+            )
     return image
 
 
@@ -488,9 +506,7 @@ def make_cub(
             present, certainty = _attribute_labels(values, dict(zip(PART_NAMES, visible)), rng)
             counts[c] += present
             for a in range(len(ATTRIBUTE_NAMES)):
-                attr_lines.append(
-                    f"{image_id} {a + 1} {int(present[a])} {certainty[a]} {rng.uniform(1.0, 9.0):.3f}"
-                )
+                attr_lines.append(f"{image_id} {a + 1} {int(present[a])} {certainty[a]} {rng.uniform(1.0, 9.0):.3f}")
 
     _write(root / "images.txt", images)
     _write(root / "image_class_labels.txt", labels)
@@ -747,7 +763,9 @@ def make_ade20k(
         lines = ["Idx,Ratio,Train,Val,Stuff,Name"]
         for k, name in enumerate(OBJECT_NAMES):
             stuff = int(name in _STUFF)
-            lines.append(f"{k + 1},{ratio[k]:.4f},{present['train'][k]},{present['val'][k]},{stuff},{name.replace(', ', ';')}")
+            lines.append(
+                f"{k + 1},{ratio[k]:.4f},{present['train'][k]},{present['val'][k]},{stuff},{name.replace(', ', ';')}"
+            )
         _write(root / "objectInfo150.csv", lines)
     return root
 

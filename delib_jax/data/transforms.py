@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,8 +64,8 @@ def flip_permutation(part_names: Sequence[str]) -> np.ndarray:
     perm = np.arange(len(names), dtype=np.int64)
     for k, name in enumerate(names):
         for a, b in (("left ", "right "), ("right ", "left ")):
-            if name.startswith(a) and b + name[len(a):] in names:
-                perm[k] = names.index(b + name[len(a):])
+            if name.startswith(a) and b + name[len(a) :] in names:
+                perm[k] = names.index(b + name[len(a) :])
     return perm
 
 
