@@ -13,12 +13,15 @@ generic path (forward-over-forward jvp vmapped over locations).
 
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.attribution._core import METHODS, Attribution, Options, attribute, output_functions, quadrature
 from delib_jax.attribution.gradcam import grad_cam
+from delib_jax.models._layers import validate_images
 
 
 def gradient(classifier, features, **kw) -> Attribution:
@@ -36,41 +39,54 @@ def integrated_gradients(classifier, features, *, steps: int = 50, **kw) -> Attr
     return attribute(classifier, features, method="integrated_gradients", steps=steps, **kw)
 
 
-def _hardness_parts(model, images, a):
-    if model.hardness_network is not None:
-        return model.hardness_network.head, model.hardness_network.backbone(images).astype(a.dtype)
-    return model.hardness_head, None
-
-
-@functools.partial(nnx.jit, static_argnames=("opts",))
-def _attribute_images(model, images, opts: Options) -> Attribution:
-    from delib_jax.attribution._core import _attribute
+def _attribute_from_images(model, images, opts: Options) -> Attribution:
     import jax.numpy as jnp
 
+    from delib_jax.attribution._core import _attribute
+
     a = model.backbone(images).astype(jnp.float32)
-    head, a_s = _hardness_parts(model, images, a) if opts.score == "hardness" else (None, None)
-    if head is not None and a_s is None:
-        a_s = a
+    head = a_s = None
+    if opts.score == "hardness":
+        if model.hardness_network is not None:
+            head, a_s = model.hardness_network.head, model.hardness_network.backbone(images).astype(jnp.float32)
+        else:
+            head, a_s = model.hardness_head, a
     base = jnp.zeros_like(a)
     base_s = None if a_s is None else jnp.zeros_like(a_s)
     return _attribute(model.classifier, head, a, a_s, base, base_s, opts)
 
 
-def attribute_images(model, images, **options) -> Attribution:
-    """Backbone forward plus all attribution maps in one jit-compiled pass. images: (B, H, W, 3) normalised.
+def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
+    """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
-    Options as for `attribute` (integrated gradients from the zero baseline)."""
-    from delib_jax.models._layers import validate_images
-
-    validate_images(images)
+    Images (B, H, W, 3) normalised float; options as for `attribute`. Later changes to the model are not seen:
+    build a new function after training further."""
     opts = Options(**options).check(model.num_classes)
     if opts.score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     model.eval()
-    return _attribute_images(model, images, opts)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, images):
+        return _attribute_from_images(nnx.merge(graphdef, state), images, opts)
+
+    def attribute_fn(images) -> Attribution:
+        validate_images(images)
+        return run(state, jnp.asarray(images))
+
+    return attribute_fn
+
+
+def attribute_images(model, images, **options) -> Attribution:
+    """Backbone forward plus all attribution maps in one jit-compiled pass. images: (B, H, W, 3) normalised.
+
+    Options as for `attribute` (integrated gradients from the zero baseline). For many batches, build the function
+    once with `make_attribute_fn`."""
+    return make_attribute_fn(model, **options)(images)
 
 
 __all__ = [
     "METHODS", "Attribution", "Options", "attribute", "attribute_images", "grad_cam", "gradient",
-    "gradient_hessian", "integrated_gradients", "output_functions", "quadrature",
+    "gradient_hessian", "integrated_gradients", "make_attribute_fn", "output_functions", "quadrature",
 ]

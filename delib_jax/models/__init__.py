@@ -93,6 +93,14 @@ def count_params(model: nnx.Module) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def make_predict_fn(model: DeliberativeModel) -> Callable[[jax.Array], Outputs]:
+    """A compiled eval-mode forward pass images (B, H, W, 3) -> Outputs for ``model`` (split once)."""
+    model.eval()
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return lambda images: run(state, images)
+
+
 @nnx.jit
 def _predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
     return model(images)
@@ -111,5 +119,5 @@ def predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
 
 __all__ = [
     "ARCHS", "ArchSpec", "DeliberativeModel", "HardnessNetwork", "Outputs", "PoolMLPHead",
-    "count_params", "create_model", "hardness_head", "load_torchvision", "predict", "read_state_dict",
+    "count_params", "create_model", "make_predict_fn", "hardness_head", "load_torchvision", "predict", "read_state_dict",
 ]
