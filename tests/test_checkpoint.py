@@ -1,0 +1,89 @@
+"""Run directories: config round trip, checkpoint round trip, load_model errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from delib_jax.checkpoint import (
+    RunCheckpoints,
+    RunConfig,
+    build_model,
+    load_model,
+    load_run_config,
+    save_run_config,
+)
+
+
+def _config(**kw) -> RunConfig:
+    base = dict(arch="small", num_classes=3, class_names=["a", "b", "c"], crop=32, resize=36, seed=3)
+    return RunConfig(**{**base, **kw})
+
+
+def test_config_round_trip(tmp_path):
+    config = _config(hardness="network", mean=(0.1, 0.2, 0.3), steps=7)
+    save_run_config(tmp_path, config)
+    loaded = load_run_config(tmp_path)
+    assert loaded == config
+    assert loaded.class_names == ["a", "b", "c"] and loaded.mean == (0.1, 0.2, 0.3)
+    assert json.loads((tmp_path / "config.json").read_text())["arch"] == "small"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(arch="resnet9"), "arch"),
+        (dict(class_names=["a", "b"]), "class names"),
+        (dict(hardness="both"), "hardness"),
+        (dict(crop=64, resize=36), "crop"),
+    ],
+)
+def test_config_rejects_invalid(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**kw)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"arch": "small", "colour": "red"}))
+    with pytest.raises(ValueError, match="unknown fields colour"):
+        load_run_config(tmp_path)
+    save_run_config(tmp_path, _config())
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="which"):
+        load_model(tmp_path, which="first")
+
+
+def test_save_restore_round_trip_gives_identical_logits(tmp_path):
+    config = _config(hardness="head")
+    save_run_config(tmp_path, config)
+    model = build_model(config, rngs=nnx.Rngs(11))  # not the config's seed: load_model must not re-initialise
+    model.train()
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    model(x)  # move the batch statistics away from their initial values
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    with RunCheckpoints(tmp_path) as ckpt:
+        ckpt.save("best", 5, params=params, model_state=rest, meta={"val_accuracy": 0.5})
+        ckpt.save("latest", 6, params=params, model_state=rest, meta={})
+    model.eval()
+    expected = model(x)
+    for which in ("best", "latest"):
+        loaded, loaded_config = load_model(tmp_path, which=which)
+        assert loaded_config == config
+        out = loaded(x)
+        np.testing.assert_array_equal(out.logits, expected.logits)
+        np.testing.assert_array_equal(out.hardness_logit, expected.hardness_logit)
+    # eval mode: a second call does not change anything (running statistics are used, not updated)
+    np.testing.assert_array_equal(loaded(x).logits, expected.logits)
+    # the dropout streams (typed PRNG keys) survive the round trip
+    key = nnx.state(loaded, nnx.RngKey)
+    assert all(jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key) for k in jax.tree.leaves(key))
