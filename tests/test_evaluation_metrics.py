@@ -1,0 +1,116 @@
+"""Ground truth and metrics of the evaluation protocol on hand-built cases."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from delib_jax.data.cub import ATTRIBUTE_NAMES, PART_NAMES
+from delib_jax.evaluation import (
+    ade_ambiguity_strength,
+    ade_object_frequency,
+    coverage_counts,
+    cub_ambiguity_strength,
+    mask_iou,
+    pixel_ranks,
+    point_precision_recall,
+    random_maps,
+    select_ground_truth,
+)
+
+
+def _class_attributes(seed=0, c=4):
+    return np.random.RandomState(seed).rand(c, len(ATTRIBUTE_NAMES))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js"])
+def test_gamma_symmetric_in_unit_interval_and_one_for_identical(divergence):
+    ca = _class_attributes()
+    ca[3] = ca[1]  # classes 1 and 3 identical
+    g = cub_ambiguity_strength(ca, ATTRIBUTE_NAMES, PART_NAMES, divergence=divergence)
+    assert g.shape == (4, 4, 15)
+    np.testing.assert_allclose(g, g.transpose(1, 0, 2), rtol=1e-12)
+    np.testing.assert_allclose(g[1, 3], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.diagonal(g, axis1=0, axis2=1), 1.0, rtol=1e-12)
+    assert np.all((g > 0) & (g <= 1 + 1e-12)) and g[0, 2].max() < 1
+
+
+def test_gamma_by_hand_for_one_part():
+    """'nape' is described by nape_color only: gamma = exp(-(KL(a||b) + KL(b||a))) of the two colour distributions."""
+    groups = [n for n in ATTRIBUTE_NAMES if n.startswith("has_nape_color")]
+    idx = [ATTRIBUTE_NAMES.index(n) for n in groups]
+    ca = np.zeros((2, len(ATTRIBUTE_NAMES)))
+    ca[0, idx[:2]] = [0.75, 0.25]
+    ca[1, idx[:2]] = [0.25, 0.75]
+    g = cub_ambiguity_strength(ca, ATTRIBUTE_NAMES, PART_NAMES, eps=0.0 + 1e-12)
+    kl = 0.75 * np.log(3) + 0.25 * np.log(1 / 3)  # KL(a||b) = KL(b||a)
+    assert g[0, 1, PART_NAMES.index("nape")] == pytest.approx(np.exp(-2 * kl), rel=1e-6)
+    js = 0.5 * (0.75 * np.log(0.75 / 0.5) + 0.25 * np.log(0.25 / 0.5)) * 2
+    gj = cub_ambiguity_strength(ca, ATTRIBUTE_NAMES, PART_NAMES, eps=1e-12, divergence="js")
+    assert gj[0, 1, PART_NAMES.index("nape")] == pytest.approx(np.exp(-2 * js), rel=1e-6)
+
+
+def test_top_fraction_selection():
+    s = np.zeros((3, 3, 2))
+    vals = {(0, 1, 0): 0.9, (0, 1, 1): 0.1, (0, 2, 0): 0.5, (0, 2, 1): 0.4, (1, 2, 0): 0.3, (1, 2, 1): 0.8}
+    for (a, b, k), v in vals.items():
+        s[a, b, k] = s[b, a, k] = v
+    gt = select_ground_truth(s, 2 / 6)  # the two strongest of six triplets
+    chosen = {(a, b, k) for a, b, k in zip(*np.nonzero(gt)) if a < b}
+    assert chosen == {(0, 1, 0), (1, 2, 1)}
+    assert np.array_equal(gt, gt.transpose(1, 0, 2))
+    with pytest.raises(ValueError):
+        select_ground_truth(s, 0.0)
+
+
+def test_ade_frequency_and_strength():
+    labels = np.array([0, 0, 1, 1])
+    present = np.array([[1, 0], [1, 1], [1, 0], [0, 0]], bool)
+    phi = ade_object_frequency(labels, present, 2)
+    np.testing.assert_allclose(phi, [[1.0, 0.5], [0.5, 0.0]])
+    g = ade_ambiguity_strength(phi)
+    assert g[0, 1, 0] == pytest.approx(0.75) and g[0, 1, 1] == pytest.approx(0.25)
+    assert ade_ambiguity_strength(np.array([[0.2], [0.2]]))[0, 1, 0] == 0.0
+
+
+def test_ranks_and_counts():
+    amap = jnp.array([[0.1, 0.9], [0.5, 0.9]])
+    np.testing.assert_array_equal(pixel_ranks(amap), [[3, 0], [2, 1]])  # ties: stable order
+    np.testing.assert_array_equal(coverage_counts(4, [0.01, 0.25, 0.5, 0.9]), [1, 1, 2, 4])
+
+
+def test_point_precision_recall_by_hand():
+    # 4x4 map whose values decrease row by row: top 4 pixels = row 0, top 8 = rows 0-1.
+    amap = jnp.asarray(np.arange(16, 0, -1, dtype=np.float32).reshape(4, 4))
+    points = jnp.array([[[0.5, 0.5], [3.5, 0.5], [1.5, 1.5], [2.5, 3.5]]])  # rows 0, 0, 1, 3
+    visible = jnp.array([[True, True, True, True]])
+    truth = jnp.array([[True, False, True, False]])
+    counts = jnp.array([4, 8, 16])
+    p, r, has_p, has_t = point_precision_recall(amap[None], points, visible, truth, counts)
+    np.testing.assert_allclose(p[0], [1 / 2, 2 / 3, 2 / 4])
+    np.testing.assert_allclose(r[0], [1 / 2, 2 / 2, 2 / 2])
+    assert bool(has_t[0]) and bool(has_p[0].all())
+    # an invisible keypoint never counts
+    p2, _, _, _ = point_precision_recall(amap[None], points, jnp.array([[True, False, True, True]]), truth, counts)
+    np.testing.assert_allclose(p2[0], [1.0, 1.0, 2 / 3])
+
+
+def test_mask_iou_by_hand():
+    amap = jnp.asarray(np.arange(16, 0, -1, dtype=np.float32).reshape(4, 4))
+    seg = np.zeros((4, 4), np.int32)
+    seg[0, :2] = 1  # object 1: 2 pixels in the top row
+    seg[2:, :] = 2  # object 2: the bottom 8 pixels
+    cand = jnp.array([[True, True]])
+    iou = mask_iou(amap[None], jnp.asarray(seg)[None], cand, jnp.array([2, 4, 16]))
+    # top-2 = object 1 exactly; top-4: object 1 overlap 2, union 4 -> 0.5; all 16: object 2 overlap 8 -> 8/16
+    np.testing.assert_allclose(iou[0], [1.0, 0.5, 0.5])
+    none = mask_iou(amap[None], jnp.asarray(seg)[None], jnp.array([[False, False]]), jnp.array([4]))
+    assert float(none[0, 0]) == 0.0
+
+
+def test_random_maps_cover_requested_sizes():
+    m = random_maps(jax.random.key(0), (3, 32, 32), (4, 4))
+    assert m.shape == (3, 32, 32)
+    counts = coverage_counts(32 * 32)
+    ranks = pixel_ranks(m[0])
+    np.testing.assert_array_equal([(ranks < n).sum() for n in counts[[0, 49, 89]]], counts[[0, 49, 89]])
