@@ -1,0 +1,306 @@
+"""The ``delib`` command: one subcommand per task, registered in `COMMANDS`.
+
+    delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/
+    delib explain a.jpg b.png --checkpoint runs/cub_vgg16 --out explained/ --coverage 30% --max-insecurities 3
+
+A subcommand is a `Command` (name, help, how to add its arguments, what to run) added with `register`; ``main``
+builds the parser from the registry. Errors a user can fix print one line and exit with 2; nothing explained exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad option, missing file): printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``delib`` subcommand: ``configure`` adds its arguments, ``run`` gets the parsed namespace, returns the exit
+    status (raising `UsageError` for a one-line error with status 2)."""
+
+    name: str
+    help: str
+    description: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add a subcommand to `COMMANDS` (names are unique)."""
+    if command.name in COMMANDS:
+        raise ValueError(f"a delib subcommand named {command.name!r} is already registered")
+    COMMANDS[command.name] = command
+    return command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="delib", description="Deliberative explanations (Wang & Vasconcelos, NeurIPS 2019) in JAX.")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+    for command in COMMANDS.values():
+        p = sub.add_parser(command.name, help=command.help, description=command.description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.configure(p)
+        p.set_defaults(command=command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``delib`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argparse usage error (2)
+        return int(e.code or 0)
+    try:
+        return int(args.command.run(args))
+    except UsageError as e:
+        print(f"delib {args.command_name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"delib {args.command_name}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------------------------ delib explain
+
+EXPLAIN_DESCRIPTION = """\
+Explain images with a trained model: per image the prediction, its difficulty, and the insecurities (regions where
+the network hesitated between two classes, ranked by strength).
+
+Writes OUT/insecurities.json (every explanation; masks run-length encoded), OUT/figures/*.png (a figure per image)
+and OUT/index.html (an offline report, sortable by difficulty and prediction). Images are resized and centre-cropped
+as the run was evaluated. Unreadable files are reported and skipped.
+
+example:
+  delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/ --coverage 10%
+"""
+
+
+def _fraction(text: str) -> float:
+    """'0.1' or '10%' -> 0.1."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 or 10%, got {text!r}") from None
+
+
+def _top_n(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of classes or 'all', got {text!r}") from None
+
+
+def _configure_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="training run directory (config.json)")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (created)")
+    p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load (default: best)")
+    p.add_argument("--method", choices=("gradient_hessian", "gradient", "integrated_gradients"),
+                   default="gradient_hessian", help="attribution method (default: gradient_hessian, Eq. 2)")
+    p.add_argument("--score", choices=("hardness", "entropy", "hesitancy"), default="hardness",
+                   help="difficulty score (default: hardness; needs a model with a hardness predictor)")
+    p.add_argument("--top-n", type=_top_n, default=5, metavar="N",
+                   help="classes considered: the N most probable, or 'all' (default: 5)")
+    p.add_argument("--k", type=int, default=3, help="candidate classes per location, 2 <= k <= N (default: 3)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--coverage", type=_fraction, default=None,
+                       help="fraction of the image each insecurity covers, 1%%..90%% (default: 10%%)")
+    group.add_argument("--threshold", type=float, default=None, help="a value threshold on the ambiguity maps instead")
+    p.add_argument("--max-insecurities", type=int, default=4, metavar="Q", help="per image (default: 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step, over all devices (default: 32)")
+    p.add_argument("--examples", metavar="JSON",
+                   help="JSON object: class name (or index) -> example image path (relative to the JSON file); "
+                        "shown next to each insecurity")
+    p.add_argument("--study", action="store_true",
+                   help="also write a human study (OUT/study: questions.json, answer_key.json); needs --examples")
+    p.add_argument("--no-figures", action="store_true", help="skip the per-image figures (faster)")
+
+
+def _check_explain_args(args: argparse.Namespace) -> None:
+    if args.coverage is not None and not 0.01 <= args.coverage <= 0.90:
+        raise UsageError(f"--coverage must lie between 1% and 90% (0.01..0.9), got {args.coverage:g}")
+    if args.k < 2:
+        raise UsageError(f"--k must be at least 2 (insecurities are pairs of classes), got {args.k}")
+    if args.top_n is not None and args.top_n < args.k:
+        raise UsageError(f"--top-n ({args.top_n}) must be at least --k ({args.k})")
+    if args.max_insecurities < 1:
+        raise UsageError(f"--max-insecurities must be at least 1, got {args.max_insecurities}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not Path(args.checkpoint).is_dir():
+        raise UsageError(f"checkpoint directory {args.checkpoint} does not exist (give a training run directory)")
+    if args.study and not args.examples:
+        raise UsageError("--study needs --examples (an example image per class)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+
+
+def image_files(inputs: Iterable[str], report: Callable[[str], None]) -> list[Path]:
+    """Files named directly, plus image files (by extension) found recursively in folders, in sorted order.
+    Inputs that do not exist are reported and left out."""
+    from PIL import Image
+
+    extensions = {e.lower() for e in Image.registered_extensions()}
+    files: list[Path] = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
+                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            files.extend(sorted(found))
+        elif path.is_file():
+            files.append(path)
+        else:
+            report(f"skipping {path}: no such file or directory")
+    return files
+
+
+def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read --examples {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--examples {path} must hold a JSON object: class name -> image path")
+    base, index = Path(path).parent, {n: i for i, n in enumerate(class_names)}
+    examples = {}
+    for key, value in data.items():
+        if key in index:
+            c = index[key]
+        elif key.isdigit() and int(key) < len(class_names):
+            c = int(key)
+        else:
+            raise UsageError(f"--examples: {key!r} is not a class of this model")
+        examples[c] = base / value
+    return examples
+
+
+def _batches(files: Sequence[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(files), size):
+        yield list(files[start:start + size])
+
+
+def _figure_name(index: int, path: Path) -> str:
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem)[:60]
+    return f"figures/{index:05d}_{stem}.png"
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    _check_explain_args(args)
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from delib_jax import explain as ex
+    from delib_jax.checkpoint import load_model
+    from delib_jax.report import write_human_study, write_report
+    from delib_jax.visualize import save_figure
+
+    def report(message: str) -> None:
+        tqdm.write(f"delib explain: {message}", file=sys.stderr)
+
+    try:
+        model, config = load_model(args.checkpoint, which=args.which)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"cannot load a model from {args.checkpoint}: {e}") from None
+    if args.k > (config.num_classes if args.top_n is None else min(args.top_n, config.num_classes)):
+        raise UsageError(f"--k ({args.k}) exceeds the classes considered (the model has {config.num_classes})")
+    examples = _read_examples(args.examples, config.class_names)
+    mesh = ex.batch_mesh()
+    try:
+        explain_fn, settings = ex.make_explain_fn(
+            model, method=args.method, score=args.score, top_n=args.top_n, k=args.k, coverage=args.coverage,
+            threshold=args.threshold, max_insecurities=args.max_insecurities, mesh=mesh,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    files = image_files(args.inputs, report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch = -(-args.batch_size // mesh.size) * mesh.size  # a multiple of the device count
+    skipped, records, figures = [], [], []
+
+    def load(path: Path):
+        try:
+            image = ex.read_image(path)
+            return ex.preprocess(image, resize=config.resize, crop=config.crop, normalization=config.normalization)
+        except ex.ImageReadError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 -- a decoder failing in an unexpected way: skip the file, say why
+            return f"{path}: cannot read image ({type(e).__name__}: {e})"
+
+    def explained() -> Iterator[tuple[ex.Explanation, np.ndarray]]:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
+                tqdm(total=len(files), unit="img", desc="explain", file=sys.stderr, disable=None) as bar:
+            for paths in _batches(files, batch):
+                good, pixels, inputs = [], [], []
+                for path, result in zip(paths, pool.map(load, paths)):
+                    if isinstance(result, str):
+                        report(f"skipping {result}")
+                        skipped.append({"path": str(path), "reason": result})
+                    else:
+                        good.append(path)
+                        pixels.append(result[0])
+                        inputs.append(result[1])
+                if good:
+                    x = np.stack(inputs + [inputs[-1]] * (batch - len(inputs)))  # pad: one compiled shape
+                    outputs = jax.tree.map(lambda v: v[: len(good)], explain_fn(x))
+                    items = ex.to_explanations(outputs, settings, class_names=config.class_names,
+                                               sources=[str(p) for p in good])
+                    for e, pix in zip(items, pixels):
+                        figure = None
+                        if not args.no_figures:
+                            figure = _figure_name(len(records), Path(e.source))
+                            save_figure(e, pix, out / figure, examples=examples)
+                        records.append({**e.to_json(), "figure": figure})
+                        figures.append(figure)
+                        yield e, pix
+                bar.update(len(paths))
+
+    stream = explained()
+    if args.study:
+        write_human_study(out / "study", stream, examples, class_names=config.class_names)
+    else:
+        for _ in stream:
+            pass
+
+    if not records:
+        report(f"nothing could be explained ({len(skipped)} unreadable of {len(files)} files)")
+        return 1
+    meta = {
+        "checkpoint": str(args.checkpoint), "which": args.which, "arch": config.arch,
+        "crop": config.crop, "resize": config.resize, "settings": settings.to_json(),
+    }  # fmt: skip
+    ex.write_json(out / "insecurities.json", {**meta, "class_names": list(config.class_names),
+                                              "skipped": skipped, "images": records})
+    write_report(out, records, figures, settings={k: v for k, v in {"method": settings.method, "score": settings.score,
+                                                  "top_n": settings.top_n or "all", "k": settings.k,
+                                                  "coverage": settings.coverage, "threshold": settings.threshold}.items() if v is not None})
+    print(f"explained {len(records)} of {len(files)} images ({len(skipped)} skipped) -> {out}", file=sys.stderr)
+    return 0
+
+
+register(Command("explain", "explain images with a trained model", EXPLAIN_DESCRIPTION, _configure_explain,
+                 _run_explain))
+
+__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "register"]

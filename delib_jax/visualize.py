@@ -1,0 +1,178 @@
+"""Figures of deliberative explanations, in the spirit of the paper's Fig. 1 and 3 (matplotlib, Agg, no pyplot state).
+
+    save_figure(explanation, pixels, "out/bird.png", examples={17: "train/017/a.jpg", ...})
+
+Top row: the input with its prediction and difficulty, Grad-CAM of the prediction, then each insecurity: the image
+dimmed outside the insecurity's region, the region outlined, titled with its class pair, strength and coverage.
+Bottom row: the top-N class probabilities, the difficulty attribution map, and under each insecurity an example
+image of class a and of class b when ``examples`` (class index or name -> image path or (H, W, 3) uint8) has them.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Mapping, Union
+
+import numpy as np
+from PIL import Image
+
+from delib_jax.explain import Explanation, Insecurity, atomic_write, read_image
+
+ExampleImage = Union[str, Path, np.ndarray]
+COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
+
+
+def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float map (H, W) to ``size`` = (H_img, W_img)."""
+    image = Image.fromarray(np.asarray(values, np.float32), mode="F")
+    return np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR), np.float32)
+
+
+def _unit(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return np.zeros_like(values) if hi <= lo else (values - lo) / (hi - lo)
+
+
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """A heat map (H, W) (any resolution, rescaled to [0, 1]) blended over an (H_img, W_img, 3) uint8 image."""
+    from matplotlib import colormaps
+
+    heat = _unit(resize_map(heat, image.shape[:2]))
+    colored = colormaps[cmap](heat)[..., :3] * 255.0
+    return np.clip((1 - alpha) * image + alpha * colored, 0, 255).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, *, dim: float = 0.3) -> np.ndarray:
+    """The image with everything outside ``mask`` (H_img, W_img) darkened to ``dim`` of its brightness."""
+    keep = np.asarray(mask, bool)[..., None]
+    return np.where(keep, image, (image * dim)).astype(np.uint8)
+
+
+def load_example(example: ExampleImage, size: int = 160) -> np.ndarray:
+    """An example image as a square (size, size, 3) uint8 thumbnail (centre crop)."""
+    if isinstance(example, np.ndarray):
+        image = Image.fromarray(np.asarray(example, np.uint8))
+    else:
+        image = read_image(example)
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def find_example(examples: Mapping | None, index: int, name: str) -> ExampleImage | None:
+    """``examples[index]``, else ``examples[name]``, else None."""
+    if not examples:
+        return None
+    if index in examples:
+        return examples[index]
+    return examples.get(name)
+
+
+def _wrap(text: str, width: int = 24) -> str:
+    return "\n".join(textwrap.wrap(text, width)[:2]) or text
+
+
+def _title(q: int, item: Insecurity) -> str:
+    return f"{q + 1}. {_wrap(item.name_a)}\nvs {_wrap(item.name_b)}\nstrength {item.strength:.3g} · {item.coverage:.0%}"
+
+
+def _show(ax, image, title=None, color=None):
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if color is not None:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+    if title:
+        ax.set_title(title, fontsize=8, color=color or "black")
+
+
+def explanation_figure(
+    explanation: Explanation,
+    image: np.ndarray,
+    *,
+    examples: Mapping | None = None,
+    max_insecurities: int | None = None,
+    dpi: int = 100,
+):
+    """The figure (a matplotlib ``Figure``, Agg canvas) of one explanation.
+
+    image: (H_img, W_img, 3) uint8, the network input before normalisation (what the masks align with).
+    examples: class index or name -> example image (path or uint8 array), for the examples of classes a and b.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    image = np.asarray(image, np.uint8)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) uint8, got shape {image.shape}")
+    if tuple(image.shape[:2]) != tuple(explanation.image_size):
+        raise ValueError(f"image is {image.shape[:2]}, the explanation was computed at {explanation.image_size}")
+    items = list(explanation.insecurities[:max_insecurities])
+    cols = 2 + max(1, len(items))
+    fig = Figure(figsize=(2.3 * cols, 5.2), dpi=dpi)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, cols, height_ratios=(1.25, 1), hspace=0.45, wspace=0.15)
+
+    e = explanation
+    _show(fig.add_subplot(grid[0, 0]), image,
+          f"{_wrap(e.prediction_name)}\np = {e.confidence:.2f} · {e.score} {float(e.difficulty):.2f}")
+    _show(fig.add_subplot(grid[0, 1]), heatmap_overlay(image, e.grad_cam), "Grad-CAM\nof the prediction")
+
+    ax = fig.add_subplot(grid[1, 0])
+    probs = e.probs[e.classes]
+    labels = [textwrap.shorten(n, 18, placeholder="…") for n in e.class_names]
+    ax.barh(np.arange(len(probs))[::-1], probs, color="#4363d8")
+    ax.set_yticks(np.arange(len(probs))[::-1], labels, fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("top classes", fontsize=8)
+    _show(fig.add_subplot(grid[1, 1]), heatmap_overlay(image, np.maximum(e.difficulty_map, 0)),
+          f"difficulty attribution\n({e.method})")
+
+    if not items:
+        ax = fig.add_subplot(grid[0, 2])
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no insecurity:\nno two classes compete\nwhere the image is difficult",
+                ha="center", va="center", fontsize=8)
+    for q, item in enumerate(items):
+        color = COLORS[q % len(COLORS)]
+        ax = fig.add_subplot(grid[0, 2 + q])
+        _show(ax, mask_overlay(image, item.mask), _title(q, item), color)
+        if item.mask.any():
+            ax.contour(item.mask.astype(np.float32), levels=[0.5], colors=[color], linewidths=1.2)
+        pair = [find_example(examples, item.a, item.name_a), find_example(examples, item.b, item.name_b)]
+        if any(p is not None for p in pair):
+            sub = grid[1, 2 + q].subgridspec(1, 2, wspace=0.05)
+            for j, (example, name) in enumerate(zip(pair, (item.name_a, item.name_b))):
+                ax = fig.add_subplot(sub[0, j])
+                if example is None:
+                    ax.axis("off")
+                    continue
+                _show(ax, load_example(example), textwrap.shorten(name, 14, placeholder="…"), color)
+    fig.subplots_adjust(left=0.08, right=0.99, top=0.86, bottom=0.04)
+    return fig
+
+
+def figure_png(explanation: Explanation, image: np.ndarray, **kw) -> bytes:
+    """The figure as PNG bytes."""
+    fig = explanation_figure(explanation, image, **kw)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def save_figure(explanation: Explanation, image: np.ndarray, path: str | Path, **kw) -> Path:
+    """Write the figure to ``path`` as PNG (atomically); options as `explanation_figure`."""
+    data = figure_png(explanation, image, **kw)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+__all__ = [
+    "explanation_figure", "figure_png", "find_example", "heatmap_overlay", "load_example", "mask_overlay",
+    "resize_map", "save_figure",
+]  # fmt: skip
