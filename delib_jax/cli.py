@@ -293,9 +293,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     }  # fmt: skip
     ex.write_json(out / "insecurities.json", {**meta, "class_names": list(config.class_names),
                                               "skipped": skipped, "images": records})
-    write_report(out, records, figures, settings={k: v for k, v in {"method": settings.method, "score": settings.score,
-                                                  "top_n": settings.top_n or "all", "k": settings.k,
-                                                  "coverage": settings.coverage, "threshold": settings.threshold}.items() if v is not None})
+    shown = {"method": settings.method, "score": settings.score, "top_n": settings.top_n or "all", "k": settings.k,
+             "coverage": settings.coverage, "threshold": settings.threshold}
+    write_report(out, records, figures, settings={k: v for k, v in shown.items() if v is not None})
     print(f"explained {len(records)} of {len(files)} images ({len(skipped)} skipped) -> {out}", file=sys.stderr)
     return 0
 

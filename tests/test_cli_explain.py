@@ -1,0 +1,148 @@
+"""`delib explain` end to end: a checkpointed run, images of every kind (and broken ones), exit codes, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from delib_jax.checkpoint import RunCheckpoints, RunConfig, build_model, save_run_config
+from delib_jax.cli import COMMANDS, main
+
+NAMES = ["sparrow", "wren", '<b>&"x"', "finch"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = RunConfig(arch="small", num_classes=4, class_names=NAMES, crop=48, resize=56, dataset="cub")
+    save_run_config(root / "run", config)
+    model = build_model(config, rngs=nnx.Rngs(3))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    with RunCheckpoints(root / "run") as ckpt:
+        ckpt.save("best", 1, params=params, model_state=rest, meta={})
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(images / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8)).save(images / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (64, 48, 4), dtype=np.uint8), "RGBA").save(images / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 65536, (40, 40)).astype(np.uint16)).save(images / "sixteen.png")
+    Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)).convert("CMYK").save(images / "cmyk.jpg")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 100, dtype=np.uint8)))
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.txt").write_text("not an image: ignored in folders")
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"")
+    (broken / "b.jpg").write_bytes(b"garbage")
+    return root
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_explain_end_to_end(workspace, capsys):
+    out = workspace / "out"
+    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "run", "--out", out,
+                      "--batch-size", "3", "--coverage", "20%", "--max-insecurities", "2"], capsys)
+    assert code == 0, err
+    skipped_lines = [line for line in err.splitlines() if "skipping" in line]
+    assert len(skipped_lines) == 2 and any("corrupt.png" in s for s in skipped_lines)
+    assert any("empty.jpg" in s and "empty file" in s for s in skipped_lines)
+    assert "Traceback" not in err
+    data = json.loads((out / "insecurities.json").read_text())
+    sources = sorted(Path(e["source"]).name for e in data["images"])
+    assert sources == ["cmyk.jpg", "grey.png", "rgb.jpg", "rgba.png", "sixteen.png"]
+    assert sorted(Path(s["path"]).name for s in data["skipped"]) == ["corrupt.png", "empty.jpg"]
+    assert data["settings"]["coverage"] == pytest.approx(0.2) and data["settings"]["max_insecurities"] == 2
+    assert data["class_names"] == NAMES
+    for e in data["images"]:
+        assert e["image_size"] == [48, 48] and len(e["probs"]) == 4
+        assert 1 <= len(e["insecurities"]) <= 2
+        assert (out / e["figure"]).is_file()
+        with Image.open(out / e["figure"]) as figure:
+            assert figure.format == "PNG"
+        for q in e["insecurities"]:
+            assert sum(q["mask"]["counts"]) == 48 * 48
+            assert {q["name_a"], q["name_b"]} <= set(NAMES)
+    page = (out / "index.html").read_text()
+    assert page.count("<tr data-index=") == 5
+    assert '<b>&"x"' not in page
+    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]  # no temp files left
+
+
+def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys):
+    """A fresh process with two host devices: batches are sharded and padded (5 images, batch 3 -> 4)."""
+    one = workspace / "one"
+    files = [workspace / "images" / n for n in ("rgb.jpg", "grey.png", "sixteen.png", "cmyk.jpg")]
+    files.append(workspace / "images" / "sub" / "rgba.png")
+    args = ["explain", *files, "--checkpoint", workspace / "run", "--batch-size", "3", "--no-figures"]
+    code, err = _run([*args, "--out", one], capsys)
+    assert code == 0, err
+    two = workspace / "two"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    script = ("import sys, jax; from delib_jax.cli import main; assert jax.device_count() == 2; "
+              "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args), "--out", str(two)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a = json.loads((one / "insecurities.json").read_text())["images"]
+    b = json.loads((two / "insecurities.json").read_text())["images"]
+    assert [e["source"] for e in a] == [e["source"] for e in b] == [str(f) for f in files]
+    for x, y in zip(a, b):
+        assert x["prediction"] == y["prediction"]
+        np.testing.assert_allclose(x["probs"], y["probs"], rtol=1e-4, atol=1e-6)
+        assert [(q["a"], q["b"]) for q in x["insecurities"]] == [(q["a"], q["b"]) for q in y["insecurities"]]
+
+
+def test_nothing_explained_exits_1(workspace, capsys):
+    code, err = _run(["explain", workspace / "broken", workspace / "missing.png", "--checkpoint",
+                      workspace / "run", "--out", workspace / "out_broken"], capsys)
+    assert code == 1
+    assert "nothing could be explained" in err and "missing.png" in err and "Traceback" not in err
+    assert not (workspace / "out_broken" / "insecurities.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--coverage", "0.95"], "--coverage must lie between 1% and 90%"),
+        (["--coverage", "0.5%"], "--coverage must lie between 1% and 90%"),
+        (["--k", "1"], "--k must be at least 2"),
+        (["--top-n", "2"], "--top-n (2) must be at least --k (3)"),
+        (["--k", "5", "--top-n", "all"], "--k (5) exceeds the classes"),
+        (["--max-insecurities", "0"], "--max-insecurities"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(workspace, capsys, extra, message):
+    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "run", "--out",
+                      workspace / "never", *extra], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (workspace / "never").exists()
+
+
+def test_missing_or_invalid_checkpoint_exits_2(workspace, capsys):
+    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "nope", "--out",
+                      workspace / "never"], capsys)
+    assert code == 2 and "checkpoint directory" in err and len(err.strip().splitlines()) == 1
+    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "images", "--out",
+                      workspace / "never"], capsys)
+    assert code == 2 and "cannot load a model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_usage(capsys):
+    assert "explain" in COMMANDS
+    assert main(["explain", "--help"]) == 0
+    assert "example:" in capsys.readouterr().out
+    assert main(["explain", "x.png"]) == 2  # --checkpoint and --out are required (argparse's message)
+    assert main([]) == 2

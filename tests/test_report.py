@@ -1,0 +1,101 @@
+"""HTML report (lists every image, escapes class names, sortable) and the human-study export (Fig. 5)."""
+
+import html.parser
+import json
+
+import numpy as np
+import pytest
+
+from delib_jax.explain import Explanation, Insecurity
+from delib_jax.report import render_index, write_human_study, write_report
+
+NAMES = ["sparrow", "wren", '<b>&"x"', "finch", "tern", "gull"]
+EVIL = '<b>&"x"'
+
+
+def make_explanation(i: int, pair=(0, 2), difficulty=0.5, source=None) -> Explanation:
+    rng = np.random.default_rng(i)
+    probs = rng.dirichlet(np.ones(6)).astype(np.float32)
+    classes = np.argsort(-probs)[:5].astype(np.int32)
+    mask = np.zeros((16, 16), bool)
+    mask[4:9, 2:7] = True
+    item = Insecurity(mask=mask, strength=np.float32(0.3), coverage=np.float32(mask.mean()), threshold=np.float32(0.1),
+                      a=pair[0], b=pair[1], name_a=NAMES[pair[0]], name_b=NAMES[pair[1]])
+    return Explanation(
+        probs=probs, difficulty=np.float32(difficulty), classes=classes, maps=rng.normal(size=(6, 4, 4)),
+        grad_cam=rng.random((4, 4)), insecurities=(item,), prediction=int(classes[0]),
+        prediction_name=NAMES[classes[0]], class_names=tuple(NAMES[c] for c in classes), score="hardness",
+        method="gradient_hessian", image_size=(16, 16), source=source or f"/data/img{i}.jpg",
+    )
+
+
+class _Collector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.text, self.images = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr" and "data-difficulty" in attrs:
+            self.rows.append(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_lists_every_image_and_escapes_names(tmp_path):
+    explanations = [make_explanation(i, difficulty=d) for i, d in enumerate([0.2, 0.9, 0.5])]
+    explanations.append(make_explanation(3, source='/x/<script>alert("1")</script>.png'))
+    figures = [f"figures/{i}.png" for i in range(3)] + [None]
+    path = write_report(tmp_path, explanations, figures, settings={"k": 3})
+    page = path.read_text()
+    assert "<script>alert" not in page and "<b>&" not in page  # raw markup never reaches the page
+    assert "&lt;b&gt;&amp;&quot;x&quot;" in page
+    parser = _Collector()
+    parser.feed(page)
+    assert len(parser.rows) == 4
+    assert [float(r["data-difficulty"]) for r in parser.rows] == pytest.approx([0.2, 0.9, 0.5, 0.5])
+    assert parser.images == figures[:3]
+    text = "".join(parser.text)
+    assert EVIL in text  # escaped in the source, shown verbatim to the reader
+    for i in range(3):
+        assert f"img{i}.jpg" in text
+    assert "sortBy(\"difficulty\", true)" in page and "sortBy(\"prediction\", false)" in page
+    # the same page from the JSON dicts the CLI keeps
+    assert render_index([e.to_json() for e in explanations], figures, settings={"k": 3}) == page
+
+
+def test_report_checks_lengths():
+    with pytest.raises(ValueError, match="figures"):
+        render_index([make_explanation(0)], ["a.png", "b.png"])
+
+
+def test_human_study(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    explanations = [make_explanation(i, pair=p) for i, p in enumerate([(0, 2), (1, 3), (4, 5)])]
+    examples = {c: pixels[c % 3] for c in range(6)}
+    paths = write_human_study(tmp_path, zip(explanations, pixels), examples, class_names=NAMES, seed=3)
+    questions = json.loads(paths["questions"].read_text())
+    key = json.loads(paths["answer_key"].read_text())
+    assert len(questions) == 3 and set(key) == {q["id"] for q in questions}
+    for q in questions:  # nothing in what participants see gives the answer away
+        assert set(q) == {"id", "region", "prompt", "choices"}
+        assert all(set(c) == {"label", "class_name", "example"} for c in q["choices"])
+    orders = []
+    for q, e in zip(questions, explanations):
+        names = [c["class_name"] for c in q["choices"]]
+        assert len(names) == 5 == len(set(names))
+        answer = key[q["id"]]
+        item = e.insecurities[0]
+        assert answer["class_names"] == [item.name_a, item.name_b]
+        chosen = [c["class_name"] for c in q["choices"] if c["label"] in answer["labels"]]
+        assert sorted(chosen) == sorted([item.name_a, item.name_b])
+        assert (tmp_path / q["region"]).is_file()
+        assert all((tmp_path / c["example"]).is_file() for c in q["choices"])
+        orders.append(answer["labels"])
+    assert len({tuple(o) for o in orders}) > 1 or orders[0] != ["A", "B"]  # shuffled, not always first
+    # too few classes with examples: the question is skipped, not padded
+    few = write_human_study(tmp_path / "few", zip(explanations[:1], pixels), {0: pixels[0], 2: pixels[1]})
+    assert json.loads(few["questions"].read_text()) == []
