@@ -1,0 +1,287 @@
+"""A whole training run: data and validation split, the loop, validation, checkpoints, resume, metrics.
+
+    config = RunConfig(arch="small", num_classes=..., class_names=[...], data_dir="/data/CUB_200_2011", ...)
+    summary = fit("runs/cub_small", config)          # new run
+    summary = fit("runs/cub_small", resume=True)     # continue a killed run from its latest checkpoint
+
+Resume is exact: every batch is a pure function of (seed, step), the dropout streams and batch statistics are part of
+the checkpoint, so a run resumed from step k reaches the same state as an uninterrupted one. It loses the steps since
+the last ``checkpoint_every`` save. The best checkpoint is chosen on a validation split carved from the training
+split (``val_fraction``, deterministic in the seed); the test split is evaluated once, at the end, on the best model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from delib_jax.data import load_ade20k, load_cub
+from delib_jax.checkpoint import CONFIG_FILE, METRICS_FILE, RunCheckpoints, RunConfig, load_run_config, save_run_config
+from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
+from delib_jax.train.loop import TrainState, compile_steps, create_train_state, make_mesh, replicated, shard_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """Training, validation (carved from the official training split) and test sources, and the class names."""
+
+    train: Source
+    val: Source
+    test: Source
+    class_names: list[str]
+
+
+def split_validation(train_indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split dataset indices (N,) into (train, val), val of size max(1, round(fraction N)), both sorted.
+
+    Deterministic in ``seed``; ValueError if fewer than 2 indices.
+    """
+    train_indices = np.asarray(train_indices, dtype=np.int64)
+    n = len(train_indices)
+    if n < 2:
+        raise ValueError(f"cannot carve a validation split from {n} training example(s)")
+    n_val = min(max(1, round(fraction * n)), n - 1)
+    perm = np.random.default_rng([seed, 0x7A1]).permutation(n)
+    return np.sort(train_indices[perm[n_val:]]), np.sort(train_indices[perm[:n_val]])
+
+
+def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed: int) -> Splits:
+    """Read CUB-200-2011 ('cub') or ADE20K ('ade20k') and split it (raises the readers' DatasetError)."""
+    if dataset == "cub":
+        ds, make = load_cub(data_dir), cub_source
+        names = list(ds.class_names)
+    elif dataset == "ade20k":
+        ds, make = load_ade20k(data_dir), ade20k_source
+        names = list(ds.scene_names)
+    else:
+        raise ValueError(f"dataset must be 'cub' or 'ade20k', got {dataset!r}")
+    train, val = split_validation(np.flatnonzero(ds.is_train), val_fraction, seed)
+    test = np.flatnonzero(~ds.is_train)
+    return Splits(make(ds, indices=train), make(ds, indices=val), make(ds, indices=test), names)
+
+
+def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
+    """``config.steps`` if set, else epochs x steps per epoch."""
+    return config.steps if config.steps is not None else config.epochs * steps_per_epoch
+
+
+def evaluate(eval_fn: Callable, state: TrainState, pipeline: Pipeline, mesh) -> dict[str, float]:
+    """Accuracy, mean cross-entropy and hardness loss of ``state``'s eval-mode model over one pass of ``pipeline``.
+
+    Batches are padded to the pipeline's batch size (one compiled shape; padding rows are masked out).
+    """
+    b = pipeline.config.batch_size
+    totals: dict[str, Any] = {}
+    for batch in pipeline.iterate():
+        n = len(batch["label"])
+        padded = {
+            "image": np.concatenate([batch["image"], np.zeros((b - n, *batch["image"].shape[1:]), np.float32)]),
+            "label": np.concatenate([batch["label"], np.zeros(b - n, np.int64)]).astype(np.int32),
+            "mask": np.arange(b) < n,
+        }
+        sums = eval_fn(state, shard_batch(padded, mesh, keys=("image", "label", "mask")))
+        totals = sums if not totals else jax.tree.map(lambda a, c: a + c, totals, sums)
+    t = jax.device_get(totals)
+    count = max(float(t["count"]), 1.0)
+    return {
+        "accuracy": float(t["correct"]) / count, "loss": float(t["ce"]) / count,
+        "hardness_loss": float(t["hardness_loss"]) / count, "count": int(t["count"]),
+    }  # fmt: skip
+
+
+class MetricsLog:
+    """Append-only ``RUN_DIR/metrics.jsonl`` (process 0 only); on resume, drops records past the resumed step."""
+
+    def __init__(self, path: Path, *, keep_until: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _record_step(line) <= keep_until]
+            path.write_text("".join(f"{line}\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", float("inf")))
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
+
+
+def _is_better(val: dict, best: dict | None) -> bool:
+    """Higher validation accuracy, ties broken by lower validation loss."""
+    if best is None:
+        return True
+    return (val["accuracy"], -val["loss"]) > (best["accuracy"], -best["loss"])
+
+
+def prepare_run(run_dir: Path, config: RunConfig | None, *, resume: bool) -> RunConfig:
+    """The run's configuration: written for a new run, read (and checked against ``config``) on resume.
+
+    Raises FileNotFoundError when resuming a run that does not exist, ValueError when starting a new run over an
+    existing one or resuming with a different configuration.
+    """
+    if resume:
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"nothing to resume: {run_dir} holds no training run ({CONFIG_FILE} missing)")
+        stored = load_run_config(run_dir)
+        if config is not None and config != stored:
+            diff = [
+                f"{f.name}={getattr(config, f.name)!r} (run has {getattr(stored, f.name)!r})"
+                for f in dataclasses.fields(RunConfig)
+                if getattr(config, f.name) != getattr(stored, f.name)
+            ]
+            raise ValueError(f"cannot resume {run_dir} with a different configuration: {', '.join(diff)}")
+        return stored
+    if config is None:
+        raise ValueError("a new run needs a RunConfig")
+    if (run_dir / CONFIG_FILE).exists():
+        raise ValueError(f"{run_dir} already holds a run: pass resume=True (--resume) or choose another output folder")
+    if jax.process_index() == 0:
+        save_run_config(run_dir, config)
+    return config
+
+
+def fit(
+    run_dir: str | Path,
+    config: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log_every: int = 10,
+    num_threads: int = 4,
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir`` (or continue the run there with ``resume=True``); returns a summary.
+
+    Args:
+      run_dir: the run directory (layout in `delib_jax.checkpoint`).
+      config: the run's configuration (optional on resume, where config.json is authoritative).
+      resume: continue from the latest checkpoint (from step 0 if the run was killed before its first checkpoint).
+      progress: show a tqdm bar (loss, accuracy, images/s) on process 0.
+      log_every: steps between training-metric records (and progress-bar updates); records also end at checkpoints.
+      num_threads: image decoding threads.
+      on_step: called as ``on_step(step, state)`` after every step (step = steps done); may raise to stop the run
+        abruptly (no save happens beyond the periodic ones).
+
+    Returns:
+      dict with steps, best_step, val_accuracy (best), test_accuracy, test_loss (best model), wall_s.
+    """
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    config = prepare_run(run_dir, config, resume=resume)
+    splits = load_splits(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
+    mesh = make_mesh()
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
+    stats = config.normalization
+    train_pipe = train_pipeline(
+        splits.train, batch_size=config.batch_size, seed=config.seed, num_epochs=None, crop=config.crop, stats=stats,
+        num_threads=num_threads,
+    )  # fmt: skip
+    evals = {
+        name: eval_pipeline(
+            src, batch_size=config.batch_size, resize=config.resize, crop=config.crop, stats=stats,
+            num_threads=num_threads,
+        )  # fmt: skip
+        for name, src in (("val", splits.val), ("test", splits.test))
+    }
+    steps_per_epoch = train_pipe.steps_per_epoch
+    n_steps = total_steps(config, steps_per_epoch)
+    eval_every = config.eval_every or steps_per_epoch
+    state = create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not resume)
+    step_fn, eval_fn = compile_steps(mesh)
+    lead = jax.process_index() == 0
+
+    with RunCheckpoints(run_dir) as ckpt:
+        start, best = 0, None
+        if resume and ckpt.step("latest") is not None:
+            state, meta = restore_train_state(ckpt, state, mesh)
+            start, best = int(meta["step"]), meta.get("best")
+            best_step = ckpt.step("best")
+            if best_step is not None and best_step > start:  # saved after the latest checkpoint: redone below
+                ckpt.best.delete(best_step)
+        log = MetricsLog(run_dir / METRICS_FILE, keep_until=start if resume else None, enabled=lead)
+        bar = tqdm(total=n_steps, initial=start, unit="step", disable=not progress or not lead, dynamic_ncols=True)
+        window: list[dict] = []
+        t_window = time.perf_counter()
+        for step, batch in enumerate(train_pipe.iterate(start_step=start), start=start):
+            if step >= n_steps:
+                break
+            state, metrics = step_fn(state, shard_batch(batch, mesh))
+            window.append(metrics)
+            done = step + 1
+            bar.update(1)
+            # windows also end at checkpoints, so a resumed run logs exactly what an uninterrupted one does
+            if done % log_every == 0 or done % config.checkpoint_every == 0 or done == n_steps:
+                record = _mean(window)
+                elapsed = time.perf_counter() - t_window
+                record.update(step=done, epoch=done / steps_per_epoch, images_per_s=len(window) * config.batch_size / elapsed)
+                log.write({"split": "train", **record})
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                                img_s=f"{record['images_per_s']:.0f}")  # fmt: skip
+                window, t_window = [], time.perf_counter()
+            if done % eval_every == 0 or done == n_steps:
+                val = evaluate(eval_fn, state, evals["val"], mesh)
+                log.write({"split": "val", "step": done, **val})
+                if _is_better(val, best):
+                    best = {**val, "step": done}
+                    ckpt.save("best", done, params=state.params, model_state=state.model_state, meta={"best": best})
+                bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
+                          f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
+            if done % config.checkpoint_every == 0 or done == n_steps:
+                ckpt.save(
+                    "latest", done, params=state.params, model_state=state.model_state, opt_state=state.opt_state,
+                    meta={"best": best, "epoch": done / steps_per_epoch},
+                )  # fmt: skip
+            if on_step is not None:
+                on_step(done, state)
+        bar.close()
+        ckpt.wait()
+        best_state = restore_best(ckpt, state, mesh)
+        test = evaluate(eval_fn, best_state, evals["test"], mesh)
+    log.write({"split": "test", "step": n_steps, "best_step": best["step"], **test})
+    return {
+        "steps": n_steps, "best_step": best["step"], "val_accuracy": best["accuracy"],
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "wall_s": time.perf_counter() - t_start,
+    }  # fmt: skip
+
+
+def _mean(window: list[dict]) -> dict[str, float]:
+    stacked = jax.device_get(window)
+    return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def restore_train_state(ckpt: RunCheckpoints, like: TrainState, mesh) -> tuple[TrainState, dict]:
+    """The latest checkpoint as a `TrainState` shaped (and replicated) like ``like``; also its metadata."""
+    r = ckpt.restore(
+        "latest", params=like.params, model_state=like.model_state, opt_state=like.opt_state,
+        sharding=replicated(mesh),
+    )  # fmt: skip
+    meta = r["meta"]
+    step = jax.device_put(np.int32(meta["step"]), replicated(mesh))
+    state = like.replace(step=step, params=r["params"], model_state=r["model_state"], opt_state=r["opt_state"])
+    return state, meta
+
+
+def restore_best(ckpt: RunCheckpoints, like: TrainState, mesh) -> TrainState:
+    """``like`` with the parameters and model state of the best checkpoint."""
+    r = ckpt.restore("best", params=like.params, model_state=like.model_state, sharding=replicated(mesh))
+    return like.replace(params=r["params"], model_state=r["model_state"])
+
+
+__all__ = [
+    "MetricsLog", "Splits", "evaluate", "fit", "load_splits", "prepare_run", "restore_best", "restore_train_state",
+    "split_validation", "total_steps",
+]  # fmt: skip

@@ -1,0 +1,236 @@
+"""Training: losses (values and where gradients flow), steps lower the loss, exact resume, load_model round trip,
+validation split, sharded step == single-device step."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from delib_jax.checkpoint import RunConfig, load_model, load_run_config
+from delib_jax.data import load_cub
+from delib_jax.data.synthetic import make_cub
+from delib_jax.train import (
+    compile_steps,
+    create_train_state,
+    fit,
+    hardness_bce,
+    joint_loss,
+    make_mesh,
+    shard_batch,
+    split_validation,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+
+
+def test_hardness_bce_hand_values():
+    # s = sigmoid(0) = 1/2: -(p log 1/2 + (1 - p) log 1/2) = log 2 for any p
+    np.testing.assert_allclose(hardness_bce(jnp.zeros(3), jnp.array([0.0, 0.3, 1.0])), np.log(2.0) * np.ones(3), 1e-6)
+    # z = log 3 -> s = 3/4; p = 1/4: -(1/4 log 1/4 + 3/4 log 3/4)
+    expected = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    np.testing.assert_allclose(hardness_bce(jnp.array([np.log(3.0)]), jnp.array([0.25])), [expected], 1e-6)
+    # finite for extreme logits
+    assert np.isfinite(hardness_bce(jnp.array([-200.0, 200.0]), jnp.array([1.0, 0.0]))).all()
+
+
+def test_hardness_bce_minimiser_is_one_minus_p():
+    p = jnp.array([0.1, 0.5, 0.9])
+    grad = jax.grad(lambda z: jnp.sum(hardness_bce(z, p)))
+    z = jax.jit(lambda z: jax.lax.fori_loop(0, 2000, lambda _, z: z - grad(z), z))(jnp.zeros(3))  # descent on z alone
+    np.testing.assert_allclose(jax.nn.sigmoid(z), 1.0 - p, atol=1e-4)
+
+
+def test_joint_loss_values_and_stop_gradients():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    labels = jnp.array([0, 2])
+    z = jnp.array([-1.0, 1.0])
+    ce = -jax.nn.log_softmax(logits)[jnp.arange(2), labels]
+    s = jax.nn.sigmoid(z)
+    p = jnp.exp(-ce)
+    loss, m = joint_loss(logits, z, labels)
+    np.testing.assert_allclose(m["cls_loss"], jnp.mean(s / s.mean() * ce), rtol=1e-6)
+    np.testing.assert_allclose(m["hardness_loss"], jnp.mean(hardness_bce(z, p)), rtol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], 0.5)
+    raw, m_raw = joint_loss(logits, z, labels, normalize=False)
+    np.testing.assert_allclose(m_raw["cls_loss"], jnp.mean(s * ce), rtol=1e-6)
+    # the classifier loss sends nothing to the hardness logit, the hardness loss nothing to the class logits
+    g_z = jax.grad(lambda z: joint_loss(logits, z, labels)[1]["cls_loss"])(z)
+    g_logits = jax.grad(lambda lg: joint_loss(lg, z, labels)[1]["hardness_loss"])(logits)
+    np.testing.assert_array_equal(g_z, 0.0)
+    np.testing.assert_array_equal(g_logits, 0.0)
+    # but each loss trains its own predictor
+    assert np.abs(jax.grad(lambda lg: joint_loss(lg, z, labels)[0])(logits)).sum() > 0
+    assert np.abs(jax.grad(lambda z: joint_loss(logits, z, labels)[0])(z)).sum() > 0
+    plain, m_plain = joint_loss(logits, None, labels)
+    np.testing.assert_allclose(plain, ce.mean(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+def _config(data_dir, **kw) -> RunConfig:
+    ds = load_cub(data_dir)
+    base = dict(
+        arch="small", num_classes=ds.num_classes, class_names=list(ds.class_names), crop=32, resize=36,
+        data_dir=str(data_dir), optimizer="adamw", lr=3e-3, schedule="cosine", warmup_steps=2, batch_size=4,
+        steps=6, checkpoint_every=3, eval_every=2, synthetic=True, seed=1,
+    )  # fmt: skip
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_cub(tmp_path_factory) -> Path:
+    return make_cub(tmp_path_factory.mktemp("data"), classes=3, images_per_class=8, size=48)
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def test_a_few_steps_lower_the_loss(tiny_cub):
+    config = _config(tiny_cub, steps=8, warmup_steps=0, schedule="step", lr=2e-3)
+    mesh = make_mesh()
+    state = create_train_state(config, total_steps=8, mesh=mesh)
+    step_fn, _ = compile_steps(mesh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32), "label": np.array([0, 1, 2, 1])}
+    losses = []
+    for _ in range(8):
+        state, metrics = step_fn(state, shard_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    assert int(state.step) == 8
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_validation_split_is_deterministic_disjoint_and_from_train():
+    train = np.arange(10, 60)
+    a_train, a_val = split_validation(train, 0.1, seed=3)
+    b_train, b_val = split_validation(train, 0.1, seed=3)
+    np.testing.assert_array_equal(a_val, b_val)
+    assert len(a_val) == 5 and len(a_train) == 45
+    assert set(a_train) | set(a_val) == set(train) and not set(a_train) & set(a_val)
+    assert not np.array_equal(split_validation(train, 0.1, seed=4)[1], a_val)
+    with pytest.raises(ValueError, match="validation"):
+        split_validation(np.array([3]), 0.1, seed=0)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(k):
+    def hook(step, state):
+        if step == k:
+            raise _Killed
+
+    return hook
+
+
+def _leaves(model) -> list[np.ndarray]:
+    keys_as_data = jax.tree.map(
+        lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+        nnx.state(model),
+    )
+    return [np.asarray(x) for x in jax.tree.leaves(keys_as_data)]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cub, tmp_path):
+    config = _config(tiny_cub)
+    final = {}
+    straight = fit(tmp_path / "straight", config, progress=False, on_step=lambda s, st: final.update(state=st))
+
+    # killed after step 4: the checkpoint of step 3 survives, step 4 is lost
+    with pytest.raises(_Killed):
+        fit(tmp_path / "killed", config, progress=False, on_step=_kill_at(4))
+    assert load_run_config(tmp_path / "killed") == config
+    resumed = fit(tmp_path / "killed", resume=True, progress=False)
+
+    for which in ("latest", "best"):
+        a, _ = load_model(tmp_path / "straight", which=which)
+        b, _ = load_model(tmp_path / "killed", which=which)
+        for x, y in zip(_leaves(a), _leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert straight == {**resumed, "wall_s": straight["wall_s"]}
+
+    def records(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in lines]
+
+    assert records("straight") == records("killed")  # the records of the lost step 4 were dropped on resume
+    assert [r["step"] for r in records("straight") if r["split"] == "val"] == [2, 4, 6]
+
+    # load_model round trip: the restored latest model computes exactly what the in-memory final state computes
+    state = final["state"]
+    x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
+    model, loaded_config = load_model(tmp_path / "straight", which="latest")
+    assert loaded_config == config
+    expected = state.model()(x)
+    out = model(x)
+    np.testing.assert_array_equal(out.logits, expected.logits)
+    np.testing.assert_array_equal(out.hardness_logit, expected.hardness_logit)
+
+
+def test_resume_rejects_other_config_and_new_run_over_old(tiny_cub, tmp_path):
+    config = _config(tiny_cub, steps=1, checkpoint_every=1, eval_every=1)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        fit(tmp_path / "run", config, resume=True, progress=False)
+    fit(tmp_path / "run", config, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        fit(tmp_path / "run", config, progress=False)
+    with pytest.raises(ValueError, match="lr=0.5"):
+        fit(tmp_path / "run", _config(tiny_cub, steps=1, checkpoint_every=1, eval_every=1, lr=0.5), resume=True)
+
+
+# -------------------------------------------------------------------------------------------------- sharding
+
+_SHARDED = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from delib_jax.checkpoint import RunConfig
+    from delib_jax.train import compile_steps, create_train_state, make_mesh, shard_batch
+    assert jax.device_count() == 4, jax.devices()
+    config = RunConfig(arch="small", num_classes=3, class_names=list("abc"), crop=32, resize=36, hardness="{hardness}",
+                       optimizer="sgd", lr=0.05, batch_size=8, steps=2)
+    rng = np.random.default_rng(0)
+    batches = [{{"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32), "label": rng.integers(0, 3, 8)}}
+               for _ in range(2)]
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = make_mesh(devices)
+        state = create_train_state(config, total_steps=2, mesh=mesh)
+        step_fn, _ = compile_steps(mesh)
+        for b in batches:
+            sharded = shard_batch(b, mesh)
+            assert len(sharded["image"].sharding.device_set) == len(devices)
+            state, metrics = step_fn(state, sharded)
+        assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == len(devices)
+        results.append((jax.device_get(state.params), jax.device_get(state.model_state), jax.device_get(metrics)))
+    (p1, s1, m1), (p4, s4, m4) = results
+    for a, b in zip(jax.tree.leaves((p1, s1, m1)), jax.tree.leaves((p4, s4, m4)), strict=True):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    print("OK", float(m1["loss"]), float(m4["loss"]))
+    """
+)
+
+
+@pytest.mark.parametrize("hardness", ["head"])
+def test_sharded_step_equals_single_device_step(hardness):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED.format(hardness=hardness)], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout

@@ -1,0 +1,11 @@
+"""Train on ADE20K scenes: ``python -m train.ade20k --data-dir /data/ADEChallengeData2016 --arch resnet50 --out runs/ade``.
+
+Quick start on synthetic scenes: ``python -m train.ade20k --synthetic --out /tmp/run_ade20k`` (``--help`` for every flag).
+"""
+
+import sys
+
+from delib_jax.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("ade20k"))
