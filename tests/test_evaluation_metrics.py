@@ -106,6 +106,17 @@ def test_mask_iou_by_hand():
     np.testing.assert_allclose(iou[0], [1.0, 0.5, 0.5])
     none = mask_iou(amap[None], jnp.asarray(seg)[None], jnp.array([[False, False]]), jnp.array([4]))
     assert float(none[0, 0]) == 0.0
+    # only two pixels are ambiguous: the mask stops there, whatever the coverage
+    sparse = jnp.zeros((4, 4)).at[0, 0].set(2.0).at[0, 1].set(1.0)
+    np.testing.assert_allclose(mask_iou(sparse[None], jnp.asarray(seg)[None], cand, jnp.array([1, 8]))[0], [0.5, 1.0])
+
+
+def test_points_outside_the_ambiguous_region_are_never_inside():
+    amap = jnp.zeros((4, 4)).at[0, 0].set(1.0)
+    points = jnp.array([[[0.5, 0.5], [3.5, 3.5]]])
+    p, r, has_p, _ = point_precision_recall(amap[None], points, jnp.array([[True, True]]),
+                                            jnp.array([[False, True]]), jnp.array([16]))
+    assert float(p[0, 0]) == 0.0 and float(r[0, 0]) == 0.0 and bool(has_p[0, 0])
 
 
 def test_random_maps_cover_requested_sizes():

@@ -1,7 +1,8 @@
 """Insecurity metrics at every coverage at once (no loop over thresholds).
 
 A mask at coverage c holds the ceil(c N) pixels of largest ambiguity (ties broken by a stable sort), so a pixel is
-inside exactly when its rank is below that count: ranking each map once answers all coverages.
+inside exactly when its rank is below that count: ranking each map once answers all coverages. Pixels of ambiguity
+<= 0 are never in a mask (there is no ambiguity there), so a mask can be smaller than its coverage.
 CUB (points): precision = ground-truth keypoints in the mask / visible keypoints in the mask; recall = ground-truth
 keypoints in the mask / visible ground-truth keypoints (Sec. 4). ADE20K (masks): IoU of the mask with the ground-truth
 object of the insecurity's pair that overlaps it most.
@@ -33,7 +34,7 @@ def _point_ranks(amap, points):
     ranks = pixel_ranks(amap)
     col = jnp.clip(jnp.floor(points[:, 0]).astype(jnp.int32), 0, w - 1)
     row = jnp.clip(jnp.floor(points[:, 1]).astype(jnp.int32), 0, h - 1)
-    return ranks[row, col]
+    return jnp.where(amap[row, col] > 0, ranks[row, col], amap.size)  # never inside where there is no ambiguity
 
 
 @jax.jit
@@ -64,13 +65,15 @@ def mask_iou(amaps, segmentations, candidates, counts):
     num_objects = candidates.shape[1]
 
     def one(amap, seg, cand):
-        order = jnp.argsort(-amap.reshape(-1), stable=True)
+        flat = amap.reshape(-1)
+        order = jnp.argsort(-flat, stable=True)
         labels = seg.reshape(-1)[order]  # object label of pixels in decreasing ambiguity
         onehot = (labels[:, None] == jnp.arange(1, num_objects + 1)[None, :]) & cand[None, :]
         cum = jnp.cumsum(onehot, axis=0)  # (N, O) overlap of the top-n mask with each object
         area = cum[-1]
-        inter = cum[jnp.maximum(counts - 1, 0)]  # (R, O)
-        union = counts[:, None] + area[None, :] - inter
+        size = jnp.minimum(counts, jnp.sum(flat > 0))  # (R,) mask sizes
+        inter = jnp.where(size[:, None] > 0, cum[jnp.maximum(size - 1, 0)], 0)  # (R, O)
+        union = size[:, None] + area[None, :] - inter
         iou = jnp.where(area[None, :] > 0, inter / jnp.maximum(union, 1), 0.0)
         best = jnp.argmax(jnp.where(area[None, :] > 0, inter, -1), axis=1)
         return jnp.take_along_axis(iou, best[:, None], axis=1)[:, 0]
