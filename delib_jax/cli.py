@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 
 class UsageError(Exception):
@@ -48,11 +49,16 @@ def register(command: Command) -> Command:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="delib", description="Deliberative explanations (Wang & Vasconcelos, NeurIPS 2019) in JAX.")
+        prog="delib", description="Deliberative explanations (Wang & Vasconcelos, NeurIPS 2019) in JAX."
+    )
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
     for command in COMMANDS.values():
-        p = sub.add_parser(command.name, help=command.help, description=command.description,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.configure(p)
         p.set_defaults(command=command)
     return parser
@@ -112,24 +118,47 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="training run directory (config.json)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load (default: best)")
-    p.add_argument("--method", choices=("gradient_hessian", "gradient", "integrated_gradients"),
-                   default="gradient_hessian", help="attribution method (default: gradient_hessian, Eq. 2)")
-    p.add_argument("--score", choices=("hardness", "entropy", "hesitancy"), default="hardness",
-                   help="difficulty score (default: hardness; needs a model with a hardness predictor)")
-    p.add_argument("--top-n", type=_top_n, default=5, metavar="N",
-                   help="classes considered: the N most probable, or 'all' (default: 5)")
+    p.add_argument(
+        "--method",
+        choices=("gradient_hessian", "gradient", "integrated_gradients"),
+        default="gradient_hessian",
+        help="attribution method (default: gradient_hessian, Eq. 2)",
+    )
+    p.add_argument(
+        "--score",
+        choices=("hardness", "entropy", "hesitancy"),
+        default="hardness",
+        help="difficulty score (default: hardness; needs a model with a hardness predictor)",
+    )
+    p.add_argument(
+        "--top-n",
+        type=_top_n,
+        default=5,
+        metavar="N",
+        help="classes considered: the N most probable, or 'all' (default: 5)",
+    )
     p.add_argument("--k", type=int, default=3, help="candidate classes per location, 2 <= k <= N (default: 3)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--coverage", type=_fraction, default=None,
-                       help="fraction of the image each insecurity covers, 1%%..90%% (default: 10%%)")
+    group.add_argument(
+        "--coverage",
+        type=_fraction,
+        default=None,
+        help="fraction of the image each insecurity covers, 1%%..90%% (default: 10%%)",
+    )
     group.add_argument("--threshold", type=float, default=None, help="a value threshold on the ambiguity maps instead")
     p.add_argument("--max-insecurities", type=int, default=4, metavar="Q", help="per image (default: 4)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step, over all devices (default: 32)")
-    p.add_argument("--examples", metavar="JSON",
-                   help="JSON object: class name (or index) -> example image path (relative to the JSON file); "
-                        "shown next to each insecurity")
-    p.add_argument("--study", action="store_true",
-                   help="also write a human study (OUT/study: questions.json, answer_key.json); needs --examples")
+    p.add_argument(
+        "--examples",
+        metavar="JSON",
+        help="JSON object: class name (or index) -> example image path (relative to the JSON file); "
+        "shown next to each insecurity",
+    )
+    p.add_argument(
+        "--study",
+        action="store_true",
+        help="also write a human study (OUT/study: questions.json, answer_key.json); needs --examples",
+    )
     p.add_argument("--no-figures", action="store_true", help="skip the per-image figures (faster)")
 
 
@@ -162,8 +191,13 @@ def image_files(inputs: Iterable[str], report: Callable[[str], None]) -> list[Pa
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = [
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in extensions
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ]
             files.extend(sorted(found))
         elif path.is_file():
             files.append(path)
@@ -196,7 +230,7 @@ def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
 
 def _batches(files: Sequence[Path], size: int) -> Iterator[list[Path]]:
     for start in range(0, len(files), size):
-        yield list(files[start:start + size])
+        yield list(files[start : start + size])
 
 
 def _figure_name(index: int, path: Path) -> str:
@@ -250,8 +284,10 @@ def _run_explain(args: argparse.Namespace) -> int:
             return f"{path}: cannot read image ({type(e).__name__}: {e})"
 
     def explained() -> Iterator[tuple[ex.Explanation, np.ndarray]]:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool, \
-                tqdm(total=len(files), unit="img", desc="explain", file=sys.stderr, disable=None) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
+            tqdm(total=len(files), unit="img", desc="explain", file=sys.stderr, disable=None) as bar,
+        ):
             for paths in _batches(files, batch):
                 good, pixels, inputs = [], [], []
                 for path, result in zip(paths, pool.map(load, paths)):
@@ -264,9 +300,10 @@ def _run_explain(args: argparse.Namespace) -> int:
                         inputs.append(result[1])
                 if good:
                     x = np.stack(inputs + [inputs[-1]] * (batch - len(inputs)))  # pad: one compiled shape
-                    outputs = jax.tree.map(lambda v: v[: len(good)], explain_fn(x))
-                    items = ex.to_explanations(outputs, settings, class_names=config.class_names,
-                                               sources=[str(p) for p in good])
+                    outputs = jax.tree.map(operator.itemgetter(slice(0, len(good))), explain_fn(x))  # drop padding
+                    items = ex.to_explanations(
+                        outputs, settings, class_names=config.class_names, sources=[str(p) for p in good]
+                    )
                     for e, pix in zip(items, pixels):
                         figure = None
                         if not args.no_figures:
@@ -279,7 +316,13 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     stream = explained()
     if args.study:
-        write_human_study(out / "study", stream, examples, class_names=config.class_names)
+        choices = min(5, config.num_classes)
+        study = write_human_study(out / "study", stream, examples, class_names=config.class_names, num_choices=choices)
+        count = len(json.loads(study["questions"].read_text(encoding="utf-8")))
+        report(
+            f"human study: {count} questions of {choices} choices in {out / 'study'}"
+            + ("" if count else f" (each needs {choices} classes with an example image)")
+        )
     else:
         for _ in stream:
             pass
@@ -291,16 +334,25 @@ def _run_explain(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint), "which": args.which, "arch": config.arch,
         "crop": config.crop, "resize": config.resize, "settings": settings.to_json(),
     }  # fmt: skip
-    ex.write_json(out / "insecurities.json", {**meta, "class_names": list(config.class_names),
-                                              "skipped": skipped, "images": records})
-    shown = {"method": settings.method, "score": settings.score, "top_n": settings.top_n or "all", "k": settings.k,
-             "coverage": settings.coverage, "threshold": settings.threshold}
+    ex.write_json(
+        out / "insecurities.json",
+        {**meta, "class_names": list(config.class_names), "skipped": skipped, "images": records},
+    )
+    shown = {
+        "method": settings.method,
+        "score": settings.score,
+        "top_n": settings.top_n or "all",
+        "k": settings.k,
+        "coverage": settings.coverage,
+        "threshold": settings.threshold,
+    }
     write_report(out, records, figures, settings={k: v for k, v in shown.items() if v is not None})
     print(f"explained {len(records)} of {len(files)} images ({len(skipped)} skipped) -> {out}", file=sys.stderr)
     return 0
 
 
-register(Command("explain", "explain images with a trained model", EXPLAIN_DESCRIPTION, _configure_explain,
-                 _run_explain))
+register(
+    Command("explain", "explain images with a trained model", EXPLAIN_DESCRIPTION, _configure_explain, _run_explain)
+)
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "register"]

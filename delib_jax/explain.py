@@ -16,9 +16,10 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -330,9 +331,18 @@ def make_explain_fn(
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     n = c if top_n is None else top_n
     coverage, threshold, q = insec.check_options(
-        n, k=k, coverage=coverage, threshold=threshold, max_insecurities=max_insecurities)
-    settings = ExplainSettings(method=method, score=score, top_n=top_n, k=int(k), coverage=coverage,
-                               threshold=threshold, max_insecurities=q, positive=bool(positive))
+        n, k=k, coverage=coverage, threshold=threshold, max_insecurities=max_insecurities
+    )
+    settings = ExplainSettings(
+        method=method,
+        score=score,
+        top_n=top_n,
+        k=int(k),
+        coverage=coverage,
+        threshold=threshold,
+        max_insecurities=q,
+        positive=bool(positive),
+    )
     model.eval()
     graphdef, state = nnx.split(model)
     shard = None
@@ -509,7 +519,23 @@ def preprocess(
 
 
 __all__ = [
-    "ExplainOutputs", "ExplainSettings", "Explanation", "ImageReadError", "Insecurity", "atomic_write", "batch_mesh",
-    "decode_mask", "encode_mask", "explain", "make_explain_fn", "preprocess", "read_image", "read_mask_png", "to_rgb",
-    "to_explanations", "write_json", "write_mask_png", "write_mask_pngs",
+    "ExplainOutputs",
+    "ExplainSettings",
+    "Explanation",
+    "ImageReadError",
+    "Insecurity",
+    "atomic_write",
+    "batch_mesh",
+    "decode_mask",
+    "encode_mask",
+    "explain",
+    "make_explain_fn",
+    "preprocess",
+    "read_image",
+    "read_mask_png",
+    "to_explanations",
+    "to_rgb",
+    "write_json",
+    "write_mask_png",
+    "write_mask_pngs",
 ]  # fmt: skip

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -154,7 +154,7 @@ def coverage_threshold(upsampled: Array, coverage: float) -> Array:
 
     upsampled (..., H_img, W_img) -> (...)."""
     flat = upsampled.reshape(*upsampled.shape[:-2], -1)
-    n = max(1, int(round(coverage * flat.shape[-1])))
+    n = max(1, round(coverage * flat.shape[-1]))
     return jax.lax.top_k(flat, n)[0][..., n - 1]
 
 
@@ -177,11 +177,31 @@ def mask_statistics(upsampled: Array, mask: Array) -> tuple[Array, Array]:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("image_size", "k", "coverage", "threshold", "max_insecurities", "combine", "positive",
-                     "pair_chunk"),
+    static_argnames=(
+        "image_size",
+        "k",
+        "coverage",
+        "threshold",
+        "max_insecurities",
+        "combine",
+        "positive",
+        "pair_chunk",
+    ),
 )
-def _find(class_maps, difficulty_map, classes, *, image_size, k, coverage, threshold, max_insecurities, combine,
-          positive, pair_chunk) -> Insecurities:
+def _find(
+    class_maps,
+    difficulty_map,
+    classes,
+    *,
+    image_size,
+    k,
+    coverage,
+    threshold,
+    max_insecurities,
+    combine,
+    positive,
+    pair_chunk,
+) -> Insecurities:
     b, n = class_maps.shape[:2]
     by_coverage = threshold is None
     candidates = candidate_pairs(class_maps, k=k, positive=positive)  # (B, R)
@@ -273,15 +293,37 @@ def find_insecurities(
     if pair_chunk < 1:
         raise ValueError(f"pair_chunk must be positive, got {pair_chunk}")
     coverage, threshold, q = check_options(
-        n, k=k, coverage=coverage, threshold=threshold, max_insecurities=max_insecurities)
+        n, k=k, coverage=coverage, threshold=threshold, max_insecurities=max_insecurities
+    )
     return _find(
-        class_maps, difficulty_map, classes.astype(jnp.int32), image_size=image_size, k=int(k), coverage=coverage,
-        threshold=threshold, max_insecurities=q, combine=combine, positive=bool(positive), pair_chunk=int(pair_chunk),
+        class_maps,
+        difficulty_map,
+        classes.astype(jnp.int32),
+        image_size=image_size,
+        k=int(k),
+        coverage=coverage,
+        threshold=threshold,
+        max_insecurities=q,
+        combine=combine,
+        positive=bool(positive),
+        pair_chunk=int(pair_chunk),
     )
 
 
 __all__ = [
-    "MAX_COVERAGE", "MIN_COVERAGE", "Insecurities", "ambiguity_maps", "candidate_members", "candidate_pairs",
-    "check_options", "coverage_threshold", "find_insecurities", "geometric_mean", "mask_statistics", "pair_indices",
-    "product", "threshold_mask", "upsample",
+    "MAX_COVERAGE",
+    "MIN_COVERAGE",
+    "Insecurities",
+    "ambiguity_maps",
+    "candidate_members",
+    "candidate_pairs",
+    "check_options",
+    "coverage_threshold",
+    "find_insecurities",
+    "geometric_mean",
+    "mask_statistics",
+    "pair_indices",
+    "product",
+    "threshold_mask",
+    "upsample",
 ]

@@ -11,9 +11,9 @@ All text from the data (class names, file names) is HTML-escaped.
 from __future__ import annotations
 
 import html
-import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -91,13 +91,22 @@ def render_index(
     for i, (item, figure) in enumerate(zip(explanations, figures)):
         s = summary(item)
         name = Path(s["source"]).name if s["source"] else f"image {i}"
-        thumb = (f'<a href="{_href(figure)}"><img class="thumb" loading="lazy" src="{_href(figure)}" '
-                 f'alt="figure of {_e(name)}"></a>') if figure else '<span class="muted">no figure</span>'
-        insecurities = "".join(
-            f"<li>{_e(q['name_a'])} <span class='muted'>vs</span> {_e(q['name_b'])} "
-            f"<span class='muted num'>(strength {q['strength']:.3g}, {q['coverage']:.0%})</span></li>"
-            for q in s["insecurities"]
-        ) or "<li class='muted'>none</li>"
+        thumb = (
+            (
+                f'<a href="{_href(figure)}"><img class="thumb" loading="lazy" src="{_href(figure)}" '
+                f'alt="figure of {_e(name)}"></a>'
+            )
+            if figure
+            else '<span class="muted">no figure</span>'
+        )
+        insecurities = (
+            "".join(
+                f"<li>{_e(q['name_a'])} <span class='muted'>vs</span> {_e(q['name_b'])} "
+                f"<span class='muted num'>(strength {q['strength']:.3g}, {q['coverage']:.0%})</span></li>"
+                for q in s["insecurities"]
+            )
+            or "<li class='muted'>none</li>"
+        )
         rows.append(
             f'<tr data-index="{i}" data-difficulty="{s["difficulty"]:.6g}" data-prediction="{_e(s["prediction_name"])}">'
             f'<td class="num">{i + 1}</td><td>{thumb}</td>'

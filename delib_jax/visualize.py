@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import io
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Union
 
 import numpy as np
 from PIL import Image
 
 from delib_jax.explain import Explanation, Insecurity, atomic_write, read_image
 
-ExampleImage = Union[str, Path, np.ndarray]
+ExampleImage = str | Path | np.ndarray
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 
 
@@ -119,8 +119,11 @@ def explanation_figure(
     grid = fig.add_gridspec(2, cols, height_ratios=(1.25, 1), hspace=0.45, wspace=0.15)
 
     e = explanation
-    _show(fig.add_subplot(grid[0, 0]), image,
-          f"{_wrap(e.prediction_name)}\np = {e.confidence:.2f} · {e.score} {float(e.difficulty):.2f}")
+    _show(
+        fig.add_subplot(grid[0, 0]),
+        image,
+        f"{_wrap(e.prediction_name)}\np = {e.confidence:.2f} · {e.score} {float(e.difficulty):.2f}",
+    )
     _show(fig.add_subplot(grid[0, 1]), heatmap_overlay(image, e.grad_cam), "Grad-CAM\nof the prediction")
 
     ax = fig.add_subplot(grid[1, 0])
@@ -131,14 +134,23 @@ def explanation_figure(
     ax.set_xlim(0, 1)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title("top classes", fontsize=8)
-    _show(fig.add_subplot(grid[1, 1]), heatmap_overlay(image, np.maximum(e.difficulty_map, 0)),
-          f"difficulty attribution\n({e.method})")
+    _show(
+        fig.add_subplot(grid[1, 1]),
+        heatmap_overlay(image, np.maximum(e.difficulty_map, 0)),
+        f"difficulty attribution\n({e.method})",
+    )
 
     if not items:
         ax = fig.add_subplot(grid[0, 2])
         ax.axis("off")
-        ax.text(0.5, 0.5, "no insecurity:\nno two classes compete\nwhere the image is difficult",
-                ha="center", va="center", fontsize=8)
+        ax.text(
+            0.5,
+            0.5,
+            "no insecurity:\nno two classes compete\nwhere the image is difficult",
+            ha="center",
+            va="center",
+            fontsize=8,
+        )
     for q, item in enumerate(items):
         color = COLORS[q % len(COLORS)]
         ax = fig.add_subplot(grid[0, 2 + q])

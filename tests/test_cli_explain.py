@@ -51,8 +51,23 @@ def _run(argv, capsys):
 
 def test_explain_end_to_end(workspace, capsys):
     out = workspace / "out"
-    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "run", "--out", out,
-                      "--batch-size", "3", "--coverage", "20%", "--max-insecurities", "2"], capsys)
+    code, err = _run(
+        [
+            "explain",
+            workspace / "images",
+            "--checkpoint",
+            workspace / "run",
+            "--out",
+            out,
+            "--batch-size",
+            "3",
+            "--coverage",
+            "20%",
+            "--max-insecurities",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0, err
     skipped_lines = [line for line in err.splitlines() if "skipping" in line]
     assert len(skipped_lines) == 2 and any("corrupt.png" in s for s in skipped_lines)
@@ -89,10 +104,17 @@ def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys)
     assert code == 0, err
     two = workspace / "two"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    script = ("import sys, jax; from delib_jax.cli import main; assert jax.device_count() == 2; "
-              "sys.exit(main(sys.argv[1:]))")
-    done = subprocess.run([sys.executable, "-c", script, *map(str, args), "--out", str(two)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    script = (
+        "import sys, jax; from delib_jax.cli import main; assert jax.device_count() == 2; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args), "--out", str(two)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     a = json.loads((one / "insecurities.json").read_text())["images"]
     b = json.loads((two / "insecurities.json").read_text())["images"]
@@ -104,8 +126,18 @@ def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys)
 
 
 def test_nothing_explained_exits_1(workspace, capsys):
-    code, err = _run(["explain", workspace / "broken", workspace / "missing.png", "--checkpoint",
-                      workspace / "run", "--out", workspace / "out_broken"], capsys)
+    code, err = _run(
+        [
+            "explain",
+            workspace / "broken",
+            workspace / "missing.png",
+            "--checkpoint",
+            workspace / "run",
+            "--out",
+            workspace / "out_broken",
+        ],
+        capsys,
+    )
     assert code == 1
     assert "nothing could be explained" in err and "missing.png" in err and "Traceback" not in err
     assert not (workspace / "out_broken" / "insecurities.json").exists()
@@ -124,19 +156,23 @@ def test_nothing_explained_exits_1(workspace, capsys):
     ],
 )
 def test_bad_options_exit_2_with_one_line(workspace, capsys, extra, message):
-    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "run", "--out",
-                      workspace / "never", *extra], capsys)
+    code, err = _run(
+        ["explain", workspace / "images", "--checkpoint", workspace / "run", "--out", workspace / "never", *extra],
+        capsys,
+    )
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (workspace / "never").exists()
 
 
 def test_missing_or_invalid_checkpoint_exits_2(workspace, capsys):
-    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "nope", "--out",
-                      workspace / "never"], capsys)
+    code, err = _run(
+        ["explain", workspace / "images", "--checkpoint", workspace / "nope", "--out", workspace / "never"], capsys
+    )
     assert code == 2 and "checkpoint directory" in err and len(err.strip().splitlines()) == 1
-    code, err = _run(["explain", workspace / "images", "--checkpoint", workspace / "images", "--out",
-                      workspace / "never"], capsys)
+    code, err = _run(
+        ["explain", workspace / "images", "--checkpoint", workspace / "images", "--out", workspace / "never"], capsys
+    )
     assert code == 2 and "cannot load a model" in err and len(err.strip().splitlines()) == 1
 
 
@@ -146,3 +182,47 @@ def test_usage(capsys):
     assert "example:" in capsys.readouterr().out
     assert main(["explain", "x.png"]) == 2  # --checkpoint and --out are required (argparse's message)
     assert main([]) == 2
+
+
+def test_examples_and_human_study(workspace, capsys):
+    examples = workspace / "examples.json"
+    images = workspace / "images"
+    examples.write_text(
+        json.dumps(
+            {
+                "sparrow": "images/rgb.jpg",
+                "wren": "images/grey.png",
+                NAMES[2]: "images/cmyk.jpg",
+                "3": "images/sixteen.png",
+            }
+        )
+    )
+    out = workspace / "study_out"
+    code, err = _run(
+        [
+            "explain",
+            images / "rgb.jpg",
+            images / "grey.png",
+            "--checkpoint",
+            workspace / "run",
+            "--out",
+            out,
+            "--examples",
+            examples,
+            "--study",
+            "--max-insecurities",
+            "1",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    questions = json.loads((out / "study" / "questions.json").read_text())
+    key = json.loads((out / "study" / "answer_key.json").read_text())
+    assert len(questions) == 2 == len(key)
+    assert all(len(q["choices"]) == 4 for q in questions)  # a 4-class model: all of its classes
+    code, err = _run(["explain", images, "--checkpoint", workspace / "run", "--out", out, "--study"], capsys)
+    assert code == 2 and "--study needs --examples" in err
+    bad = workspace / "bad_examples.json"
+    bad.write_text(json.dumps({"albatross": "images/rgb.jpg"}))
+    code, err = _run(["explain", images, "--checkpoint", workspace / "run", "--out", out, "--examples", bad], capsys)
+    assert code == 2 and "'albatross' is not a class" in err

@@ -32,8 +32,9 @@ def setup():
     model = create_model("small", 6, rngs=nnx.Rngs(0))
     pixels = np.random.default_rng(0).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
     images = ((pixels / 255.0 - 0.45) / 0.27).astype(np.float32)
-    explanations = explain(model, images, class_names=NAMES, coverage=0.1, max_insecurities=3,
-                           sources=["a.png", "b.png", None])
+    explanations = explain(
+        model, images, class_names=NAMES, coverage=0.1, max_insecurities=3, sources=["a.png", "b.png", None]
+    )
     return model, pixels, images, explanations
 
 
@@ -41,8 +42,9 @@ def test_explanation_matches_its_parts(setup):
     model, _, images, explanations = setup
     attr = attribute_images(model, images, method="gradient_hessian", score="hardness", top_n=5)
     cam = grad_cam(model.classifier, model.features(images))
-    found = find_insecurities(attr.class_maps, attr.difficulty_map, attr.classes, image_size=(48, 48), k=3,
-                              coverage=0.1, max_insecurities=3)
+    found = find_insecurities(
+        attr.class_maps, attr.difficulty_map, attr.classes, image_size=(48, 48), k=3, coverage=0.1, max_insecurities=3
+    )
     assert len(explanations) == 3
     for i, e in enumerate(explanations):
         np.testing.assert_allclose(e.probs, attr.probs[i], rtol=1e-5, atol=1e-7)
@@ -102,8 +104,9 @@ def test_rle(shape, fill):
 
 def test_explain_options_and_errors(setup):
     model, _, images, _ = setup
-    found = explain(model, images[:1], score="entropy", method="gradient", top_n=None, k=2, threshold=0.0,
-                    max_insecurities=None)
+    found = explain(
+        model, images[:1], score="entropy", method="gradient", top_n=None, k=2, threshold=0.0, max_insecurities=None
+    )
     assert found[0].maps.shape == (7, 6, 6) and len(found[0].insecurities) <= 15
     assert found[0].class_names == tuple(str(c) for c in found[0].classes)  # default names: indices
     with pytest.raises(ValueError, match="coverage"):
@@ -142,8 +145,11 @@ def test_image_modes_convert_to_rgb(tmp_path):
 def test_unreadable_images_raise_one_clear_error(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    for name, match in [("empty.jpg", "empty file"), ("junk.png", "cannot read image"),
-                        ("missing.png", "cannot read image")]:
+    for name, match in [
+        ("empty.jpg", "empty file"),
+        ("junk.png", "cannot read image"),
+        ("missing.png", "cannot read image"),
+    ]:
         with pytest.raises(ImageReadError, match=match):
             read_image(tmp_path / name)
 

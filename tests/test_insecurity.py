@@ -155,8 +155,9 @@ def test_pluggable_combine():
     # the cube root keeps the order: (1, 2) strongest, masks as with the product at threshold 1
     np.testing.assert_array_equal(out.pairs[0, :2], [[1, 2], [0, 1]])
     np.testing.assert_allclose(out.strength[0, 0], 3.0 ** (1 / 3), rtol=1e-6)
-    minimum = find_insecurities(class_maps, difficulty, k=2, threshold=0.6,
-                                combine=lambda a, b, s: jnp.minimum(a, b) * s)
+    minimum = find_insecurities(
+        class_maps, difficulty, k=2, threshold=0.6, combine=lambda a, b, s: jnp.minimum(a, b) * s
+    )
     # (0, 1): min(2, 1) = 1 on X; (1, 2): min(1, 3) = 1 on Y -- a tie, ranked by pair order
     np.testing.assert_array_equal(minimum.pairs[0, :2], [[0, 1], [1, 2]])
     np.testing.assert_array_equal(minimum.masks[0, 0], X)
@@ -169,13 +170,13 @@ def test_batched_equals_per_image_and_chunking_does_not_matter():
     class_maps = rng.normal(size=(3, 5, 6, 6)).astype(np.float32)
     difficulty = rng.normal(size=(3, 6, 6)).astype(np.float32)
     classes = np.stack([rng.permutation(20)[:5] for _ in range(3)])
-    kw = dict(k=3, coverage=0.2, image_size=(24, 24), max_insecurities=4)
+    kw = {"k": 3, "coverage": 0.2, "image_size": (24, 24), "max_insecurities": 4}
     batch = find_insecurities(class_maps, difficulty, classes, **kw)
     chunked = find_insecurities(class_maps, difficulty, classes, pair_chunk=3, **kw)
     for name in ("pairs", "masks", "valid", "strength", "coverage"):
         np.testing.assert_array_equal(getattr(batch, name), getattr(chunked, name))
     for i in range(3):
-        one = find_insecurities(class_maps[i:i + 1], difficulty[i:i + 1], classes[i:i + 1], **kw)
+        one = find_insecurities(class_maps[i : i + 1], difficulty[i : i + 1], classes[i : i + 1], **kw)
         for name in ("pairs", "masks", "valid"):
             np.testing.assert_array_equal(getattr(one, name)[0], getattr(batch, name)[i])
         np.testing.assert_allclose(one.strength[0], batch.strength[i], rtol=1e-6)

@@ -19,13 +19,30 @@ def make_explanation(i: int, pair=(0, 2), difficulty=0.5, source=None) -> Explan
     classes = np.argsort(-probs)[:5].astype(np.int32)
     mask = np.zeros((16, 16), bool)
     mask[4:9, 2:7] = True
-    item = Insecurity(mask=mask, strength=np.float32(0.3), coverage=np.float32(mask.mean()), threshold=np.float32(0.1),
-                      a=pair[0], b=pair[1], name_a=NAMES[pair[0]], name_b=NAMES[pair[1]])
+    item = Insecurity(
+        mask=mask,
+        strength=np.float32(0.3),
+        coverage=np.float32(mask.mean()),
+        threshold=np.float32(0.1),
+        a=pair[0],
+        b=pair[1],
+        name_a=NAMES[pair[0]],
+        name_b=NAMES[pair[1]],
+    )
     return Explanation(
-        probs=probs, difficulty=np.float32(difficulty), classes=classes, maps=rng.normal(size=(6, 4, 4)),
-        grad_cam=rng.random((4, 4)), insecurities=(item,), prediction=int(classes[0]),
-        prediction_name=NAMES[classes[0]], class_names=tuple(NAMES[c] for c in classes), score="hardness",
-        method="gradient_hessian", image_size=(16, 16), source=source or f"/data/img{i}.jpg",
+        probs=probs,
+        difficulty=np.float32(difficulty),
+        classes=classes,
+        maps=rng.normal(size=(6, 4, 4)),
+        grad_cam=rng.random((4, 4)),
+        insecurities=(item,),
+        prediction=int(classes[0]),
+        prediction_name=NAMES[classes[0]],
+        class_names=tuple(NAMES[c] for c in classes),
+        score="hardness",
+        method="gradient_hessian",
+        image_size=(16, 16),
+        source=source or f"/data/img{i}.jpg",
     )
 
 
@@ -62,7 +79,7 @@ def test_report_lists_every_image_and_escapes_names(tmp_path):
     assert EVIL in text  # escaped in the source, shown verbatim to the reader
     for i in range(3):
         assert f"img{i}.jpg" in text
-    assert "sortBy(\"difficulty\", true)" in page and "sortBy(\"prediction\", false)" in page
+    assert 'sortBy("difficulty", true)' in page and 'sortBy("prediction", false)' in page
     # the same page from the JSON dicts the CLI keeps
     assert render_index([e.to_json() for e in explanations], figures, settings={"k": 3}) == page
 
