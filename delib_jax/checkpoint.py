@@ -244,9 +244,7 @@ class RunCheckpoints:
         self.directory = root
 
         def manager(name: str) -> ocp.CheckpointManager:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=create, enable_async_checkpointing=async_save
-            )
+            options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=async_save)
             return ocp.CheckpointManager(root / name, options=options)
 
         if not create and not root.is_dir():

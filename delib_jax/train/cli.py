@@ -71,7 +71,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     model.add_argument("--arch", choices=tuple(ARCHS), help="backbone (default: small with --synthetic, else resnet50)")
     model.add_argument("--hardness", choices=("head", "network", "none"),
                        help="hardness predictor: a head on A (default), a separate network, or none")  # fmt: skip
-    model.add_argument("--weights", type=Path, help="torchvision ImageNet weights (.safetensors/.npz/.pth) to start from")
+    model.add_argument(
+        "--weights", type=Path, help="torchvision ImageNet weights (.safetensors/.npz/.pth) to start from"
+    )
     opt = p.add_argument_group("optimisation (defaults: the authors' recipe; AdamW + cosine for --arch small)")
     length = opt.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="training epochs (default 60; 30 for small)")

@@ -13,7 +13,8 @@ rows of the global batch (`shard_batch`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +142,9 @@ def _initializer(arch: str, num_classes: int, hardness: str, hardness_hidden: in
     """A compiled seed -> (params, model_state) initialiser (one compilation instead of many eager ops)."""
 
     def init(seed):
-        model = create_model(arch, num_classes, hardness=hardness, hardness_hidden=hardness_hidden, rngs=nnx.Rngs(jax.random.key(seed)))
+        model = create_model(
+            arch, num_classes, hardness=hardness, hardness_hidden=hardness_hidden, rngs=nnx.Rngs(jax.random.key(seed))
+        )
         model.train()
         return nnx.split(model, nnx.Param, ...)[1:]
 

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from delib_jax.data import load_ade20k, load_cub
 from delib_jax.checkpoint import CONFIG_FILE, METRICS_FILE, RunCheckpoints, RunConfig, load_run_config, save_run_config
+from delib_jax.data import load_ade20k, load_cub
 from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
 from delib_jax.train.loop import TrainState, compile_steps, create_train_state, make_mesh, replicated, shard_batch
 
@@ -98,12 +98,13 @@ def evaluate(eval_fn: Callable, state: TrainState, pipeline: Pipeline, mesh) -> 
 
 
 class MetricsLog:
-    """Append-only ``RUN_DIR/metrics.jsonl`` (process 0 only); on resume, drops records past the resumed step."""
+    """Append-only ``RUN_DIR/metrics.jsonl`` (process 0 only); on resume, drops records past the resumed step and the
+    test record."""
 
     def __init__(self, path: Path, *, keep_until: int | None = None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if enabled and keep_until is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if _record_step(line) <= keep_until]
+            kept = [line for line in path.read_text().splitlines() if _keep(line, keep_until)]
             path.write_text("".join(f"{line}\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -112,11 +113,13 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _record_step(line: str) -> float:
+def _keep(line: str, until: int) -> bool:
+    """Records of steps up to ``until``, except the final test record (written again when the run ends)."""
     try:
-        return float(json.loads(line).get("step", float("inf")))
-    except (json.JSONDecodeError, AttributeError):
-        return float("inf")
+        record = json.loads(line)
+        return record.get("split") != "test" and float(record.get("step", float("inf"))) <= until
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return False
 
 
 def _is_better(val: dict, best: dict | None) -> bool:
@@ -192,7 +195,11 @@ def fit(
     )  # fmt: skip
     evals = {
         name: eval_pipeline(
-            src, batch_size=config.batch_size, resize=config.resize, crop=config.crop, stats=stats,
+            src,
+            batch_size=config.batch_size,
+            resize=config.resize,
+            crop=config.crop,
+            stats=stats,
             num_threads=num_threads,
         )  # fmt: skip
         for name, src in (("val", splits.val), ("test", splits.test))
@@ -227,7 +234,9 @@ def fit(
             if done % log_every == 0 or done % config.checkpoint_every == 0 or done == n_steps:
                 record = _mean(window)
                 elapsed = time.perf_counter() - t_window
-                record.update(step=done, epoch=done / steps_per_epoch, images_per_s=len(window) * config.batch_size / elapsed)
+                record.update(
+                    step=done, epoch=done / steps_per_epoch, images_per_s=len(window) * config.batch_size / elapsed
+                )
                 log.write({"split": "train", **record})
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                                 img_s=f"{record['images_per_s']:.0f}")  # fmt: skip
