@@ -174,8 +174,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cub, tmp_path):
     x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
     model, loaded_config = load_model(tmp_path / "straight", which="latest")
     assert loaded_config == config
-    expected = state.model()(x)
-    out = model(x)
+    forward = nnx.jit(lambda m, x: m(x))
+    expected = forward(state.model(), x)
+    out = forward(model, x)
     np.testing.assert_array_equal(out.logits, expected.logits)
     np.testing.assert_array_equal(out.hardness_logit, expected.hardness_logit)
 
@@ -234,3 +235,34 @@ def test_sharded_step_equals_single_device_step(hardness):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK" in out.stdout
+
+
+@pytest.mark.parametrize("hardness", ["head", "network"])
+def test_each_loss_trains_only_its_own_predictor(hardness):
+    """The classifier loss reaches no hardness parameter, the hardness loss no classifier (backbone, class head)."""
+    from delib_jax.checkpoint import build_model
+    from delib_jax.train import forward
+
+    config = RunConfig(arch="small", num_classes=3, class_names=list("abc"), crop=32, resize=36, hardness=hardness)
+    model = build_model(config)
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    labels = jnp.array([0, 1, 2, 0])
+
+    @jax.jit
+    def grads(params):
+        def part(params, name):
+            logits, z = forward(nnx.merge(graphdef, params, rest, copy=True), x)
+            return joint_loss(logits, z, labels)[1][name]
+
+        return jax.grad(part)(params, "cls_loss"), jax.grad(part)(params, "hardness_loss")
+
+    g_cls, g_hard = grads(params)
+    hard_key = "hardness_head" if hardness == "head" else "hardness_network"
+
+    def norm(tree, keys):
+        return sum(float(jnp.abs(v).sum()) for k in keys for v in jax.tree.leaves(tree[k]))
+
+    assert norm(g_cls, [hard_key]) == 0.0 and norm(g_cls, ["backbone", "classifier"]) > 0
+    assert norm(g_hard, ["backbone", "classifier"]) == 0.0 and norm(g_hard, [hard_key]) > 0
