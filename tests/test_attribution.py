@@ -343,3 +343,26 @@ def test_single_class_head_is_refused():
 def test_mismatched_hardness_features():
     with pytest.raises(ValueError, match="share"):
         attribute(_head("gap_bn"), _features(), hardness_head=_head("gap_bn", 1), hardness_features=_features((2, 3, 3, D)))
+
+
+@pytest.mark.parametrize("method", ["gradient", "gradient_hessian", "integrated_gradients"])
+@pytest.mark.parametrize("score", ["hardness", "entropy"])
+def test_positive_channel_difficulty_map(method, score):
+    """The authors' difficulty map: sum_d a_d max(ds/da_d, 0), by hand from jax.grad; class maps unchanged."""
+    clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
+    signed = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16)
+    pos = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16, difficulty_channels="positive")
+    np.testing.assert_allclose(pos.class_maps, signed.class_maps, rtol=1e-6)
+    s = (lambda x: jax.nn.sigmoid(hard(x)[:, 0])) if score == "hardness" else (lambda x: output_functions(score)[0](clf(x))[:, -1])
+    if method == "integrated_gradients":
+        from delib_jax.attribution import quadrature
+
+        alphas, weights = quadrature(16, "trapezoid")
+        grad = sum(w * jax.grad(lambda y: s(y).sum())(al * a) for al, w in zip(alphas, weights))
+    else:
+        grad = jax.grad(lambda y: s(y).sum())(a)
+    expected = np.sum(np.asarray(a) * np.maximum(np.asarray(grad), 0), axis=-1)
+    np.testing.assert_allclose(pos.first_order[:, -1], expected, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(pos.second_order, signed.second_order, rtol=1e-6)
+    assert (np.asarray(pos.first_order[:, -1]) >= 0).all()
+    assert not np.allclose(pos.first_order[:, -1], signed.first_order[:, -1])

@@ -71,6 +71,10 @@ class Options:
     chunk_size: int | None = None  # locations per chunk in the generic path
     steps: int = 50  # integrated gradients
     quadrature: str = "trapezoid"
+    # first-order term of the difficulty map: "signed" sum_d a_d ds/da_d (Eq. 2), or "positive"
+    # sum_d a_d max(ds/da_d, 0), the authors' rule: channels that make the prediction harder, even where evidence
+    # that makes it easier outweighs them (without it the hardness map is negative on the object itself).
+    difficulty_channels: str = "signed"
 
     def check(self, num_classes: int) -> "Options":
         if self.method not in METHODS:
@@ -91,6 +95,8 @@ class Options:
                 raise ValueError(f"integrated gradients needs steps >= 1, got {self.steps}")
             if self.quadrature not in QUADRATURE:
                 raise ValueError(f"quadrature must be one of {', '.join(QUADRATURE)}, got {self.quadrature!r}")
+        if self.difficulty_channels not in ("signed", "positive"):
+            raise ValueError(f"difficulty_channels must be 'signed' or 'positive', got {self.difficulty_channels!r}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
         return self
@@ -154,7 +160,23 @@ def _taylor(classifier, hardness_head, a, a_s, opts: Options):
         f, s = _terms_or_zero(head, phi, x, x, opts, second)
         firsts.append(f)
         seconds.append(s)
-    return jnp.concatenate(firsts, axis=1), jnp.concatenate(seconds, axis=1), None
+    first = jnp.concatenate(firsts, axis=1)
+    if opts.difficulty_channels == "positive":
+        head, phi, x, _ = _groups(classifier, hardness_head, a, a_s, opts)[-1]
+        grad = _difficulty_grad(head, phi, x)
+        first = first.at[:, -1].set(_positive_channels(x, grad))
+    return first, jnp.concatenate(seconds, axis=1), None
+
+
+def _difficulty_grad(head, phi, x):
+    """d s / dA (B, H, W, D) of the difficulty output (the last output of its group), by one backward pass."""
+    return jax.grad(lambda y: jnp.sum(phi(head(y))[:, -1]))(x)
+
+
+def _positive_channels(direction, grad):
+    """(B, L) sum over channels of direction * max(grad, 0)."""
+    b, h, w, _ = direction.shape
+    return jnp.sum(direction * jnp.maximum(grad, 0.0), axis=-1).reshape(b, h * w)
 
 
 def _terms_or_zero(head, phi, a, v, opts, second):
@@ -166,7 +188,8 @@ def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
     """Integrated gradients per location: (A - A0)_l . mean_alpha grad g(A0 + alpha (A - A0))_l, and the residual."""
     alphas, weights = quadrature(opts.steps, opts.quadrature)
     firsts, residuals = [], []
-    for head, phi, x, x0 in _groups(classifier, hardness_head, a, a_s, opts, base, base_s):
+    groups = _groups(classifier, hardness_head, a, a_s, opts, base, base_s)
+    for i, (head, phi, x, x0) in enumerate(groups):
         delta = x - x0
 
         def step(acc, aw, head=head, phi=phi, x0=x0, delta=delta):
@@ -177,6 +200,12 @@ def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
         p_out = jax.eval_shape(lambda y: phi(head(y)), x).shape[-1]
         zero = jnp.zeros((a.shape[0], p_out, a.shape[1] * a.shape[2]), x.dtype)
         total, _ = jax.lax.scan(step, zero, (jnp.asarray(alphas), jnp.asarray(weights)))
+        if opts.difficulty_channels == "positive" and i == len(groups) - 1:  # the group holding the difficulty
+            def grad_step(acc, aw, head=head, phi=phi, x0=x0, delta=delta):
+                return acc + aw[1] * _difficulty_grad(head, phi, x0 + aw[0] * delta), None
+
+            avg, _ = jax.lax.scan(grad_step, jnp.zeros_like(x), (jnp.asarray(alphas), jnp.asarray(weights)))
+            total = total.at[:, -1].set(_positive_channels(delta, avg))
         firsts.append(total)
         residuals.append(jnp.sum(total, axis=-1) - (phi(head(x)) - phi(head(x0))))
     first = jnp.concatenate(firsts, axis=1)
