@@ -1,0 +1,11 @@
+"""Evaluate deliberative explanations on CUB-200-2011 (part keypoints).
+
+    python -m eval.cub --checkpoint runs/cub --synthetic --out runs/cub/eval
+"""
+
+import sys
+
+from delib_jax.evaluation.run import main
+
+if __name__ == "__main__":
+    sys.exit(main("cub"))
