@@ -138,6 +138,13 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         help="classes considered: the N most probable, or 'all' (default: 5)",
     )
     p.add_argument("--k", type=int, default=3, help="candidate classes per location, 2 <= k <= N (default: 3)")
+    p.add_argument(
+        "--difficulty-channels",
+        choices=("positive", "signed"),
+        default="positive",
+        help="difficulty map from the channels that make the prediction harder (the authors', default) or from all "
+        "channels (Eq. 2 as written)",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--coverage",
@@ -264,6 +271,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         explain_fn, settings = ex.make_explain_fn(
             model, method=args.method, score=args.score, top_n=args.top_n, k=args.k, coverage=args.coverage,
             threshold=args.threshold, max_insecurities=args.max_insecurities, mesh=mesh,
+            difficulty_channels=args.difficulty_channels,
         )  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None

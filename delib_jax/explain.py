@@ -316,16 +316,19 @@ def make_explain_fn(
     positive: bool = True,
     combine: insec.Combine = insec.product,
     mesh: jax.sharding.Mesh | None = None,
+    difficulty_channels: str = "positive",
     **attribution_options,
 ) -> tuple[Callable[[Array], ExplainOutputs], ExplainSettings]:
     """A compiled images (B, H, W, 3) -> `ExplainOutputs` function and its resolved settings.
 
-    Options as for `explain`. With ``mesh`` (see `batch_mesh`) the parameters are replicated on its devices and each
+    Options as for `explain`. The difficulty map defaults to the authors' rule (``difficulty_channels="positive"``:
+    channels that make the prediction harder; see `delib_jax.attribution.Options`). With ``mesh`` (see `batch_mesh`) the parameters are replicated on its devices and each
     batch is padded to a multiple of the device count, sharded along 'batch', and the padding dropped again.
     """
     c = model.num_classes
     if top_n is not None and top_n > c:
         top_n = c  # all classes: the same maps, in order of probability
+    attribution_options = {**attribution_options, "difficulty_channels": difficulty_channels}
     Options(method=method, score=score, top_n=top_n, **attribution_options).check(c)
     if score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
