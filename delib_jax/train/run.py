@@ -207,18 +207,20 @@ def fit(
     steps_per_epoch = train_pipe.steps_per_epoch
     n_steps = total_steps(config, steps_per_epoch)
     eval_every = config.eval_every or steps_per_epoch
-    state = create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not resume)
     step_fn, eval_fn = compile_steps(mesh)
     lead = jax.process_index() == 0
 
     with RunCheckpoints(run_dir) as ckpt:
+        restoring = resume and ckpt.step("latest") is not None
+        # ImageNet weights only for a fresh start: a restored state overwrites them
+        state = create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not restoring)
         start, best = 0, None
-        if resume and ckpt.step("latest") is not None:
+        if restoring:
             state, meta = restore_train_state(ckpt, state, mesh)
             start, best = int(meta["step"]), meta.get("best")
-            best_step = ckpt.step("best")
-            if best_step is not None and best_step > start:  # saved after the latest checkpoint: redone below
-                ckpt.best.delete(best_step)
+        best_step = ckpt.step("best")
+        if best_step is not None and best_step > start:  # saved after the latest checkpoint: redone below
+            ckpt.best.delete(best_step)
         log = MetricsLog(run_dir / METRICS_FILE, keep_until=start if resume else None, enabled=lead)
         bar = tqdm(total=n_steps, initial=start, unit="step", disable=not progress or not lead, dynamic_ncols=True)
         window: list[dict] = []
