@@ -363,4 +363,7 @@ register(
     Command("explain", "explain images with a trained model", EXPLAIN_DESCRIPTION, _configure_explain, _run_explain)
 )
 
+# Further subcommands register themselves on import.
+from delib_jax import demo as _demo  # noqa: E402,F401  (delib demo)
+
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "register"]
