@@ -251,7 +251,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from delib_jax import explain as ex
+    from delib_jax import explanation as ex
     from delib_jax.checkpoint import load_model
     from delib_jax.report import write_human_study, write_report
     from delib_jax.visualize import save_figure

@@ -72,7 +72,7 @@ def train_stage(out: Path, epochs: int, seed: int) -> Path:
 
 def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     """Explain the ``count`` hardest test images: OUT/explain/index.html, a figure per image, insecurities.json."""
-    from delib_jax import explain as ex
+    from delib_jax import explanation as ex
     from delib_jax.checkpoint import load_model
     from delib_jax.data import load_cub
     from delib_jax.data.pipeline import cub_source, eval_pipeline

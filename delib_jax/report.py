@@ -19,7 +19,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from delib_jax.explain import Explanation, atomic_write, write_json
+from delib_jax.explanation import Explanation, atomic_write, write_json
 from delib_jax.visualize import find_example, load_example, mask_overlay
 
 _STYLE = """

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from delib_jax.explain import Explanation, Insecurity, atomic_write, read_image
+from delib_jax.explanation import Explanation, Insecurity, atomic_write, read_image
 
 ExampleImage = str | Path | np.ndarray
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
@@ -69,6 +69,12 @@ def find_example(examples: Mapping | None, index: int, name: str) -> ExampleImag
     if index in examples:
         return examples[index]
     return examples.get(name)
+
+
+def _short(name: str, width: int) -> str:
+    """A class name cut to ``width`` characters (textwrap.shorten drops names without spaces entirely)."""
+    name = name.replace("_", " ")
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def _wrap(text: str, width: int = 24) -> str:
@@ -128,7 +134,7 @@ def explanation_figure(
 
     ax = fig.add_subplot(grid[1, 0])
     probs = e.probs[e.classes]
-    labels = [textwrap.shorten(n, 18, placeholder="…") for n in e.class_names]
+    labels = [_short(n, 18) for n in e.class_names]
     ax.barh(np.arange(len(probs))[::-1], probs, color="#4363d8")
     ax.set_yticks(np.arange(len(probs))[::-1], labels, fontsize=7)
     ax.set_xlim(0, 1)
@@ -165,7 +171,7 @@ def explanation_figure(
                 if example is None:
                     ax.axis("off")
                     continue
-                _show(ax, load_example(example), textwrap.shorten(name, 14, placeholder="…"), color)
+                _show(ax, load_example(example), _short(name, 13), color)
     fig.subplots_adjust(left=0.08, right=0.99, top=0.86, bottom=0.04)
     return fig
 

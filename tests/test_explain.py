@@ -9,7 +9,7 @@ from flax import nnx
 from PIL import Image
 
 from delib_jax.attribution import attribute_images, grad_cam
-from delib_jax.explain import (
+from delib_jax.explanation import (
     Explanation,
     ImageReadError,
     decode_mask,

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from delib_jax.explain import Explanation, Insecurity
+from delib_jax.explanation import Explanation, Insecurity
 from delib_jax.report import render_index, write_human_study, write_report
 
 NAMES = ["sparrow", "wren", '<b>&"x"', "finch", "tern", "gull"]

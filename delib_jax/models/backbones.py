@@ -116,18 +116,20 @@ class ResNet(nnx.Module):
 
 
 class SmallCNN(nnx.Module):
-    """A small conv-BN-ReLU network for tests and the synthetic datasets; A is at stride 2**(len(widths)-1)."""
+    """A small conv-BN-ReLU network for tests and the synthetic datasets; a 2x2 max pool follows each of the first
+    ``pools`` convolutions, so A is at stride 2**pools (default: after all but the last)."""
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 128), *, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, widths: Sequence[int] = (32, 64, 128, 128), *, pools: int | None = None, dtype=None,
+                 rngs: nnx.Rngs):
         ins = [3, *widths[:-1]]
         self.convs = nnx.List([_layers.conv(i, o, 3, padding=1, dtype=dtype, rngs=rngs) for i, o in zip(ins, widths)])
         self.norms = nnx.List([_layers.batch_norm(o, dtype=dtype, rngs=rngs) for o in widths])
+        self.pools = len(widths) - 1 if pools is None else pools
         self.out_channels = widths[-1]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n = len(self.convs)
         for i, (conv, bn) in enumerate(zip(self.convs, self.norms)):
             x = jax.nn.relu(bn(conv(x)))
-            if i < n - 1:
+            if i < self.pools:
                 x = _layers.max_pool(x, 2, 2)
         return x
