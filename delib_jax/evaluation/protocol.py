@@ -138,6 +138,25 @@ def _insecurity_maps(fn, setting: Setting, options: EvalOptions, images: np.ndar
     return b_idx, np.asarray(found.pairs)[b_idx, q_idx], maps, found.ambiguity.shape[-2:]
 
 
+def _explained_batches(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions):
+    """(number of images, iterator of (batch, image index (M,), pairs (M, 2), maps (M, H, W), grid)) over the
+    hardest test images, each batch with its valid insecurities."""
+    test = make_source(dataset, "test")
+    chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
+    source = make_source(dataset, indices=test.indices[chosen])
+    pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
+                         stats=config.normalization)
+    fn = _attribute_fn(model, setting, options, config.num_classes)
+
+    def batches():
+        for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"):
+            b_idx, pairs, maps, grid = _insecurity_maps(fn, setting, options, batch["image"])
+            if len(b_idx):
+                yield batch, b_idx, pairs, maps, grid
+
+    return len(chosen), batches()
+
+
 def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: EvalOptions,
                  truth: np.ndarray | None = None) -> dict:
     """Precision and recall curves of one setting on CUB-format data (and the random baseline)."""
@@ -146,21 +165,13 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
         strength = gt.cub_ambiguity_strength(dataset.class_attributes, dataset.attribute_names, dataset.part_names,
                                              divergence=options.divergence)
         truth = gt.select_ground_truth(strength, options.fraction or 0.2)
-    test = cub_source(dataset, "test")
-    chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
-    source = cub_source(dataset, indices=test.indices[chosen])
-    pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization)
-    fn = _attribute_fn(model, setting, options, config.num_classes)
+    n_images, batches = _explained_batches(model, config, dataset, cub_source, setting, options)
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
     prec, rec = Curves(), Curves()
     rand = [(Curves(), Curves()) for _ in range(options.runs)]
     key = jax.random.key(options.seed)
     n_ins = 0
-    for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"):
-        b_idx, pairs, maps, grid = _insecurity_maps(fn, setting, options, batch["image"])
-        if len(b_idx) == 0:
-            continue
+    for batch, b_idx, pairs, maps, grid in batches:
         n_ins += len(b_idx)
         points = jnp.asarray(batch["parts"][b_idx])
         visible = jnp.asarray(batch["part_visible"][b_idx])
@@ -175,7 +186,7 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
             rp.add(p, has_p)
             rr.add(r, np.broadcast_to(has_t[:, None], r.shape))
     return {
-        "setting": dataclasses.asdict(setting), "metric": "precision", "images": int(len(chosen)),
+        "setting": dataclasses.asdict(setting), "metric": "precision", "images": n_images,
         "insecurities": n_ins, "coverage": COVERAGES.tolist(),
         "precision": prec.mean.tolist(), "recall": rec.mean.tolist(),
         "random_precision": [c[0].mean.tolist() for c in rand], "random_recall": [c[1].mean.tolist() for c in rand],
@@ -223,21 +234,13 @@ def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options
                     truth: np.ndarray) -> dict:
     """IoU curve of one setting on ADE20K-format data (and the random baseline)."""
     options = options.check()
-    test = ade20k_source(dataset, "test")
-    chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
-    source = ade20k_source(dataset, indices=test.indices[chosen])
-    pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization)
-    fn = _attribute_fn(model, setting, options, config.num_classes)
+    n_images, batches = _explained_batches(model, config, dataset, ade20k_source, setting, options)
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
     iou = Curves()
     rand = [Curves() for _ in range(options.runs)]
     key = jax.random.key(options.seed)
     n_ins = 0
-    for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"):
-        b_idx, pairs, maps, grid = _insecurity_maps(fn, setting, options, batch["image"])
-        if len(b_idx) == 0:
-            continue
+    for batch, b_idx, pairs, maps, grid in batches:
         n_ins += len(b_idx)
         seg = jnp.asarray(batch["mask"][b_idx].astype(np.int32))
         cand = jnp.asarray(truth[pairs[:, 0], pairs[:, 1]])
@@ -248,7 +251,7 @@ def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options
             values = np.asarray(mask_iou(random_maps(sub, maps.shape, tuple(grid)), seg, cand, counts))
             curves.add(values, np.ones_like(values, bool))
     return {
-        "setting": dataclasses.asdict(setting), "metric": "iou", "images": int(len(chosen)), "insecurities": n_ins,
+        "setting": dataclasses.asdict(setting), "metric": "iou", "images": n_images, "insecurities": n_ins,
         "coverage": COVERAGES.tolist(), "iou": iou.mean.tolist(), "random_iou": [c.mean.tolist() for c in rand],
         "ground_truth_fraction": options.fraction or 0.01,
     }
