@@ -151,3 +151,11 @@ def test_weights_file_errors(tmp_path):
         read_state_dict(tmp_path / "w.bin")
     with pytest.raises(ValueError, match="no torchvision weights"):
         load_torchvision(create_model("small", 3), {})
+
+
+def test_small_cnn_stride_follows_its_pools():
+    from delib_jax.models.backbones import SmallCNN
+
+    x = jnp.zeros((1, 64, 64, 3))
+    assert SmallCNN(rngs=nnx.Rngs(0))(x).shape == (1, 8, 8, 128)
+    assert SmallCNN(pools=2, rngs=nnx.Rngs(0))(x).shape == (1, 16, 16, 128)

@@ -49,8 +49,6 @@ ARCHS: dict[str, ArchSpec] = {
     "resnet50": ArchSpec(lambda **kw: backbones.ResNet((3, 4, 6, 3), **kw), _linear_head, 224),
     "alexnet": ArchSpec(lambda **kw: backbones.AlexNet(**kw), _alexnet_head, 224),
     "small": ArchSpec(lambda **kw: backbones.SmallCNN(**kw), _linear_head, 128),
-    # stride 4 instead of 8: a finer feature grid (16x16 at 64 px) for part-level insecurities on small images
-    "small_fine": ArchSpec(lambda **kw: backbones.SmallCNN(pools=2, **kw), _linear_head, 64),
 }
 
 
