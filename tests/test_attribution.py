@@ -366,3 +366,22 @@ def test_positive_channel_difficulty_map(method, score):
     np.testing.assert_allclose(pos.second_order, signed.second_order, rtol=1e-6)
     assert (np.asarray(pos.first_order[:, -1]) >= 0).all()
     assert not np.allclose(pos.first_order[:, -1], signed.first_order[:, -1])
+
+
+def test_generic_path_chunking_over_locations_changes_nothing():
+    clf, hard, a = _head("overlap_pool"), _head("gap_bn", 1, 1), _features()
+    whole = attribute(clf, a, hardness_head=hard, path="generic")
+    chunked = attribute(clf, a, hardness_head=hard, path="generic", chunk_size=3)  # 20 locations: 7 chunks, padded
+    np.testing.assert_allclose(chunked.maps, whole.maps, rtol=1e-5, atol=1e-5 * float(np.abs(whole.maps).max()))
+
+
+def test_bfloat16_backbone_keeps_float32_attribution_arithmetic():
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
+    m32 = create_model("small", 6, rngs=nnx.Rngs(0))
+    m16 = create_model("small", 6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    r32 = attribute_images(m32, x)
+    r16 = attribute_images(m16, x)
+    assert r16.maps.dtype == jnp.float32 and r16.probs.dtype == jnp.float32
+    # only the backbone's rounding differs: the maps agree to bfloat16 precision of A
+    scale = float(np.abs(r32.maps).max())
+    assert float(np.abs(r16.maps - r32.maps).max()) < 0.1 * scale
