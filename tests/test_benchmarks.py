@@ -1,0 +1,16 @@
+"""The attribution benchmark runs and reports every field its JSON line promises (a smoke test, not a timing)."""
+
+import json
+
+from benchmarks.attribution import main
+
+
+def test_attribution_benchmark_json(capsys):
+    assert main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--repeats", "1",
+                 "--loop-outputs", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("arch", "batch", "method", "device", "num_outputs", "forward_s", "explain_s", "ratio", "loop_s",
+                "speedup", "loop_exact_s", "speedup_exact", "loop_full_s", "speedup_full", "images_per_s"):
+        assert key in out, key
+    assert out["num_outputs"] == 5 and out["loop_timed_outputs"] == 2
+    assert out["ratio"] == out["explain_s"] / out["forward_s"] and out["speedup"] == out["loop_s"] / out["explain_s"]
