@@ -164,3 +164,15 @@ def test_figure(setup, tmp_path):
         assert image.format == "PNG" and image.width > 2 * image.height
     with pytest.raises(ValueError, match="computed at"):
         save_figure(e, pixels[0, :40], tmp_path / "bad.png")
+
+
+def test_atomic_write_gives_ordinary_file_permissions(tmp_path):
+    import os
+
+    from delib_jax.explanation import atomic_write
+
+    path = atomic_write(tmp_path / "x.json", lambda f: f.write(b"{}"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(tmp_path.glob(".x.json.*"))
