@@ -89,7 +89,8 @@ the network hesitated between two classes, ranked by strength).
 
 Writes OUT/insecurities.json (every explanation; masks run-length encoded), OUT/figures/*.png (a figure per image)
 and OUT/index.html (an offline report, sortable by difficulty and prediction). Images are resized and centre-cropped
-as the run was evaluated. Unreadable files are reported and skipped.
+as the run was evaluated. Unreadable files are reported and skipped. Each finished image is recorded in
+OUT/progress.jsonl at once: run the same command again after a crash or kill and it resumes where it stopped.
 
 example:
   delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/ --coverage 10%
@@ -245,6 +246,34 @@ def _figure_name(index: int, path: Path) -> str:
     return f"figures/{index:05d}_{stem}.png"
 
 
+PROGRESS_FILE = "progress.jsonl"
+
+
+def _read_progress(path: Path, header: dict) -> list[dict]:
+    """Records of a previous, interrupted run into the same folder (a torn last line is dropped).
+
+    A folder explained with another model or other settings is refused rather than mixed."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        previous = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        previous = None
+    if previous != header:
+        raise UsageError(
+            f"{path.parent} holds explanations made with another checkpoint or other settings "
+            f"({path.name}); choose another --out or delete that file"
+        )
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the line being written when the run was killed
+    return records
+
+
 def _run_explain(args: argparse.Namespace) -> int:
     _check_explain_args(args)
     import jax
@@ -281,6 +310,23 @@ def _run_explain(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     batch = -(-args.batch_size // mesh.size) * mesh.size  # a multiple of the device count
     skipped, records, figures = [], [], []
+    # Every finished image is appended to OUT/progress.jsonl at once: a killed run resumes without redoing them.
+    header = json.loads(json.dumps({  # as it reads back from the file
+        "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which, "settings": settings.to_json(),
+        "figures": not args.no_figures,
+    }))
+    progress = out / PROGRESS_FILE
+    if args.study:  # the study samples from every explanation of this run: start afresh
+        progress.unlink(missing_ok=True)
+    records.extend(_read_progress(progress, header))
+    figures.extend(r.get("figure") for r in records)
+    if records:
+        done = {r.get("source") for r in records}
+        files = [f for f in files if str(f) not in done]
+        report(f"resuming: {len(records)} images already explained in {out}, {len(files)} to go")
+    if not progress.is_file():
+        progress.write_text(json.dumps(header) + "\n")
+    progress_log = progress.open("a", encoding="utf-8")
 
     def load(path: Path):
         try:
@@ -319,6 +365,8 @@ def _run_explain(args: argparse.Namespace) -> int:
                             save_figure(e, pix, out / figure, examples=examples)
                         records.append({**e.to_json(), "figure": figure})
                         figures.append(figure)
+                        progress_log.write(json.dumps(records[-1]) + "\n")
+                        progress_log.flush()
                         yield e, pix
                 bar.update(len(paths))
 
@@ -335,6 +383,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         for _ in stream:
             pass
 
+    progress_log.close()
     if not records:
         report(f"nothing could be explained ({len(skipped)} unreadable of {len(files)} files)")
         return 1

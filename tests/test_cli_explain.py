@@ -226,3 +226,24 @@ def test_examples_and_human_study(workspace, capsys):
     bad.write_text(json.dumps({"albatross": "images/rgb.jpg"}))
     code, err = _run(["explain", images, "--checkpoint", workspace / "run", "--out", out, "--examples", bad], capsys)
     assert code == 2 and "'albatross' is not a class" in err
+
+
+def test_interrupted_run_resumes_without_redoing_finished_images(workspace, capsys, tmp_path):
+    out = tmp_path / "out"
+    images = workspace / "images"
+    base = ["explain", "--checkpoint", workspace / "run", "--out", out, "--batch-size", "2", "--no-figures"]
+    code, _ = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
+    assert code == 0
+    lines = (out / "progress.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # header + 2 images
+    # a kill while writing leaves a torn last line: it is dropped, its image explained again
+    (out / "progress.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    code, err = _run([*base, images], capsys)
+    assert code == 0 and "resuming: 1 images already explained" in err
+    data = json.loads((out / "insecurities.json").read_text())
+    sources = [Path(r["source"]).name for r in data["images"]]
+    assert sorted(sources) == sorted(["rgb.jpg", "grey.png", "rgba.png", "sixteen.png", "cmyk.jpg"])
+    assert len(set(sources)) == len(sources)
+    # other settings into the same folder are refused, not mixed
+    code, err = _run([*base, "--k", "2", images], capsys)
+    assert code == 2 and "other settings" in err and "Traceback" not in err
