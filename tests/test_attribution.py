@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from delib_jax.attribution import _terms, attribute, attribute_images, grad_cam, output_functions
-from delib_jax.models import PoolMLPHead, create_model, hardness_head
+from delib_jax.models import PoolMLPHead, create_model
 from delib_jax.testing.reference import brute_force_terms
 
 D, C = 4, 5

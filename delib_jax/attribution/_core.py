@@ -8,7 +8,7 @@ computed once for all of its outputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
