@@ -7,9 +7,13 @@ The flow, one module per step: `delib_jax.data` -> `delib_jax.train` -> `delib_j
     explanations = explain(model, images, class_names=names)   # one Explanation per image
 """
 
-from delib_jax.explanation import Explanation, Insecurity, explain, make_explain_fn
-from delib_jax.insecurity import Insecurities, find_insecurities
-from delib_jax.models import create_model
+from delib_jax import _xla
+
+_xla.tune_cpu()  # before anything starts JAX's CPU backend
+
+from delib_jax.explanation import Explanation, Insecurity, explain, make_explain_fn  # noqa: E402
+from delib_jax.insecurity import Insecurities, find_insecurities  # noqa: E402
+from delib_jax.models import create_model  # noqa: E402
 
 __all__ = [
     "Explanation", "Insecurities", "Insecurity", "create_model", "explain", "find_insecurities", "make_explain_fn",
