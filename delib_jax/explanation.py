@@ -13,6 +13,7 @@ Resize + CenterCrop and normalisation).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -306,6 +307,19 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh
     return jax.sharding.Mesh(np.asarray(devices), ("batch",))
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, settings: ExplainSettings, combine, attribution_items: tuple) -> Callable:
+    """One jitted (state, images) -> ExplainOutputs per model structure and settings, so that repeated `explain`
+    calls reuse the compilation instead of tracing a fresh closure each time."""
+    options = dict(attribution_items)
+
+    @jax.jit
+    def run(state, images):
+        return _explain_images(nnx.merge(graphdef, state), images, settings, combine, options)
+
+    return run
+
+
 def make_explain_fn(
     model,
     *,
@@ -325,8 +339,8 @@ def make_explain_fn(
     """A compiled images (B, H, W, 3) -> `ExplainOutputs` function and its resolved settings.
 
     Options as for `explain`. The difficulty map defaults to the authors' rule (``difficulty_channels="positive"``:
-    channels that make the prediction harder; see `delib_jax.attribution.Options`). With ``mesh`` (see `batch_mesh`) the parameters are replicated on its devices and each
-    batch is padded to a multiple of the device count, sharded along 'batch', and the padding dropped again.
+    channels that make the prediction harder; see `delib_jax.attribution.Options`). With ``mesh`` (see
+    `batch_mesh`) the parameters are replicated on its devices and each batch is padded to a multiple of the device count, sharded along 'batch', and the padding dropped again.
     """
     c = model.num_classes
     if top_n is not None and top_n > c:
@@ -356,9 +370,7 @@ def make_explain_fn(
         state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
-    @jax.jit
-    def run(state, images):
-        return _explain_images(nnx.merge(graphdef, state), images, settings, combine, attribution_options)
+    run = _compiled(graphdef, settings, combine, tuple(sorted(attribution_options.items())))
 
     def explain_fn(images) -> ExplainOutputs:
         images = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images

@@ -13,6 +13,7 @@ generic path (forward-over-forward jvp vmapped over locations).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -56,6 +57,12 @@ def _attribute_from_images(model, images, opts: Options) -> Attribution:
     return _attribute(model.classifier, head, a, a_s, base, base_s, opts)
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, opts: Options) -> Callable:
+    """One jitted (state, images) -> Attribution per model structure and options: repeated calls reuse it."""
+    return jax.jit(lambda state, images: _attribute_from_images(nnx.merge(graphdef, state), images, opts))
+
+
 def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
     """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
@@ -66,10 +73,7 @@ def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     model.eval()
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, images):
-        return _attribute_from_images(nnx.merge(graphdef, state), images, opts)
+    run = _compiled(graphdef, opts)
 
     def attribute_fn(images) -> Attribution:
         validate_images(images)
