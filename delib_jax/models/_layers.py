@@ -105,7 +105,8 @@ def validate_images(images, *, channels: int = 3) -> None:
     if isinstance(images, jax.core.Tracer):
         return
     if isinstance(images, jax.Array):  # reduce on the device: only a flag per image comes back, not the batch
-        finite = np.asarray(jnp.all(jnp.isfinite(images), axis=(1, 2, 3)))
+        with jax.ensure_compile_time_eval():  # concrete input, possibly inside someone's trace: compute it now
+            finite = np.asarray(jnp.all(jnp.isfinite(images), axis=(1, 2, 3)))
     else:
         finite = np.isfinite(np.asarray(images, dtype=np.float32)).all(axis=(1, 2, 3))
     if not finite.all():
