@@ -22,7 +22,7 @@ def test_run_length_round_trip(mask):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shapes.flatmap(lambda s: arrays(np.float32, s, elements=st.floats(-4, 4, width=32))))
+@given(shapes.flatmap(lambda s: arrays(np.float32, s, elements=st.floats(-4, 4, width=32, allow_subnormal=False))))  # XLA:CPU flushes subnormals to 0
 def test_pixel_ranks_are_a_stable_descending_order(values):
     ranks = np.asarray(pixel_ranks(jnp.asarray(values))).ravel()
     assert sorted(ranks.tolist()) == list(range(values.size))  # a permutation
