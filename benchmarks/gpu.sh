@@ -14,8 +14,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.log"
 step 150 -m benchmarks.attribution --arch resnet50 --batch 64 --loop-outputs 4
 step 180 -m benchmarks.attribution --arch vgg16 --batch 64 --loop-outputs 4
+step 90 -m benchmarks.breakdown --arch resnet50 --batch 64
+step 90 -m benchmarks.breakdown --arch vgg16 --batch 64
 step 90 -m benchmarks.precision --arch resnet50 --batch 4
 step 90 -m benchmarks.precision --arch vgg16 --batch 2
-step 120 -m benchmarks.attribution --arch resnet50 --batch 64 --method integrated_gradients --loop-outputs 1 --repeats 3
 step 150 -m benchmarks.attribution --arch vgg16 --batch 64 --method integrated_gradients --loop-outputs 1 --repeats 3
 log done

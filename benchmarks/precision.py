@@ -5,7 +5,9 @@
 On GPUs, XLA's default float32 matmul/convolution precision may use TF32 (10-bit mantissa) arithmetic. This prints,
 for random weights, the relative error (max |x - y| / max |y| over all maps) of
 - fast_vs_generic: the structure-aware path against the generic nested-jvp path, both at 'highest' precision;
-- default_vs_highest: the fast path at the default precision against itself at 'highest'.
+- default_vs_highest: the fast path at the default precision against itself at 'highest' (backbone included);
+- maps_default_vs_highest: the attribution arithmetic alone (the maps from one fixed A, computed at the default
+  precision), default against 'highest' precision.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from delib_jax.attribution import make_attribute_fn
+from delib_jax.attribution import Options, make_attribute_fn
+from delib_jax.attribution._core import _attribute
 from delib_jax.models import ARCHS, create_model
 
 
@@ -36,10 +39,25 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, seed: int =
 
     fast_hi, generic_hi = maps("fast", "highest"), maps("generic", "highest")
     fast_default = maps("fast", None)
+    a = nnx.jit(lambda m, x: m.backbone(x))(model, images)
+    c_graph, c_state = nnx.split(model.classifier)
+    h_graph, h_state = nnx.split(model.hardness_head)
+
+    def maps_from_a(precision: str | None) -> jax.Array:
+        @jax.jit
+        def fn(a):
+            zero = jnp.zeros_like(a)
+            return _attribute(nnx.merge(c_graph, c_state), nnx.merge(h_graph, h_state), a, a, zero, zero,
+                              Options(method=method, path="fast")).maps
+
+        with jax.default_matmul_precision(precision):
+            return fn(a)
+
     d = jax.devices()[0]
     return {
         "arch": arch, "batch": batch, "size": size, "method": method, "device": f"{d.platform} ({d.device_kind})",
         "fast_vs_generic": _rel(fast_hi, generic_hi), "default_vs_highest": _rel(fast_default, fast_hi),
+        "maps_default_vs_highest": _rel(maps_from_a(None), maps_from_a("highest")),
         "jax": jax.__version__,
     }
 

@@ -88,6 +88,20 @@ def test_both_paths_match_brute_force_float32(head_name):
         assert _rel_err(attribute(clf, a, hardness_head=hard, path=path).maps, ref) <= 1e-4
 
 
+@pytest.mark.parametrize("shape, pooled", [((2, 4, 6, D), (2, 3)), ((2, 4, 6, D), (2, 2)), ((1, 6, 6, D), (3, 3))])
+def test_fast_path_when_pool_windows_tile_the_features(shape, pooled):
+    """VGG at 224 px: 2x2/2 windows tile A exactly, so the fast path keeps (cell, offset) rows and reorders at the end."""
+    with jax.enable_x64(True):
+        clf = _randomise(PoolMLPHead(D, C, hidden=(7,), pooled_size=pooled, pool_window=2, pool_stride=2,
+                                     rngs=nnx.Rngs(2)), 2, jnp.float64)
+        hard = _head("gap_bn", out=1, seed=1, dtype=jnp.float64)
+        a = _features(shape, seed=4, dtype=np.float64)
+        ref = _reference(clf, hard, a, "hardness")
+        got = attribute(clf, a, hardness_head=hard, path="fast")
+        assert _rel_err(got.maps, ref) <= 1e-6
+        assert np.abs(np.asarray(got.second_order)).max() > 1e-3 * np.abs(ref).max()
+
+
 class SmoothHead(nnx.Module):
     """A head with curvature of its own: softplus and tanh between two linear maps (no fast path)."""
 

@@ -133,14 +133,15 @@ def quadrature(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _group_terms(head, phi, a, v, opts: Options, second: str | None):
-    """(first, second) of shape (B, P_g, L) for the outputs phi(head(.)) at point a along v."""
+    """(first, second, z): terms of shape (B, P_g, L) for the outputs phi(head(.)) at point a along v, and the head's
+    logits z = head(a) where the fast path computed them on the way (None otherwise)."""
     fast = isinstance(head, PoolMLPHead) and opts.path != "generic"
     if opts.path == "fast" and not isinstance(head, PoolMLPHead):
         raise ValueError(f"path='fast' needs a PoolMLPHead, got {type(head).__name__}; use path='generic'")
     if fast:
         z, u = head.tangents(a, v)
-        return _terms.tangent_terms(phi, z, u, second=second)
-    return _terms.generic_terms(lambda x: phi(head(x)), a, v, second=second, chunk_size=opts.chunk_size)
+        return (*_terms.tangent_terms(phi, z, u, second=second), z)
+    return (*_terms.generic_terms(lambda x: phi(head(x)), a, v, second=second, chunk_size=opts.chunk_size), None)
 
 
 def _groups(classifier, hardness_head, a, a_s, opts: Options, base=None, base_s=None):
@@ -153,19 +154,21 @@ def _groups(classifier, hardness_head, a, a_s, opts: Options, base=None, base_s=
 
 
 def _taylor(classifier, hardness_head, a, a_s, opts: Options):
-    """first, second (B, C+1, L) for 'gradient' / 'gradient_hessian' at A along A (Eq. 2)."""
+    """first, second (B, C+1, L) for 'gradient' / 'gradient_hessian' at A along A (Eq. 2), and each head's logits
+    where the fast path computed them (else None)."""
     second = opts.second_order if opts.method == "gradient_hessian" else None
-    firsts, seconds = [], []
+    firsts, seconds, logits = [], [], []
     for head, phi, x, _ in _groups(classifier, hardness_head, a, a_s, opts):
-        f, s = _terms_or_zero(head, phi, x, x, opts, second)
+        f, s, z = _terms_or_zero(head, phi, x, x, opts, second)
         firsts.append(f)
         seconds.append(s)
+        logits.append(z)
     first = jnp.concatenate(firsts, axis=1)
     if opts.difficulty_channels == "positive":
         head, phi, x, _ = _groups(classifier, hardness_head, a, a_s, opts)[-1]
         grad = _difficulty_grad(head, phi, x)
         first = first.at[:, -1].set(_positive_channels(x, grad))
-    return first, jnp.concatenate(seconds, axis=1), None
+    return first, jnp.concatenate(seconds, axis=1), None, logits
 
 
 def _difficulty_grad(head, phi, x):
@@ -180,8 +183,8 @@ def _positive_channels(direction, grad):
 
 
 def _terms_or_zero(head, phi, a, v, opts, second):
-    f, s = _group_terms(head, phi, a, v, opts, second)
-    return f, (jnp.zeros_like(f) if s is None else 0.5 * s)
+    f, s, z = _group_terms(head, phi, a, v, opts, second)
+    return f, (jnp.zeros_like(f) if s is None else 0.5 * s), z
 
 
 def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
@@ -194,7 +197,7 @@ def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
 
         def step(acc, aw, head=head, phi=phi, x0=x0, delta=delta):
             alpha, weight = aw
-            f, _ = _group_terms(head, phi, x0 + alpha * delta, delta, opts, None)
+            f, _, _ = _group_terms(head, phi, x0 + alpha * delta, delta, opts, None)
             return acc + weight * f, None
 
         p_out = jax.eval_shape(lambda y: phi(head(y)), x).shape[-1]
@@ -225,14 +228,18 @@ def _combine(first, second, opts: Options):
 
 def _attribute(classifier, hardness_head, a, a_s, base, base_s, opts: Options) -> Attribution:
     b, h, w, _ = a.shape
-    logits = classifier(a)
-    probs = jax.nn.softmax(logits, axis=-1)
-    hard_logit = None if hardness_head is None else hardness_head(a_s)[:, 0]
-    score = difficulty.score_from_outputs(opts.score, logits, hard_logit)
+    head_logits = [None, None]
     if opts.method == "integrated_gradients":
         first, second, residual = _integrated(classifier, hardness_head, a, a_s, base, base_s, opts)
-    else:
-        first, second, residual = _taylor(classifier, hardness_head, a, a_s, opts)
+    else:  # the fast path computes the logits on the way; reuse them (for VGG this saves a second read of fc6)
+        first, second, residual, found = _taylor(classifier, hardness_head, a, a_s, opts)
+        head_logits[: len(found)] = found
+    logits = classifier(a) if head_logits[0] is None else head_logits[0]
+    probs = jax.nn.softmax(logits, axis=-1)
+    hard_logit = None
+    if hardness_head is not None:
+        hard_logit = (hardness_head(a_s) if head_logits[1] is None else head_logits[1])[:, 0]
+    score = difficulty.score_from_outputs(opts.score, logits, hard_logit)
     maps, second = _combine(first, second, opts)
     c = probs.shape[-1]
     if opts.top_n is None:
@@ -242,9 +249,11 @@ def _attribute(classifier, hardness_head, a, a_s, base, base_s, opts: Options) -
     index = jnp.concatenate([classes, jnp.full((b, 1), c)], axis=1)  # difficulty is output C
 
     def pick(x):
+        if opts.top_n is None:  # every output, already in order: no gather
+            return x.reshape(b, -1, h, w)
         return jnp.take_along_axis(x, index[:, :, None], axis=1).reshape(b, -1, h, w)
 
-    if residual is not None:
+    if residual is not None and opts.top_n is not None:
         residual = jnp.take_along_axis(residual, index, axis=1)
     return Attribution(
         maps=pick(maps), first_order=pick(first), second_order=pick(second), classes=classes, probs=probs,

@@ -68,26 +68,35 @@ class PoolMLPHead(nnx.Module):
 
     def __call__(self, a: jax.Array) -> jax.Array:
         """Logits (B, out_features) from A (B, H, W, D)."""
-        return self._mlp(self.pool(a))[0]
-
-    def _mlp(self, x: jax.Array, t: jax.Array | None = None, t_is_first: bool = False):
-        """MLP on pooled x (B, F); optionally carries tangents t (B, L, F) or, with t_is_first, (B, L, K1) that
-        already went through the first Linear (without its bias)."""
-        n = len(self.linears)
+        x = self.pool(a)
         for i, lin in enumerate(self.linears):
             if i in self.dropout_before:
                 x = self.dropout(x)
             x = lin(x)
-            if t is not None and not (i == 0 and t_is_first):
-                t = t @ lin.kernel[...]
+            if i < len(self.linears) - 1:
+                if self.norms is not None:
+                    x = self.norms[i](x)
+                x = jax.nn.relu(x)
+        return x
+
+    def _propagate(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Carry the first Linear's output x (B, K1) and its tangents t (K1, R, B) through the rest of the MLP.
+
+        Tangents are feature-major (features, rows, batch): each Linear is one GEMM with the weight as the left
+        operand, which XLA:CPU runs ~1.4x faster than rows @ W, and the ReLU / BN factors broadcast over rows."""
+        n = len(self.linears)
+        for i, lin in enumerate(self.linears):
+            if i > 0:
+                if i in self.dropout_before:
+                    x = self.dropout(x)
+                x = lin(x)
+                t = jax.lax.dot_general(lin.kernel[...], t, (((0,), (0,)), ((), ())))
             if i < n - 1:
                 if self.norms is not None:
                     bn = self.norms[i]
                     x = bn(x)
-                    if t is not None:
-                        t = t * (bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon))
-                if t is not None:
-                    t = t * (x > 0)[:, None, :].astype(t.dtype)
+                    t = t * (bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon))[:, None, None]
+                t = t * (x > 0).T[:, None, :].astype(t.dtype)
                 x = jax.nn.relu(x)
         return x, t
 
@@ -102,18 +111,18 @@ class PoolMLPHead(nnx.Module):
             raise ValueError("tangents need the head in eval mode: call model.eval() first")
         b, h, w, d = a.shape
         lin0 = self.linears[0]
-        k1 = lin0.kernel.shape[-1]
         if self.pooled_size is None:
-            x = jnp.mean(a, axis=(1, 2))
-            t = jnp.einsum("bhwd,dk->bhwk", v, lin0.kernel[...]) / (h * w)
+            x = lin0(jnp.mean(a, axis=(1, 2)))
+            t = jnp.einsum("bhwd,dk->khwb", v, lin0.kernel[...]).reshape(-1, h * w, b) / (h * w)
+            to_locations = _rows_are_locations
         else:
-            x, t = self._pooled_first_layer_tangents(a, v)
-        t = t.reshape(b, h * w, k1)
-        z, u = self._mlp(x, t, t_is_first=True)
-        return z, u
+            x, t, to_locations = self._pooled_first_layer_tangents(a, v)
+        z, u = self._propagate(x, t)
+        return z, to_locations(u, h, w)
 
     def _pooled_first_layer_tangents(self, a: jax.Array, v: jax.Array):
-        """Max pool + adaptive average pool + first Linear: pooled x (B, F) and tangents (B, H, W, K1).
+        """Max pool + adaptive average pool + first Linear: its output x (B, K1), tangents (K1, L, B) and the function
+        that puts logit tangents (K, L, B) back in location order (B, L, K).
 
         Each pooled cell takes its max from one window offset per channel; a location's tangent is the sum over the
         cells whose max it supplies of W1[cell]^T (v_l masked to those channels). One einsum over window offsets, then
@@ -144,24 +153,42 @@ class PoolMLPHead(nnx.Module):
             ph = jnp.asarray(_layers.adaptive_pool_matrix(hp, ho), w1.dtype)
             pw = jnp.asarray(_layers.adaptive_pool_matrix(wp, wo), w1.dtype)
             w1 = jnp.einsum("ai,bj,abdk->ijdk", ph, pw, w1)
-        # (k*k, B, hp, wp, K1): one matmul per cell with the cell as the leading batch axis, so that the large W1
-        # is read in its stored order (an einsum with trailing batch axes made XLA:CPU copy W1, 4x slower)
+        # One matmul per cell with the cell as the leading batch axis, so that the large W1 is read in its stored order
+        # (an einsum with trailing batch axes made XLA:CPU copy W1, 4x slower). Rows (cell, offset) lead, B next.
+        # One matmul per cell with the cell as the leading batch axis, so that the large W1 is read in its stored order
+        # (an einsum with trailing batch axes made XLA:CPU copy W1, 4x slower), and read once: the primal rows (the
+        # pooled features) ride along with the tangent rows. Rows (cell, offset) lead, B next.
         o, bsz = g.shape[:2]
+        pooled_rows = jnp.transpose(pooled, (1, 2, 0, 3)).reshape(hp * wp, bsz, d)  # W1 has the adaptive pool folded in
         g_cells = jnp.transpose(g, (2, 3, 0, 1, 4)).reshape(hp * wp, o * bsz, d)
-        t_cells = jax.lax.dot_general(g_cells, w1.reshape(hp * wp, d, -1), (((2,), (1,)), ((0,), (0,))))
-        t_cells = jnp.transpose(t_cells.reshape(hp, wp, o, bsz, -1), (2, 3, 0, 1, 4))
+        rows = jnp.concatenate([g_cells, pooled_rows], axis=1)
+        out = jax.lax.dot_general(rows, w1.reshape(hp * wp, d, -1), (((2,), (1,)), ((0,), (0,))))
+        x = jnp.sum(out[:, o * bsz :], axis=0) + self.linears[0].bias[...]  # (B, K1): the first Linear's output
+        t_cells = out[:, : o * bsz].reshape(hp, wp, o, bsz, -1)
+        if p == 0 and k == s and h == k * hp and w == k * wp:
+            # the windows tile A: every location feeds exactly one cell, so the rows already are the locations,
+            # in (cell, offset) order; only the small logit tangents are put back in H x W order at the end
+            def to_locations(u, h, w):
+                u = u.reshape(-1, hp, wp, k, k, bsz)
+                return jnp.transpose(u, (5, 1, 3, 2, 4, 0)).reshape(bsz, h * w, -1)
+
+            return x, jnp.transpose(t_cells.reshape(hp * wp * o, bsz, -1), (2, 0, 1)), to_locations
         t = 0.0
-        for o, (di, dj) in enumerate(offsets):
+        for o, (di, dj) in enumerate(offsets):  # overlapping or padded windows: sum each offset's cells onto H x W
             lo_h, lo_w = di - p, dj - p
             cfg = [
-                (0, 0, 0),
                 (lo_h, h - lo_h - s * (hp - 1) - 1, s - 1),
                 (lo_w, w - lo_w - s * (wp - 1) - 1, s - 1),
                 (0, 0, 0),
+                (0, 0, 0),
             ]
-            t = t + jax.lax.pad(t_cells[o], jnp.zeros((), t_cells.dtype), cfg)
-        x = _layers.flatten(_layers.adaptive_avg_pool(pooled, (ho, wo)))
-        return x, t
+            t = t + jax.lax.pad(t_cells[:, :, o], jnp.zeros((), t_cells.dtype), cfg)
+        return x, jnp.transpose(t.reshape(h * w, bsz, -1), (2, 0, 1)), _rows_are_locations
+
+
+def _rows_are_locations(u: jax.Array, h: int, w: int) -> jax.Array:
+    """Logit tangents (K, H*W, B) with rows in location order -> (B, H*W, K)."""
+    return jnp.transpose(u, (2, 1, 0))
 
 
 def hardness_head(in_channels: int, *, hidden: int = 512, dropout: float = 0.0, rngs: nnx.Rngs) -> PoolMLPHead:

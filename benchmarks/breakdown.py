@@ -1,0 +1,85 @@
+"""Where the time of an explanation goes: backbone, forward, and the attribution pieces on a fixed A.
+
+    python -m benchmarks.breakdown --arch vgg16 --batch 2 --json
+
+Prints one JSON line of medians (seconds, interleaved runs after a warm-up): backbone_s (images -> A), forward_s
+(images -> probabilities and difficulty), explain_s (images -> all maps), and on a precomputed A: heads_s (the class
+and hardness heads' primal), tangents_s (the class head's per-location logit tangents), maps_s (all maps from A).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from delib_jax import difficulty
+from delib_jax.attribution import METHODS, Options, make_attribute_fn
+from delib_jax.attribution._core import _attribute
+from delib_jax.models import ARCHS, create_model
+from benchmarks.attribution import _device, _median_times
+
+
+def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: int, seed: int = 0) -> dict:
+    model = create_model(arch, classes, rngs=nnx.Rngs(seed))
+    model.eval()
+    images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
+    graphdef, state = nnx.split(model)
+    bb_graph, bb_state = nnx.split(model.backbone)
+    c_graph, c_state = nnx.split(model.classifier)
+    h_graph, h_state = nnx.split(model.hardness_head)
+
+    @jax.jit
+    def backbone(x):
+        return nnx.merge(bb_graph, bb_state)(x).astype(jnp.float32)
+
+    @jax.jit
+    def forward(x):
+        out = nnx.merge(graphdef, state)(x)
+        return jax.nn.softmax(out.logits, -1), difficulty.score_from_outputs("hardness", out.logits, out.hardness_logit)
+
+    @jax.jit
+    def heads(a):
+        return nnx.merge(c_graph, c_state)(a), nnx.merge(h_graph, h_state)(a)
+
+    @jax.jit
+    def tangents(a):
+        return nnx.merge(c_graph, c_state).tangents(a, a)
+
+    @jax.jit
+    def maps(a):
+        zero = jnp.zeros_like(a)
+        return _attribute(nnx.merge(c_graph, c_state), nnx.merge(h_graph, h_state), a, a, zero, zero,
+                          Options(method=method)).maps
+
+    explain = make_attribute_fn(model, method=method)
+    a = backbone(images)
+    names = ["backbone_s", "forward_s", "explain_s", "heads_s", "tangents_s", "maps_s"]
+    fns = [lambda: backbone(images), lambda: forward(images), lambda: explain(images), lambda: heads(a),
+           lambda: tangents(a), lambda: maps(a)]
+    times = dict(zip(names, _median_times(fns, repeats)))
+    return {"arch": arch, "batch": batch, "size": size, "method": method, "device": _device(), **times,
+            "ratio": times["explain_s"] / times["forward_s"], "jax": jax.__version__}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="vgg16", choices=sorted(ARCHS))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--classes", type=int, default=200)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--method", default="gradient_hessian", choices=METHODS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    result = run(args.arch, args.batch, args.classes, args.size, args.method, args.repeats)
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>12}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
