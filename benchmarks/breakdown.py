@@ -3,8 +3,11 @@
     python -m benchmarks.breakdown --arch vgg16 --batch 2 --json
 
 Prints one JSON line of medians (seconds, interleaved runs after a warm-up): backbone_s (images -> A), forward_s
-(images -> probabilities and difficulty), explain_s (images -> all maps), and on a precomputed A: heads_s (the class
-and hardness heads' primal), tangents_s (the class head's per-location logit tangents), maps_s (all maps from A).
+(images -> probabilities and difficulty) with the weights as compile-time constants, forward_args_s the same with
+the weights as arguments (as `make_attribute_fn` passes them), explain_s (images -> all maps, the public function,
+whose input check reduces the images on the device first), explain_unchecked_s (the same compiled function without
+that check), and on a precomputed A: heads_s (the class and hardness heads' primal), tangents_s (the class head's
+per-location logit tangents), maps_s (all maps from A).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax import difficulty
-from delib_jax.attribution import METHODS, Options, make_attribute_fn
+from delib_jax.attribution import METHODS, Options, _compiled, make_attribute_fn
 from delib_jax.attribution._core import _attribute
 from delib_jax.models import ARCHS, create_model
 from benchmarks.attribution import _device, _median_times
@@ -56,14 +59,22 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
         return _attribute(nnx.merge(c_graph, c_state), nnx.merge(h_graph, h_state), a, a, zero, zero,
                           Options(method=method)).maps
 
+    @jax.jit
+    def forward_args(state, x):
+        out = nnx.merge(graphdef, state)(x)
+        return jax.nn.softmax(out.logits, -1), difficulty.score_from_outputs("hardness", out.logits, out.hardness_logit)
+
     explain = make_attribute_fn(model, method=method)
+    unchecked = _compiled(graphdef, Options(method=method).check(model.num_classes))
     a = backbone(images)
-    names = ["backbone_s", "forward_s", "explain_s", "heads_s", "tangents_s", "maps_s"]
-    fns = [lambda: backbone(images), lambda: forward(images), lambda: explain(images), lambda: heads(a),
-           lambda: tangents(a), lambda: maps(a)]
+    names = ["backbone_s", "forward_s", "forward_args_s", "explain_s", "explain_unchecked_s", "heads_s", "tangents_s",
+             "maps_s"]
+    fns = [lambda: backbone(images), lambda: forward(images), lambda: forward_args(state, images),
+           lambda: explain(images), lambda: unchecked(state, images), lambda: heads(a), lambda: tangents(a),
+           lambda: maps(a)]
     times = dict(zip(names, _median_times(fns, repeats)))
     return {"arch": arch, "batch": batch, "size": size, "method": method, "device": _device(), **times,
-            "ratio": times["explain_s"] / times["forward_s"], "jax": jax.__version__}
+            "ratio": times["explain_s"] / times["forward_args_s"], "jax": jax.__version__}
 
 
 def main(argv=None) -> int:

@@ -14,3 +14,17 @@ def test_attribution_benchmark_json(capsys):
         assert key in out, key
     assert out["num_outputs"] == 5 and out["loop_timed_outputs"] == 2
     assert out["ratio"] == out["explain_s"] / out["forward_s"] and out["speedup"] == out["loop_s"] / out["explain_s"]
+
+
+def test_breakdown_and_precision_benchmarks_json(capsys):
+    from benchmarks import breakdown, precision
+
+    assert breakdown.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--repeats", "1",
+                           "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ratio"] == out["explain_s"] / out["forward_args_s"]
+    assert all(out[k] > 0 for k in ("backbone_s", "explain_unchecked_s", "tangents_s", "maps_s"))
+    assert precision.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU
+    assert out["maps_default_vs_highest"] == 0.0  # XLA:CPU's default float32 matmul is full float32
