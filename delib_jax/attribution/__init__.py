@@ -22,7 +22,7 @@ from flax import nnx
 
 from delib_jax.attribution._core import METHODS, Attribution, Options, attribute, output_functions, quadrature
 from delib_jax.attribution.gradcam import grad_cam
-from delib_jax.models._layers import validate_images
+from delib_jax.models._layers import check_finite, validate_images
 
 
 def gradient(classifier, features, **kw) -> Attribution:
@@ -63,6 +63,17 @@ def _compiled(graphdef, opts: Options) -> Callable:
     return jax.jit(lambda state, images: _attribute_from_images(nnx.merge(graphdef, state), images, opts))
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_checked(graphdef, opts: Options) -> Callable:
+    """As `_compiled`, also returning per-image finiteness flags (B,): the input check rides in the same launch."""
+
+    def run(state, images):
+        finite = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
+        return _attribute_from_images(nnx.merge(graphdef, state), images, opts), finite
+
+    return jax.jit(run)
+
+
 def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
     """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
@@ -73,11 +84,13 @@ def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     model.eval()
     graphdef, state = nnx.split(model)
-    run = _compiled(graphdef, opts)
+    run = _compiled_checked(graphdef, opts)
 
     def attribute_fn(images) -> Attribution:
-        validate_images(images)
-        return run(state, jnp.asarray(images))
+        validate_images(images, finite=False)  # shape and dtype here; NaN/inf reduced inside the compiled pass
+        attribution, finite = run(state, jnp.asarray(images))
+        check_finite(finite)
+        return attribution
 
     return attribute_fn
 

@@ -81,10 +81,11 @@ def flatten(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 
 
-def validate_images(images, *, channels: int = 3) -> None:
+def validate_images(images, *, channels: int = 3, finite: bool = True) -> None:
     """Raise one clear ValueError for images that cannot be a (B, H, W, C) float batch.
 
-    Shape and dtype are always checked; finiteness only when the values are concrete (outside jit)."""
+    Shape and dtype are always checked; finiteness (unless ``finite=False``, for callers that reduce it inside their
+    own compiled pass and call `check_finite`) only when the values are concrete (outside jit)."""
     shape = getattr(images, "shape", None)
     dtype = getattr(images, "dtype", None)
     if shape is None or dtype is None:
@@ -102,13 +103,19 @@ def validate_images(images, *, channels: int = 3) -> None:
             f"images must be floating point and normalised, got dtype {dtype}; "
             "convert with delib_jax.data.transforms (uint8 -> float32, mean/std normalisation)"
         )
-    if isinstance(images, jax.core.Tracer):
+    if isinstance(images, jax.core.Tracer) or not finite:
         return
     if isinstance(images, jax.Array):  # reduce on the device: only a flag per image comes back, not the batch
         with jax.ensure_compile_time_eval():  # concrete input, possibly inside someone's trace: compute it now
             finite = np.asarray(jnp.all(jnp.isfinite(images), axis=(1, 2, 3)))
     else:
         finite = np.isfinite(np.asarray(images, dtype=np.float32)).all(axis=(1, 2, 3))
+    check_finite(finite)
+
+
+def check_finite(finite) -> None:
+    """Raise the ValueError for NaN/inf images from per-image flags (B,) (True = all values finite)."""
+    finite = np.asarray(finite)
     if not finite.all():
         bad = [int(i) for i in np.flatnonzero(~finite)[:5]]
         raise ValueError(f"images contain NaN or inf values (batch entries {bad})")
