@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.attribution import _device, _median_times
 from delib_jax import difficulty
 from delib_jax.attribution import METHODS, Options, _compiled, make_attribute_fn
 from delib_jax.attribution._core import _attribute
 from delib_jax.models import ARCHS, create_model
-from benchmarks.attribution import _device, _median_times
 
 
 def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: int, seed: int = 0) -> dict:

@@ -14,13 +14,20 @@ generic path (forward-over-forward jvp vmapped over locations).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from delib_jax.attribution._core import METHODS, Attribution, Options, attribute, output_functions, quadrature
+from delib_jax.attribution._core import (
+    METHODS,
+    Attribution,
+    Options,
+    attribute,
+    output_functions,
+    quadrature,
+)
 from delib_jax.attribution.gradcam import grad_cam
 from delib_jax.models._layers import check_finite, validate_images
 

@@ -8,8 +8,8 @@ computed once for all of its outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +76,7 @@ class Options:
     # that makes it easier outweighs them (without it the hardness map is negative on the object itself).
     difficulty_channels: str = "signed"
 
-    def check(self, num_classes: int) -> "Options":
+    def check(self, num_classes: int) -> Options:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         difficulty.check_score(self.score)

@@ -10,7 +10,7 @@ Both routes return (first, second) of shape (B, P, L); second is None when not r
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

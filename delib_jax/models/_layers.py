@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def pool_output_size(size: int, window: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - window) // stride + 1
 
 
-@lru_cache(maxsize=None)
+@cache
 def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
     """(size_out, size_in) averaging matrix of torch's AdaptiveAvgPool along one axis."""
     m = np.zeros((size_out, size_in), np.float32)

@@ -8,7 +8,7 @@ attribution core uses them for its fast exact path.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
