@@ -95,6 +95,34 @@ def test_point_precision_recall_by_hand():
     np.testing.assert_allclose(p2[0], [1.0, 1.0, 2 / 3])
 
 
+def test_keypoint_auc_by_hand():
+    from delib_jax.evaluation import metrics
+
+    amap = jnp.zeros((4, 4)).at[0, 0].set(3.0).at[0, 1].set(2.0).at[1, 0].set(1.0)
+    points = jnp.asarray([[0.5, 0.5], [1.5, 0.2], [0.9, 1.7], [3.5, 3.5]])  # (x, y) -> values 3, 2, 1, 0
+    visible = jnp.asarray([True, True, True, True])
+    cases = [  # ground truth -> AUC: the fraction of (ground-truth, other) keypoint pairs ordered correctly
+        ([True, False, False, False], 1.0),  # 3 above 2, 1, 0
+        ([False, False, False, True], 0.0),  # 0 below all
+        ([True, False, False, True], 0.5),  # 3 beats 2 and 1, 0 beats neither: 2 / 4
+        ([False, True, True, False], 0.5),  # 2 > 1, 2 > 0, 1 < 3, 1 > 0 vs others (3, 0): (1 + 0 + 0 + 1) / 4
+    ]
+    for truth, expected in cases:
+        auc, defined = metrics.keypoint_auc(amap[None], points[None], visible[None], jnp.asarray([truth]))
+        assert bool(defined[0]) and float(auc[0]) == pytest.approx(expected), truth
+    # ties count one half; a hidden keypoint is ignored; no keypoint of one kind -> undefined
+    flat = jnp.zeros((1, 4, 4))
+    auc, defined = metrics.keypoint_auc(flat, points[None], visible[None], jnp.asarray([[True, False, False, False]]))
+    assert float(auc[0]) == 0.5 and bool(defined[0])
+    truth = jnp.asarray([[False, True, False, False]])
+    auc, _ = metrics.keypoint_auc(amap[None], points[None], visible[None], truth)
+    assert float(auc[0]) == pytest.approx(2 / 3)  # 2 beats 1 and 0, not 3
+    auc, _ = metrics.keypoint_auc(amap[None], points[None], jnp.asarray([[True, True, False, True]]), truth)
+    assert float(auc[0]) == pytest.approx(1 / 2)  # with the keypoint of value 1 hidden: beats 0, not 3
+    _, defined = metrics.keypoint_auc(amap[None], points[None], visible[None], jnp.zeros((1, 4), bool))
+    assert not bool(defined[0])
+
+
 def test_mask_iou_by_hand():
     amap = jnp.asarray(np.arange(16, 0, -1, dtype=np.float32).reshape(4, 4))
     seg = np.zeros((4, 4), np.int32)

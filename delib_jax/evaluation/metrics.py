@@ -56,6 +56,24 @@ def point_precision_recall(amaps, points, visible, ground_truth, counts):
 
 
 @jax.jit
+def keypoint_auc(amaps, points, visible, ground_truth):
+    """Per insecurity: the chance that a visible ground-truth keypoint has a larger ambiguity value than a visible
+    other keypoint (ties count 1/2), a threshold-free check that the maps rank ambiguous parts first (0.5 = no signal).
+
+    amaps (Q, H, W); points (Q, K, 2) (x, y) pixels; visible, ground_truth (Q, K) bool. Returns auc (Q,) and defined
+    (Q,) bool (the image shows keypoints of both kinds)."""
+    h, w = amaps.shape[1:]
+    col = jnp.clip(jnp.floor(points[..., 0]).astype(jnp.int32), 0, w - 1)
+    row = jnp.clip(jnp.floor(points[..., 1]).astype(jnp.int32), 0, h - 1)
+    values = jax.vmap(lambda m, r, c: m[r, c])(amaps, row, col)  # (Q, K)
+    pos, neg = visible & ground_truth, visible & ~ground_truth
+    pairs = pos[:, :, None] & neg[:, None, :]  # (Q, K, K): (ground-truth keypoint, other keypoint)
+    wins = (values[:, :, None] > values[:, None, :]) + 0.5 * (values[:, :, None] == values[:, None, :])
+    n = jnp.sum(pairs, axis=(1, 2))
+    return jnp.sum(jnp.where(pairs, wins, 0.0), axis=(1, 2)) / jnp.maximum(n, 1), n > 0
+
+
+@jax.jit
 def mask_iou(amaps, segmentations, candidates, counts):
     """IoU (Q, R) of each insecurity's mask with its best ground-truth object, at every coverage.
 

@@ -26,7 +26,14 @@ from delib_jax.attribution import make_attribute_fn
 from delib_jax.checkpoint import RunConfig
 from delib_jax.data.pipeline import ade20k_source, cub_source, eval_pipeline
 from delib_jax.evaluation import ground_truth as gt
-from delib_jax.evaluation.metrics import COVERAGES, coverage_counts, mask_iou, point_precision_recall, random_maps
+from delib_jax.evaluation.metrics import (
+    COVERAGES,
+    coverage_counts,
+    keypoint_auc,
+    mask_iou,
+    point_precision_recall,
+    random_maps,
+)
 from delib_jax.insecurity import find_insecurities, product, upsample
 
 
@@ -169,8 +176,14 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
     prec, rec = Curves(), Curves()
     rand = [(Curves(), Curves()) for _ in range(options.runs)]
+    auc = np.zeros((1 + options.runs, 2))  # (sum, count) of keypoint AUCs: the method, then each random run
     key = jax.random.key(options.seed)
     n_ins = 0
+
+    def add_auc(row, amaps, points, visible, labels):
+        values, defined = map(np.asarray, keypoint_auc(amaps, points, visible, labels))
+        auc[row] += (values[defined].sum(), defined.sum())
+
     for batch, b_idx, pairs, maps, grid in batches:
         n_ins += len(b_idx)
         points = jnp.asarray(batch["parts"][b_idx])
@@ -179,17 +192,21 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
         p, r, has_p, has_t = map(np.asarray, point_precision_recall(jnp.asarray(maps), points, visible, labels, counts))
         prec.add(p, has_p)
         rec.add(r, np.broadcast_to(has_t[:, None], r.shape))
+        add_auc(0, jnp.asarray(maps), points, visible, labels)
         for run, (rp, rr) in enumerate(rand):
             key, sub = jax.random.split(key)
             noise = random_maps(sub, maps.shape, tuple(grid))
             p, r, has_p, has_t = map(np.asarray, point_precision_recall(noise, points, visible, labels, counts))
             rp.add(p, has_p)
             rr.add(r, np.broadcast_to(has_t[:, None], r.shape))
+            add_auc(1 + run, noise, points, visible, labels)
+    mean_auc = [float(s / n) if n else None for s, n in auc]
     return {
         "setting": dataclasses.asdict(setting), "metric": "precision", "images": n_images,
         "insecurities": n_ins, "coverage": COVERAGES.tolist(),
         "precision": prec.mean.tolist(), "recall": rec.mean.tolist(),
         "random_precision": [c[0].mean.tolist() for c in rand], "random_recall": [c[1].mean.tolist() for c in rand],
+        "keypoint_auc": mean_auc[0], "random_keypoint_auc": mean_auc[1:],
         "ground_truth_fraction": options.fraction or 0.2, "divergence": options.divergence,
     }
 
