@@ -47,6 +47,8 @@ def test_eval_cub_cli_writes_tables_plots_and_resumes(cub_run, tmp_path, capsys)
     one = results["results"]["Gradient-Hessian"][0]
     assert one["images"] == 4 and len(one["precision"]) == 90 and len(one["random_precision"]) == 2
     assert len(one["random_keypoint_auc"]) == 2
+    assert set(results["keypoint_auc"]) == set(results["table"])
+    assert "keypoint AUC" in capsys.readouterr().out
     assert all(v is None or 0 <= v <= 1 for v in [one["keypoint_auc"], *one["random_keypoint_auc"]])
     finite = np.asarray(one["precision"], float)
     assert np.all((finite[~np.isnan(finite)] >= 0) & (finite[~np.isnan(finite)] <= 1))

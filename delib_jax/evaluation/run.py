@@ -142,6 +142,13 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
                                  title="Insecurities vs ambiguous objects"))
     summary = {"dataset": dataset, "data_dir": str(data_dir), "ablation": ablation, "options": options.__dict__,
                "table": {n: s for n, s in rows}, "results": results, "plots": [p.name for p in plots]}
+    if dataset == "cub":  # mean keypoint AUC per row (0.5: the maps do not rank ambiguous parts first)
+        def mean(values):
+            values = [v for v in values if v is not None]
+            return float(np.mean(values)) if values else None
+
+        summary["keypoint_auc"] = {n: mean([r.get("keypoint_auc") for r in rs]) for n, rs in results.items()}
+        summary["keypoint_auc"]["Random"] = mean([v for r in first for v in r.get("random_keypoint_auc", [])])
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(out / "results.json")
@@ -176,5 +183,8 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print((Path(args.out) / "table.md").read_text())
+    if "keypoint_auc" in summary:
+        aucs = ", ".join(f"{n} {'n/a' if v is None else f'{v:.3f}'}" for n, v in summary["keypoint_auc"].items())
+        print(f"keypoint AUC (ground-truth ambiguous keypoints ranked above others; 0.5 = chance): {aucs}")
     print(f"wrote {args.out}/results.json, table.md and {', '.join(summary['plots'])}")
     return 0
