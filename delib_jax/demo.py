@@ -29,6 +29,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     p.add_argument("--num-images", type=int, default=60, help="hardest test images evaluated (default: 60)")
     p.add_argument("--explain-images", type=int, default=12, help="hardest test images drawn (default: 12)")
+    p.add_argument("--crop", type=int, default=96,
+                   help="training/evaluation crop in pixels, resized from crop * 8/7 (default: 96, a 12x12 feature "
+                        "grid: at 64 px the 8x8 grid is too coarse for insecurities to separate parts)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -44,7 +47,7 @@ def _training_done(run_dir: Path) -> bool:
     return any(json.loads(line).get("split") == "test" for line in metrics.read_text().splitlines() if line.strip())
 
 
-def train_stage(out: Path, epochs: int, seed: int) -> Path:
+def train_stage(out: Path, epochs: int, seed: int, crop: int = 96) -> Path:
     """Generate the data and train the small CNN into OUT/run (resuming an interrupted run)."""
     from delib_jax.checkpoint import RunConfig
     from delib_jax.data import load_cub
@@ -59,7 +62,7 @@ def train_stage(out: Path, epochs: int, seed: int) -> Path:
         return run_dir
     names = list(load_cub(data_dir).class_names)
     config = RunConfig(
-        **{**SMALL_DEFAULTS, "epochs": epochs}, arch="small", num_classes=len(names), class_names=names,
+        **{**SMALL_DEFAULTS, "epochs": epochs, "crop": crop, "resize": round(crop * 8 / 7)}, arch="small", num_classes=len(names), class_names=names,
         hardness="head", dataset="cub", mean=CUB_STATS.mean, std=CUB_STATS.std, seed=seed,
         data_dir=str(data_dir.absolute()), synthetic=True,
     )  # fmt: skip
@@ -125,10 +128,12 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or args.num_images < 1 or args.explain_images < 1:
         raise UsageError("--epochs, --num-images and --explain-images must be >= 1")
+    if not 32 <= args.crop <= 128:
+        raise UsageError(f"--crop must lie in [32, 128] (the synthetic images are 128 px wide), got {args.crop}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = _stage("1/3 data + training (small CNN, jointly trained hardness head)")
-    run_dir = train_stage(out, args.epochs, args.seed)
+    run_dir = train_stage(out, args.epochs, args.seed, args.crop)
     print(f"   {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     t1 = _stage("2/3 explaining the hardest test images")
     report = explain_stage(run_dir, out, args.explain_images)

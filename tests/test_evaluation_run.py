@@ -103,3 +103,13 @@ def test_delib_demo_end_to_end_and_reuse(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "training already done" in second.stderr and "explanations already in" in second.stderr
     assert "reusing" in second.stderr
+
+
+@pytest.mark.parametrize("flag", [["--crop", "500"], ["--epochs", "0"]])
+def test_delib_demo_refuses_impossible_options(tmp_path, flag):
+    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo", "--out",
+           str(tmp_path / "d"), *flag]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert flag[0] in done.stderr
+    assert not (tmp_path / "d" / "run").exists()
