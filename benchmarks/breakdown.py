@@ -5,9 +5,9 @@
 Prints one JSON line of medians (seconds, interleaved runs after a warm-up): backbone_s (images -> A), forward_s
 (images -> probabilities and difficulty) with the weights as compile-time constants, forward_args_s the same with
 the weights as arguments (as `make_attribute_fn` passes them), explain_s (images -> all maps, the public function,
-whose input check reduces the images on the device first), explain_unchecked_s (the same compiled function without
-that check), and on a precomputed A: heads_s (the class and hardness heads' primal), tangents_s (the class head's
-per-location logit tangents), maps_s (all maps from A).
+which reduces the images for NaN/inf in the same launch and waits for the flags), explain_unchecked_s (the same
+compiled function, without looking at the flags), and on a precomputed A: heads_s (the class and hardness heads'
+primal), tangents_s (the class head's per-location logit tangents), maps_s (all maps from A).
 """
 
 from __future__ import annotations

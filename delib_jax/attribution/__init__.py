@@ -66,13 +66,8 @@ def _attribute_from_images(model, images, opts: Options) -> Attribution:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, opts: Options) -> Callable:
-    """One jitted (state, images) -> Attribution per model structure and options: repeated calls reuse it."""
-    return jax.jit(lambda state, images: _attribute_from_images(nnx.merge(graphdef, state), images, opts))
-
-
-@functools.lru_cache(maxsize=32)
-def _compiled_checked(graphdef, opts: Options) -> Callable:
-    """As `_compiled`, also returning per-image finiteness flags (B,): the input check rides in the same launch."""
+    """One jitted (state, images) -> (Attribution, finite (B,)) per model structure and options, reused by repeated
+    calls; the per-image NaN/inf flags ride in the same launch as the maps."""
 
     def run(state, images):
         finite = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
@@ -91,7 +86,7 @@ def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     model.eval()
     graphdef, state = nnx.split(model)
-    run = _compiled_checked(graphdef, opts)
+    run = _compiled(graphdef, opts)
 
     def attribute_fn(images) -> Attribution:
         validate_images(images, finite=False)  # shape and dtype here; NaN/inf reduced inside the compiled pass
