@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +70,22 @@ def test_class_percentages_are_what_was_drawn(small_cub):
         assert (ds.attribute_certainty[hidden][:, ix] == 1).all()
 
 
-def test_paired_classes_share_the_listed_regions():
-    classes, pairs = S.make_bird_classes(6, seed=0)
-    assert [(a, b) for a, b, _ in pairs] == [(0, 1), (2, 3), (4, 5)]
+def test_family_members_share_the_listed_regions_and_differ_elsewhere():
+    classes, pairs = S.make_bird_classes(7, seed=0, family_size=3)
+    families = [(0, 1, 2), (3, 4, 5), (6,)]
+    assert [(a, b) for a, b, _ in pairs] == [p for f in families for p in itertools.combinations(f, 2)]
     for a, b, shared in pairs:
-        assert 3 <= len(shared) <= 5
+        assert 4 <= len(shared) <= 6
+        assert shared == dict(((x, y), s) for x, y, s in pairs)[(families[a // 3][0], families[a // 3][1])]
         for region, groups in S.REGIONS.items():
             same = [classes[a].values[g] == classes[b].values[g] for g in groups]
-            assert all(same) if region in shared else not any(same), (a, b, region)
-    assert len({c.name for c in classes}) == 6
+            if region in shared:
+                assert all(same), (a, b, region)
+            else:  # every group with more values than a family has members differs
+                assert not any(s for g, s in zip(groups, same) if len(S._choices(g)) > 3), (a, b, region)
+    assert len({c.name for c in classes}) == 7
+    with pytest.raises(ValueError, match="family_size"):
+        S.make_bird_classes(4, seed=0, family_size=0)
 
 
 def test_keypoints_are_where_the_bird_was_drawn():
@@ -130,7 +138,8 @@ def test_scene_pairs_share_characteristic_objects():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(classes=1), dict(images_per_class=1), dict(size=16), dict(train_fraction=1.0), dict(jpeg_quality=0)],
+    [dict(classes=1), dict(images_per_class=1), dict(size=16), dict(train_fraction=1.0), dict(jpeg_quality=0),
+     dict(family_size=0)],
 )
 def test_cub_bad_options(tmp_path, kwargs):
     with pytest.raises(ValueError):

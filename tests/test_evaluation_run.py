@@ -93,7 +93,7 @@ def test_eval_cli_rejects_bad_options(cub_run, tmp_path, capsys):
 
 def test_delib_demo_end_to_end_and_reuse(tmp_path):
     cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo", "--out", str(tmp_path), "--epochs", "1", "--num-images",
-           "4", "--explain-images", "2"]
+           "4", "--explain-images", "2", "--crop", "64"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "explain" / "index.html").is_file()

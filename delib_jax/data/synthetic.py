@@ -1,8 +1,9 @@
 """Synthetic CUB-200-2011 and ADE20K datasets in the exact release formats, generated offline in seconds.
 
 CUB: procedurally drawn birds. Each class fixes a value for every drawn attribute group of the 15 named parts (colours,
-bill/wing/tail shapes, patterns); consecutive classes (1-2, 3-4, ...) share all the attributes of a few part regions,
-so the evaluation protocol's ground-truth ambiguities are known (the README of the tree lists them). Each image draws
+bill/wing/tail shapes, patterns). Classes come in families of consecutive classes (1-5, 6-10, ... by default), like
+CUB's genera: a family's members share all the attributes of a few part regions and differ in the others, so the
+evaluation protocol's ground-truth ambiguities are mostly these built-in ones (the README of the tree lists them). Each image draws
 the bird at a random facing (left/right), rotation, scale and position over a cluttered, noisy background; about 10%
 of an image's attribute values deviate from its class's, and the class-level percentages are exactly the frequencies
 of what was drawn. Keypoints are the exact positions used for drawing (project convention: see
@@ -98,30 +99,45 @@ def _choices(group: str) -> tuple[str, ...]:
     return _GROUP_VALUES[group]
 
 
-def make_bird_classes(num_classes: int, seed: int) -> tuple[list[BirdClass], list[tuple[int, int, tuple[str, ...]]]]:
-    """Class definitions and the shared regions of each class pair ``(2k, 2k + 1)``.
+def make_bird_classes(
+    num_classes: int, seed: int, *, family_size: int = 5, shared: tuple[int, int] = (4, 6)
+) -> tuple[list[BirdClass], list[tuple[int, int, tuple[str, ...]]]]:
+    """Class definitions, in families of ``family_size`` consecutive classes (the last one may be smaller).
+
+    Like the genera of CUB, the members of a family share every attribute of the family's part regions (``shared``
+    gives the range of their number, of the 11) and differ from each other in the rest: in every attribute group of
+    a non-shared region that has enough values, so each such region looks different for every two members. Classes
+    of different families are drawn independently (they match only by chance). Hard images are then mostly confused
+    within a family, on the family's regions, which are the ground-truth ambiguities.
 
     Returns:
-      ``(classes, pairs)`` with ``pairs`` a list of ``(class a, class b, shared regions)`` (0-based classes).
+      ``(classes, pairs)`` with ``pairs`` a list of ``(class a, class b, shared regions)`` (0-based, a < b) for
+      every two members of a family.
     """
+    if family_size < 1 or not 0 <= shared[0] <= shared[1] <= len(REGIONS):
+        raise ValueError(f"need family_size >= 1 and 0 <= shared[0] <= shared[1] <= {len(REGIONS)}")
     rng = np.random.default_rng([seed, 1])
     classes: list[dict[str, str]] = []
     pairs = []
-    for c in range(num_classes):
-        values = {g: str(rng.choice(_choices(g))) for g in DRAWN_GROUPS}
-        if c % 2 == 1:
-            a = classes[c - 1]
-            names = list(REGIONS)
-            shared = tuple(sorted(rng.choice(names, size=int(rng.integers(3, 6)), replace=False).tolist()))
+    names = list(REGIONS)
+    for start in range(0, num_classes, family_size):
+        members = range(start, min(start + family_size, num_classes))
+        family = tuple(sorted(rng.choice(names, size=int(rng.integers(shared[0], shared[1] + 1)),
+                                         replace=False).tolist()))
+        base = {g: str(rng.choice(_choices(g))) for g in DRAWN_GROUPS}
+        for c in members:
+            values = {g: str(rng.choice(_choices(g))) for g in DRAWN_GROUPS}
             for region in names:
                 for g in REGIONS[region]:
-                    if region in shared:
-                        values[g] = a[g]
-                    else:
-                        while values[g] == a[g]:
-                            values[g] = str(rng.choice(_choices(g)))
-            pairs.append((c - 1, c, shared))
-        classes.append(values)
+                    if region in family:
+                        values[g] = base[g]
+                        continue
+                    taken = {classes[m][g] for m in range(start, c)} | {base[g]}
+                    free = [v for v in _choices(g) if v not in taken]
+                    if free and values[g] in taken:
+                        values[g] = str(rng.choice(free))
+            classes.append(values)
+        pairs += [(a, b, family) for a, b in itertools.combinations(members, 2)]
     out = []
     for c, values in enumerate(classes):
         noun = _BIRD_NOUNS[c % len(_BIRD_NOUNS)] + ("" if c < len(_BIRD_NOUNS) else f"_{c // len(_BIRD_NOUNS) + 1}")
@@ -444,6 +460,7 @@ def make_cub(
     variation: float = 0.1,
     noise: float = 8.0,
     jpeg_quality: int = 90,
+    family_size: int = 5,
 ) -> Path:
     """Write a synthetic CUB-200-2011 release under ``out`` (``CUB_200_2011/`` and ``attributes.txt`` beside it).
 
@@ -457,6 +474,7 @@ def make_cub(
       variation: per-image probability that an attribute group deviates from the class's value.
       noise: standard deviation of the Gaussian pixel noise.
       jpeg_quality: JPEG quality (1..95).
+      family_size: classes per family (see `make_bird_classes`); 1 makes every class independent.
 
     Returns:
       the ``CUB_200_2011`` folder.
@@ -471,9 +489,11 @@ def make_cub(
         raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction}")
     if not 0.0 <= variation <= 1.0 or noise < 0 or not 1 <= jpeg_quality <= 95:
         raise ValueError("variation must lie in [0, 1], noise be >= 0 and jpeg_quality lie in [1, 95]")
+    if family_size < 1:
+        raise ValueError(f"family_size must be >= 1, got {family_size}")
     out = Path(out)
     root = _check_out(out, "CUB_200_2011")
-    species, pairs = make_bird_classes(classes, seed)
+    species, pairs = make_bird_classes(classes, seed, family_size=family_size)
     n_train = min(max(1, round(train_fraction * images_per_class)), images_per_class - 1)
 
     images, labels, split, boxes, part_locs, clicks, attr_lines = [], [], [], [], [], [], []
@@ -560,7 +580,8 @@ def _cub_readme(classes, images_per_class, n_train, size, seed, species, pairs) 
         "Same layout and file formats as the Caltech-UCSD Birds-200-2011 release; attributes.txt lies beside",
         "CUB_200_2011/ as in the release tarball. Keypoints: pixel units, top-left image corner at (0, 0).",
         "",
-        "Class pairs that share every attribute of the listed part regions (known ground-truth ambiguities):",
+        "Classes come in families whose members share every attribute of the listed part regions and differ in the",
+        "others (the designed ground-truth ambiguities); class pairs:",
     ]
     lines += [f"  {species[a].name} / {species[b].name}: {', '.join(shared)}" for a, b, shared in pairs]
     return lines
@@ -788,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cub.add_argument("--size", type=int, default=128, help="image width in pixels")
     cub.add_argument("--seed", type=int, default=0)
     cub.add_argument("--train-fraction", type=float, default=0.75)
+    cub.add_argument("--family-size", type=int, default=5, help="classes per family sharing part regions (default 5)")
     ade = sub.add_parser("ade20k", help="object-composed scenes with masks (ADEChallengeData2016/)")
     ade.add_argument("--out", type=Path, required=True, help="parent folder of ADEChallengeData2016/")
     ade.add_argument("--scenes", type=int, default=8)
@@ -801,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset == "cub":
             root = make_cub(
                 args.out, classes=args.classes, images_per_class=args.images_per_class, size=args.size,
-                seed=args.seed, train_fraction=args.train_fraction,
+                seed=args.seed, train_fraction=args.train_fraction, family_size=args.family_size,
             )  # fmt: skip
         else:
             root = make_ade20k(
