@@ -88,6 +88,7 @@ def test_one_step_synthetic_run_end_to_end(tmp_path):
     assert "done: 1 steps" in out.stdout and "test accuracy" in out.stdout
     config = json.loads((run / "config.json").read_text())
     assert config["arch"] == "small" and config["num_classes"] == 3 and config["crop"] == 32 and config["synthetic"]
+    assert config["resize"] == 37  # --crop alone keeps the 224/256 crop/resize ratio
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["split"] for r in records] == ["train", "val", "test"]
     assert (run / "checkpoints" / "latest" / "1").is_dir() and (run / "checkpoints" / "best" / "1").is_dir()

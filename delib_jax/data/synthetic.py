@@ -3,10 +3,10 @@
 CUB: procedurally drawn birds. Each class fixes a value for every drawn attribute group of the 15 named parts (colours,
 bill/wing/tail shapes, patterns). Classes come in families of consecutive classes (1-5, 6-10, ... by default), like
 CUB's genera: a family's members share all the attributes of a few part regions and differ in the others, so the
-evaluation protocol's ground-truth ambiguities are mostly these built-in ones (the README of the tree lists them). Each image draws
-the bird at a random facing (left/right), rotation, scale and position over a cluttered, noisy background; about 10%
-of an image's attribute values deviate from its class's, and the class-level percentages are exactly the frequencies
-of what was drawn. Keypoints are the exact positions used for drawing (project convention: see
+evaluation protocol's ground-truth ambiguities are mostly these built-in ones (the README of the tree lists them).
+Each image draws the bird at a random facing (left/right), rotation, scale and position over a cluttered, noisy
+background; about 10% of an image's attribute values deviate from its class's, and the class-level percentages are
+exactly the frequencies of what was drawn. Keypoints are the exact positions used for drawing (project convention: see
 `delib_jax.data.transforms`); the far eye and wing are hidden, the far leg sometimes, and out-of-frame parts are
 invisible.
 
