@@ -44,6 +44,10 @@ def test_eval_cub_cli_writes_tables_plots_and_resumes(cub_run, tmp_path, capsys)
     assert main("cub", argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == {"Gradient", "Gradient w/o m^s", "Int. grad.", "Gradient-Hessian", "Random"}
+    assert results["table"]["Random"]["runs"] == 2  # the first row's 2 seeds, not every row's
+    first = results["results"]["Gradient"][0]
+    np.testing.assert_allclose(results["table"]["Random"]["mean"][0], 100 * np.nanmean(
+        [r[9] for r in first["random_precision"]]), rtol=1e-6)
     one = results["results"]["Gradient-Hessian"][0]
     assert one["images"] == 4 and len(one["precision"]) == 90 and len(one["random_precision"]) == 2
     assert len(one["random_keypoint_auc"]) == 2
@@ -60,6 +64,16 @@ def test_eval_cub_cli_writes_tables_plots_and_resumes(cub_run, tmp_path, capsys)
     capsys.readouterr()
     assert main("cub", argv) == 0
     assert capsys.readouterr().err.count("reusing") == 4
+
+
+def test_eval_random_baseline_covers_every_checkpoint(cub_run, tmp_path):
+    """Two runs (here the same checkpoint twice): the method row has 2 runs, the random row 2 x --runs seeds."""
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(cub_run), str(cub_run), "--synthetic", "--out", str(out), "--num-images", "3",
+            "--runs", "2", "--top-n", "3", "--k", "2"]
+    assert main("cub", argv) == 0
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert table["Hardness + gradient-Hessian"]["runs"] == 2 and table["Random"]["runs"] == 4
 
 
 def test_eval_ade20k_cli(tmp_path):

@@ -92,6 +92,7 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     if dataset == "ade20k":
         truth = protocol.ade_ground_truth(ds, options, cache=out / "ade_object_presence.npy")
     results: dict[str, list[dict]] = {}
+    baseline: list[dict] = []  # per checkpoint, its first row's result (carrying the random baseline)
     for ckpt, cfg in zip(checkpoints, configs):
         if cfg.num_classes != (ds.num_classes if hasattr(ds, "num_classes") else len(ds.scene_names)):
             raise UsageError(f"{ckpt} has {cfg.num_classes} classes but the dataset at {data_dir} has a different count")
@@ -116,9 +117,12 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
                 tmp.write_text(json.dumps(result))
                 tmp.replace(cache)
             results.setdefault(row, []).append(result)
+            if setting == settings[0]:
+                baseline.append(result)
     metric = "precision" if dataset == "cub" else "iou"
     rows = [(name, summarize([r[metric] for r in rs])) for name, rs in results.items()]
-    random_runs = [c for rs in results.values() for r in rs[:1] for c in r[f"random_{metric}"]]
+    # one random baseline: every checkpoint's --runs seeds, on the insecurities of its first row
+    random_runs = [c for r in baseline for c in r[f"random_{metric}"]]
     rows.append(("Random", summarize(random_runs)))
     label = "Precision" if dataset == "cub" else "IoU"
     table = markdown_table(rows, metric=label)
@@ -127,9 +131,8 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     if dataset == "cub":
         pr = [(n, np.nanmean([r["recall"] for r in rs], 0), np.nanmean([r["precision"] for r in rs], 0))
               for n, rs in results.items()]
-        first = next(iter(results.values()))
-        pr.append(("Random", np.nanmean([c for r in first for c in r["random_recall"]], 0),
-                   np.nanmean([c for r in first for c in r["random_precision"]], 0)))
+        pr.append(("Random", np.nanmean([c for r in baseline for c in r["random_recall"]], 0),
+                   np.nanmean(random_runs, 0)))
         plots.append(plot_curves(out / "precision_recall.png", pr, xlabel="recall (%)", ylabel="precision (%)",
                                  title="Insecurities vs part ambiguity (coverage 1%..90%)"))
         cov = [(n, COVERAGES, y) for n, _, y in pr]
@@ -148,7 +151,7 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
             return float(np.mean(values)) if values else None
 
         summary["keypoint_auc"] = {n: mean([r.get("keypoint_auc") for r in rs]) for n, rs in results.items()}
-        summary["keypoint_auc"]["Random"] = mean([v for r in first for v in r.get("random_keypoint_auc", [])])
+        summary["keypoint_auc"]["Random"] = mean([v for r in baseline for v in r.get("random_keypoint_auc", [])])
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(out / "results.json")
