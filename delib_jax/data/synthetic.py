@@ -52,7 +52,7 @@ for _g, _v in ATTRIBUTE_GROUPS:
     _offset += len(_v)
 del _offset, _g, _v
 
-# Part regions whose attribute groups paired classes share wholesale.
+# Part regions whose attribute groups the members of a family share wholesale.
 REGIONS: dict[str, tuple[str, ...]] = {
     "beak": ("bill_shape", "bill_length", "bill_color"),
     "wing": ("wing_color", "wing_shape", "wing_pattern"),
