@@ -25,12 +25,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from PIL import Image, ImageOps
 
 from delib_jax import insecurity as insec
 from delib_jax.attribution import Attribution, Options, attribute, grad_cam
 from delib_jax.data import transforms
+from delib_jax.models import Structure, split_leaves
 
 Array = jax.Array
 
@@ -308,14 +308,14 @@ def batch_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, settings: ExplainSettings, combine, attribution_items: tuple) -> Callable:
-    """One jitted (state, images) -> ExplainOutputs per model structure and settings, so that repeated `explain`
-    calls reuse the compilation instead of tracing a fresh closure each time."""
+def _compiled(structure: Structure, settings: ExplainSettings, combine, attribution_items: tuple) -> Callable:
+    """One jitted (weight leaves, images) -> ExplainOutputs per model structure and settings, so that repeated
+    `explain` calls reuse the compilation instead of tracing a fresh closure each time."""
     options = dict(attribution_items)
 
     @jax.jit
-    def run(state, images):
-        return _explain_images(nnx.merge(graphdef, state), images, settings, combine, options)
+    def run(leaves, images):
+        return _explain_images(structure.merge(leaves), images, settings, combine, options)
 
     return run
 
@@ -364,13 +364,13 @@ def make_explain_fn(
         positive=bool(positive),
     )
     model.eval()
-    graphdef, state = nnx.split(model)
+    structure, leaves = split_leaves(model)
     shard = None
     if mesh is not None:
-        state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        leaves = jax.device_put(leaves, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
 
-    run = _compiled(graphdef, settings, combine, tuple(sorted(attribution_options.items())))
+    run = _compiled(structure, settings, combine, tuple(sorted(attribution_options.items())))
 
     def explain_fn(images) -> ExplainOutputs:
         images = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images
@@ -378,11 +378,11 @@ def make_explain_fn(
             raise ValueError(f"images must have shape (B, H, W, 3), normalised, got {images.shape}")
         b = images.shape[0]
         if shard is None:
-            return run(state, jnp.asarray(images, jnp.float32))
+            return run(leaves, jnp.asarray(images, jnp.float32))
         pad = -b % mesh.size
         if pad:
             images = jnp.concatenate([jnp.asarray(images), jnp.repeat(jnp.asarray(images)[-1:], pad, axis=0)])
-        out = run(state, jax.device_put(jnp.asarray(images, jnp.float32), shard))
+        out = run(leaves, jax.device_put(jnp.asarray(images, jnp.float32), shard))
         return jax.tree.map(lambda x: x[:b], out) if pad else out
 
     return explain_fn, settings

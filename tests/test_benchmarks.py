@@ -23,7 +23,10 @@ def test_breakdown_and_precision_benchmarks_json(capsys):
                            "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ratio"] == out["explain_s"] / out["forward_args_s"]
-    assert all(out[k] > 0 for k in ("backbone_s", "explain_unchecked_s", "tangents_s", "maps_s"))
+    assert all(out[k] > 0 for k in ("backbone_s", "explain_unchecked_s", "explain_two_stage_s", "forward_state_s",
+                                    "tangents_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"))
+    assert out["explain_flops"] > out["forward_flops"] > 0  # the maps add work, and XLA counted it
+    assert out["flops_ratio"] == out["explain_flops"] / out["forward_flops"]
     assert precision.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU

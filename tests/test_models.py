@@ -54,6 +54,26 @@ def test_hardness_in_unit_interval_and_heads_are_pure_functions():
     np.testing.assert_allclose(pure(state, out.features), out.logits, rtol=1e-5, atol=1e-6)
 
 
+def test_split_leaves_rebuilds_the_model_inside_jit_and_keys_a_cache():
+    from delib_jax.models import make_predict_fn, split_leaves
+
+    model = create_model("small", 5, rngs=nnx.Rngs(3))
+    model.eval()
+    x = jnp.asarray(np.random.RandomState(2).randn(2, 32, 32, 3), jnp.float32)
+    structure, leaves = split_leaves(model)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    out = jax.jit(lambda ls, x: structure.merge(ls)(x).logits)(leaves, x)
+    np.testing.assert_allclose(out, predict(model, x).logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(make_predict_fn(model)(x).logits, out, rtol=1e-6, atol=1e-6)
+    # same architecture, other weights: an equal (hashable) structure, so compiled functions keyed on it are reused
+    twin = create_model("small", 5, rngs=nnx.Rngs(4))
+    twin.eval()
+    other, _ = split_leaves(twin)
+    assert hash(other) == hash(structure) and other == structure
+    assert split_leaves(create_model("small", 5, rngs=nnx.Rngs(4)))[0] != structure  # train mode: another program
+    assert split_leaves(create_model("small", 6))[0] != structure
+
+
 @pytest.mark.parametrize(
     "images,match",
     [

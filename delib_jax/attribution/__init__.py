@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from delib_jax.attribution._core import (
     METHODS,
@@ -29,6 +28,7 @@ from delib_jax.attribution._core import (
     quadrature,
 )
 from delib_jax.attribution.gradcam import grad_cam
+from delib_jax.models import Structure, split_leaves
 from delib_jax.models._layers import check_finite, validate_images
 
 
@@ -65,13 +65,13 @@ def _attribute_from_images(model, images, opts: Options) -> Attribution:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, opts: Options) -> Callable:
-    """One jitted (state, images) -> (Attribution, finite (B,)) per model structure and options, reused by repeated
-    calls; the per-image NaN/inf flags ride in the same launch as the maps."""
+def _compiled(structure: Structure, opts: Options) -> Callable:
+    """One jitted (weight leaves, images) -> (Attribution, finite (B,)) per model structure and options, reused by
+    repeated calls; the per-image NaN/inf flags ride in the same launch as the maps."""
 
-    def run(state, images):
+    def run(leaves, images):
         finite = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
-        return _attribute_from_images(nnx.merge(graphdef, state), images, opts), finite
+        return _attribute_from_images(structure.merge(leaves), images, opts), finite
 
     return jax.jit(run)
 
@@ -85,12 +85,12 @@ def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
     if opts.score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     model.eval()
-    graphdef, state = nnx.split(model)
-    run = _compiled(graphdef, opts)
+    structure, leaves = split_leaves(model)
+    run = _compiled(structure, opts)
 
     def attribute_fn(images) -> Attribution:
         validate_images(images, finite=False)  # shape and dtype here; NaN/inf reduced inside the compiled pass
-        attribution, finite = run(state, jnp.asarray(images))
+        attribution, finite = run(leaves, jnp.asarray(images))
         check_finite(finite)
         return attribution
 

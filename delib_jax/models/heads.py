@@ -154,8 +154,6 @@ class PoolMLPHead(nnx.Module):
             pw = jnp.asarray(_layers.adaptive_pool_matrix(wp, wo), w1.dtype)
             w1 = jnp.einsum("ai,bj,abdk->ijdk", ph, pw, w1)
         # One matmul per cell with the cell as the leading batch axis, so that the large W1 is read in its stored order
-        # (an einsum with trailing batch axes made XLA:CPU copy W1, 4x slower). Rows (cell, offset) lead, B next.
-        # One matmul per cell with the cell as the leading batch axis, so that the large W1 is read in its stored order
         # (an einsum with trailing batch axes made XLA:CPU copy W1, 4x slower), and read once: the primal rows (the
         # pooled features) ride along with the tangent rows. Rows (cell, offset) lead, B next.
         o, bsz = g.shape[:2]
