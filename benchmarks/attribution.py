@@ -97,14 +97,14 @@ def run(arch: str, batch: int, method: str, classes: int, size: int, score: str,
     h, w = a.shape[1:3]
 
     @jax.jit
-    def grad_hvp_at(a, p, l):
-        e = a * (jnp.arange(h * w) == l).reshape(1, h, w, 1)
+    def grad_hvp_at(a, p, loc):
+        e = a * (jnp.arange(h * w) == loc).reshape(1, h, w, 1)
         grad_fn = jax.grad(output)
         g, hv = jax.jvp(lambda x: grad_fn(x, p), (a,), (e,))
         return jnp.sum(g * e) + 0.5 * jnp.sum(hv * e)
 
     def loop_exact():
-        return [grad_hvp_at(a, p, l) for p, l in zip(range(k), range(0, h * w, max(1, h * w // k)))]
+        return [grad_hvp_at(a, p, loc) for p, loc in zip(range(k), range(0, h * w, max(1, h * w // k)))]
 
     # The original style: every output starts again from the image (the backbone forward is redone per output).
     backbone_graph, backbone_state = nnx.split(model.backbone)
@@ -135,11 +135,13 @@ def run(arch: str, batch: int, method: str, classes: int, size: int, score: str,
         "loop_full_note": f"original style: per output a jitted forward from the images + gradient + HVP at A, timed "
                           f"on {k} outputs, scaled to {num_outputs}",
         "speedup_full": loop_full_s / explain_s, "repeats": repeats, "jax": jax.__version__,
+        "matmul_precision": jax.config.jax_default_matmul_precision or "default",
     }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python -m benchmarks.attribution --arch resnet50 --batch 2 --json")
     p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
     p.add_argument("--batch", type=int, default=2)

@@ -76,8 +76,8 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
     a = backbone(images)
 
     # The widest hidden Linear applied to every location's tangent, in both layouts (random tangents, real weights).
-    hidden = [lin for lin in model.classifier.linears[1:]]
-    kernel = max(hidden, key=lambda lin: lin.kernel.size).kernel[...] if hidden else model.classifier.linears[0].kernel[...]
+    widest = max(model.classifier.linears[1:] or model.classifier.linears[:1], key=lambda lin: lin.kernel.size)
+    kernel = widest.kernel[...]
     rows = batch * a.shape[1] * a.shape[2]
     t_fm = jax.random.normal(jax.random.key(1), (kernel.shape[0], rows), jnp.float32)
     t_rm = t_fm.T + 0.0

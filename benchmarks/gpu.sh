@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU figures of benchmarks/RESULTS.md in one run (writes JSON lines to ${OUT:-.}/gpu.jsonl, a log beside it).
-#   OUT=/tmp/gpu bash benchmarks/gpu.sh
+# The GPU figures of benchmarks/RESULTS.md (JSON lines to ${OUT:-.}/gpu.jsonl, a log beside it), in parts that each
+# fit one 10-minute device call; run them in order of priority:
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh ratios     # the goals: ratio and images/s at batch 64 (~5 min)
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh detail     # where the time goes: breakdown of both (~4 min)
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh extra      # precision, integrated gradients, 'highest' matmul cost (~6 min)
 set -u
 OUT=${OUT:-.}
 PY=${PY:-python3}
+PART=${1:-ratios}
+mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/gpu.log"; }
 step() {  # step SECONDS ARGS...: one JSON line per step; a failed step is logged, the rest still run
   local limit=$1; shift
@@ -12,11 +17,19 @@ step() {  # step SECONDS ARGS...: one JSON line per step; a failed step is logge
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.log"
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.log"
-step 150 -m benchmarks.attribution --arch resnet50 --batch 64 --loop-outputs 4
-step 180 -m benchmarks.attribution --arch vgg16 --batch 64 --loop-outputs 4
-step 90 -m benchmarks.breakdown --arch resnet50 --batch 64
-step 90 -m benchmarks.breakdown --arch vgg16 --batch 64
-step 90 -m benchmarks.precision --arch resnet50 --batch 4
-step 90 -m benchmarks.precision --arch vgg16 --batch 2
-step 150 -m benchmarks.attribution --arch vgg16 --batch 64 --method integrated_gradients --loop-outputs 1 --repeats 3
-log done
+git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/gpu.log"
+case "$PART" in
+  ratios)
+    step 150 -m benchmarks.attribution --arch resnet50 --batch 64 --loop-outputs 2
+    step 200 -m benchmarks.attribution --arch vgg16 --batch 64 --loop-outputs 2 ;;
+  detail)
+    step 120 -m benchmarks.breakdown --arch resnet50 --batch 64
+    step 150 -m benchmarks.breakdown --arch vgg16 --batch 64 ;;
+  extra)
+    step 90 -m benchmarks.precision --arch resnet50 --batch 4
+    step 90 -m benchmarks.precision --arch vgg16 --batch 2
+    step 150 -m benchmarks.attribution --arch vgg16 --batch 64 --method integrated_gradients --loop-outputs 1 --repeats 3
+    JAX_DEFAULT_MATMUL_PRECISION=highest step 150 -m benchmarks.attribution --arch vgg16 --batch 64 --loop-outputs 1 ;;
+  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra" >&2; exit 2 ;;
+esac
+log done "$PART"

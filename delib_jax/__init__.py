@@ -1,7 +1,8 @@
 """delib_jax: deliberative explanations (Wang & Vasconcelos, NeurIPS 2019) in JAX / Flax NNX.
 
 The flow, one module per step: `delib_jax.data` -> `delib_jax.train` -> `delib_jax.attribution` ->
-`delib_jax.insecurity` -> `delib_jax.explanation` -> `delib_jax.evaluation` / `delib_jax.visualize` / `delib_jax.report`.
+`delib_jax.insecurity` -> `delib_jax.explanation` -> `delib_jax.evaluation` / `delib_jax.visualize` /
+`delib_jax.report`.
 
     from delib_jax import create_model, explain
     explanations = explain(model, images, class_names=names)   # one Explanation per image

@@ -217,7 +217,7 @@ def from_savable(tree: Any, like: Any) -> Any:
 
 
 def abstract_savable(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
-    """``ShapeDtypeStruct`` target of ``to_savable(tree)`` (tree may be concrete or abstract), placed on ``sharding``."""
+    """``ShapeDtypeStruct`` target of ``to_savable(tree)`` (tree concrete or abstract), placed on ``sharding``."""
 
     def leaf(x):
         shape, dtype = np.shape(x), x.dtype

@@ -62,8 +62,9 @@ def train_stage(out: Path, epochs: int, seed: int, crop: int = 128) -> Path:
         return run_dir
     names = list(load_cub(data_dir).class_names)
     config = RunConfig(
-        **{**SMALL_DEFAULTS, "epochs": epochs, "crop": crop, "resize": round(crop * 8 / 7)}, arch="small", num_classes=len(names), class_names=names,
-        hardness="head", dataset="cub", mean=CUB_STATS.mean, std=CUB_STATS.std, seed=seed,
+        **{**SMALL_DEFAULTS, "epochs": epochs, "crop": crop, "resize": round(crop * 8 / 7)}, arch="small",
+        num_classes=len(names), class_names=names, hardness="head", dataset="cub", mean=CUB_STATS.mean,
+        std=CUB_STATS.std, seed=seed,
         data_dir=str(data_dir.absolute()), synthetic=True,
     )  # fmt: skip
     resume = (run_dir / "config.json").is_file()

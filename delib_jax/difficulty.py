@@ -5,7 +5,7 @@ All are safe at probabilities of exactly 0 and 1 (no NaN in values, gradients or
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

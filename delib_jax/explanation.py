@@ -340,7 +340,8 @@ def make_explain_fn(
 
     Options as for `explain`. The difficulty map defaults to the authors' rule (``difficulty_channels="positive"``:
     channels that make the prediction harder; see `delib_jax.attribution.Options`). With ``mesh`` (see
-    `batch_mesh`) the parameters are replicated on its devices and each batch is padded to a multiple of the device count, sharded along 'batch', and the padding dropped again.
+    `batch_mesh`) the parameters are replicated on its devices and each batch is padded to a multiple of the device
+    count, sharded along 'batch', and the padding dropped again.
     """
     c = model.num_classes
     if top_n is not None and top_n > c:

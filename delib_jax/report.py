@@ -108,7 +108,8 @@ def render_index(
             or "<li class='muted'>none</li>"
         )
         rows.append(
-            f'<tr data-index="{i}" data-difficulty="{s["difficulty"]:.6g}" data-prediction="{_e(s["prediction_name"])}">'
+            f'<tr data-index="{i}" data-difficulty="{s["difficulty"]:.6g}" '
+            f'data-prediction="{_e(s["prediction_name"])}">'
             f'<td class="num">{i + 1}</td><td>{thumb}</td>'
             f'<td title="{_e(s["source"] or "")}">{_e(name)}</td>'
             f'<td>{_e(s["prediction_name"])}<br><span class="muted num">p = {s["confidence"]:.3f}</span></td>'

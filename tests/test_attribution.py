@@ -90,7 +90,7 @@ def test_both_paths_match_brute_force_float32(head_name):
 
 @pytest.mark.parametrize("shape, pooled", [((2, 4, 6, D), (2, 3)), ((2, 4, 6, D), (2, 2)), ((1, 6, 6, D), (3, 3))])
 def test_fast_path_when_pool_windows_tile_the_features(shape, pooled):
-    """VGG at 224 px: 2x2/2 windows tile A exactly, so the fast path keeps (cell, offset) rows and reorders at the end."""
+    """VGG at 224 px: 2x2/2 windows tile A, so the fast path keeps (cell, offset) rows and reorders at the end."""
     with jax.enable_x64(True):
         clf = _randomise(PoolMLPHead(D, C, hidden=(7,), pooled_size=pooled, pool_window=2, pool_stride=2,
                                      rngs=nnx.Rngs(2)), 2, jnp.float64)
@@ -160,13 +160,13 @@ def test_taylor_identity_on_exactly_quadratic_output():
         first, second = _terms.generic_terms(g, a, a, second="diagonal")
         for i in range(3):
             for j in range(3):
-                l = i * 3 + j
+                loc = i * 3 + j
                 zeroed = a.at[:, i, j].set(0.0)
                 diff = g(a) - g(zeroed)
-                np.testing.assert_allclose(first[:, :, l] - 0.5 * second[:, :, l], diff, rtol=1e-10)
+                np.testing.assert_allclose(first[:, :, loc] - 0.5 * second[:, :, loc], diff, rtol=1e-10)
                 e = a - zeroed
                 f0 = jax.jvp(g, (zeroed,), (e,))[1]
-                s0 = jax.jvp(lambda x: jax.jvp(g, (x,), (e,))[1], (zeroed,), (e,))[1]
+                s0 = jax.jvp(lambda x, e=e: jax.jvp(g, (x,), (e,))[1], (zeroed,), (e,))[1]
                 np.testing.assert_allclose(f0 + 0.5 * s0, diff, rtol=1e-10)
         assert np.abs(np.asarray(second)).max() > 0.1  # a genuinely curved case
 
@@ -213,8 +213,8 @@ def test_against_pytorch_autograd_on_same_weights():
             clf = _head("maxpool_adaptive", dtype=jnp.float64)
             a = _features((2, 4, 6, D), dtype=np.float64)
             ours = attribute(clf, a, score="entropy", path="fast")
-            w1, b1 = (np.asarray(clf.linears[0].kernel[...]), np.asarray(clf.linears[0].bias[...]))
-            w2, b2 = (np.asarray(clf.linears[1].kernel[...]), np.asarray(clf.linears[1].bias[...]))
+            w1, b1 = (np.array(clf.linears[0].kernel[...]), np.array(clf.linears[0].bias[...]))  # writable copies
+            w2, b2 = (np.array(clf.linears[1].kernel[...]), np.array(clf.linears[1].bias[...]))
         net = torch.nn.Sequential(
             torch.nn.MaxPool2d(2, 2), torch.nn.AdaptiveAvgPool2d((2, 2)), torch.nn.Flatten(),
             torch.nn.Linear(4 * D, 7), torch.nn.ReLU(), torch.nn.Linear(7, C),
@@ -357,7 +357,8 @@ def test_single_class_head_is_refused():
 
 def test_mismatched_hardness_features():
     with pytest.raises(ValueError, match="share"):
-        attribute(_head("gap_bn"), _features(), hardness_head=_head("gap_bn", 1), hardness_features=_features((2, 3, 3, D)))
+        attribute(_head("gap_bn"), _features(), hardness_head=_head("gap_bn", 1),
+                  hardness_features=_features((2, 3, 3, D)))
 
 
 @pytest.mark.parametrize("method", ["gradient", "gradient_hessian", "integrated_gradients"])
@@ -369,7 +370,10 @@ def test_positive_channel_difficulty_map(method, score):
     pos = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16, difficulty_channels="positive")
     tol = dict(rtol=1e-5, atol=1e-6 * float(np.abs(signed.maps).max()))
     np.testing.assert_allclose(pos.class_maps, signed.class_maps, **tol)
-    s = (lambda x: jax.nn.sigmoid(hard(x)[:, 0])) if score == "hardness" else (lambda x: output_functions(score)[0](clf(x))[:, -1])
+    if score == "hardness":
+        s = lambda x: jax.nn.sigmoid(hard(x)[:, 0])
+    else:
+        s = lambda x: output_functions(score)[0](clf(x))[:, -1]
     if method == "integrated_gradients":
         from delib_jax.attribution import quadrature
 

@@ -153,3 +153,25 @@ def test_random_maps_cover_requested_sizes():
     counts = coverage_counts(32 * 32)
     ranks = pixel_ranks(m[0])
     np.testing.assert_array_equal([(ranks < n).sum() for n in counts[[0, 49, 89]]], counts[[0, 49, 89]])
+
+
+def test_summarize_table_columns_and_undefined_coverages_without_warnings():
+    import warnings
+
+    from delib_jax.evaluation.metrics import COVERAGES
+    from delib_jax.evaluation.tables import TABLE_COVERAGES, markdown_table, summarize
+
+    at = [int(np.argmin(np.abs(COVERAGES - c))) for c in TABLE_COVERAGES]
+    runs = np.full((2, len(COVERAGES)), np.nan)
+    runs[0, at] = [0.1, 0.2, 0.3, 0.4, 0.5]
+    runs[1, at] = [0.3, 0.2, np.nan, 0.4, 0.5]
+    runs[:, at[3]] = np.nan  # 40%: undefined in every run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'Mean of empty slice'
+        s = summarize(runs)
+    assert s["runs"] == 2
+    np.testing.assert_allclose(s["mean"][:3], [20.0, 20.0, 30.0])
+    np.testing.assert_allclose(s["std"][:2], [10.0, 0.0])
+    assert np.isnan(s["mean"][3]) and s["mean"][4] == pytest.approx(50.0)
+    assert s["mean"][5] == pytest.approx(np.mean([np.mean([10, 20, 30, 50]), np.mean([30, 20, 50])]))
+    assert "| – |" in markdown_table([("x", s)], metric="Precision")

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from delib_jax.checkpoint import RunConfig
-from delib_jax.data import load_ade20k, load_cub
-from delib_jax.data import synthetic
+from delib_jax.data import load_ade20k, load_cub, synthetic
 from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS
 from delib_jax.evaluation.run import main
 from delib_jax.train.run import fit
@@ -106,8 +105,8 @@ def test_eval_cli_rejects_bad_options(cub_run, tmp_path, capsys):
 
 
 def test_delib_demo_end_to_end_and_reuse(tmp_path):
-    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo", "--out", str(tmp_path), "--epochs", "1", "--num-images",
-           "4", "--explain-images", "2", "--crop", "64"]
+    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo",
+           "--out", str(tmp_path), "--epochs", "1", "--num-images", "4", "--explain-images", "2", "--crop", "64"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "explain" / "index.html").is_file()

@@ -28,7 +28,8 @@ def planted():
 
     At X the maps are (2, 1, 0.5): C = {0, 1} for K=2; at Y (0.5, 1, 3): C = {1, 2}; on the right (5, 4, 0): C = {0, 1}
     but the difficulty is 0 there. So A = {(0, 1), (1, 2)}; (0, 2) never shares a candidate set although its product is
-    non-zero (X: 2*0.5 = 1, Y: 0.5*3 = 1.5). Ambiguity (0, 1): 2 on X, 0.5 on Y, 0 on the right; (1, 2): 0.5 on X, 3 on Y.
+    non-zero (X: 2*0.5 = 1, Y: 0.5*3 = 1.5). Ambiguity (0, 1): 2 on X, 0.5 on Y, 0 on the right;
+    (1, 2): 0.5 on X, 3 on Y.
     Strength (mean over the 25% mask): (1, 2) -> 3 on Y, then (0, 1) -> 2 on X.
     """
     m0 = 2.0 * X + 0.5 * Y + 5.0 * RIGHT

@@ -1,7 +1,7 @@
 """Property-based checks (hypothesis) of the pieces with simple invariants over many shapes and values."""
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -22,7 +22,8 @@ def test_run_length_round_trip(mask):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shapes.flatmap(lambda s: arrays(np.float32, s, elements=st.floats(-4, 4, width=32, allow_subnormal=False))))  # XLA:CPU flushes subnormals to 0
+# no subnormals: XLA:CPU flushes them to 0
+@given(shapes.flatmap(lambda s: arrays(np.float32, s, elements=st.floats(-4, 4, width=32, allow_subnormal=False))))
 def test_pixel_ranks_are_a_stable_descending_order(values):
     ranks = np.asarray(pixel_ranks(jnp.asarray(values))).ravel()
     assert sorted(ranks.tolist()) == list(range(values.size))  # a permutation

@@ -1,6 +1,7 @@
-"""Train on ADE20K scenes: ``python -m train.ade20k --data-dir /data/ADEChallengeData2016 --arch resnet50 --out runs/ade``.
+"""Train on ADE20K scenes.
 
-Quick start on synthetic scenes: ``python -m train.ade20k --synthetic --out /tmp/run_ade20k`` (``--help`` for every flag).
+    python -m train.ade20k --data-dir /data/ADEChallengeData2016 --arch resnet50 --out runs/ade
+    python -m train.ade20k --synthetic --out /tmp/run_ade20k     # quick start on synthetic scenes; --help: every flag
 """
 
 import sys

@@ -200,7 +200,7 @@ def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
             f, _, _ = _group_terms(head, phi, x0 + alpha * delta, delta, opts, None)
             return acc + weight * f, None
 
-        p_out = jax.eval_shape(lambda y: phi(head(y)), x).shape[-1]
+        p_out = jax.eval_shape(lambda y, head=head, phi=phi: phi(head(y)), x).shape[-1]
         zero = jnp.zeros((a.shape[0], p_out, a.shape[1] * a.shape[2]), x.dtype)
         total, _ = jax.lax.scan(step, zero, (jnp.asarray(alphas), jnp.asarray(weights)))
         if opts.difficulty_channels == "positive" and i == len(groups) - 1:  # the group holding the difficulty

@@ -28,8 +28,8 @@ def generic_terms(
     b, h, w, d = a.shape
     n = h * w
 
-    def one(l):
-        e = v * (jnp.arange(n) == l).reshape(1, h, w, 1).astype(v.dtype)
+    def one(loc):
+        e = v * (jnp.arange(n) == loc).reshape(1, h, w, 1).astype(v.dtype)
 
         def dg(x):
             return jax.jvp(g, (x,), (e,))[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 class DatasetError(ValueError):
-    """A dataset file is missing, malformed or undecodable; the message names the file (and line, when one is at fault)."""
+    """A dataset file is missing, malformed or undecodable; the message names the file (and the line at fault)."""
 
 
 def fail(path: Path | str, message: str, line: int | None = None) -> DatasetError:

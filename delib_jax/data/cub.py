@@ -165,7 +165,7 @@ def find_cub_root(path: str | Path) -> Path:
 
 
 def find_attributes_txt(root: Path) -> Path:
-    """``attributes.txt``: inside ``attributes/`` (as the README says) or beside ``CUB_200_2011/`` (as the tarball has it)."""
+    """``attributes.txt``: in ``attributes/`` (as the README says) or beside ``CUB_200_2011/`` (as in the tarball)."""
     for candidate in (root / "attributes" / "attributes.txt", root.parent / "attributes.txt", root / "attributes.txt"):
         if candidate.is_file():
             return candidate

@@ -590,7 +590,8 @@ def _cub_readme(classes, images_per_class, n_train, size, seed, species, pairs) 
 # -------------------------------------------------------------------------------------------------------- ADE20K
 
 OBJECT_NAMES: tuple[str, ...] = (
-    "wall", "building, edifice", "sky", "floor, flooring", "tree", "ceiling", "road, route", "bed", "windowpane, window",
+    "wall", "building, edifice", "sky", "floor, flooring", "tree", "ceiling", "road, route", "bed",
+    "windowpane, window",
     "grass", "cabinet", "sidewalk, pavement", "person", "earth, ground", "door", "table", "mountain, mount", "plant",
     "curtain", "chair", "car", "water", "painting, picture", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
     "armchair", "seat", "fence", "desk", "rock, stone", "wardrobe, closet", "lamp", "bathtub", "railing", "cushion",

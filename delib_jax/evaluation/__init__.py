@@ -6,7 +6,14 @@ from delib_jax.evaluation.ground_truth import (
     cub_ambiguity_strength,
     select_ground_truth,
 )
-from delib_jax.evaluation.metrics import COVERAGES, coverage_counts, mask_iou, pixel_ranks, point_precision_recall, random_maps
+from delib_jax.evaluation.metrics import (
+    COVERAGES,
+    coverage_counts,
+    mask_iou,
+    pixel_ranks,
+    point_precision_recall,
+    random_maps,
+)
 
 __all__ = [
     "COVERAGES", "ade_ambiguity_strength", "ade_object_frequency", "coverage_counts", "cub_ambiguity_strength",

@@ -11,7 +11,7 @@ gamma = (phi_a + phi_b) / 2. Ground truth = the strongest fraction of (a < b, pa
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -13,9 +13,9 @@ A curve is the mean over insecurities where the metric is defined (see `delib_ja
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +81,7 @@ class EvalOptions:
     difficulty_channels: str = "positive"  # the authors' difficulty map (see attribution.Options)
     seed: int = 0
 
-    def check(self) -> "EvalOptions":
+    def check(self) -> EvalOptions:
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
         if not 2 <= self.k <= self.top_n:

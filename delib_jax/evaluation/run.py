@@ -11,8 +11,8 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -68,13 +68,13 @@ def _load_dataset(dataset: str, data_dir: Path):
 
 
 def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, out: Path, *,
-             ablation: str | None = None, options: EvalOptions = EvalOptions(), progress=print) -> dict:
+             ablation: str | None = None, options: EvalOptions | None = None, progress=print) -> dict:
     """Evaluate every (checkpoint, row) pair; write OUT/results.json, OUT/table.md and plots; return the results."""
     from delib_jax.checkpoint import load_model, load_run_config
     from delib_jax.evaluation import protocol
-    from delib_jax.evaluation.tables import markdown_table, plot_curves, summarize
+    from delib_jax.evaluation.tables import markdown_table, nanmean, plot_curves, summarize
 
-    options.check()
+    options = (options or EvalOptions()).check()
     configs = [load_run_config(c) for c in checkpoints]
     if data_dir is None:
         data_dir = Path(configs[0].data_dir) if configs[0].data_dir else None
@@ -95,7 +95,8 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     baseline: list[dict] = []  # per checkpoint, its first row's result (carrying the random baseline)
     for ckpt, cfg in zip(checkpoints, configs):
         if cfg.num_classes != (ds.num_classes if hasattr(ds, "num_classes") else len(ds.scene_names)):
-            raise UsageError(f"{ckpt} has {cfg.num_classes} classes but the dataset at {data_dir} has a different count")
+            raise UsageError(
+                f"{ckpt} has {cfg.num_classes} classes but the dataset at {data_dir} has a different count")
         model = None
         for setting in settings:
             row = f"{cfg.arch}" if ablation == "archs" else setting.name
@@ -129,18 +130,18 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     (out / "table.md").write_text(table)
     plots = []
     if dataset == "cub":
-        pr = [(n, np.nanmean([r["recall"] for r in rs], 0), np.nanmean([r["precision"] for r in rs], 0))
+        pr = [(n, nanmean([r["recall"] for r in rs], 0), nanmean([r["precision"] for r in rs], 0))
               for n, rs in results.items()]
-        pr.append(("Random", np.nanmean([c for r in baseline for c in r["random_recall"]], 0),
-                   np.nanmean(random_runs, 0)))
+        pr.append(("Random", nanmean([c for r in baseline for c in r["random_recall"]], 0),
+                   nanmean(random_runs, 0)))
         plots.append(plot_curves(out / "precision_recall.png", pr, xlabel="recall (%)", ylabel="precision (%)",
                                  title="Insecurities vs part ambiguity (coverage 1%..90%)"))
         cov = [(n, COVERAGES, y) for n, _, y in pr]
         plots.append(plot_curves(out / "precision_coverage.png", cov, xlabel="coverage (%)",
                                  ylabel="precision (%)", title="Precision by coverage"))
     else:
-        iou = [(n, COVERAGES, np.nanmean([r["iou"] for r in rs], 0)) for n, rs in results.items()]
-        iou.append(("Random", COVERAGES, np.nanmean(random_runs, 0)))
+        iou = [(n, COVERAGES, nanmean([r["iou"] for r in rs], 0)) for n, rs in results.items()]
+        iou.append(("Random", COVERAGES, nanmean(random_runs, 0)))
         plots.append(plot_curves(out / "iou.png", iou, xlabel="coverage (%)", ylabel="IoU (%)",
                                  title="Insecurities vs ambiguous objects"))
     summary = {"dataset": dataset, "data_dir": str(data_dir), "ablation": ablation, "options": options.__dict__,

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from delib_jax.evaluation.metrics import COVERAGES
 
 TABLE_COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def nanmean(x, axis=None, **kw) -> np.ndarray:
+    """np.nanmean that returns NaN without a warning where every value is NaN (a metric undefined at a coverage on
+    every insecurity, common on small evaluations; tables show it as '-')."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.asarray(x, dtype=float), axis=axis, **kw)
+
+
+def _nanstd(x, axis=None) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanstd(np.asarray(x, dtype=float), axis=axis)
 
 
 def _at(curve: np.ndarray, coverage: float) -> float:
@@ -20,8 +35,8 @@ def summarize(curves: Sequence[Sequence[float]]) -> dict:
     """mean and std over runs of a metric at the table's coverages and their average (values in %)."""
     arr = 100.0 * np.asarray(curves, dtype=float)  # (runs, R)
     cols = np.stack([[_at(c, cov) for cov in TABLE_COVERAGES] for c in arr])  # (runs, 5)
-    cols = np.concatenate([cols, np.nanmean(cols, axis=1, keepdims=True)], axis=1)
-    return {"mean": np.nanmean(cols, axis=0).tolist(), "std": np.nanstd(cols, axis=0).tolist(), "runs": len(arr)}
+    cols = np.concatenate([cols, nanmean(cols, axis=1, keepdims=True)], axis=1)
+    return {"mean": nanmean(cols, axis=0).tolist(), "std": _nanstd(cols, axis=0).tolist(), "runs": len(arr)}
 
 
 def markdown_table(rows: Sequence[tuple[str, dict]], *, metric: str) -> str:

@@ -7,7 +7,7 @@ sizes follow torchvision exactly so that its state dicts import one to one (see 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from flax import nnx

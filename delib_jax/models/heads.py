@@ -190,7 +190,7 @@ def _rows_are_locations(u: jax.Array, h: int, w: int) -> jax.Array:
 
 
 def hardness_head(in_channels: int, *, hidden: int = 512, dropout: float = 0.0, rngs: nnx.Rngs) -> PoolMLPHead:
-    """The default jointly trained hardness predictor on A: global average pool -> Linear -> ReLU -> Linear -> 1 logit."""
+    """The default jointly trained hardness predictor on A: global average pool, Linear, ReLU, Linear -> 1 logit."""
     return PoolMLPHead(
         in_channels, 1, hidden=(hidden,) if hidden else (), dropout=dropout,
         dropout_before=(1,) if hidden and dropout else (), rngs=rngs,

@@ -7,8 +7,8 @@ weight / bias / running_mean / running_var -> scale / bias / mean / var.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np

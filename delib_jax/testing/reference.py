@@ -6,7 +6,7 @@ that location's activation vector alone; the cross-location variant uses the ful
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

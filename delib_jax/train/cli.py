@@ -123,7 +123,7 @@ def _positive(args: argparse.Namespace) -> None:
 
 
 def ensure_synthetic(dataset: str, data_dir: Path) -> Path:
-    """Generate the default synthetic dataset into ``data_dir`` unless it is there; atomic (generated beside, renamed)."""
+    """Generate the default synthetic dataset into ``data_dir`` unless it is there (atomic: built beside, renamed)."""
     from delib_jax.data import synthetic
 
     folder = DATASETS[dataset]["folder"]
