@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from delib_jax import insecurity as insec
 from delib_jax.attribution import Attribution, Options, attribute, grad_cam
@@ -475,54 +475,16 @@ def explain(
 # ------------------------------------------------------------------------------------------------ image files
 
 
-class ImageReadError(ValueError):
-    """An image file that cannot be read (missing, empty, corrupt or of an unknown format)."""
-
-
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any Pillow image to 8-bit RGB.
-
-    16-bit grey (modes I;16*, and I, which Pillow uses for 16-bit files) is scaled by 255/65535 (Pillow's own
-    conversion clips at 255 instead); float grey (F) is clipped to [0, 255]; transparency (RGBA, LA, PA, P with a
-    transparent colour) is composited over white; CMYK, YCbCr, 1-bit and palette images use Pillow's conversion.
-    """
-    mode = image.mode
-    if mode in _SIXTEEN_BIT:
-        grey = np.asarray(image, dtype=np.float64)
-        grey = np.clip(np.rint(np.clip(grey, 0, 65535) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "F":
-        grey = np.clip(np.rint(np.asarray(image, np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image if mode == "RGB" else image.convert("RGB")
+ImageReadError = transforms.ImageReadError
+to_rgb = transforms.to_rgb
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Open, fully decode and convert an image file to RGB (`to_rgb`), applying its EXIF orientation.
+    """Open, fully decode and convert an image file to RGB (`to_rgb`), applying its EXIF orientation: the decoder of
+    the training pipelines (`delib_jax.data.transforms.read_rgb`), so explained pixels are what the model saw.
 
-    Raises `ImageReadError` with a one-line reason for a missing, empty, corrupt or unsupported file."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageReadError(f"{path}: empty file")
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = to_rgb(image)
-            rgb.load()
-            return rgb
-    except ImageReadError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        reason = str(e).strip() or type(e).__name__
-        raise ImageReadError(f"{path}: cannot read image ({reason})") from None
+    Raises `ImageReadError` with a one-line reason for a missing, empty, corrupt, unsupported or NaN file."""
+    return transforms.read_rgb(path, exif_orientation=True)
 
 
 def preprocess(

@@ -165,3 +165,49 @@ def test_config_errors(cub):
         cub_source(cub, "validation")
     with pytest.raises(ValueError, match="start_step"):
         _train(cub).iterate(start_step=7)
+
+
+def _odd_images(folder) -> list:
+    """16-bit grey, RGBA, palette (with and without a transparent colour), CMYK and 1-bit files."""
+    rng = np.random.default_rng(5)
+    images = {
+        "sixteen.png": Image.fromarray((rng.random((20, 24)) * 65535).astype(np.uint16)),
+        "rgba.png": Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "RGBA"),
+        "palette.png": Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).convert("P"),
+        "cmyk.tiff": Image.fromarray(rng.integers(0, 256, (20, 24, 4), dtype=np.uint8), "CMYK"),
+        "bits.png": Image.fromarray(rng.random((20, 24)) > 0.5),
+    }
+    transparent = images["palette.png"].copy()
+    transparent.info["transparency"] = 0
+    images["palette_t.png"] = transparent
+    paths = []
+    for name, image in images.items():
+        image.save(folder / name, **({"transparency": 0} if name == "palette_t.png" else {}))
+        paths.append(folder / name)
+    return paths
+
+
+def test_pipeline_decodes_exactly_as_explain(tmp_path):
+    """One decoder for training/evaluation and `delib explain`: 16-bit scaled (not clipped white), alpha over white."""
+    from delib_jax.data.pipeline import decode_image
+    from delib_jax.explanation import read_image
+
+    for path in _odd_images(tmp_path):
+        ours, theirs = np.asarray(decode_image(str(path))), np.asarray(read_image(path))
+        assert ours.dtype == np.uint8 and ours.shape == (20, 24, 3), path
+        np.testing.assert_array_equal(ours, theirs, err_msg=str(path))
+    sixteen = np.asarray(decode_image(str(tmp_path / "sixteen.png")))
+    assert 100 < sixteen.mean() < 155  # Pillow's convert("RGB") clips 16-bit values: almost all white (254)
+    rgba = np.asarray(Image.open(tmp_path / "rgba.png"))
+    clear = rgba[..., 3] == 0
+    if clear.any():
+        assert (np.asarray(decode_image(str(tmp_path / "rgba.png")))[clear] == 255).all()  # over white
+
+
+def test_nan_float_image_is_a_dataset_error_naming_it(tmp_path):
+    bad = tmp_path / "floatnan.tiff"
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), "F").save(bad)
+    from delib_jax.data.pipeline import decode_image
+
+    with pytest.raises(DatasetError, match=r"floatnan\.tiff: .*NaN"):
+        decode_image(str(bad))

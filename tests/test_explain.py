@@ -146,10 +146,14 @@ def test_image_modes_convert_to_rgb(tmp_path):
 def test_unreadable_images_raise_one_clear_error(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.fromarray(np.full((4, 4), np.nan, np.float32), "F").save(tmp_path / "nan.tiff")
+    Image.fromarray(np.array([[1, np.inf]], np.float32), "F").save(tmp_path / "inf.tiff")
     for name, match in [
         ("empty.jpg", "empty file"),
         ("junk.png", "cannot read image"),
         ("missing.png", "cannot read image"),
+        ("nan.tiff", "NaN or infinite"),
+        ("inf.tiff", "NaN or infinite"),
     ]:
         with pytest.raises(ImageReadError, match=match):
             read_image(tmp_path / name)

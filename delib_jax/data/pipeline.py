@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from delib_jax.data import transforms
-from delib_jax.data._text import fail
+from delib_jax.data._text import DatasetError, fail
 from delib_jax.data.ade20k import Ade20kDataset
 from delib_jax.data.cub import CubDataset
 from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, Normalization
@@ -136,13 +136,13 @@ class PipelineConfig:
 
 
 def decode_image(path: str) -> Image.Image:
-    """Open and fully decode an image file; `DatasetError` naming the file if it is missing or corrupt."""
+    """Open and fully decode an image file to RGB exactly as ``delib explain`` does (`transforms.read_rgb`: 16-bit
+    scaled, alpha over white), without EXIF rotation (annotations are in stored pixels); `DatasetError` naming the
+    file if it is missing, corrupt or holds NaN pixels."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB") if image.mode != "RGB" else image.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise fail(path, f"cannot decode image ({e})") from None
+        return transforms.read_rgb(path, exif_orientation=False)
+    except transforms.ImageReadError as e:
+        raise DatasetError(str(e)) from None
 
 
 def decode_mask(path: str, size: tuple[int, int]) -> np.ndarray:

@@ -5,6 +5,9 @@ image's top-left corner at ``(0, 0)``; pixel ``(row i, column j)`` covers ``[j, 
 ``(j + 0.5, i + 0.5)``. This is PIL's convention for ``resize(..., box=...)``, so the affine map used for keypoints is
 exactly the one PIL samples images and masks with.
 
+Images are read with `read_rgb` (and converted with `to_rgb`): the one decoder of the training and evaluation
+pipelines and of ``delib explain``, so that a model sees the same pixels wherever a file is read.
+
 Every transform is a `Plan`: take the source region ``box = (x0, y0, x1, y1)``, resize it to ``size = (W, H)`` and
 optionally mirror it left-right. A source point maps to ``x' = (x - x0) * W / (x1 - x0)`` (then ``W - x'`` if flipped),
 ``y' = (y - y0) * H / (y1 - y0)``; a point that lands outside ``[0, W) x [0, H)`` becomes invisible. Mirroring also
@@ -20,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +199,65 @@ def apply_to_points(
             raise ValueError("a mirrored plan needs flip_perm to swap left and right parts")
         out, inside = out[flip_perm], inside[flip_perm]
     return out, inside
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read (missing, empty, corrupt, of an unknown format, or with NaN/inf pixels)."""
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow image to 8-bit RGB.
+
+    16-bit grey (modes I;16*, and I, which Pillow uses for 16-bit files) is scaled by 255/65535 (Pillow's own
+    conversion clips at 255 instead); float grey (F) is clipped to [0, 255] and refused (`ImageReadError`) if it holds
+    NaN or infinite values; transparency (RGBA, LA, PA, P with a transparent colour) is composited over white; CMYK,
+    YCbCr, 1-bit and palette images use Pillow's conversion.
+    """
+    mode = image.mode
+    if mode in _SIXTEEN_BIT:
+        grey = np.asarray(image, dtype=np.float64)
+        grey = np.clip(np.rint(np.clip(grey, 0, 65535) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, np.float64)
+        if not np.isfinite(values).all():
+            raise ImageReadError("float image with NaN or infinite pixel values")
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.copy() if mode == "RGB" else image.convert("RGB")
+
+
+def read_rgb(path: str | Path, *, exif_orientation: bool = True) -> Image.Image:
+    """Open, fully decode and convert an image file to RGB (`to_rgb`); with ``exif_orientation`` turned upright as
+    its EXIF orientation says (datasets pass False: their annotations are in the stored pixels' coordinates).
+
+    Raises `ImageReadError` ("PATH: reason", one line) for a missing, empty, corrupt, unsupported or NaN file."""
+    path = Path(path)
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as e:
+        raise ImageReadError(f"{path}: cannot read image ({e.strerror or e})") from None
+    if empty:
+        raise ImageReadError(f"{path}: empty file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if exif_orientation:
+                image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+            rgb.load()
+            return rgb
+    except ImageReadError as e:
+        raise ImageReadError(f"{path}: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        reason = str(e).strip() or type(e).__name__
+        raise ImageReadError(f"{path}: cannot read image ({reason})") from None
 
 
 def normalize(image: np.ndarray, stats: Normalization) -> np.ndarray:
