@@ -14,6 +14,7 @@ import json
 import operator
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,13 +186,34 @@ def _check_explain_args(args: argparse.Namespace) -> None:
         raise UsageError(f"checkpoint directory {args.checkpoint} does not exist (give a training run directory)")
     if args.study and not args.examples:
         raise UsageError("--study needs --examples (an example image per class)")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a directory")
+    check_out_dir(args.out)
 
 
-def image_files(inputs: Iterable[str], report: Callable[[str], None]) -> list[Path]:
-    """Files named directly, plus image files (by extension) found recursively in folders, in sorted order.
-    Inputs that do not exist are reported and left out."""
+def check_out_dir(out: str | Path, flag: str = "--out") -> None:
+    """Refuse early an output folder that cannot be created: it, or the nearest existing folder above it, is a file
+    or not writable."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {out} exists and is not a directory")
+    parent = next((p for p in [path, *path.absolute().parents] if p.exists()), None)
+    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
+        why = "is a file" if not parent.is_dir() else "is not writable"
+        raise UsageError(f"{flag} {out} cannot be created: {parent} {why}; choose another folder")
+
+
+def make_out_dir(out: str | Path, flag: str = "--out") -> Path:
+    """Create the output folder, a failure (permissions, a read-only or virtual file system) as one line."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {out} cannot be created ({e.strerror or e}); choose another folder") from None
+    return path
+
+
+def image_files(inputs: Iterable[str], report: Callable[[str], None], missing: list[Path] | None = None) -> list[Path]:
+    """Files named directly, plus image files (by extension) found recursively in folders, in sorted order, each once.
+    Inputs that do not exist are left out and reported (or appended to ``missing``); repeated files are reported."""
     from PIL import Image
 
     extensions = {e.lower() for e in Image.registered_extensions()}
@@ -209,12 +231,24 @@ def image_files(inputs: Iterable[str], report: Callable[[str], None]) -> list[Pa
             files.extend(sorted(found))
         elif path.is_file():
             files.append(path)
+        elif missing is not None:
+            missing.append(path)  # the caller reports them
         else:
             report(f"skipping {path}: no such file or directory")
-    return files
+    unique: dict[Path, Path] = {}
+    for path in files:
+        key = path.resolve()
+        if key in unique:
+            report(f"{path} is given more than once: explained once")
+        else:
+            unique[key] = path
+    return list(unique.values())
 
 
 def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
+    """--examples: class index -> example image path; every entry checked now (a string naming a readable image)."""
+    from delib_jax.explanation import ImageReadError, read_image
+
     if path is None:
         return {}
     try:
@@ -232,6 +266,12 @@ def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
             c = int(key)
         else:
             raise UsageError(f"--examples: {key!r} is not a class of this model")
+        if not isinstance(value, str) or not value:
+            raise UsageError(f"--examples {path}: class {key!r} must map to an image path (a string), got {value!r}")
+        try:
+            read_image(base / value)
+        except ImageReadError as e:
+            raise UsageError(f"--examples {path}: class {key!r}: {e}") from None
         examples[c] = base / value
     return examples
 
@@ -249,13 +289,39 @@ def _figure_name(index: int, path: Path) -> str:
 PROGRESS_FILE = "progress.jsonl"
 
 
-def _read_progress(path: Path, header: dict) -> list[dict]:
-    """Records of a previous, interrupted run into the same folder (a torn last line is dropped).
+def _valid_record(line: str, figures: bool, out: Path) -> dict | None:
+    """A progress line as a record, or None if it is not one (torn, not JSON, missing fields, NaN values, or its
+    figure gone)."""
+    from delib_jax.explanation import Explanation
+
+    try:
+        record = json.loads(line)
+        if not (isinstance(record, dict) and isinstance(record.get("source"), str)):
+            return None
+        if not Explanation.from_json(record).is_finite():
+            return None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    figure = record.get("figure")
+    if figures and not (isinstance(figure, str) and (out / figure).is_file()):
+        return None
+    return record
+
+
+def _read_progress(path: Path, header: dict, report: Callable[[str], None]) -> list[dict]:
+    """Records of a previous, interrupted run into the same folder. Damaged lines (a torn last line, a line that is
+    not a complete record, NaN values) are dropped, with a note, and the file rewritten without them: their images
+    are explained again.
 
     A folder explained with another model or other settings is refused rather than mixed."""
+    from delib_jax.explanation import atomic_write
+
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path} ({e}); delete it to start afresh") from None
     try:
         previous = json.loads(lines[0]) if lines else None
     except json.JSONDecodeError:
@@ -265,19 +331,52 @@ def _read_progress(path: Path, header: dict) -> list[dict]:
             f"{path.parent} holds explanations made with another checkpoint or other settings "
             f"({path.name}); choose another --out or delete that file"
         )
-    records = []
+    records, dropped = [], 0
     for line in lines[1:]:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the line being written when the run was killed
+        record = _valid_record(line, bool(header.get("figures")), path.parent)
+        if record is None:
+            dropped += bool(line.strip())
+        else:
+            records.append(record)
+    if dropped:
+        report(f"{path}: dropped {dropped} damaged line(s) (torn, incomplete or NaN); their images are explained again")
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in [header, *records])
+        atomic_write(path, lambda f: f.write(text), binary=False)
     return records
+
+
+def _size_note(path: Path, width: int, height: int, resize: int, crop: int) -> str | None:
+    """A one-line note for an image the evaluation transform treats badly: far smaller than the crop (blown up), or
+    so elongated that the centre crop keeps a small part of it; None for ordinary images."""
+    from PIL import Image
+
+    notes = []
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        notes.append(f"{width * height / 1e6:.3g} megapixels, slow to read")
+    if min(width, height) < crop / 4:
+        notes.append(f"far smaller than the {crop}-pixel crop, blown up")
+    kept = (crop / resize) ** 2 * min(width, height) / max(width, height)
+    if kept < 0.2:
+        notes.append(f"the centre crop keeps {kept * 100:.2g}% of it")
+    return f"note: {path} ({width}x{height}): " + "; ".join(notes) if notes else None
+
+
+def _check_finite(items: Sequence, checkpoint: str) -> None:
+    """Stop before recording explanations with NaN/inf values (a diverged or damaged model): they would poison the
+    progress file and the JSON outputs."""
+    bad = [str(e.source) for e in items if not e.is_finite()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UsageError(
+            f"the model's outputs are not finite (NaN/inf) for {shown}: the checkpoint {checkpoint} is broken, retrain"
+        )
 
 
 def _run_explain(args: argparse.Namespace) -> int:
     _check_explain_args(args)
     import jax
     import numpy as np
+    from PIL import Image
     from tqdm import tqdm
 
     from delib_jax import explanation as ex
@@ -305,11 +404,16 @@ def _run_explain(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
 
-    files = image_files(args.inputs, report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    missing: list[Path] = []
+    files = image_files(args.inputs, report, missing)
+    if len(missing) == len(args.inputs):
+        raise UsageError(f"no such file or directory: {', '.join(map(str, missing))} (give images or folders)")
+    for path in missing:
+        report(f"skipping {path}: no such file or directory")
+    out = make_out_dir(args.out)
     batch = -(-args.batch_size // mesh.size) * mesh.size  # a multiple of the device count
-    skipped, records, figures = [], [], []
+    skipped = [{"path": str(p), "reason": f"{p}: no such file or directory"} for p in missing]
+    records, figures = [], []
     # Every finished image is appended to OUT/progress.jsonl at once: a killed run resumes without redoing them.
     header = json.loads(json.dumps({  # as it reads back from the file
         "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which, "settings": settings.to_json(),
@@ -318,8 +422,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     progress = out / PROGRESS_FILE
     if args.study:  # the study samples from every explanation of this run: start afresh
         progress.unlink(missing_ok=True)
-    records.extend(_read_progress(progress, header))
+    records.extend(_read_progress(progress, header, report))
     figures.extend(r.get("figure") for r in records)
+    used_figures = set(figures)
     if records:
         done = {r.get("source") for r in records}
         files = [f for f in files if str(f) not in done]
@@ -327,15 +432,26 @@ def _run_explain(args: argparse.Namespace) -> int:
     if not progress.is_file():
         progress.write_text(json.dumps(header) + "\n")
     progress_log = progress.open("a", encoding="utf-8")
+    # Large images (over Pillow's 89-megapixel warning limit, under its error limit) are read without a warning.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     def load(path: Path):
         try:
             image = ex.read_image(path)
-            return ex.preprocess(image, resize=config.resize, crop=config.crop, normalization=config.normalization)
+            note = _size_note(path, image.width, image.height, config.resize, config.crop)
+            pixels = ex.preprocess(image, resize=config.resize, crop=config.crop, normalization=config.normalization)
+            return (*pixels, note)
         except ex.ImageReadError as e:
             return str(e)
         except Exception as e:  # noqa: BLE001 -- a decoder failing in an unexpected way: skip the file, say why
             return f"{path}: cannot read image ({type(e).__name__}: {e})"
+
+    def figure_name(path: Path) -> str:
+        index = len(records)
+        while (name := _figure_name(index, path)) in used_figures:  # kept records of a resumed run hold theirs
+            index += 1
+        used_figures.add(name)
+        return name
 
     def explained() -> Iterator[tuple[ex.Explanation, np.ndarray]]:
         with (
@@ -349,6 +465,8 @@ def _run_explain(args: argparse.Namespace) -> int:
                         report(f"skipping {result}")
                         skipped.append({"path": str(path), "reason": result})
                     else:
+                        if result[2]:
+                            report(result[2])
                         good.append(path)
                         pixels.append(result[0])
                         inputs.append(result[1])
@@ -358,34 +476,38 @@ def _run_explain(args: argparse.Namespace) -> int:
                     items = ex.to_explanations(
                         outputs, settings, class_names=config.class_names, sources=[str(p) for p in good]
                     )
+                    _check_finite(items, args.checkpoint)
                     for e, pix in zip(items, pixels):
                         figure = None
                         if not args.no_figures:
-                            figure = _figure_name(len(records), Path(e.source))
+                            figure = figure_name(Path(e.source))
                             save_figure(e, pix, out / figure, examples=examples)
                         records.append({**e.to_json(), "figure": figure})
                         figures.append(figure)
-                        progress_log.write(json.dumps(records[-1]) + "\n")
+                        progress_log.write(json.dumps(records[-1], allow_nan=False) + "\n")
                         progress_log.flush()
                         yield e, pix
                 bar.update(len(paths))
 
     stream = explained()
-    if args.study:
-        choices = min(5, config.num_classes)
-        study = write_human_study(out / "study", stream, examples, class_names=config.class_names, num_choices=choices)
-        count = len(json.loads(study["questions"].read_text(encoding="utf-8")))
-        report(
-            f"human study: {count} questions of {choices} choices in {out / 'study'}"
-            + ("" if count else f" (each needs {choices} classes with an example image)")
-        )
-    else:
-        for _ in stream:
-            pass
+    with progress_log:
+        if args.study:
+            choices = min(5, config.num_classes)
+            study = write_human_study(
+                out / "study", stream, examples, class_names=config.class_names, num_choices=choices
+            )
+            count = len(json.loads(study["questions"].read_text(encoding="utf-8")))
+            report(
+                f"human study: {count} questions of {choices} choices in {out / 'study'}"
+                + ("" if count else f" (each needs {choices} classes with an example image)")
+            )
+        else:
+            for _ in stream:
+                pass
 
-    progress_log.close()
+    total = len(files) + len(missing)
     if not records:
-        report(f"nothing could be explained ({len(skipped)} unreadable of {len(files)} files)")
+        report(f"nothing could be explained ({len(skipped)} unreadable or missing of {total} files)")
         return 1
     meta = {
         "checkpoint": str(args.checkpoint), "which": args.which, "arch": config.arch,
@@ -404,7 +526,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         "threshold": settings.threshold,
     }
     write_report(out, records, figures, settings={k: v for k, v in shown.items() if v is not None})
-    print(f"explained {len(records)} of {len(files)} images ({len(skipped)} skipped) -> {out}", file=sys.stderr)
+    print(f"explained {len(records)} of {total} images ({len(skipped)} skipped) -> {out}", file=sys.stderr)
     return 0
 
 
@@ -415,4 +537,9 @@ register(
 # Further subcommands register themselves on import.
 from delib_jax import demo as _demo  # noqa: E402,F401  (delib demo)
 
-__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "main", "register"]
+__all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "check_out_dir", "main", "make_out_dir", "register"]
+
+if __name__ == "__main__":  # python -m delib_jax.cli: run the imported module, where the subcommands registered
+    from delib_jax.cli import main as _main
+
+    sys.exit(_main())

@@ -135,6 +135,12 @@ class Explanation:
         """(H, W)."""
         return self.maps[-1]
 
+    def is_finite(self) -> bool:
+        """Whether every value is finite: a model with NaN/inf weights (a diverged training) gives NaN everywhere."""
+        values = [self.probs, self.difficulty, self.maps, self.grad_cam]
+        values += [[q.strength, q.coverage, q.threshold] for q in self.insecurities]
+        return all(np.isfinite(np.asarray(v, np.float64)).all() for v in values)
+
     def to_json(self, *, mask_paths: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-ready dict (floats exact: float32 values survive a round trip); masks run-length encoded, or given
         as PNG paths (one per insecurity, see `write_mask_pngs`)."""

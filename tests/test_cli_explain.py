@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -247,3 +249,109 @@ def test_interrupted_run_resumes_without_redoing_finished_images(workspace, caps
     # other settings into the same folder are refused, not mixed
     code, err = _run([*base, "--k", "2", images], capsys)
     assert code == 2 and "other settings" in err and "Traceback" not in err
+
+
+def _single_line_error(code, err, *needles):
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), err
+
+
+def test_diverged_model_stops_before_recording_nan(workspace, capsys, tmp_path):
+    """NaN weights (a diverged training): one line, exit 2, and progress.jsonl keeps no NaN record to replay."""
+    config = RunConfig(arch="small", num_classes=4, class_names=NAMES, crop=48, resize=56, dataset="cub")
+    save_run_config(tmp_path / "nan_run", config)
+    model = build_model(config, rngs=nnx.Rngs(3))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x * np.nan, params)
+    with RunCheckpoints(tmp_path / "nan_run") as ckpt:
+        ckpt.save("best", 1, params=params, model_state=rest, meta={})
+    out = tmp_path / "out"
+    argv = ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", tmp_path / "nan_run", "--out", out]
+    for _ in range(2):  # the rerun gives the same line, not a crash on a poisoned progress file
+        code, err = _run(argv, capsys)
+        _single_line_error(code, err, "not finite (NaN/inf)", "rgb.jpg", "retrain")
+        assert len((out / "progress.jsonl").read_text().splitlines()) == 1  # the header only
+    assert not (out / "insecurities.json").exists()
+
+
+def test_damaged_progress_lines_are_dropped_and_redone(workspace, capsys, tmp_path):
+    out = tmp_path / "out"
+    images = workspace / "images"
+    base = ["explain", "--checkpoint", workspace / "run", "--out", out, "--batch-size", "2", "--no-figures"]
+    code, _ = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
+    assert code == 0
+    header, first, second = (out / "progress.jsonl").read_text().splitlines()
+    nan = json.loads(second)
+    nan["probs"][0] = float("nan")
+    damaged = [header, "123", first, '{"source": "x", "prediction": 1}', json.dumps(nan), "[]"]
+    (out / "progress.jsonl").write_text("\n".join(damaged) + "\n")
+    code, err = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert "dropped 4 damaged line(s)" in err and "resuming: 1 images already explained" in err
+    data = json.loads((out / "insecurities.json").read_text())
+    assert sorted(Path(r["source"]).name for r in data["images"]) == ["grey.png", "rgb.jpg"]
+    lines = (out / "progress.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "NaN" not in "".join(lines)  # rewritten clean: the next run drops nothing
+    code, err = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
+    assert code == 0 and "dropped" not in err and "resuming: 2 images" in err
+
+
+def test_bad_examples_entries_exit_2_naming_class_and_path(workspace, capsys, tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"not a jpeg")
+    for entry, needles in [
+        ({"sparrow": "missing.jpg"}, ["'sparrow'", "missing.jpg"]),
+        ({"0": 5}, ["'0'", "must map to an image path", "5"]),
+        ({"wren": "junk.jpg"}, ["'wren'", "junk.jpg", "cannot read image"]),
+    ]:
+        examples = tmp_path / "examples.json"
+        examples.write_text(json.dumps(entry))
+        code, err = _run(
+            ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", workspace / "run", "--out",
+             tmp_path / "never", "--examples", examples],
+            capsys,
+        )  # fmt: skip
+        _single_line_error(code, err, *needles)
+
+
+def test_out_that_cannot_be_created_exits_2(workspace, capsys, tmp_path):
+    (tmp_path / "afile").write_text("hi")
+    code, err = _run(
+        ["explain", workspace / "images", "--checkpoint", workspace / "run", "--out", tmp_path / "afile" / "sub"],
+        capsys,
+    )
+    _single_line_error(code, err, "--out", "afile", "is a file")
+
+
+def test_missing_repeated_nan_and_odd_inputs(workspace, capsys, tmp_path):
+    """Missing paths are counted (all missing: exit 2), a file given twice is explained once, a NaN float image is
+    skipped, a sliver of an image is explained with a note, a large image without Pillow's multi-line warning."""
+    images = workspace / "images"
+    code, err = _run(["explain", tmp_path / "nope.jpg", "--checkpoint", workspace / "run", "--out", tmp_path / "o"],
+                     capsys)  # fmt: skip
+    _single_line_error(code, err, "no such file or directory", "nope.jpg")
+    Image.fromarray(np.full((8, 8), np.nan, np.float32), "F").save(tmp_path / "nan.tiff")
+    Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(tmp_path / "sliver.png")
+    out = tmp_path / "out"
+    argv = ["explain", images / "rgb.jpg", images / "rgb.jpg", images, tmp_path / "nan.tiff", tmp_path / "sliver.png",
+            tmp_path / "nope.jpg", "--checkpoint", workspace / "run", "--out", out, "--no-figures"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mp.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # rgb.jpg (4800 px) is now "large" but under the 2x error limit
+        code, err = _run(argv, capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "rgb.jpg is given more than once" in err and "megapixels" in err
+    assert "nan.tiff: float image with NaN" in err and "sliver.png (300x2)" in err and "centre crop keeps" in err
+    data = json.loads((out / "insecurities.json").read_text())
+    names = [Path(r["source"]).name for r in data["images"]]
+    assert sorted(names) == ["cmyk.jpg", "grey.png", "rgb.jpg", "rgba.png", "sixteen.png", "sliver.png"]
+    assert sorted(Path(s["path"]).name for s in data["skipped"]) == ["corrupt.png", "empty.jpg", "nan.tiff", "nope.jpg"]
+    assert "explained 6 of 10 images (4 skipped)" in err
+
+
+def test_python_dash_m(tmp_path):
+    for command in ("explain", "demo"):
+        done = subprocess.run([sys.executable, "-m", "delib_jax.cli", command, "--help"], capture_output=True,
+                              text=True, timeout=120, check=False)  # fmt: skip
+        assert done.returncode == 0 and "--out" in done.stdout, done.stderr
