@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from delib_jax.cli import Command, UsageError, register
+from delib_jax.cli import Command, UsageError, check_out_dir, make_out_dir, register
 
 DESCRIPTION = (
     "Run the whole project on the synthetic birds: generate the data, train, explain the hardest test images, "
@@ -41,10 +41,39 @@ def _stage(name: str) -> float:
 
 
 def _training_done(run_dir: Path) -> bool:
+    """Whether OUT/run/metrics.jsonl holds the test result; a damaged file is a `UsageError` naming it."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return False
-    return any(json.loads(line).get("split") == "test" for line in metrics.read_text().splitlines() if line.strip())
+    text = metrics.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not text.endswith("\n"):
+                continue  # torn: the line being written when training was killed (the resumed run drops it)
+            raise UsageError(f"{metrics}:{number}: not JSON ({e.msg}); delete {run_dir} to train again") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{metrics}:{number}: not a metrics record; delete {run_dir} to train again")
+        if record.get("split") == "test":
+            return True
+    return False
+
+
+def _check_data_dir(data_dir: Path) -> None:
+    """OUT/data must be empty, absent or the synthetic CUB that an earlier demo generated."""
+    from delib_jax.train.cli import DATASETS
+
+    if (data_dir / DATASETS["cub"]["folder"] / "images.txt").is_file():
+        return
+    if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
+        raise UsageError(
+            f"{data_dir} holds other files, not the synthetic birds of an earlier demo: remove {data_dir} or choose "
+            "another --out"
+        )
 
 
 def train_stage(out: Path, epochs: int, seed: int, crop: int = 128) -> Path:
@@ -55,6 +84,7 @@ def train_stage(out: Path, epochs: int, seed: int, crop: int = 128) -> Path:
     from delib_jax.train.cli import SMALL_DEFAULTS, ensure_synthetic
     from delib_jax.train.run import fit
 
+    _check_data_dir(out / "data")
     data_dir = ensure_synthetic("cub", out / "data")
     run_dir = out / "run"
     if _training_done(run_dir):
@@ -116,10 +146,11 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from delib_jax.data import DatasetError
+    from delib_jax.train import cli as train_cli
 
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, DatasetError) as e:
+    except (ValueError, OSError, DatasetError, train_cli.UsageError) as e:
         raise UsageError(str(e)) from None
 
 
@@ -131,8 +162,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--epochs, --num-images and --explain-images must be >= 1")
     if not 32 <= args.crop <= 128:
         raise UsageError(f"--crop must lie in [32, 128] (the synthetic images are 128 px wide), got {args.crop}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(args.out)
+    out = make_out_dir(args.out)
     t0 = _stage("1/3 data + training (small CNN, jointly trained hardness head)")
     run_dir = train_stage(out, args.epochs, args.seed, args.crop)
     print(f"   {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -355,3 +355,22 @@ def test_python_dash_m(tmp_path):
         done = subprocess.run([sys.executable, "-m", "delib_jax.cli", command, "--help"], capture_output=True,
                               text=True, timeout=120, check=False)  # fmt: skip
         assert done.returncode == 0 and "--out" in done.stdout, done.stderr
+
+
+def test_demo_explains_what_blocks_it_in_demo_terms(capsys, tmp_path):
+    """A foreign OUT/data, a damaged OUT/run/metrics.jsonl, an --out under a file: one line each, exit 2."""
+    demo = ["demo", "--epochs", "1", "--crop", "32", "--out"]
+    (tmp_path / "a" / "data").mkdir(parents=True)
+    (tmp_path / "a" / "data" / "x").write_text("")
+    code, err = _run([*demo, tmp_path / "a"], capsys)
+    assert code == 2 and "Traceback" not in err and "--data-dir" not in err
+    assert err.strip().splitlines()[-1].endswith(f"remove {tmp_path / 'a' / 'data'} or choose another --out")
+    (tmp_path / "b" / "data" / "CUB_200_2011").mkdir(parents=True)
+    (tmp_path / "b" / "data" / "CUB_200_2011" / "images.txt").write_text("")  # an earlier demo's data (not read)
+    (tmp_path / "b" / "run").mkdir()
+    (tmp_path / "b" / "run" / "metrics.jsonl").write_text("garbage\n")
+    code, err = _run([*demo, tmp_path / "b"], capsys)
+    assert code == 2 and f"{tmp_path / 'b' / 'run' / 'metrics.jsonl'}:1: not JSON" in err.strip().splitlines()[-1]
+    (tmp_path / "afile").write_text("hi")
+    code, err = _run([*demo, tmp_path / "afile" / "sub"], capsys)
+    _single_line_error(code, err, "--out", "afile is a file")

@@ -160,3 +160,12 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         S.main(["ade20k", "--out", str(tmp_path), "--scenes", "1"])
     assert e.value.code == 2 and "scenes must lie in" in capsys.readouterr().err
+
+
+def test_command_line_out_that_cannot_be_created(tmp_path, capsys):
+    (tmp_path / "afile").write_text("hi")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit) as e:
+            S.main(["cub", "--out", str(out), "--classes", "2", "--images-per-class", "2", "--size", "48"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "afile is a file" in err and len(err.strip().splitlines()) == 1

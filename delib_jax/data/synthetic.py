@@ -438,7 +438,11 @@ def _fmt(x: float) -> str:
 
 
 def _check_out(out: Path, name: str) -> Path:
+    """``out/name``, refused if it holds files or cannot be created (a file in the way)."""
     target = out / name
+    existing = next(p for p in [target, *target.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{target} cannot be created: {existing} is a file; choose another --out")
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} already exists and is not empty: choose another --out")
     return target
@@ -831,8 +835,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.out, scenes=args.scenes, images_per_scene=args.images_per_scene, size=args.size,
                 seed=args.seed, unseen_val_images=args.unseen_val_images, object_info=args.object_info,
             )  # fmt: skip
-    except (ValueError, FileExistsError) as e:
-        parser.exit(2, f"error: {e}\n")
+    except (ValueError, OSError) as e:  # bad options, --out taken or not writable
+        reason = str(e)
+        if isinstance(e, OSError) and e.strerror:  # raised by the file system, not by our checks
+            reason = f"cannot write the dataset into --out {args.out} ({e.strerror}: {e.filename})"
+        parser.exit(2, f"error: {reason}\n")
     print(root)
     return 0
 
