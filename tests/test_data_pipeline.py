@@ -211,3 +211,16 @@ def test_nan_float_image_is_a_dataset_error_naming_it(tmp_path):
 
     with pytest.raises(DatasetError, match=r"floatnan\.tiff: .*NaN"):
         decode_image(str(bad))
+
+
+def test_empty_split_says_which_and_why(tmp_path):
+    make_ade20k(tmp_path / "ade", scenes=2, images_per_scene=3, size=40, seed=0, unseen_val_images=1)
+    ds = load_ade20k(tmp_path / "ade")
+    no_val = type(ds)(**{**ds.__dict__, "is_train": np.ones_like(ds.is_train)})  # every validation image dropped
+    with pytest.raises(ValueError, match=r"the ADE20K validation split of .*ADEChallengeData2016 has no examples \("):
+        eval_pipeline(ade20k_source(no_val, "test"), batch_size=2, resize=36, crop=32)
+    make_cub(tmp_path / "cub", classes=2, images_per_class=2, size=48, seed=0)
+    cub = load_cub(tmp_path / "cub")
+    no_test = type(cub)(**{**cub.__dict__, "is_train": np.ones_like(cub.is_train)})
+    with pytest.raises(ValueError, match=r"CUB test split of .* no image as a test image"):
+        eval_pipeline(cub_source(no_test, "test"), batch_size=2, resize=36, crop=32)

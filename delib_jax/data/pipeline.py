@@ -46,6 +46,8 @@ class Source:
       part_visible: (N, P) bool, or None.
       part_names: P part names (left/right pairs are swapped by flips), or None.
       mask_paths: N one-channel label PNGs (values 0..255), or None.
+      name: what the examples are, for messages ("the CUB test split of ROOT").
+      why_empty: the likely cause should there be no examples (said with "has no examples").
     """
 
     image_paths: tuple[str, ...]
@@ -55,6 +57,8 @@ class Source:
     part_visible: np.ndarray | None = None
     part_names: tuple[str, ...] | None = None
     mask_paths: tuple[str, ...] | None = None
+    name: str = "the source"
+    why_empty: str = ""
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -70,9 +74,23 @@ def _split_indices(is_train: np.ndarray, split: Split) -> np.ndarray:
     raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
 
 
+def _names(
+    dataset: str, root, split: Split, indices: np.ndarray | None, why: dict[str, str], test: str = "test"
+) -> dict[str, str]:
+    """``name`` and ``why_empty`` of a `Source`: which split of which dataset, and why it could be empty."""
+    if indices is not None:
+        return {"name": f"the selected {dataset} images of {root}", "why_empty": "no image index was given"}
+    label = {"train": "training", "test": test, "all": "complete"}[split]
+    return {"name": f"the {dataset} {label} split of {root}", "why_empty": why.get(split, "the dataset lists no image")}
+
+
 def cub_source(ds: CubDataset, split: Split = "train", *, indices: np.ndarray | None = None) -> Source:
     """The CUB examples of ``split`` (official split) or of explicit dataset ``indices``, with their parts."""
     ix = _split_indices(ds.is_train, split) if indices is None else np.asarray(indices, dtype=np.int64)
+    why = {
+        "train": "train_test_split.txt marks no image as a training image, is_training_image 1",
+        "test": "train_test_split.txt marks no image as a test image, is_training_image 0",
+    }
     return Source(
         image_paths=tuple(ds.image_paths[i] for i in ix),
         labels=ds.labels[ix],
@@ -80,17 +98,26 @@ def cub_source(ds: CubDataset, split: Split = "train", *, indices: np.ndarray | 
         parts=ds.parts[ix],
         part_visible=ds.part_visible[ix],
         part_names=ds.part_names,
+        **_names("CUB", getattr(ds, "root", "the dataset"), split, indices, why),
     )
 
 
 def ade20k_source(ds: Ade20kDataset, split: Split = "train", *, indices: np.ndarray | None = None) -> Source:
     """The ADE20K examples of ``split`` ("test" = validation) or of explicit ``indices``: scene labels and masks."""
     ix = _split_indices(ds.is_train, split) if indices is None else np.asarray(indices, dtype=np.int64)
+    dropped = getattr(ds, "num_dropped_val", 0)
+    why = {
+        "train": "images/training holds no image listed in sceneCategories.txt",
+        "test": f"{dropped} validation images were dropped because their scene never occurs in training"
+        if dropped
+        else "images/validation holds no image listed in sceneCategories.txt",
+    }
     return Source(
         image_paths=tuple(ds.image_paths[i] for i in ix),
         labels=ds.labels[ix],
         indices=ix,
         mask_paths=tuple(ds.mask_paths[i] for i in ix),
+        **_names("ADE20K", getattr(ds, "root", "the dataset"), split, indices, why, test="validation"),
     )
 
 
@@ -201,7 +228,8 @@ class Pipeline:
 
     def __init__(self, source: Source, config: PipelineConfig):
         if len(source) == 0:
-            raise ValueError("the source has no examples")
+            why = f" ({source.why_empty})" if source.why_empty else ""
+            raise ValueError(f"{source.name} has no examples{why}")
         self.source = source
         self.config = config
         n, b = len(source), config.batch_size
