@@ -3,9 +3,7 @@
     python -m eval.ade20k --checkpoint runs/ade20k --synthetic --out runs/ade20k/eval
 """
 
-import sys
-
-from delib_jax.evaluation.run import main
+from delib_jax.evaluation.run import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main("ade20k"))
+    exit_process(main("ade20k"))

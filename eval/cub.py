@@ -3,9 +3,7 @@
     python -m eval.cub --checkpoint runs/cub --synthetic --out runs/cub/eval
 """
 
-import sys
-
-from delib_jax.evaluation.run import main
+from delib_jax.evaluation.run import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main("cub"))
+    exit_process(main("cub"))

@@ -13,6 +13,8 @@ A curve is the mean over insecurities where the metric is defined (see `delib_ja
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,8 @@ from tqdm.auto import tqdm
 
 from delib_jax.attribution import make_attribute_fn
 from delib_jax.checkpoint import RunConfig
-from delib_jax.data.pipeline import ade20k_source, cub_source, eval_pipeline
+from delib_jax.data._text import fail
+from delib_jax.data.pipeline import ade20k_source, cub_source, decode_mask, eval_pipeline
 from delib_jax.evaluation import ground_truth as gt
 from delib_jax.evaluation.metrics import (
     COVERAGES,
@@ -35,6 +38,10 @@ from delib_jax.evaluation.metrics import (
     random_maps,
 )
 from delib_jax.insecurity import find_insecurities, product, upsample
+
+
+class NonFiniteOutputs(ValueError):
+    """The model produced NaN or inf (a diverged training run): its explanations and metrics would be garbage."""
 
 
 def _without_difficulty(m_a, m_b, m_s):
@@ -128,6 +135,10 @@ def hardest_images(model, config: RunConfig, source, score: str, num_images: int
     scores = []
     for batch in tqdm(pipe, desc=f"ranking test images by {score}", leave=False, unit="batch"):
         out = predict(jnp.asarray(batch["image"]))
+        outputs = [out.logits] + ([] if out.hardness_logit is None else [out.hardness_logit])
+        if not all(bool(jnp.isfinite(o).all()) for o in outputs):
+            raise NonFiniteOutputs("the model's outputs are not finite (NaN or inf logits on the test images; a "
+                                   "diverged training run): retrain it, e.g. with a lower --lr")
         scores.append(np.asarray(difficulty.score_from_outputs(score, out.logits, out.hardness_logit)))
     scores = np.concatenate(scores)
     return np.argsort(-scores, kind="stable")[: min(num_images, len(scores))]
@@ -136,6 +147,9 @@ def hardest_images(model, config: RunConfig, source, score: str, num_images: int
 def _insecurity_maps(fn, setting: Setting, options: EvalOptions, images: np.ndarray):
     """Valid insecurities of a batch: (image index (M,), pairs (M, 2), ambiguity maps (M, H, W), grid (h, w))."""
     attr = fn(jnp.asarray(images))
+    if not bool(jnp.isfinite(attr.class_maps).all() & jnp.isfinite(attr.difficulty_map).all()):
+        raise NonFiniteOutputs(f"the {setting.method} attribution maps are not finite (NaN or inf; the model's "
+                               "gradients overflow): retrain it, e.g. with a lower --lr")
     size = images.shape[1:3]
     found = find_insecurities(attr.class_maps, attr.difficulty_map, attr.classes, image_size=size, k=options.k,
                               coverage=0.1, combine=setting.combine)
@@ -145,9 +159,10 @@ def _insecurity_maps(fn, setting: Setting, options: EvalOptions, images: np.ndar
     return b_idx, np.asarray(found.pairs)[b_idx, q_idx], maps, found.ambiguity.shape[-2:]
 
 
-def _explained_batches(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions):
+def _explained_batches(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions,
+                       check: Callable[[dict], None] | None = None):
     """(number of images, iterator of (batch, image index (M,), pairs (M, 2), maps (M, H, W), grid)) over the
-    hardest test images, each batch with its valid insecurities."""
+    hardest test images, each batch with its valid insecurities; ``check(batch)`` sees every batch first."""
     test = make_source(dataset, "test")
     chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
     source = make_source(dataset, indices=test.indices[chosen])
@@ -157,6 +172,8 @@ def _explained_batches(model, config: RunConfig, dataset, make_source, setting: 
 
     def batches():
         for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"):
+            if check is not None:
+                check(batch)
             b_idx, pairs, maps, grid = _insecurity_maps(fn, setting, options, batch["image"])
             if len(b_idx):
                 yield batch, b_idx, pairs, maps, grid
@@ -211,38 +228,76 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
     }
 
 
-def _read_mask(path: str) -> np.ndarray:
+def _training_labels(image_path: str, mask_path: str, num_objects: int) -> np.ndarray:
+    """The object labels in one training mask, checked as the training pipeline checks masks (one channel, the size of
+    its image) and against the object vocabulary (labels 0..num_objects); `DatasetError` naming the file."""
     from PIL import Image
 
-    from delib_jax.data import DatasetError
-
     try:
-        with Image.open(path) as image:
-            return np.asarray(image)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot decode mask ({e})") from None
+        with Image.open(image_path) as image:
+            size = image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise fail(image_path, f"cannot read image ({e})") from None
+    values = np.unique(decode_mask(mask_path, size))
+    if values[-1] > num_objects:
+        raise fail(mask_path, f"label {values[-1]} exceeds the {num_objects} objects of the object list "
+                              "(objectInfo150): fix the mask or the object list")
+    return values
 
 
-def ade_object_presence(dataset, cache: Path | None = None) -> np.ndarray:
-    """(N_train, O) bool: which of the objects each training image contains (read once, cached as .npy)."""
-    if cache is not None and cache.is_file():
-        return np.load(cache)
+def _presence_key(dataset) -> str:
+    """Identifies what the object presence is read from: the resolved dataset folder, its training images and the
+    object count (so that another dataset never reuses the cache)."""
+    train = [dataset.stems[i] for i in np.flatnonzero(dataset.is_train)]
+    text = json.dumps([str(Path(dataset.root).resolve()), len(dataset.objects.names), train])
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _cached_presence(cache: Path, key: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """The cached object presence if ``cache`` holds one made from the same dataset (its key file matches)."""
+    key_file = cache.with_suffix(".key")
+    try:
+        if key_file.read_text().strip() != key:
+            return None
+        present = np.load(cache)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return present if present.shape == shape and present.dtype == bool else None
+
+
+def ade_object_presence(dataset, cache: Path | None = None,
+                        progress: Callable[[str], None] | None = None) -> np.ndarray:
+    """(N_train, O) bool: which of the objects each training image contains.
+
+    Read once and cached as ``cache`` (.npy) with the dataset's key beside it (``cache`` with suffix .key); a cache of
+    another dataset (or a damaged one) is rebuilt."""
     num_objects = len(dataset.objects.names)
     train = np.flatnonzero(dataset.is_train)
+    key = _presence_key(dataset)
+    if cache is not None and cache.is_file():
+        present = _cached_presence(cache, key, (len(train), num_objects))
+        if present is not None:
+            return present
+        if progress is not None:
+            progress(f"rebuilding {cache}: it was made from another dataset (or is damaged)")
     present = np.zeros((len(train), num_objects), bool)
     for row, i in enumerate(tqdm(train, desc="object frequencies (training masks)", leave=False, unit="mask")):
-        values = np.unique(_read_mask(dataset.mask_paths[i]))
-        values = values[(values >= 1) & (values <= num_objects)]
+        values = _training_labels(dataset.image_paths[i], dataset.mask_paths[i], num_objects)
+        values = values[values >= 1]
         present[row, values - 1] = True
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, present)
+        cache.with_suffix(".key").unlink(missing_ok=True)
+        with open(cache, "wb") as f:  # np.save(path) would append .npy to another suffix
+            np.save(f, present)
+        cache.with_suffix(".key").write_text(key + "\n")
     return present
 
 
-def ade_ground_truth(dataset, options: EvalOptions, cache: Path | None = None) -> np.ndarray:
+def ade_ground_truth(dataset, options: EvalOptions, cache: Path | None = None,
+                     progress: Callable[[str], None] | None = None) -> np.ndarray:
     """(C, C, O) bool ground truth of ADE20K-format data (phi from the training split)."""
-    present = ade_object_presence(dataset, cache)
+    present = ade_object_presence(dataset, cache, progress)
     phi = gt.ade_object_frequency(dataset.labels[dataset.is_train], present, len(dataset.scene_names))
     return gt.select_ground_truth(gt.ade_ambiguity_strength(phi), options.fraction or 0.01)
 
@@ -251,7 +306,15 @@ def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options
                     truth: np.ndarray) -> dict:
     """IoU curve of one setting on ADE20K-format data (and the random baseline)."""
     options = options.check()
-    n_images, batches = _explained_batches(model, config, dataset, ade20k_source, setting, options)
+    num_objects = truth.shape[-1]
+
+    def check_labels(batch):
+        above = np.flatnonzero(batch["mask"].max(axis=(1, 2)) > num_objects)
+        if len(above):
+            raise fail(dataset.mask_paths[batch["index"][above[0]]],
+                       f"labels exceed the {num_objects} objects of the object list (objectInfo150): fix the mask")
+
+    n_images, batches = _explained_batches(model, config, dataset, ade20k_source, setting, options, check_labels)
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
     iou = Curves()
     rand = [Curves() for _ in range(options.runs)]
