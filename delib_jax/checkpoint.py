@@ -56,7 +56,7 @@ class RunConfig:
       hardness: 'head' (on A, jointly trained), 'network' (separate network) or 'none'.
       hardness_hidden: hidden width of the hardness head.
       dataset: 'cub' or 'ade20k'.
-      crop: network input side (train RandomResizedCrop / test CenterCrop).
+      crop: network input side (train RandomResizedCrop / test CenterCrop), at least `min_crop(arch)`.
       resize: shorter side before the test centre crop.
       mean, std: per-channel normalisation of RGB images in [0, 1].
       seed: parameter initialisation, validation split, shuffling and augmentation.
@@ -402,8 +402,8 @@ def _restore_error(folder: Path, which: Which, error: Exception) -> CheckpointEr
     reason = f"cannot read the array {array[1]}" if array else (text.splitlines() or [type(error).__name__])[0][:120]
     other = "latest" if which == "best" else "best"
     return CheckpointError(
-        f"checkpoint {folder} is unreadable ({reason}): retrain the run, or load its "
-        f"{other!r} checkpoint instead (--which {other}) if that one is intact"
+        f"checkpoint {folder} is unreadable ({reason}): retrain the run, or load its {other!r} checkpoint if that one "
+        f"is intact (delib explain --which {other})"
     )
 
 
@@ -413,11 +413,12 @@ _ORBAX_LEFTOVERS = re.compile(r"exception was never retrieved|Event loop is clos
 def _quiet_failed_restore() -> None:
     """Drop the noise a failed orbax restore leaves behind: its abandoned asyncio reads later log "Task exception was
     never retrieved" and raise "Event loop is closed" in tensorstore threads, each with a long traceback."""
-    if getattr(_quiet_failed_restore, "installed", False):
-        return
-    _quiet_failed_restore.installed = True
-    logging.getLogger("asyncio").addFilter(lambda record: not _ORBAX_LEFTOVERS.search(record.getMessage()))
+    asyncio_log = logging.getLogger("asyncio")
+    if _drop_orbax_leftover not in asyncio_log.filters:
+        asyncio_log.addFilter(_drop_orbax_leftover)
     previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_leftovers", False):
+        return
 
     def hook(unraisable) -> None:
         frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
@@ -425,7 +426,12 @@ def _quiet_failed_restore() -> None:
         if not leftover:
             previous(unraisable)
 
+    hook.drops_orbax_leftovers = True
     sys.unraisablehook = hook
+
+
+def _drop_orbax_leftover(record: logging.LogRecord) -> bool:
+    return not _ORBAX_LEFTOVERS.search(record.getMessage())
 
 
 def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[DeliberativeModel, RunConfig]:
