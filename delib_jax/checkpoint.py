@@ -21,8 +21,13 @@ step, best validation metric so far, ...).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import math
+import re
+import sys
+import traceback
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +56,7 @@ class RunConfig:
       hardness: 'head' (on A, jointly trained), 'network' (separate network) or 'none'.
       hardness_hidden: hidden width of the hardness head.
       dataset: 'cub' or 'ade20k'.
-      crop: network input side (train RandomResizedCrop / test CenterCrop).
+      crop: network input side (train RandomResizedCrop / test CenterCrop), at least `min_crop(arch)`.
       resize: shorter side before the test centre crop.
       mean, std: per-channel normalisation of RGB images in [0, 1].
       seed: parameter initialisation, validation split, shuffling and augmentation.
@@ -114,16 +119,27 @@ class RunConfig:
             problems.append(f"hardness {self.hardness!r} is not 'head', 'network' or 'none'")
         if self.dataset not in ("cub", "ade20k"):
             problems.append(f"dataset {self.dataset!r} is not 'cub' or 'ade20k'")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            problems.append("mean and std need 3 values each, std positive")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(map(math.isfinite, self.mean + self.std)):
+            problems.append(f"mean and std need 3 finite values each, got mean {self.mean}, std {self.std}")
+        elif min(self.std) <= 0:
+            problems.append(f"std must be positive, got {self.std}")
         if not 0 < self.crop <= self.resize:
             problems.append(f"crop {self.crop} must lie in (0, resize={self.resize}]")
+        elif self.arch in ARCHS and not crop_fits(self.arch, self.crop):
+            problems.append(
+                f"crop {self.crop} is too small for arch {self.arch}: its feature grid would be empty; "
+                f"the minimum crop for {self.arch} is {min_crop(self.arch)}"
+            )
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer {self.optimizer!r} is not 'sgd' or 'adamw'")
         if self.schedule not in ("step", "cosine"):
             problems.append(f"schedule {self.schedule!r} is not 'step' or 'cosine'")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:  # False for NaN
+            problems.append(f"momentum must lie in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            problems.append(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
         if self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
             problems.append("batch_size, epochs and steps must be >= 1")
         if self.checkpoint_every < 1 or (self.eval_every is not None and self.eval_every < 1):
@@ -155,6 +171,50 @@ class RunConfig:
             return cls(**data)
         except TypeError as e:  # missing required fields
             raise ValueError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_classifier(arch: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """``arch`` without a hardness predictor, as shapes only (graphdef, abstract state), eval mode."""
+    model = nnx.eval_shape(lambda: create_model(arch, 2, hardness="none"))
+    model.eval()
+    return nnx.split(model)
+
+
+@functools.lru_cache(maxsize=64)
+def crop_fits(arch: str, crop: int) -> bool:
+    """Whether ``arch``'s backbone and class head accept a (crop, crop) input with a non-empty feature grid.
+
+    Shapes only (``jax.eval_shape`` of the abstract model): no parameters are created, nothing is computed. Crops from
+    the architecture's default size up fit without a look (the feature grid grows with the crop)."""
+    if crop >= ARCHS[arch].default_size:
+        return True
+    graphdef, state = _abstract_classifier(arch)
+
+    def grid_and_logits(state, x):
+        m = nnx.merge(graphdef, state)
+        a = m.features(x)
+        return a, m.classifier(a)
+
+    try:
+        a, _ = jax.eval_shape(grid_and_logits, state, jax.ShapeDtypeStruct((1, crop, crop, 3), np.float32))
+    except (ValueError, TypeError, ZeroDivisionError):  # a pooling window larger than its input
+        return False
+    return min(a.shape[1:3]) >= 1
+
+
+@functools.lru_cache(maxsize=8)
+def min_crop(arch: str) -> int:
+    """The smallest crop ``arch`` accepts (`crop_fits`), by bisection below its default input size (the feature grid
+    grows with the crop)."""
+    lo, hi = 1, ARCHS[arch].default_size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if crop_fits(arch, mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def save_run_config(run_dir: str | Path, config: RunConfig) -> Path:
@@ -320,6 +380,60 @@ class RunCheckpoints:
         self.close()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be restored: unreadable files, or not the model config.json describes."""
+
+
+def _restore_error(folder: Path, which: Which, error: Exception) -> CheckpointError:
+    """One actionable line for an orbax restore failure (orbax raises bare ``Exception``s with pages of detail)."""
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(chain)
+    shapes = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))", text)
+    if shapes or "tree structures do not match" in text:
+        what = f" (an array of shape {shapes[2]} in the checkpoint, {shapes[1]} in the model)" if shapes else ""
+        return CheckpointError(
+            f"checkpoint {folder} does not fit the model its run's {CONFIG_FILE} describes{what}: was {CONFIG_FILE} "
+            "edited (arch, num_classes, hardness)? restore the original or retrain"
+        )
+    array = re.search(r'Error reading "([^"/]+)', text)
+    reason = f"cannot read the array {array[1]}" if array else (text.splitlines() or [type(error).__name__])[0][:120]
+    other = "latest" if which == "best" else "best"
+    return CheckpointError(
+        f"checkpoint {folder} is unreadable ({reason}): retrain the run, or load its {other!r} checkpoint if that one "
+        f"is intact (delib explain --which {other})"
+    )
+
+
+_ORBAX_LEFTOVERS = re.compile(r"exception was never retrieved|Event loop is closed")
+
+
+def _quiet_failed_restore() -> None:
+    """Drop the noise a failed orbax restore leaves behind: its abandoned asyncio reads later log "Task exception was
+    never retrieved" and raise "Event loop is closed" in tensorstore threads, each with a long traceback."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _drop_orbax_leftover not in asyncio_log.filters:
+        asyncio_log.addFilter(_drop_orbax_leftover)
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_leftovers", False):
+        return
+
+    def hook(unraisable) -> None:
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        leftover = _ORBAX_LEFTOVERS.search(str(unraisable.exc_value)) or any("orbax" in f.filename for f in frames)
+        if not leftover:
+            previous(unraisable)
+
+    hook.drops_orbax_leftovers = True
+    sys.unraisablehook = hook
+
+
+def _drop_orbax_leftover(record: logging.LogRecord) -> bool:
+    return not _ORBAX_LEFTOVERS.search(record.getMessage())
+
+
 def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[DeliberativeModel, RunConfig]:
     """Rebuild the model of a run and restore its ``which`` ('best' by validation or 'latest') checkpoint.
 
@@ -328,6 +442,7 @@ def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[Deliberat
 
     Raises:
       FileNotFoundError: no such run directory, no config.json, or no ``which`` checkpoint yet.
+      CheckpointError: (a ValueError) the checkpoint's files are unreadable or do not fit config.json's model.
       ValueError: corrupt config.json, or ``which`` not 'best'/'latest'.
     """
     if which not in ("best", "latest"):
@@ -337,13 +452,20 @@ def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[Deliberat
     graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with RunCheckpoints(run_dir, create=False, async_save=False) as ckpt:
-        restored = ckpt.restore(which, params=params, model_state=model_state, sharding=device)
+        try:
+            restored = ckpt.restore(which, params=params, model_state=model_state, sharding=device)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # orbax / tensorstore raise bare Exceptions (and ValueErrors) for damaged files
+            _quiet_failed_restore()
+            raise _restore_error(ckpt.directory / which, which, e) from None
     model = nnx.merge(graphdef, restored["params"], restored["model_state"])
     model.eval()
     return model, config
 
 
 __all__ = [
-    "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "RunCheckpoints", "RunConfig", "abstract_savable",
-    "build_model", "from_savable", "load_model", "load_run_config", "save_run_config", "to_savable",
+    "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "CheckpointError", "RunCheckpoints", "RunConfig",
+    "abstract_savable", "build_model", "crop_fits", "from_savable", "load_model", "load_run_config", "min_crop",
+    "save_run_config", "to_savable",
 ]  # fmt: skip

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from delib_jax.checkpoint import (
+    CheckpointError,
     RunCheckpoints,
     RunConfig,
     build_model,
@@ -38,11 +39,28 @@ def test_config_round_trip(tmp_path):
         (dict(class_names=["a", "b"]), "class names"),
         (dict(hardness="both"), "hardness"),
         (dict(crop=64, resize=36), "crop"),
+        (dict(momentum=float("nan")), "momentum"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(weight_decay=float("inf")), "weight_decay"),
+        (dict(std=(float("nan"), 0.2, 0.2)), "finite"),
+        (dict(mean=(0.5, float("inf"), 0.5)), "finite"),
+        (dict(std=(0.2, 0.0, 0.2)), "std must be positive"),
+        (dict(crop=4), "minimum crop for small is 8"),  # stride 8: a 0x0 feature grid
+        (dict(arch="vgg16", crop=31), "minimum crop for vgg16 is 32"),  # the head's 2x2 max pool needs a 2x2 grid
     ],
 )
 def test_config_rejects_invalid(kw, match):
     with pytest.raises(ValueError, match=match):
         _config(**kw)
+
+
+def test_config_json_with_nan_std_is_refused_naming_the_file(tmp_path):
+    save_run_config(tmp_path, _config())
+    path = tmp_path / "config.json"
+    path.write_text(path.read_text().replace("0.2667", "NaN"))
+    with pytest.raises(ValueError, match=f"{path}.*finite"):
+        load_run_config(tmp_path)
 
 
 def test_load_errors(tmp_path):
@@ -88,3 +106,31 @@ def test_save_restore_round_trip_gives_identical_logits(tmp_path):
     # the dropout streams (typed PRNG keys) survive the round trip
     key = nnx.state(loaded, nnx.RngKey)
     assert all(jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key) for k in jax.tree.leaves(key))
+
+
+def _saved_run(tmp_path, config):
+    save_run_config(tmp_path, config)
+    model = build_model(config)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    with RunCheckpoints(tmp_path) as ckpt:
+        ckpt.save("best", 1, params=params, model_state=rest, meta={})
+
+
+def test_corrupt_checkpoint_is_one_checkpoint_error(tmp_path):
+    _saved_run(tmp_path, _config())
+    chunks = [f for f in (tmp_path / "checkpoints" / "best").rglob("*") if f.is_file() and "/params/" in str(f)]
+    for f in chunks:
+        if f.parent.name == "d":  # the array data files
+            f.write_bytes(f.read_bytes()[:20])
+    message = r"checkpoints/best is unreadable \(cannot read the array .*--which latest"
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(tmp_path)
+    assert "\n" not in str(e.value) and "TensorStore" not in str(e.value)
+
+
+def test_checkpoint_of_another_model_says_config_json_was_edited(tmp_path):
+    _saved_run(tmp_path, _config())
+    save_run_config(tmp_path, _config(num_classes=4, class_names=list("abcd")))  # num_classes edited afterwards
+    with pytest.raises(CheckpointError, match=r"does not fit the model its run's config.json describes") as e:
+        load_model(tmp_path)
+    assert "strict" not in str(e.value) and "ArrayRestoreArgs" not in str(e.value)

@@ -133,6 +133,7 @@ def test_six_fields_elsewhere_is_an_error(tree):
     [
         ("images.txt", 2, "2", "expected 2 fields"),
         ("images.txt", 3, "2 001.x/y.jpg", "duplicate image id 2"),
+        ("images.txt", 3, "-3 001.x/y.jpg", "value -3 must be at least 1$"),
         ("classes.txt", 2, "3 002.Foo", "expected id 2"),
         ("image_class_labels.txt", 4, "4 9", r"outside \[1, 3\]"),
         ("train_test_split.txt", 1, "1 yes", "expected an integer"),

@@ -173,6 +173,18 @@ def test_weights_file_errors(tmp_path):
         load_torchvision(create_model("small", 3), {})
 
 
+@pytest.mark.parametrize("name", ["w.safetensors", "w.npz", "w.pth"])
+def test_garbage_weights_file_is_one_value_error_naming_it(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(ValueError, match=f"weights file {path} is not a readable") as e:
+        read_state_dict(path)
+    assert "\n" not in str(e.value)
+    torch.save([1, 2], tmp_path / "list.pth")  # readable, but not a state dict
+    with pytest.raises(ValueError, match="expected a state dict"):
+        read_state_dict(tmp_path / "list.pth")
+
+
 def test_small_cnn_stride_follows_its_pools():
     from delib_jax.models.backbones import SmallCNN
 

@@ -3,6 +3,7 @@ validation split, sharded step == single-device step."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,10 +24,12 @@ from delib_jax.train import (
     fit,
     hardness_bce,
     joint_loss,
+    load_splits,
     make_mesh,
     shard_batch,
     split_validation,
 )
+from delib_jax.train.run import TrainingDiverged, _is_better
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,6 +193,59 @@ def test_resume_rejects_other_config_and_new_run_over_old(tiny_cub, tmp_path):
         fit(tmp_path / "run", config, progress=False)
     with pytest.raises(ValueError, match="lr=0.5"):
         fit(tmp_path / "run", _config(tiny_cub, steps=1, checkpoint_every=1, eval_every=1, lr=0.5), resume=True)
+
+
+def test_class_without_training_images_is_refused(tiny_cub, tmp_path):
+    shutil.copytree(tiny_cub.parent, tmp_path / "copy")  # attributes.txt sits beside the CUB_200_2011 folder
+    data = tmp_path / "copy" / tiny_cub.name
+    root = next(data.rglob("train_test_split.txt")).parent
+    ds = load_cub(data)
+    third = {i + 1 for i in np.flatnonzero(ds.labels == 2)}  # image ids (1-based, in images.txt order) of class 3
+    ids = [int(line.split()[0]) for line in (root / "images.txt").read_text().splitlines()]
+    lines = [f"{i} {0 if i in third else 1}" for i in ids]
+    (root / "train_test_split.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"no training images for class {ds.class_names[2]}"):
+        load_splits("cub", data, val_fraction=0.1, seed=0)
+
+
+def _finite_leaves(model) -> bool:
+    return all(np.all(np.isfinite(x)) for x in _leaves(model) if np.issubdtype(x.dtype, np.floating))
+
+
+def _diverging(data_dir, **kw) -> RunConfig:
+    """SGD at lr 1000 on this seed: finite but huge losses for 5 steps, an infinite validation loss at step 6."""
+    return _config(data_dir, optimizer="sgd", schedule="step", lr=1000.0, eval_every=1, **kw)
+
+
+def test_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tiny_cub, tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"diverged at epoch 2 step 6 \(validation loss inf\); the last finite "
+                                               r"checkpoint \(step 5\) is kept .*lower --lr"):  # fmt: skip
+        fit(tmp_path / "run", _diverging(tiny_cub, checkpoint_every=1), progress=False, log_every=1)
+    for which in ("latest", "best"):
+        model, _ = load_model(tmp_path / "run", which=which)
+        assert _finite_leaves(model)
+    assert (tmp_path / "run" / "config.json").is_file()  # a run with checkpoints stays for inspection
+
+
+def test_nan_validation_loss_is_never_the_best():
+    nan = {"accuracy": 0.9, "loss": float("nan")}
+    assert not _is_better(nan, None) and not _is_better(nan, {"accuracy": 0.1, "loss": 5.0})
+    assert _is_better({"accuracy": 0.5, "loss": 5.0}, {"accuracy": 0.5, "loss": 6.0})
+
+
+def test_failed_first_start_leaves_nothing_that_blocks_a_retry(tiny_cub, tmp_path):
+    run = tmp_path / "run"
+    np.savez(tmp_path / "w.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match="no torchvision weights"):  # the weights are read before config.json
+        fit(run, _config(tiny_cub, weights=str(tmp_path / "w.npz")), progress=False)
+    assert not (run / "config.json").exists()
+    # diverged before the first training checkpoint (step 6): nothing to resume, so the start is undone
+    config = _diverging(tiny_cub, checkpoint_every=6)
+    with pytest.raises(TrainingDiverged, match="step 6 .*no training checkpoint was saved.*run again"):
+        fit(run, config, progress=False)
+    assert not run.exists()
+    with pytest.raises(_Killed):  # the same start again trains (is not refused as "already holds a run")
+        fit(run, config, progress=False, on_step=_kill_at(1))
 
 
 # -------------------------------------------------------------------------------------------------- sharding

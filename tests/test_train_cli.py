@@ -42,12 +42,22 @@ def test_without_data_dir_says_how_to_point_at_cub():
         (["--synthetic"], "--out"),
         (["--data-dir", "{tmp}"], "--out"),
         (["--data-dir", "{tmp}", "--out", "{tmp}/run"], "not a CUB-200-2011 release"),
+        (["--synthetic", "--out", "{tmp}/run", "--momentum", "nan"], "--momentum must lie in [0, 1), got nan"),
+        (["--synthetic", "--out", "{tmp}/run", "--weight-decay", "-1"], "--weight-decay must be finite and >= 0"),
+        (["--synthetic", "--out", "{tmp}/run", "--lr", "inf"], "--lr must be positive and finite"),
+        (["--synthetic", "--out", "{tmp}/run", "--crop", "4"], "--crop 4 is too small for --arch small"),
+        (["--synthetic", "--out", "{tmp}/run", "--arch", "vgg16", "--crop", "16"], "use --crop 32 or more"),
+        (["--synthetic", "--out", "{tmp}/afile"], "--out {tmp}/afile is a file"),
+        (["--synthetic", "--out", "{tmp}/afile/sub"], "cannot be created: {tmp}/afile is a file"),
+        (["--synthetic", "--out", "/proc/delib_x"], "--out /proc/delib_x cannot be created"),
     ],
 )
 def test_clear_errors(argv, message, tmp_path, capsys):
+    (tmp_path / "afile").write_text("hi")
     assert main("cub", [a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "synthetic_data").exists()
 
 
 def test_bad_flags_exit_2(capsys):

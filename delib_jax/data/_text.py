@@ -62,6 +62,10 @@ def to_int(path: Path, line: int, token: str, *, low: int | None = None, high: i
     except ValueError:
         raise fail(path, f"expected an integer, found {token!r}", line) from None
     if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise fail(path, f"value {value} must be at least {low}", line)
+        if low is None:
+            raise fail(path, f"value {value} must be at most {high}", line)
         raise fail(path, f"value {value} outside [{low}, {high}]", line)
     return value
 

@@ -92,37 +92,58 @@ def torchvision_entries(model: DeliberativeModel, *, backbone_root: tuple = ("ba
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a torchvision-format state dict from .safetensors, .npz or (with torch installed) .pth / .pt."""
+    """Read a torchvision-format state dict from .safetensors, .npz or (with torch installed) .pth / .pt.
+
+    Raises FileNotFoundError for a missing file, ValueError (one line naming the file) for an unsupported or
+    unreadable one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        sd = load_file(str(path))
-    elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            sd = {k: f[k] for k in f.files}
-    elif suffix in (".pth", ".pt"):
+    if suffix not in (".safetensors", ".npz", ".pth", ".pt"):
+        raise ValueError(f"{path.name}: unsupported weights format {suffix!r}; use .safetensors, .npz or .pth")
+    if suffix in (".pth", ".pt"):
         try:
-            import torch
+            import torch  # noqa: F401
         except ImportError as e:
             raise ValueError(
                 f"{path.name}: reading .pth needs torch; convert it to .safetensors or .npz instead"
             ) from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{path.name}: expected a state dict (a mapping of names to tensors)")
-        sd = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
-    else:
-        raise ValueError(f"{path.name}: unsupported weights format {suffix!r}; use .safetensors, .npz or .pth")
+    try:
+        sd = _read(path, suffix)
+    except Exception as e:  # each reader raises its own types (SafetensorError, BadZipFile, UnpicklingError, ...)
+        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 100 else reason[:100] + " ..."
+        raise ValueError(
+            f"weights file {path} is not a readable {suffix} state dict ({type(e).__name__}: {reason}): "
+            "check the file (re-download or re-export it)"
+        ) from None
+    if not isinstance(sd, Mapping) or not all(isinstance(v, np.ndarray) for v in sd.values()):
+        raise ValueError(f"weights file {path}: expected a state dict (a mapping of names to tensors)")
     # Checkpoints saved from DataParallel prefix every key with 'module.'.
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _read(path: Path, suffix: str) -> object:
+    """The contents of a weights file: a dict of numpy arrays, or whatever else a .pth file holds (checked by the
+    caller)."""
+    if suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    import torch
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
 
 
 def _convert(kind: str, w: np.ndarray) -> np.ndarray:

@@ -1,12 +1,13 @@
 """Command lines ``python -m train.cub`` and ``python -m train.ade20k``: flags -> `RunConfig` -> `fit`.
 
 Exit status: 0 done, 2 the run could not start or continue as asked (bad flags, missing data, nothing to resume,
-missing weights file, ...: one line on stderr), 130 interrupted (resume with ``--resume``).
+missing weights file, ...) or diverged (NaN loss): one line on stderr; 130 interrupted (resume with ``--resume``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 from collections.abc import Sequence
@@ -118,8 +119,42 @@ def _positive(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be positive and finite, got {args.lr}")
+    if args.momentum is not None and not 0 <= args.momentum < 1:  # False for NaN
+        raise UsageError(f"--momentum must lie in [0, 1), got {args.momentum}")
+    if args.weight_decay is not None and not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        raise UsageError(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
+
+
+def _check_crop(args: argparse.Namespace) -> None:
+    """--crop at least the architecture's minimum (a smaller input leaves an empty feature grid: NaN losses)."""
+    from delib_jax.checkpoint import crop_fits, min_crop
+
+    arch = args.arch or ("small" if args.synthetic else "resnet50")
+    if args.crop is not None and not crop_fits(arch, args.crop):
+        raise UsageError(
+            f"--crop {args.crop} is too small for --arch {arch} (its feature grid would be empty): use --crop "
+            f"{min_crop(arch)} or more"
+        )
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a folder that exists or can be created (tried, then removed: the run creates it when it starts)."""
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out} is a file: choose a folder")
+        return
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--out {out} cannot be created: {parent} is a file")
+    try:
+        out.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be created ({e.strerror or e}): choose another folder") from None
+    out.rmdir()
 
 
 def ensure_synthetic(dataset: str, data_dir: Path) -> Path:
@@ -200,10 +235,13 @@ def init_distributed(args: argparse.Namespace) -> None:
 def run(dataset: str, argv: Sequence[str] | None) -> int:
     args = build_parser(dataset).parse_args(argv)
     _positive(args)
+    if not args.resume:
+        _check_crop(args)
     if not args.resume and not args.synthetic and args.data_dir is None:
         raise UsageError(missing_data_message(dataset))
     if args.out is None:
         raise UsageError("--out RUN_DIR is required (where config.json, checkpoints/ and metrics.jsonl go)")
+    _check_out(args.out)
     if args.weights is not None and not Path(args.weights).is_file():
         raise UsageError(f"--weights {args.weights}: no such file")
     from delib_jax.checkpoint import load_run_config
@@ -245,6 +283,9 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         return run(dataset, argv)
     except (UsageError, DatasetError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --out on a read-only or special file system
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)

@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from delib_jax.checkpoint import CONFIG_FILE, METRICS_FILE, RunCheckpoints, RunConfig, load_run_config, save_run_config
+from delib_jax.checkpoint import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    RunCheckpoints,
+    RunConfig,
+    load_run_config,
+    save_run_config,
+)
 from delib_jax.data import load_ade20k, load_cub
 from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
 from delib_jax.train.loop import TrainState, compile_steps, create_train_state, make_mesh, replicated, shard_batch
@@ -54,10 +65,18 @@ def split_validation(train_indices: np.ndarray, fraction: float, seed: int) -> t
 
 
 def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed: int) -> Splits:
-    """Read CUB-200-2011 ('cub') or ADE20K ('ade20k') and split it (raises the readers' DatasetError)."""
+    """Read CUB-200-2011 ('cub') or ADE20K ('ade20k') and split it (raises the readers' DatasetError; ValueError for
+    a CUB class without training images, which the classifier could never learn)."""
     if dataset == "cub":
         ds, make = load_cub(data_dir), cub_source
         names = list(ds.class_names)
+        empty = np.flatnonzero(np.bincount(ds.labels[ds.is_train], minlength=len(names)) == 0)
+        if len(empty):
+            shown = ", ".join(names[i] for i in empty[:5]) + (f" ... ({len(empty)} classes)" if len(empty) > 5 else "")
+            raise ValueError(
+                f"{data_dir}: no training images for class {shown} (image_class_labels.txt, train_test_split.txt): "
+                "give every class of classes.txt training images"
+            )
     elif dataset == "ade20k":
         ds, make = load_ade20k(data_dir), ade20k_source
         names = list(ds.scene_names)
@@ -122,15 +141,22 @@ def _keep(line: str, until: int) -> bool:
         return False
 
 
+class TrainingDiverged(ValueError):
+    """The training or validation loss, or the parameters, became NaN or infinite (a learning rate too high, ...)."""
+
+
 def _is_better(val: dict, best: dict | None) -> bool:
-    """Higher validation accuracy, ties broken by lower validation loss."""
+    """Higher validation accuracy, ties broken by lower validation loss; a non-finite loss is never better."""
+    if not math.isfinite(val["loss"]):
+        return False
     if best is None:
         return True
     return (val["accuracy"], -val["loss"]) > (best["accuracy"], -best["loss"])
 
 
-def prepare_run(run_dir: Path, config: RunConfig | None, *, resume: bool) -> RunConfig:
-    """The run's configuration: written for a new run, read (and checked against ``config``) on resume.
+def prepare_run(run_dir: Path, config: RunConfig | None, *, resume: bool, write: bool = True) -> RunConfig:
+    """The run's configuration: written for a new run (unless ``write=False``: checked only), read (and checked against
+    ``config``) on resume.
 
     Raises FileNotFoundError when resuming a run that does not exist, ValueError when starting a new run over an
     existing one or resuming with a different configuration.
@@ -151,9 +177,47 @@ def prepare_run(run_dir: Path, config: RunConfig | None, *, resume: bool) -> Run
         raise ValueError("a new run needs a RunConfig")
     if (run_dir / CONFIG_FILE).exists():
         raise ValueError(f"{run_dir} already holds a run: pass resume=True (--resume) or choose another output folder")
-    if jax.process_index() == 0:
+    if write and jax.process_index() == 0:
         save_run_config(run_dir, config)
     return config
+
+
+def _check_finite(what: str, value: float | None, *, step: int, steps_per_epoch: int, ckpt: RunCheckpoints) -> None:
+    """Stop a diverged run (TrainingDiverged) rather than train on, and later select, a NaN model (value None: the
+    check on ``what`` failed without a number)."""
+    if value is not None and math.isfinite(value):
+        return
+    saved = ckpt.step("latest")
+    if saved is not None:
+        kept = f"the last finite checkpoint (step {saved}) is kept in {ckpt.directory}; lower --lr"
+        then = "start a new run with another --out"
+    else:
+        kept, then = "no training checkpoint was saved yet; lower --lr", "run again"
+    detail = what if value is None else f"{what} {value}"
+    raise TrainingDiverged(
+        f"training diverged at epoch {math.ceil(step / steps_per_epoch)} step {step} ({detail}); {kept} (or check "
+        f"the data and --weights) and {then}"
+    )
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point leaf of ``tree`` is finite (one reduction on the device)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _remove_unsaved_start(run_dir: Path, existed: bool) -> None:
+    """Undo a new run that failed before its first checkpoint (nothing to resume): its config.json, metrics and empty
+    checkpoint folders, so that the same command can be retried; folders that held something else stay."""
+    latest = run_dir / CHECKPOINT_DIR / "latest"
+    if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+        return
+    for name in (CONFIG_FILE, METRICS_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+    if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def fit(
@@ -180,10 +244,39 @@ def fit(
 
     Returns:
       dict with steps, best_step, val_accuracy (best), test_accuracy, test_loss (best model), wall_s.
+
+    Raises:
+      TrainingDiverged: (a ValueError) a training or validation loss, or the parameters at a checkpoint, became NaN
+        or infinite; the checkpoints saved before stay.
+      ValueError, FileNotFoundError, OSError: the run cannot start (data, splits, weights, run folder). A new run that
+        fails before its first checkpoint leaves nothing behind that would block starting it again.
     """
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
-    config = prepare_run(run_dir, config, resume=resume)
+    existed = run_dir.exists()
+    config = prepare_run(run_dir, config, resume=resume, write=False)
+    try:
+        summary = _fit(run_dir, config, resume=resume, progress=progress, log_every=log_every,
+                       num_threads=num_threads, on_step=on_step)  # fmt: skip
+    except Exception:
+        if not resume and jax.process_index() == 0:
+            _remove_unsaved_start(run_dir, existed)
+        raise
+    return {**summary, "wall_s": time.perf_counter() - t_start}
+
+
+def _fit(
+    run_dir: Path,
+    config: RunConfig,
+    *,
+    resume: bool,
+    progress: bool,
+    log_every: int,
+    num_threads: int,
+    on_step: Callable[[int, TrainState], None] | None,
+) -> dict[str, Any]:
+    """`fit` once the configuration is known: everything that can fail on the data or weights runs before config.json
+    of a new run is written."""
     splits = load_splits(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
     mesh = make_mesh()
     if config.batch_size % mesh.devices.size:
@@ -209,11 +302,14 @@ def fit(
     eval_every = config.eval_every or steps_per_epoch
     step_fn, eval_fn = compile_steps(mesh)
     lead = jax.process_index() == 0
+    if not resume:  # the ImageNet weights are read before anything is written
+        state = create_train_state(config, total_steps=n_steps, mesh=mesh)
+        prepare_run(run_dir, config, resume=False)
 
     with RunCheckpoints(run_dir) as ckpt:
         restoring = resume and ckpt.step("latest") is not None
-        # ImageNet weights only for a fresh start: a restored state overwrites them
-        state = create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not restoring)
+        if resume:  # ImageNet weights only for a fresh start: a restored state overwrites them
+            state = create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not restoring)
         start, best = 0, None
         if restoring:
             state, meta = restore_train_state(ckpt, state, mesh)
@@ -232,6 +328,7 @@ def fit(
             window.append(metrics)
             done = step + 1
             bar.update(1)
+            where = dict(step=done, steps_per_epoch=steps_per_epoch, ckpt=ckpt)
             # windows also end at checkpoints, so a resumed run logs exactly what an uninterrupted one does
             if done % log_every == 0 or done % config.checkpoint_every == 0 or done == n_steps:
                 record = _mean(window)
@@ -240,18 +337,22 @@ def fit(
                     step=done, epoch=done / steps_per_epoch, images_per_s=len(window) * config.batch_size / elapsed
                 )
                 log.write({"split": "train", **record})
+                _check_finite("training loss", record["loss"], **where)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                                 img_s=f"{record['images_per_s']:.0f}")  # fmt: skip
                 window, t_window = [], time.perf_counter()
             if done % eval_every == 0 or done == n_steps:
                 val = evaluate(eval_fn, state, evals["val"], mesh)
                 log.write({"split": "val", "step": done, **val})
+                _check_finite("validation loss", val["loss"], **where)
                 if _is_better(val, best):
                     best = {**val, "step": done}
                     ckpt.save("best", done, params=state.params, model_state=state.model_state, meta={"best": best})
                 bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
                           f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
             if done % config.checkpoint_every == 0 or done == n_steps:
+                if not bool(_all_finite((state.params, state.model_state))):  # never save a NaN model
+                    _check_finite("non-finite parameters", None, **where)
                 ckpt.save(
                     "latest", done, params=state.params, model_state=state.model_state, opt_state=state.opt_state,
                     meta={"best": best, "epoch": done / steps_per_epoch},
@@ -265,7 +366,7 @@ def fit(
     log.write({"split": "test", "step": n_steps, "best_step": best["step"], **test})
     return {
         "steps": n_steps, "best_step": best["step"], "val_accuracy": best["accuracy"],
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "wall_s": time.perf_counter() - t_start,
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
     }  # fmt: skip
 
 
@@ -293,6 +394,6 @@ def restore_best(ckpt: RunCheckpoints, like: TrainState, mesh) -> TrainState:
 
 
 __all__ = [
-    "MetricsLog", "Splits", "evaluate", "fit", "load_splits", "prepare_run", "restore_best", "restore_train_state",
-    "split_validation", "total_steps",
+    "MetricsLog", "Splits", "TrainingDiverged", "evaluate", "fit", "load_splits", "prepare_run", "restore_best",
+    "restore_train_state", "split_validation", "total_steps",
 ]  # fmt: skip
