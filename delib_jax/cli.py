@@ -65,8 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_process(status: int) -> None:
+    """``sys.exit(status)`` for the command-line entry points, but after Ctrl-C (130) leave at once: the interpreter's
+    shutdown can then crash (SIGSEGV, exit 139) in XLA work the interrupt cut short; all finished work is on disk."""
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
+def console() -> None:
+    """The ``delib`` console script: `main`, then `exit_process`."""
+    exit_process(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``delib`` console script; returns the exit status."""
+    """The ``delib`` command; returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -540,6 +555,6 @@ from delib_jax import demo as _demo  # noqa: E402,F401  (delib demo)
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "check_out_dir", "main", "make_out_dir", "register"]
 
 if __name__ == "__main__":  # python -m delib_jax.cli: run the imported module, where the subcommands registered
-    from delib_jax.cli import main as _main
+    from delib_jax.cli import console
 
-    sys.exit(_main())
+    console()

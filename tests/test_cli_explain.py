@@ -374,3 +374,14 @@ def test_demo_explains_what_blocks_it_in_demo_terms(capsys, tmp_path):
     (tmp_path / "afile").write_text("hi")
     code, err = _run([*demo, tmp_path / "afile" / "sub"], capsys)
     _single_line_error(code, err, "--out", "afile is a file")
+
+
+def test_exit_process_flushes_and_leaves_with_the_status():
+    """Ctrl-C (130) leaves through os._exit, after flushing what was printed; other statuses through sys.exit."""
+    import subprocess
+    import sys
+
+    for status in (130, 0, 2):
+        code = f"from delib_jax.cli import exit_process; print('bye', end=''); exit_process({status})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert (done.returncode, done.stdout) == (status, "bye")

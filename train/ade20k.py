@@ -4,9 +4,9 @@
     python -m train.ade20k --synthetic --out /tmp/run_ade20k     # quick start on synthetic scenes; --help: every flag
 """
 
-import sys
 
+from delib_jax.cli import exit_process
 from delib_jax.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("ade20k"))
+    exit_process(main("ade20k"))

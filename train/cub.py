@@ -3,9 +3,9 @@
 Quick start on synthetic birds: ``python -m train.cub --synthetic --out /tmp/run_cub`` (``--help`` for every flag).
 """
 
-import sys
 
+from delib_jax.cli import exit_process
 from delib_jax.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("cub"))
+    exit_process(main("cub"))

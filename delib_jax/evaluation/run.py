@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -295,12 +294,3 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.out}/results.json, table.md and {', '.join(summary['plots'])}")
     return 0
 
-
-def exit_process(status: int) -> None:
-    """``sys.exit(status)``, but after Ctrl-C (130) leave at once: the interpreter's shutdown can then crash (SIGSEGV,
-    exit 139) in XLA work the interrupt cut short; everything finished is already on disk."""
-    if status == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
