@@ -302,6 +302,7 @@ def _figure_name(index: int, path: Path) -> str:
 
 
 PROGRESS_FILE = "progress.jsonl"
+_IMAGE_HINT = (".jpg", ".png", ".tif", ".bmp", ".webp")
 
 
 def _valid_record(line: str, figures: bool, out: Path) -> dict | None:
@@ -315,6 +316,7 @@ def _valid_record(line: str, figures: bool, out: Path) -> dict | None:
             return None
         if not Explanation.from_json(record).is_finite():
             return None
+        json.dumps(record, allow_nan=False)  # NaN / Infinity in any other field: not a record we wrote
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     figure = record.get("figure")
@@ -423,6 +425,9 @@ def _run_explain(args: argparse.Namespace) -> int:
     files = image_files(args.inputs, report, missing)
     if len(missing) == len(args.inputs):
         raise UsageError(f"no such file or directory: {', '.join(map(str, missing))} (give images or folders)")
+    if not files:
+        given = ", ".join(str(p) for p in args.inputs if Path(p) not in missing)
+        raise UsageError(f"no image files in {given} (looked for {', '.join(_IMAGE_HINT)}, ... recursively)")
     for path in missing:
         report(f"skipping {path}: no such file or directory")
     out = make_out_dir(args.out)
@@ -440,6 +445,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     records.extend(_read_progress(progress, header, report))
     figures.extend(r.get("figure") for r in records)
     used_figures = set(figures)
+    total = len(files) + len(missing)  # before the files explained by an earlier run are left out
     if records:
         done = {r.get("source") for r in records}
         files = [f for f in files if str(f) not in done]
@@ -520,7 +526,6 @@ def _run_explain(args: argparse.Namespace) -> int:
             for _ in stream:
                 pass
 
-    total = len(files) + len(missing)
     if not records:
         report(f"nothing could be explained ({len(skipped)} unreadable or missing of {total} files)")
         return 1

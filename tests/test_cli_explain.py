@@ -284,17 +284,28 @@ def test_damaged_progress_lines_are_dropped_and_redone(workspace, capsys, tmp_pa
     header, first, second = (out / "progress.jsonl").read_text().splitlines()
     nan = json.loads(second)
     nan["probs"][0] = float("nan")
-    damaged = [header, "123", first, '{"source": "x", "prediction": 1}', json.dumps(nan), "[]"]
+    other = {**json.loads(second), "confidence": float("inf")}  # a field the Explanation does not read back
+    damaged = [header, "123", first, '{"source": "x", "prediction": 1}', json.dumps(nan), "[]", json.dumps(other)]
     (out / "progress.jsonl").write_text("\n".join(damaged) + "\n")
     code, err = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
     assert code == 0 and "Traceback" not in err, err
-    assert "dropped 4 damaged line(s)" in err and "resuming: 1 images already explained" in err
+    assert "dropped 5 damaged line(s)" in err and "resuming: 1 images already explained" in err
+    assert "explained 2 of 2 images" in err
     data = json.loads((out / "insecurities.json").read_text())
     assert sorted(Path(r["source"]).name for r in data["images"]) == ["grey.png", "rgb.jpg"]
     lines = (out / "progress.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "NaN" not in "".join(lines)  # rewritten clean: the next run drops nothing
     code, err = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
     assert code == 0 and "dropped" not in err and "resuming: 2 images" in err
+
+
+def test_folder_without_images_is_a_usage_error(workspace, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    argv = ["explain", tmp_path / "empty", "--checkpoint", workspace / "run", "--out", tmp_path / "o"]
+    code, err = _run(argv, capsys)
+    _single_line_error(code, err, "no image files in", "empty")
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_examples_entries_exit_2_naming_class_and_path(workspace, capsys, tmp_path):

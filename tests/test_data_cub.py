@@ -53,6 +53,17 @@ def test_loads_release_layout_from_root_and_parent(pristine):
     np.testing.assert_array_equal(ds.attributes, same.attributes)
 
 
+def test_byte_order_marks_are_ignored(pristine, tree):
+    """Files saved by spreadsheet tools start with a UTF-8 byte-order mark: the same data."""
+    root = tree / "CUB_200_2011"
+    for name in ("images.txt", "classes.txt", "image_class_labels.txt", "parts/part_locs.txt"):
+        path = root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds, ref = load_cub(tree), load_cub(pristine)
+    assert ds.class_names == ref.class_names and ds.image_ids.tolist() == ref.image_ids.tolist()
+    np.testing.assert_array_equal(ds.parts, ref.parts)
+
+
 def test_first_lines_parsed_exactly(pristine):
     root = pristine / "CUB_200_2011"
     ds = load_cub(root)

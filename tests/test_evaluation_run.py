@@ -272,7 +272,13 @@ def test_eval_cli_errors(argv, message, capsys):
 
 def test_eval_cli_rejects_bad_options(cub_run, tmp_path, capsys):
     assert main("cub", ["--checkpoint", str(cub_run), "--synthetic", "--out", str(tmp_path), "--k", "7"]) == 2
-    assert "k" in capsys.readouterr().err
+    assert "--k must lie between 2 and --top-n" in capsys.readouterr().err
+    # k within --top-n but above the run's 3 classes: refused before any image is ranked or explained
+    argv = ["--checkpoint", str(cub_run), "--synthetic", "--out", str(tmp_path / "k"), "--top-n", "5", "--k", "4"]
+    assert main("cub", argv) == 2
+    err = capsys.readouterr().err
+    assert "--k 4 needs at least 4 class maps" in err and "3 classes" in err and "Traceback" not in err
+    assert not (tmp_path / "k" / "partial").exists() or not any((tmp_path / "k" / "partial").iterdir())
 
 
 def test_delib_demo_end_to_end_and_reuse(tmp_path):

@@ -208,6 +208,19 @@ def test_class_without_training_images_is_refused(tiny_cub, tmp_path):
         load_splits("cub", data, val_fraction=0.1, seed=0)
 
 
+def test_empty_test_split_is_named_with_its_cause(tiny_cub, tmp_path):
+    shutil.copytree(tiny_cub.parent, tmp_path / "copy")
+    data = tmp_path / "copy" / tiny_cub.name
+    root = next(data.rglob("train_test_split.txt")).parent
+    ids = [int(line.split()[0]) for line in (root / "images.txt").read_text().splitlines()]
+    (root / "train_test_split.txt").write_text("".join(f"{i} 1\n" for i in ids))  # every image a training image
+    from delib_jax.data.pipeline import Pipeline, PipelineConfig
+
+    splits = load_splits("cub", data, val_fraction=0.1, seed=0)
+    with pytest.raises(ValueError, match=r"the CUB test split of .* has no examples \(train_test_split.txt marks no "):
+        Pipeline(splits.test, PipelineConfig(batch_size=2, train=False))
+
+
 def _finite_leaves(model) -> bool:
     return all(np.all(np.isfinite(x)) for x in _leaves(model) if np.issubdtype(x.dtype, np.floating))
 

@@ -25,9 +25,10 @@ def require_file(path: Path) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """The whole file as text (UTF-8, undecodable bytes replaced), raising `DatasetError` if it is missing."""
+    """The whole file as text (UTF-8, a leading byte-order mark dropped as spreadsheet tools write one, undecodable
+    bytes replaced), raising `DatasetError` if it is missing."""
     require_file(path)
-    return path.read_bytes().decode("utf-8", errors="replace")
+    return path.read_bytes().decode("utf-8-sig", errors="replace")
 
 
 def rows(path: Path, *, fields: int, rest: bool = False) -> Iterator[tuple[int, list[str]]]:

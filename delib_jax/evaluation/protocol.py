@@ -92,7 +92,7 @@ class EvalOptions:
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
         if not 2 <= self.k <= self.top_n:
-            raise ValueError(f"need 2 <= k <= top_n, got k={self.k}, top_n={self.top_n}")
+            raise ValueError(f"--k must lie between 2 and --top-n, got --k {self.k} with --top-n {self.top_n}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.runs < 1 or self.batch_size < 1:

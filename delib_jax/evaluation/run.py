@@ -178,6 +178,9 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     names = ds.class_names if dataset == "cub" else ds.scene_names
     for c, cfg in zip(checkpoints, configs):
         _check_classes(c, cfg.class_names, names, data_dir)
+        if options.k > min(options.top_n, cfg.num_classes):
+            raise UsageError(f"--k {options.k} needs at least {options.k} class maps, but {c} has "
+                             f"{cfg.num_classes} classes: lower --k")
     settings = ABLATIONS.get(ablation, [FULL]) if ablation != "archs" else [FULL]
     partial = out / "partial"
     try:

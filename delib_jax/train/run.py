@@ -83,8 +83,7 @@ def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed
     else:
         raise ValueError(f"dataset must be 'cub' or 'ade20k', got {dataset!r}")
     train, val = split_validation(np.flatnonzero(ds.is_train), val_fraction, seed)
-    test = np.flatnonzero(~ds.is_train)
-    return Splits(make(ds, indices=train), make(ds, indices=val), make(ds, indices=test), names)
+    return Splits(make(ds, indices=train), make(ds, indices=val), make(ds, "test"), names)
 
 
 def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
