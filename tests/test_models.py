@@ -142,6 +142,7 @@ def test_weight_errors_name_missing_unexpected_and_misshaped_keys():
     assert "missing keys (1): features.3.weight" in msg
     assert "unexpected keys (1): features.99.weight" in msg
     assert "classifier.4.weight: file has (10, 10), model needs (4096, 4096)" in msg
+    assert "\n" not in msg  # one line: the training CLIs print it as their error
 
 
 def test_imagenet_head_dropped_for_other_class_counts(tmp_path):

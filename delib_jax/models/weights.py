@@ -210,7 +210,8 @@ def load_torchvision(
             continue
         updates.append((path, new))
     if missing or unexpected or misshaped:
-        raise ValueError(_report(model.arch, missing, unexpected, misshaped))
+        source = "" if isinstance(weights, Mapping) else f"{weights}: "
+        raise ValueError(source + _report(model.arch, missing, unexpected, misshaped, classifier_output))
     for path, new in updates:
         _variable(model, path).set_value(jnp.asarray(new))
         if hardness_network and model.hardness_network is not None and path[0] == "backbone":
@@ -227,17 +228,16 @@ def _torch_shape(kind: str, target: tuple) -> tuple:
     return target
 
 
-def _report(arch: str, missing, unexpected, misshaped, limit: int = 8) -> str:
+def _report(arch: str, missing, unexpected, misshaped, classifier_output: bool = True, limit: int = 8) -> str:
+    """One line naming the mismatching keys (a CLI prints it as its error)."""
     def part(name, items):
         if not items:
             return ""
         shown = ", ".join(items[:limit]) + (f" ... ({len(items) - limit} more)" if len(items) > limit else "")
-        return f"\n  {name} ({len(items)}): {shown}"
+        return f"; {name} ({len(items)}): {shown}"
 
-    return (
-        f"weights do not match torchvision's {arch}:"
-        + part("missing keys", missing)
-        + part("unexpected keys", unexpected)
-        + part("mis-shaped keys", misshaped)
-        + "\n  (is this the right architecture? for a different number of classes pass classifier_output=False)"
-    )
+    hint = "is this a torchvision state dict of that architecture (--arch)?"
+    if classifier_output:
+        hint += " For a different number of classes pass classifier_output=False."
+    return (f"weights do not match torchvision's {arch}" + part("missing keys", missing)
+            + part("unexpected keys", unexpected) + part("mis-shaped keys", misshaped) + f" ({hint})")
