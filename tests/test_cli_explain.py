@@ -230,12 +230,18 @@ def test_examples_and_human_study(workspace, capsys):
     assert code == 2 and "'albatross' is not a class" in err
 
 
-def test_interrupted_run_resumes_without_redoing_finished_images(workspace, capsys, tmp_path):
+def _explain_two_images(workspace, tmp_path, capsys):
+    """Explain rgb.jpg and grey.png into tmp_path/out (no figures); (out, images folder, the command's arguments)."""
     out = tmp_path / "out"
     images = workspace / "images"
     base = ["explain", "--checkpoint", workspace / "run", "--out", out, "--batch-size", "2", "--no-figures"]
     code, _ = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
     assert code == 0
+    return out, images, base
+
+
+def test_interrupted_run_resumes_without_redoing_finished_images(workspace, capsys, tmp_path):
+    out, images, base = _explain_two_images(workspace, tmp_path, capsys)
     lines = (out / "progress.jsonl").read_text().splitlines()
     assert len(lines) == 3  # header + 2 images
     # a kill while writing leaves a torn last line: it is dropped, its image explained again
@@ -276,11 +282,7 @@ def test_diverged_model_stops_before_recording_nan(workspace, capsys, tmp_path):
 
 
 def test_damaged_progress_lines_are_dropped_and_redone(workspace, capsys, tmp_path):
-    out = tmp_path / "out"
-    images = workspace / "images"
-    base = ["explain", "--checkpoint", workspace / "run", "--out", out, "--batch-size", "2", "--no-figures"]
-    code, _ = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
-    assert code == 0
+    out, images, base = _explain_two_images(workspace, tmp_path, capsys)
     header, first, second = (out / "progress.jsonl").read_text().splitlines()
     nan = json.loads(second)
     nan["probs"][0] = float("nan")
