@@ -28,3 +28,36 @@ def tune_cpu() -> None:
     if "ynn_fusion_type" in flags or _jaxlib_version() != (0, 10):
         return
     os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
+
+
+CACHE_ENV = "DELIB_COMPILATION_CACHE"
+
+
+def cache_directory(choice: str | None = None) -> str | None:
+    """Where command-line runs keep compiled XLA programs: ``choice`` (a folder, or 'off'), else the environment
+    variable DELIB_COMPILATION_CACHE, else $XDG_CACHE_HOME/delib_jax/xla (~/.cache/delib_jax/xla); None when off."""
+    value = choice if choice is not None else os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("off", "none", "0", "false", ""):
+        return None
+    if value is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        value = os.path.join(base, "delib_jax", "xla")
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def compilation_cache(choice: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache for a command-line run (see `cache_directory`), so that a second
+    run of the same command compiles nothing; returns the folder, or None (off, or the folder cannot be created:
+    compiling again is slower, never wrong)."""
+    import jax
+
+    directory = cache_directory(choice)
+    if directory is None:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory

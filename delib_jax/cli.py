@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import operator
 import os
 import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +100,12 @@ EXPLAIN_DESCRIPTION = """\
 Explain images with a trained model: per image the prediction, its difficulty, and the insecurities (regions where
 the network hesitated between two classes, ranked by strength).
 
-Writes OUT/insecurities.json (every explanation; masks run-length encoded), OUT/figures/*.png (a figure per image)
-and OUT/index.html (an offline report, sortable by difficulty and prediction). Images are resized and centre-cropped
-as the run was evaluated. Unreadable files are reported and skipped. Each finished image is recorded in
-OUT/progress.jsonl at once: run the same command again after a crash or kill and it resumes where it stopped.
+Writes OUT/explanations/ (a JSON Lines index with one small record per image, and binary shards with the maps and
+masks: read them with delib_jax.load_explanations), OUT/figures/*.png (a figure per image), OUT/index.html (an
+offline report of the hardest images, sortable by difficulty and prediction) and, up to --json-limit images,
+OUT/insecurities.json (every explanation in one file). Images are resized and centre-cropped as the run was
+evaluated. Unreadable files are reported and skipped. Finished images are recorded every few seconds: run the same
+command again after a crash or kill and it resumes where it stopped (files changed since are explained again).
 
 example:
   delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/ --coverage 10%
@@ -184,6 +183,23 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         help="also write a human study (OUT/study: questions.json, answer_key.json); needs --examples",
     )
     p.add_argument("--no-figures", action="store_true", help="skip the per-image figures (faster)")
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N",
+        help="reader processes decoding images (default: one per CPU core but one; 0: threads)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compilation-cache", metavar="DIR", default=None,
+        help="keep compiled programs here for the next run, or 'off' (default: $DELIB_COMPILATION_CACHE or "
+        "~/.cache/delib_jax/xla)",
+    )  # fmt: skip
+    p.add_argument(
+        "--json-limit", type=int, default=1000, metavar="N",
+        help="also write OUT/insecurities.json (every explanation in one file) up to N images (default: 1000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--report-limit", type=int, default=1000, metavar="N",
+        help="index.html lists the N hardest images (default: 1000)",
+    )  # fmt: skip
 
 
 def _check_explain_args(args: argparse.Namespace) -> None:
@@ -197,6 +213,10 @@ def _check_explain_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-insecurities must be at least 1, got {args.max_insecurities}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if args.json_limit < 0 or args.report_limit < 1:
+        raise UsageError("--json-limit must be 0 or more and --report-limit at least 1")
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"checkpoint directory {args.checkpoint} does not exist (give a training run directory)")
     if args.study and not args.examples:
@@ -291,119 +311,24 @@ def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
     return examples
 
 
-def _batches(files: Sequence[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(files), size):
-        yield list(files[start : start + size])
-
-
-def _figure_name(index: int, path: Path) -> str:
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem)[:60]
-    return f"figures/{index:05d}_{stem}.png"
-
-
-PROGRESS_FILE = "progress.jsonl"
 _IMAGE_HINT = (".jpg", ".png", ".tif", ".bmp", ".webp")
-
-
-def _valid_record(line: str, figures: bool, out: Path) -> dict | None:
-    """A progress line as a record, or None if it is not one (torn, not JSON, missing fields, NaN values, or its
-    figure gone)."""
-    from delib_jax.explanation import Explanation
-
-    try:
-        record = json.loads(line)
-        if not (isinstance(record, dict) and isinstance(record.get("source"), str)):
-            return None
-        if not Explanation.from_json(record).is_finite():
-            return None
-        json.dumps(record, allow_nan=False)  # NaN / Infinity in any other field: not a record we wrote
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    figure = record.get("figure")
-    if figures and not (isinstance(figure, str) and (out / figure).is_file()):
-        return None
-    return record
-
-
-def _read_progress(path: Path, header: dict, report: Callable[[str], None]) -> list[dict]:
-    """Records of a previous, interrupted run into the same folder. Damaged lines (a torn last line, a line that is
-    not a complete record, NaN values) are dropped, with a note, and the file rewritten without them: their images
-    are explained again.
-
-    A folder explained with another model or other settings is refused rather than mixed."""
-    from delib_jax.explanation import atomic_write
-
-    if not path.is_file():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path} ({e}); delete it to start afresh") from None
-    try:
-        previous = json.loads(lines[0]) if lines else None
-    except json.JSONDecodeError:
-        previous = None
-    if previous != header:
-        raise UsageError(
-            f"{path.parent} holds explanations made with another checkpoint or other settings "
-            f"({path.name}); choose another --out or delete that file"
-        )
-    records, dropped = [], 0
-    for line in lines[1:]:
-        record = _valid_record(line, bool(header.get("figures")), path.parent)
-        if record is None:
-            dropped += bool(line.strip())
-        else:
-            records.append(record)
-    if dropped:
-        report(f"{path}: dropped {dropped} damaged line(s) (torn, incomplete or NaN); their images are explained again")
-        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in [header, *records])
-        atomic_write(path, lambda f: f.write(text), binary=False)
-    return records
-
-
-def _size_note(path: Path, width: int, height: int, resize: int, crop: int) -> str | None:
-    """A one-line note for an image the evaluation transform treats badly: far smaller than the crop (blown up), or
-    so elongated that the centre crop keeps a small part of it; None for ordinary images."""
-    from PIL import Image
-
-    notes = []
-    if width * height > Image.MAX_IMAGE_PIXELS:
-        notes.append(f"{width * height / 1e6:.3g} megapixels, slow to read")
-    if min(width, height) < crop / 4:
-        notes.append(f"far smaller than the {crop}-pixel crop, blown up")
-    kept = (crop / resize) ** 2 * min(width, height) / max(width, height)
-    if kept < 0.2:
-        notes.append(f"the centre crop keeps {kept * 100:.2g}% of it")
-    return f"note: {path} ({width}x{height}): " + "; ".join(notes) if notes else None
-
-
-def _check_finite(items: Sequence, checkpoint: str) -> None:
-    """Stop before recording explanations with NaN/inf values (a diverged or damaged model): they would poison the
-    progress file and the JSON outputs."""
-    bad = [str(e.source) for e in items if not e.is_finite()]
-    if bad:
-        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise UsageError(
-            f"the model's outputs are not finite (NaN/inf) for {shown}: the checkpoint {checkpoint} is broken, retrain"
-        )
 
 
 def _run_explain(args: argparse.Namespace) -> int:
     _check_explain_args(args)
-    import jax
-    import numpy as np
-    from PIL import Image
     from tqdm import tqdm
 
-    from delib_jax import explanation as ex
+    from delib_jax import _xla
     from delib_jax.checkpoint import load_model
-    from delib_jax.report import write_human_study, write_report
-    from delib_jax.visualize import save_figure
+    from delib_jax.explanation import preprocess, read_image
+    from delib_jax.report import write_human_study
+    from delib_jax.store import load_explanations
+    from delib_jax.stream import JobError, JobOptions, explain_files
 
     def report(message: str) -> None:
         tqdm.write(f"delib explain: {message}", file=sys.stderr)
 
+    _xla.compilation_cache(args.compilation_cache)
     try:
         model, config = load_model(args.checkpoint, which=args.which)
     except (FileNotFoundError, ValueError) as e:
@@ -411,142 +336,56 @@ def _run_explain(args: argparse.Namespace) -> int:
     if args.k > (config.num_classes if args.top_n is None else min(args.top_n, config.num_classes)):
         raise UsageError(f"--k ({args.k}) exceeds the classes considered (the model has {config.num_classes})")
     examples = _read_examples(args.examples, config.class_names)
-    mesh = ex.batch_mesh()
-    try:
-        explain_fn, settings = ex.make_explain_fn(
-            model, method=args.method, score=args.score, top_n=args.top_n, k=args.k, coverage=args.coverage,
-            threshold=args.threshold, max_insecurities=args.max_insecurities, mesh=mesh,
-            difficulty_channels=args.difficulty_channels,
-        )  # fmt: skip
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
     missing: list[Path] = []
     files = image_files(args.inputs, report, missing)
     if len(missing) == len(args.inputs):
         raise UsageError(f"no such file or directory: {', '.join(map(str, missing))} (give images or folders)")
+    files = [f for f in files if Path(args.out).resolve() not in f.resolve().parents]  # never our own figures
     if not files:
         given = ", ".join(str(p) for p in args.inputs if Path(p) not in missing)
         raise UsageError(f"no image files in {given} (looked for {', '.join(_IMAGE_HINT)}, ... recursively)")
-    for path in missing:
-        report(f"skipping {path}: no such file or directory")
     out = make_out_dir(args.out)
-    batch = -(-args.batch_size // mesh.size) * mesh.size  # a multiple of the device count
-    skipped = [{"path": str(p), "reason": f"{p}: no such file or directory"} for p in missing]
-    records, figures = [], []
-    # Every finished image is appended to OUT/progress.jsonl at once: a killed run resumes without redoing them.
-    header = json.loads(json.dumps({  # as it reads back from the file
-        "checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which, "settings": settings.to_json(),
-        "figures": not args.no_figures,
-    }))
-    progress = out / PROGRESS_FILE
-    if args.study:  # the study samples from every explanation of this run: start afresh
-        progress.unlink(missing_ok=True)
-    records.extend(_read_progress(progress, header, report))
-    figures.extend(r.get("figure") for r in records)
-    used_figures = set(figures)
-    total = len(files) + len(missing)  # before the files explained by an earlier run are left out
-    if records:
-        done = {r.get("source") for r in records}
-        files = [f for f in files if str(f) not in done]
-        report(f"resuming: {len(records)} images already explained in {out}, {len(files)} to go")
-    if not progress.is_file():
-        progress.write_text(json.dumps(header) + "\n")
-    progress_log = progress.open("a", encoding="utf-8")
-    # Large images (over Pillow's 89-megapixel warning limit, under its error limit) are read without a warning.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-    def load(path: Path):
-        try:
-            image = ex.read_image(path)
-            note = _size_note(path, image.width, image.height, config.resize, config.crop)
-            pixels = ex.preprocess(image, resize=config.resize, crop=config.crop, normalization=config.normalization)
-            return (*pixels, note)
-        except ex.ImageReadError as e:
-            return str(e)
-        except Exception as e:  # noqa: BLE001 -- a decoder failing in an unexpected way: skip the file, say why
-            return f"{path}: cannot read image ({type(e).__name__}: {e})"
-
-    def figure_name(path: Path) -> str:
-        index = len(records)
-        while (name := _figure_name(index, path)) in used_figures:  # kept records of a resumed run hold theirs
-            index += 1
-        used_figures.add(name)
-        return name
-
-    def explained() -> Iterator[tuple[ex.Explanation, np.ndarray]]:
-        with (
-            ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool,
-            tqdm(total=len(files), unit="img", desc="explain", file=sys.stderr, disable=None) as bar,
-        ):
-            for paths in _batches(files, batch):
-                good, pixels, inputs = [], [], []
-                for path, result in zip(paths, pool.map(load, paths)):
-                    if isinstance(result, str):
-                        report(f"skipping {result}")
-                        skipped.append({"path": str(path), "reason": result})
-                    else:
-                        if result[2]:
-                            report(result[2])
-                        good.append(path)
-                        pixels.append(result[0])
-                        inputs.append(result[1])
-                if good:
-                    x = np.stack(inputs + [inputs[-1]] * (batch - len(inputs)))  # pad: one compiled shape
-                    outputs = jax.tree.map(operator.itemgetter(slice(0, len(good))), explain_fn(x))  # drop padding
-                    items = ex.to_explanations(
-                        outputs, settings, class_names=config.class_names, sources=[str(p) for p in good]
-                    )
-                    _check_finite(items, args.checkpoint)
-                    for e, pix in zip(items, pixels):
-                        figure = None
-                        if not args.no_figures:
-                            figure = figure_name(Path(e.source))
-                            save_figure(e, pix, out / figure, examples=examples)
-                        records.append({**e.to_json(), "figure": figure})
-                        figures.append(figure)
-                        progress_log.write(json.dumps(records[-1], allow_nan=False) + "\n")
-                        progress_log.flush()
-                        yield e, pix
-                bar.update(len(paths))
-
-    stream = explained()
-    with progress_log:
-        if args.study:
-            choices = min(5, config.num_classes)
-            study = write_human_study(
-                out / "study", stream, examples, class_names=config.class_names, num_choices=choices
-            )
-            count = len(json.loads(study["questions"].read_text(encoding="utf-8")))
-            report(
-                f"human study: {count} questions of {choices} choices in {out / 'study'}"
-                + ("" if count else f" (each needs {choices} classes with an example image)")
-            )
-        else:
-            for _ in stream:
-                pass
-
-    if not records:
-        report(f"nothing could be explained ({len(skipped)} unreadable or missing of {total} files)")
+    options = JobOptions(
+        batch_size=args.batch_size, workers=args.workers, figures=not args.no_figures, json_limit=args.json_limit,
+        report_limit=args.report_limit,
+    )  # fmt: skip
+    model_id = {"checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
+    try:
+        summary = explain_files(
+            model, config, [*files, *missing], out, options=options, model_id=model_id, examples=examples, report=report,
+            method=args.method, score=args.score, top_n=args.top_n, k=args.k, coverage=args.coverage,
+            threshold=args.threshold, max_insecurities=args.max_insecurities,
+            difficulty_channels=args.difficulty_channels,
+        )  # fmt: skip
+    except JobError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:  # options the explanation refuses
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write to {out}: {e.strerror or e}") from None
+    total = len(files) + len(missing)
+    done = summary.explained + summary.resumed
+    if not done:
+        report(f"nothing could be explained ({len(summary.skipped)} unreadable or missing of {total} files)")
         return 1
-    meta = {
-        "checkpoint": str(args.checkpoint), "which": args.which, "arch": config.arch,
-        "crop": config.crop, "resize": config.resize, "settings": settings.to_json(),
-    }  # fmt: skip
-    ex.write_json(
-        out / "insecurities.json",
-        {**meta, "class_names": list(config.class_names), "skipped": skipped, "images": records},
-    )
-    shown = {
-        "method": settings.method,
-        "score": settings.score,
-        "top_n": settings.top_n or "all",
-        "k": settings.k,
-        "coverage": settings.coverage,
-        "threshold": settings.threshold,
-    }
-    write_report(out, records, figures, settings={k: v for k, v in shown.items() if v is not None})
-    print(f"explained {len(records)} of {total} images ({len(skipped)} skipped) -> {out}", file=sys.stderr)
+    if args.study:
+        choices = min(5, config.num_classes)
+
+        def pairs():
+            for e in load_explanations(out):
+                pixels, _ = preprocess(read_image(e.source), resize=config.resize, crop=config.crop,
+                                       normalization=config.normalization)  # fmt: skip
+                yield e, pixels
+
+        study = write_human_study(out / "study", pairs(), examples, class_names=config.class_names,
+                                  num_choices=choices)  # fmt: skip
+        count = len(json.loads(study["questions"].read_text(encoding="utf-8")))
+        report(
+            f"human study: {count} questions of {choices} choices in {out / 'study'}"
+            + ("" if count else f" (each needs {choices} classes with an example image)")
+        )
+    print(f"explained {done} of {total} images ({len(summary.skipped)} skipped) -> {out}", file=sys.stderr)
     return 0
 
 

@@ -82,8 +82,10 @@ def render_index(
     *,
     title: str = "Deliberative explanations",
     settings: Mapping[str, Any] | None = None,
+    note: str | None = None,
 ) -> str:
-    """The HTML text of the index; ``figures`` are paths relative to the page (or None for no figure)."""
+    """The HTML text of the index; ``figures`` are paths relative to the page (or None for no figure); ``note``: a
+    line shown under the title (e.g. that the page lists only the hardest images)."""
     figures = [None] * len(explanations) if figures is None else list(figures)
     if len(figures) != len(explanations):
         raise ValueError(f"{len(figures)} figures for {len(explanations)} explanations")
@@ -116,9 +118,9 @@ def render_index(
             f'<td class="num">{s["difficulty"]:.3f}<br><span class="muted">{_e(s["score"])}</span></td>'
             f"<td><ol>{insecurities}</ol></td></tr>"
         )
-    info = ""
+    info = f"<p>{_e(note)}</p>" if note else ""
     if settings:
-        info = "<p class='muted'>" + ", ".join(f"{_e(k)} = {_e(v)}" for k, v in settings.items()) + "</p>"
+        info += "<p class='muted'>" + ", ".join(f"{_e(k)} = {_e(v)}" for k, v in settings.items()) + "</p>"
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_e(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
@@ -138,9 +140,10 @@ def write_report(
     *,
     title: str = "Deliberative explanations",
     settings: Mapping[str, Any] | None = None,
+    note: str | None = None,
 ) -> Path:
     """Write ``out_dir/index.html`` (atomically); figure paths relative to ``out_dir``. Returns its path."""
-    page = render_index(explanations, figures, title=title, settings=settings)
+    page = render_index(explanations, figures, title=title, settings=settings, note=note)
     return atomic_write(Path(out_dir) / "index.html", lambda f: f.write(page), binary=False)
 
 

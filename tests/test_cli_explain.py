@@ -93,7 +93,8 @@ def test_explain_end_to_end(workspace, capsys):
     page = (out / "index.html").read_text()
     assert page.count("<tr data-index=") == 5
     assert '<b>&"x"' not in page
-    assert not [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]  # no temp files left
+    leftovers = [p for p in out.rglob("*") if (p.name.startswith(".") and not p.name.startswith(".lock-"))]
+    assert not leftovers and not list(out.rglob("*.tmp"))  # no temp files left (the lock file stays, empty of work)
 
 
 def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys):
@@ -240,14 +241,17 @@ def _explain_two_images(workspace, tmp_path, capsys):
     return out, images, base
 
 
+INDEX = Path("explanations") / "index-00000.jsonl"
+
+
 def test_interrupted_run_resumes_without_redoing_finished_images(workspace, capsys, tmp_path):
     out, images, base = _explain_two_images(workspace, tmp_path, capsys)
-    lines = (out / "progress.jsonl").read_text().splitlines()
-    assert len(lines) == 3  # header + 2 images
+    lines = (out / INDEX).read_text().splitlines()
+    assert len(lines) == 2  # one record per image
     # a kill while writing leaves a torn last line: it is dropped, its image explained again
-    (out / "progress.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    (out / INDEX).write_text(lines[0] + "\n" + lines[1][:40])
     code, err = _run([*base, images], capsys)
-    assert code == 0 and "resuming: 1 images already explained" in err
+    assert code == 0 and "resuming: 1 images already explained" in err, err
     data = json.loads((out / "insecurities.json").read_text())
     sources = [Path(r["source"]).name for r in data["images"]]
     assert sorted(sources) == sorted(["rgb.jpg", "grey.png", "rgba.png", "sixteen.png", "cmyk.jpg"])
@@ -264,7 +268,7 @@ def _single_line_error(code, err, *needles):
 
 
 def test_diverged_model_stops_before_recording_nan(workspace, capsys, tmp_path):
-    """NaN weights (a diverged training): one line, exit 2, and progress.jsonl keeps no NaN record to replay."""
+    """NaN weights (a diverged training): one line, exit 2, and the index keeps no NaN record to replay."""
     config = RunConfig(arch="small", num_classes=4, class_names=NAMES, crop=48, resize=56, dataset="cub")
     save_run_config(tmp_path / "nan_run", config)
     model = build_model(config, rngs=nnx.Rngs(3))
@@ -274,29 +278,29 @@ def test_diverged_model_stops_before_recording_nan(workspace, capsys, tmp_path):
         ckpt.save("best", 1, params=params, model_state=rest, meta={})
     out = tmp_path / "out"
     argv = ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", tmp_path / "nan_run", "--out", out]
-    for _ in range(2):  # the rerun gives the same line, not a crash on a poisoned progress file
+    for _ in range(2):  # the rerun gives the same line, not a crash on a poisoned index
         code, err = _run(argv, capsys)
         _single_line_error(code, err, "not finite (NaN/inf)", "rgb.jpg", "retrain")
-        assert len((out / "progress.jsonl").read_text().splitlines()) == 1  # the header only
+        assert not (out / INDEX).exists() or not (out / INDEX).read_text().strip()
     assert not (out / "insecurities.json").exists()
 
 
-def test_damaged_progress_lines_are_dropped_and_redone(workspace, capsys, tmp_path):
+def test_damaged_index_lines_are_dropped_and_redone(workspace, capsys, tmp_path):
     out, images, base = _explain_two_images(workspace, tmp_path, capsys)
-    header, first, second = (out / "progress.jsonl").read_text().splitlines()
-    nan = json.loads(second)
-    nan["probs"][0] = float("nan")
-    other = {**json.loads(second), "confidence": float("inf")}  # a field the Explanation does not read back
-    damaged = [header, "123", first, '{"source": "x", "prediction": 1}', json.dumps(nan), "[]", json.dumps(other)]
-    (out / "progress.jsonl").write_text("\n".join(damaged) + "\n")
+    first, second = (out / INDEX).read_text().splitlines()
+    nan = {**json.loads(second), "difficulty": float("nan")}
+    other = {**json.loads(second), "row": "x"}
+    deep = "[" * 10000 + "]" * 10000
+    damaged = ["123", first, '{"source": "x", "prediction": 1}', json.dumps(nan), "[]", json.dumps(other), deep]
+    (out / INDEX).write_text("\n".join(damaged) + "\n")
     code, err = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
     assert code == 0 and "Traceback" not in err, err
-    assert "dropped 5 damaged line(s)" in err and "resuming: 1 images already explained" in err
+    assert "dropped 6 record(s)" in err and "resuming: 1 images already explained" in err
     assert "explained 2 of 2 images" in err
     data = json.loads((out / "insecurities.json").read_text())
     assert sorted(Path(r["source"]).name for r in data["images"]) == ["grey.png", "rgb.jpg"]
-    lines = (out / "progress.jsonl").read_text().splitlines()
-    assert len(lines) == 3 and "NaN" not in "".join(lines)  # rewritten clean: the next run drops nothing
+    lines = (out / INDEX).read_text().splitlines()
+    assert len(lines) == 2 and "NaN" not in "".join(lines)  # rewritten clean: the next run drops nothing
     code, err = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
     assert code == 0 and "dropped" not in err and "resuming: 2 images" in err
 
@@ -347,7 +351,8 @@ def test_missing_repeated_nan_and_odd_inputs(workspace, capsys, tmp_path):
     Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(tmp_path / "sliver.png")
     out = tmp_path / "out"
     argv = ["explain", images / "rgb.jpg", images / "rgb.jpg", images, tmp_path / "nan.tiff", tmp_path / "sliver.png",
-            tmp_path / "nope.jpg", "--checkpoint", workspace / "run", "--out", out, "--no-figures"]  # fmt: skip
+            tmp_path / "nope.jpg", "--checkpoint", workspace / "run", "--out", out, "--no-figures",
+            "--workers", "0"]  # fmt: skip  (threads: the patched limit below is seen by the reader)
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mp.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # rgb.jpg (4800 px) is now "large" but under the 2x error limit

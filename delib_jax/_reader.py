@@ -1,0 +1,157 @@
+"""The explanation job's image reader: decode, resize, crop and normalise files into shared batch buffers.
+
+Runs in worker processes (started with 'spawn', so they never inherit JAX's threads), each writing its rows
+straight into a shared-memory slot of shape (B, crop, crop, 3) float32: no pixels are pickled. Imports neither JAX
+nor matplotlib, so a worker starts in a fraction of a second. With ``workers=0`` the same code runs in threads of
+the calling process (no shared memory needed).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from delib_jax.data import transforms
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What a reader reports for one file: ``error`` (a one-line reason) or the image's size and an optional note."""
+
+    error: str | None = None
+    size: tuple[int, int] | None = None
+    note: str | None = None
+
+
+def size_note(path: str, width: int, height: int, resize: int, crop: int) -> str | None:
+    """A one-line note for an image the evaluation transform treats badly: far smaller than the crop (blown up), or
+    so elongated that the centre crop keeps a small part of it; None for ordinary images."""
+    notes = []
+    if width * height > Image.MAX_IMAGE_PIXELS:
+        notes.append(f"{width * height / 1e6:.3g} megapixels, slow to read")
+    if min(width, height) < crop / 4:
+        notes.append(f"far smaller than the {crop}-pixel crop, blown up")
+    kept = (crop / resize) ** 2 * min(width, height) / max(width, height)
+    if kept < 0.2:
+        notes.append(f"the centre crop keeps {kept * 100:.2g}% of it")
+    return f"note: {path} ({width}x{height}): " + "; ".join(notes) if notes else None
+
+
+def decode(path: str, *, resize: int, crop: int) -> tuple[np.ndarray | None, Decoded]:
+    """(crop, crop, 3) uint8 pixels as the run evaluated them (or None) and the report for ``path``."""
+    try:
+        image = transforms.read_rgb(path, exif_orientation=True)
+        note = size_note(path, image.width, image.height, resize, crop)
+        plan = transforms.eval_plan(image.width, image.height, resize=resize, crop=crop)
+        return transforms.apply_to_image(plan, image), Decoded(size=(image.width, image.height), note=note)
+    except transforms.ImageReadError as e:
+        return None, Decoded(error=str(e))
+    except Exception as e:  # noqa: BLE001 -- a decoder failing in an unexpected way: skip the file, say why
+        return None, Decoded(error=f"{path}: cannot read image ({type(e).__name__}: {e})")
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+_STATE: dict = {}
+
+
+def _init(names: Sequence[str] | None, shape: tuple[int, ...], resize: int, crop: int, stats) -> None:
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    _STATE.update(resize=resize, crop=crop, stats=stats, shape=shape)
+    if names is not None:
+        blocks = [shared_memory.SharedMemory(name=n) for n in names]
+        _STATE["blocks"] = blocks  # keep them open
+        _STATE["slots"] = [np.ndarray(shape, np.float32, buffer=b.buf) for b in blocks]
+
+
+def _fill(slots: list[np.ndarray], slot: int, row: int, paths: Sequence[str], resize, crop, stats) -> list[Decoded]:
+    reports = []
+    for j, path in enumerate(paths):
+        pixels, report = decode(path, resize=resize, crop=crop)
+        if pixels is not None:
+            slots[slot][row + j] = transforms.normalize(pixels, stats)
+        reports.append(report)
+    return reports
+
+
+def _work(slot: int, row: int, paths: Sequence[str]) -> list[Decoded]:
+    s = _STATE
+    return _fill(s["slots"], slot, row, paths, s["resize"], s["crop"], s["stats"])
+
+
+# ------------------------------------------------------------------------------------------------ caller side
+
+
+class Reader:
+    """``slots`` batch buffers (B, crop, crop, 3) float32 filled by ``workers`` processes (0: threads).
+
+    ``submit(slot, paths)`` decodes up to B files into rows 0.. of a slot, returning futures of `Decoded` lists;
+    ``array(slot)`` is the slot's buffer. Close it (a context manager) to stop the workers and free the memory."""
+
+    def __init__(self, *, batch: int, crop: int, resize: int, stats, slots: int, workers: int, chunk: int = 8):
+        self.shape = (batch, crop, crop, 3)
+        self.chunk = chunk
+        self._blocks: list[shared_memory.SharedMemory] = []
+        self._pool: Executor
+        if workers > 0:
+            try:
+                nbytes = int(np.prod(self.shape)) * 4
+                self._blocks = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(slots)]
+            except OSError:  # no (or too small a) /dev/shm: decode in threads instead
+                self.close()
+                workers = 0
+        if workers > 0:
+            self.arrays = [np.ndarray(self.shape, np.float32, buffer=b.buf) for b in self._blocks]
+            names = [b.name for b in self._blocks]
+            self._pool = ProcessPoolExecutor(
+                workers, mp_context=mp.get_context("spawn"), initializer=_init,
+                initargs=(names, self.shape, resize, crop, stats),
+            )  # fmt: skip
+            self._run = _work
+        else:
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # large, not hostile
+            self.arrays = [np.zeros(self.shape, np.float32) for _ in range(slots)]
+            self._pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+            arrays = self.arrays
+            self._run = lambda slot, row, paths: _fill(arrays, slot, row, paths, resize, crop, stats)
+        self.workers = workers
+
+    def submit(self, slot: int, paths: Sequence[str | Path]) -> list[Future]:
+        paths = [str(p) for p in paths]
+        return [
+            self._pool.submit(self._run, slot, row, paths[row : row + self.chunk])
+            for row in range(0, len(paths), self.chunk)
+        ]
+
+    def close(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.arrays = []
+        for b in self._blocks:
+            try:
+                b.close()
+                b.unlink()
+            except (OSError, BufferError):
+                pass
+        self._blocks = []
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def default_workers() -> int:
+    """Reader processes by default: one per core but one (the device stage and the writer need a core)."""
+    return max(1, min(32, (os.cpu_count() or 2) - 1))
