@@ -353,7 +353,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     model_id = {"checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     try:
         summary = explain_files(
-            model, config, [*files, *missing], out, options=options, model_id=model_id, examples=examples, report=report,
+            model, config, [*files, *missing], out, options=options, model_id=model_id, examples=examples,
+            report=report,
             method=args.method, score=args.score, top_n=args.top_n, k=args.k, coverage=args.coverage,
             threshold=args.threshold, max_insecurities=args.max_insecurities,
             difficulty_channels=args.difficulty_channels,

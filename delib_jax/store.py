@@ -60,7 +60,7 @@ def shard_name(process: int, seq: int) -> str:
 def pack_bits(masks: np.ndarray) -> np.ndarray:
     """(..., H, W) bool -> (..., ceil(H W / 8)) uint8: each mask's pixels row-major, 8 to a byte (`np.packbits`)."""
     masks = np.asarray(masks, bool)
-    return np.packbits(masks.reshape(*masks.shape[:-2], -1), axis=-1)
+    return np.packbits(masks.reshape(*masks.shape[:-2], masks.shape[-2] * masks.shape[-1]), axis=-1)
 
 
 def unpack_bits(bits: np.ndarray, size: Sequence[int]) -> np.ndarray:

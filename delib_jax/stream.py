@@ -21,6 +21,7 @@ written through a symbolic link, and the job's own outputs inside an input folde
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import heapq
 import json
@@ -167,6 +168,7 @@ def inputs_outside(files: Sequence[Path], out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ device stage
 
 
+@functools.lru_cache(maxsize=1)
 def _compact_fn():
     """A jitted ExplainOutputs -> dict of what the store keeps: masks packed to bits on the device (8x less to
     fetch), the ambiguity maps and first/second-order terms left there, a per-image finiteness flag."""
@@ -482,6 +484,10 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
     except KeyboardInterrupt:
         interrupted = True
         raise
+    except OSError as e:
+        if st.disk_full(e):
+            raise _disk_full(out, len(todo) - done_count[0], writer) from None
+        raise
     finally:
         if thread.is_alive():  # interrupted or failed: let the writer keep what is finished, then stop
             while True:
@@ -498,11 +504,6 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
         reader.close()
         if pool is not None:
             pool.shutdown(wait=not interrupted, cancel_futures=True)
-    if failure:
-        error = failure[0]
-        if isinstance(error, OSError) and st.disk_full(error):
-            raise _disk_full(out, len(todo) - done_count[0], writer)
-        raise error
     summary = JobSummary(
         out=out, total=len(mine), explained=explained[0], resumed=resumed, skipped=skipped,
         compile_s=compile_s[0], run_s=time.perf_counter() - t_start, bytes_written=writer.bytes_written,

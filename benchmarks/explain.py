@@ -1,0 +1,194 @@
+"""The explanation job end to end against its stages: is the job bounded only by its slowest stage?
+
+    python -m benchmarks.explain --arch resnet50 --images 200 --batch 32 --json
+    python -m benchmarks.explain --checkpoint runs/cub --folder photos/ --batch 64 --json
+
+Generates --images JPEGs of CUB's size (500x375) in a temporary folder (or takes --folder), then prints one JSON
+line: decode_img_s (the reader alone: decode, resize, crop, normalise into batch buffers), core_img_s (the compiled
+explanation plus the compact outputs on device-resident batches), e2e_img_s (the whole job from files to finished
+outputs, compilation excluded by a warm-up run and reported as compile_s), ratio_to_slowest = e2e / min(decode,
+core) (the goal: >= 0.85), writer_img_s (the writer stage alone: records, shards, index, on one core),
+bytes_per_image (the explanations folder), max_rss_mb (this process's peak). Random weights without --checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_images(folder: Path, count: int, *, size: tuple[int, int] = (500, 375), seed: int = 0) -> list[Path]:
+    """``count`` JPEG files like CUB's photos (500x375, smooth content plus texture), 16 distinct ones repeated."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    blobs = []
+    for _ in range(16):
+        coarse = rng.integers(0, 256, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+        pixels = np.asarray(image, np.int16) + rng.integers(-20, 21, (h, w, 3))
+        path = folder / "blob.jpg"
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        blobs.append(path.read_bytes())
+    files = []
+    for i in range(count):
+        path = folder / f"img_{i:06d}.jpg"
+        path.write_bytes(blobs[i % len(blobs)])
+        files.append(path)
+    (folder / "blob.jpg").unlink()
+    return files
+
+
+def _model(arch: str, classes: int, crop: int, checkpoint: str | None):
+    from flax import nnx
+
+    from delib_jax.checkpoint import RunConfig, build_model, load_model
+
+    if checkpoint:
+        return load_model(checkpoint)
+    config = RunConfig(arch=arch, num_classes=classes, class_names=[f"class {i}" for i in range(classes)],
+                       crop=crop, resize=round(crop * 256 / 224), dataset="cub")  # fmt: skip
+    model = build_model(config, rngs=nnx.Rngs(0))
+    model.eval()
+    return model, config
+
+
+def _decode_rate(files, config, batch: int, workers: int) -> float:
+    from delib_jax import _reader
+
+    with _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, stats=config.normalization,
+                        slots=4, workers=workers) as reader:  # fmt: skip
+        batches = [files[i : i + batch] for i in range(0, len(files), batch)]
+        for f in reader.submit(0, batches[0]):  # start the workers
+            f.result()
+        t = time.perf_counter()
+        pending = []
+        for b, paths in enumerate(batches):
+            pending.append(reader.submit(b % 4, paths))
+            if len(pending) > 3:
+                [f.result() for f in pending.pop(0)]
+        for futures in pending:
+            [f.result() for f in futures]
+        return len(files) / (time.perf_counter() - t)
+
+
+def _core_rate(model, batch: int, crop: int, repeats: int, explain_options: dict) -> tuple[float, dict]:
+    import jax
+
+    from delib_jax import explanation as ex
+    from delib_jax.stream import _compact_fn
+
+    mesh = ex.batch_mesh()
+    fn, _ = ex.make_explain_fn(model, mesh=mesh, **explain_options)
+    compact = _compact_fn()
+    images = jax.device_put(
+        np.random.default_rng(0).standard_normal((batch, crop, crop, 3), np.float32),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")),
+    )
+    host = jax.device_get(compact(fn(images)))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(compact(fn(images)))
+        times.append(time.perf_counter() - t)
+    return batch / statistics.median(times), host
+
+
+def _writer_rate(host: dict, names, count: int, crop: int) -> float:
+    """The writer stage alone on ``count`` images (the records and shards of one batch's host outputs repeated)."""
+    from delib_jax import store as st
+    from delib_jax.stream import _record
+
+    arrays = {k: v for k, v in host.items() if k != "finite"}
+    n = len(arrays["probs"])
+    with tempfile.TemporaryDirectory() as d:
+        writer = st.ShardWriter(Path(d), 0, 256, image_size=(crop, crop))
+        t = time.perf_counter()
+        for start in range(0, count, n):
+            records = [_record(start + j, f"/data/img_{start + j:06d}.jpg", [100_000, 1], host, j, names, None)
+                       for j in range(min(n, count - start))]  # fmt: skip
+            writer.add(arrays, records)
+        writer.flush()
+        return count / (time.perf_counter() - t)
+
+
+def run(args) -> dict:
+    import jax
+
+    from delib_jax import _reader
+    from delib_jax.stream import JobOptions, explain_files
+
+    model, config = _model(args.arch, args.classes, args.crop, args.checkpoint)
+    workers = _reader.default_workers() if args.workers is None else args.workers
+    explain_options = {"top_n": args.top_n, "max_insecurities": args.max_insecurities}
+    tmp = Path(tempfile.mkdtemp(prefix="delib-bench-"))
+    try:
+        if args.folder:
+            from delib_jax.cli import image_files
+
+            files = image_files([args.folder], lambda m: None)[: args.images or None]
+        else:
+            files = make_images(tmp / "images", args.images)
+        options = JobOptions(batch_size=args.batch, workers=workers, progress=False, json_limit=0,
+                             figures=args.figures)  # fmt: skip
+        warm = explain_files(model, config, files[: args.batch], tmp / "warm", options=options,
+                             report=lambda m: None, **explain_options)  # fmt: skip
+        t = time.perf_counter()
+        summary = explain_files(model, config, files, tmp / "out", options=options, report=lambda m: None,
+                                **explain_options)  # fmt: skip
+        e2e = len(files) / (time.perf_counter() - t)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        explained_bytes = sum(p.stat().st_size for p in (tmp / "out" / "explanations").iterdir())
+        decode = _decode_rate(files, config, args.batch, workers)
+        core, host = _core_rate(model, args.batch, config.crop, args.repeats, explain_options)
+        writer = _writer_rate(host, list(config.class_names), max(1000, len(files)), config.crop)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    d = jax.devices()[0]
+    return {
+        "arch": config.arch, "images": len(files), "batch": args.batch, "crop": config.crop,
+        "classes": config.num_classes, "workers": workers, "figures": args.figures,
+        "device": f"{d.platform} ({d.device_kind})", "devices": jax.local_device_count(),
+        "decode_img_s": round(decode, 2), "core_img_s": round(core, 2), "e2e_img_s": round(e2e, 2),
+        "ratio_to_slowest": round(e2e / min(decode, core), 3), "compile_s": round(warm.compile_s, 2),
+        "writer_img_s": round(writer, 1), "bytes_per_image": round(explained_bytes / max(1, summary.explained)),
+        "max_rss_mb": round(rss, 1), "explained": summary.explained,
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    from delib_jax.models import ARCHS
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.explain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50")
+    p.add_argument("--checkpoint", help="a training run (default: random weights)")
+    p.add_argument("--folder", help="explain the images of this folder instead of generated JPEGs")
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--classes", type=int, default=200)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--top-n", type=int, default=5)
+    p.add_argument("--max-insecurities", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="reader processes (default: cores - 1)")
+    p.add_argument("--figures", action="store_true", help="draw a figure per image too")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = p.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in result.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
