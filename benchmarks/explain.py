@@ -8,6 +8,7 @@ line: decode_img_s (the reader alone: decode, resize, crop, normalise into batch
 explanation plus the compact outputs on device-resident batches), e2e_img_s (the whole job from files to finished
 outputs, compilation excluded by a warm-up run and reported as compile_s), ratio_to_slowest = e2e / min(decode,
 core) (the goal: >= 0.85), writer_img_s (the writer stage alone: records, shards, index, on one core),
+figures_s_per_core (figures drawn by one process),
 bytes_per_image (the explanations folder), max_rss_mb (this process's peak). Random weights without --checkpoint.
 """
 
@@ -108,18 +109,41 @@ def _core_rate(model, batch: int, crop: int, repeats: int, explain_options: dict
 def _writer_rate(host: dict, names, count: int, crop: int) -> float:
     """The writer stage alone on ``count`` images (the records and shards of one batch's host outputs repeated)."""
     from delib_jax import store as st
-    from delib_jax.stream import _record
+    from delib_jax.stream import _host_lists, _record
 
     arrays = {k: v for k, v in host.items() if k != "finite"}
     n = len(arrays["probs"])
     with tempfile.TemporaryDirectory() as d:
+        warm = st.ShardWriter(Path(d), 1, 256, image_size=(crop, crop))  # first touches of memory and files
+        lists = _host_lists(host)
+        warm.add(arrays, [_record(j, f"/w/{j}.jpg", [1, 1], lists, j, names, None) for j in range(n)])
+        warm.flush()
         writer = st.ShardWriter(Path(d), 0, 256, image_size=(crop, crop))
         t = time.perf_counter()
         for start in range(0, count, n):
-            records = [_record(start + j, f"/data/img_{start + j:06d}.jpg", [100_000, 1], host, j, names, None)
+            lists = _host_lists(host)
+            records = [_record(start + j, f"/data/img_{start + j:06d}.jpg", [100_000, 1], lists, j, names, None)
                        for j in range(min(n, count - start))]  # fmt: skip
             writer.add(arrays, records)
         writer.flush()
+        return count / (time.perf_counter() - t)
+
+
+def _figure_rate(host: dict, names, files, config, count: int = 8) -> float:
+    """Figures drawn per second by one core (decode the source again, draw, write the PNG)."""
+    from delib_jax import store as st
+    from delib_jax.stream import _render_figure
+
+    arrays = {k: v for k, v in host.items() if k not in ("finite", "mask_bits")}
+    arrays["masks"] = st.unpack_bits(host["mask_bits"], (config.crop, config.crop))
+    settings = {"score": "hardness", "method": "gradient_hessian"}
+    with tempfile.TemporaryDirectory() as d:
+        e = st.explanation_from_row(arrays, 0, names, settings, str(files[0]))
+        _render_figure(e, str(files[0]), config.resize, config.crop, f"{d}/warm.png", {})
+        t = time.perf_counter()
+        for j in range(count):
+            e = st.explanation_from_row(arrays, j % len(arrays["probs"]), names, settings, str(files[j % len(files)]))
+            _render_figure(e, str(files[j % len(files)]), config.resize, config.crop, f"{d}/{j}.png", {})
         return count / (time.perf_counter() - t)
 
 
@@ -153,6 +177,7 @@ def run(args) -> dict:
         decode = _decode_rate(files, config, args.batch, workers)
         core, host = _core_rate(model, args.batch, config.crop, args.repeats, explain_options)
         writer = _writer_rate(host, list(config.class_names), max(1000, len(files)), config.crop)
+        figures = _figure_rate(host, list(config.class_names), files, config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     d = jax.devices()[0]
@@ -162,7 +187,8 @@ def run(args) -> dict:
         "device": f"{d.platform} ({d.device_kind})", "devices": jax.local_device_count(),
         "decode_img_s": round(decode, 2), "core_img_s": round(core, 2), "e2e_img_s": round(e2e, 2),
         "ratio_to_slowest": round(e2e / min(decode, core), 3), "compile_s": round(warm.compile_s, 2),
-        "writer_img_s": round(writer, 1), "bytes_per_image": round(explained_bytes / max(1, summary.explained)),
+        "writer_img_s": round(writer, 1), "figures_s_per_core": round(figures, 2),
+        "bytes_per_image": round(explained_bytes / max(1, summary.explained)),
         "max_rss_mb": round(rss, 1), "explained": summary.explained,
     }  # fmt: skip
 

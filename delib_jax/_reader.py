@@ -8,10 +8,12 @@ the calling process (no shared memory needed).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -91,6 +93,39 @@ def _work(slot: int, row: int, paths: Sequence[str]) -> list[Decoded]:
 # ------------------------------------------------------------------------------------------------ caller side
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Hide the caller's __main__ from 'spawn' while worker processes start: the workers need nothing from it, and
+    re-running a user's script without an ``if __name__ == "__main__":`` guard would fail (or redo its work)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def start_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
+    """``workers`` processes started with 'spawn' (never forked from a process running JAX's threads), all of
+    them started now."""
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                               initargs=initargs)  # fmt: skip
+    with _main_hidden():
+        for f in [pool.submit(_ready) for _ in range(workers)]:
+            f.result()
+    return pool
+
+
+
 class Reader:
     """``slots`` batch buffers (B, crop, crop, 3) float32 filled by ``workers`` processes (0: threads).
 
@@ -112,10 +147,7 @@ class Reader:
         if workers > 0:
             self.arrays = [np.ndarray(self.shape, np.float32, buffer=b.buf) for b in self._blocks]
             names = [b.name for b in self._blocks]
-            self._pool = ProcessPoolExecutor(
-                workers, mp_context=mp.get_context("spawn"), initializer=_init,
-                initargs=(names, self.shape, resize, crop, stats),
-            )  # fmt: skip
+            self._pool = start_pool(workers, _init, (names, self.shape, resize, crop, stats))
             self._run = _work
         else:
             warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # large, not hostile

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,19 +195,31 @@ def _compact_fn():
     return jax.jit(compact)
 
 
-def _record(i: int, source: str, stat: list[int], host: Mapping[str, np.ndarray], row: int, names, note) -> dict:
-    """The index record of one explained image (small: no maps or masks)."""
-    probs, classes = host["probs"][row], host["classes"][row]
-    prediction = int(np.argmax(probs))
+def _host_lists(host: Mapping[str, np.ndarray]) -> dict[str, list]:
+    """The fields the index records need as Python lists, converted once per batch (numpy scalars are slow)."""
+    probs = host["probs"]
+    prediction = np.argmax(probs, axis=1)
+    top = np.take_along_axis(probs, host["classes"], axis=1)
+    return {
+        "prediction": prediction.tolist(), "confidence": probs[np.arange(len(probs)), prediction].tolist(),
+        "difficulty": host["difficulty"].tolist(), "classes": host["classes"].tolist(), "top": top.tolist(),
+        "pairs": host["pairs"].tolist(), "strength": host["strength"].tolist(),
+        "coverage": host["coverage"].tolist(), "threshold": host["threshold"].tolist(), "valid": host["valid"].tolist(),
+    }  # fmt: skip
+
+
+def _record(i: int, source: str, stat: list[int] | None, lists: Mapping[str, list], row: int, names, note) -> dict:
+    """The index record of one explained image (small: no maps or masks); ``lists`` from `_host_lists`."""
+    prediction = lists["prediction"][row]
+    strength, coverage, threshold = lists["strength"][row], lists["coverage"][row], lists["threshold"][row]
     r = {
         "i": i, "source": source, "stat": stat, "prediction": prediction, "prediction_name": names[prediction],
-        "confidence": float(probs[prediction]), "difficulty": float(host["difficulty"][row]),
-        "top": [[int(c), float(probs[c])] for c in classes],
+        "confidence": lists["confidence"][row], "difficulty": lists["difficulty"][row],
+        "top": [list(t) for t in zip(lists["classes"][row], lists["top"][row])],
         "insecurities": [
-            {"a": int(a), "b": int(b), "name_a": names[int(a)], "name_b": names[int(b)],
-             "strength": float(host["strength"][row, q]), "coverage": float(host["coverage"][row, q]),
-             "threshold": float(host["threshold"][row, q])}
-            for q, (a, b) in enumerate(host["pairs"][row]) if host["valid"][row, q]
+            {"a": a, "b": b, "name_a": names[a], "name_b": names[b], "strength": strength[q],
+             "coverage": coverage[q], "threshold": threshold[q]}
+            for q, ((a, b), ok) in enumerate(zip(lists["pairs"][row], lists["valid"][row])) if ok
         ],
     }  # fmt: skip
     if note:
@@ -342,9 +354,7 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
     if options.figures:
         n = _reader.default_workers() if options.figure_workers is None else options.figure_workers
         if n > 0:
-            import multiprocessing as mp
-
-            pool = ProcessPoolExecutor(n, mp_context=mp.get_context("spawn"))
+            pool = _reader.start_pool(n)
     writer = st.ShardWriter(directory, p, options.shard_size, next_seq=seq,
                             image_size=(config.crop, config.crop))  # fmt: skip
     pending_figures: dict[str, Future] = {}
@@ -381,6 +391,7 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                 host = jax.device_get(outputs) if outputs is not None else None
                 free.put(slot)
                 rows, records = [], []
+                lists = _host_lists(host) if host is not None else None
                 for row, ((i, f), rep) in enumerate(zip(items, reports)):
                     source = str(f)
                     if rep.error is not None:
@@ -396,7 +407,7 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                     if rep.note:
                         report(rep.note)
                     rows.append(row)
-                    records.append(_record(i, source, stats[i], host, row, names, rep.note))
+                    records.append(_record(i, source, stats[i], lists, row, names, rep.note))
                 if rows:
                     arrays = {k: v[rows] for k, v in host.items() if k != "finite"}
                     if options.figures:
