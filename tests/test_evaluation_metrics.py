@@ -175,3 +175,18 @@ def test_summarize_table_columns_and_undefined_coverages_without_warnings():
     assert np.isnan(s["mean"][3]) and s["mean"][4] == pytest.approx(50.0)
     assert s["mean"][5] == pytest.approx(np.mean([np.mean([10, 20, 30, 50]), np.mean([30, 20, 50])]))
     assert "| – |" in markdown_table([("x", s)], metric="Precision")
+
+
+def test_keypoint_ranks_by_counting_equal_ranks_by_sorting():
+    """The counted ranks of `point_precision_recall` are the sorted ranks of `pixel_ranks`, ties included."""
+    from delib_jax.evaluation.metrics import _point_ranks, pixel_ranks
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        amap = np.round(rng.normal(size=(9, 11)), 1).astype(np.float32)  # many ties, negatives, zeros
+        points = rng.uniform(-2, 13, size=(20, 2)).astype(np.float32)
+        ranks = np.asarray(pixel_ranks(jnp.asarray(amap)))
+        col = np.clip(np.floor(points[:, 0]).astype(int), 0, 10)
+        row = np.clip(np.floor(points[:, 1]).astype(int), 0, 8)
+        expected = np.where(amap[row, col] > 0, ranks[row, col], amap.size)
+        np.testing.assert_array_equal(np.asarray(_point_ranks(jnp.asarray(amap), jnp.asarray(points))), expected)

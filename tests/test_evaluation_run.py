@@ -143,15 +143,17 @@ def test_eval_nan_model_is_an_error(cub_run, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
-def test_eval_without_insecurities_warns_and_writes_strict_json(cub_run, tmp_path, monkeypatch, capsys):
+def test_eval_without_insecurities_warns_and_writes_strict_json(cub_run, tmp_path, monkeypatch, capsys, request):
     """No insecurities: a warning naming the run and row, a note in results.json, NaN written as null (read back)."""
     found = protocol._insecurity_maps
 
     def none_found(*args):
-        b_idx, pairs, maps, grid = found(*args)
-        return b_idx[:0], pairs[:0], maps[:0], grid
+        valid, pairs, maps, grid, finite = found(*args)
+        return valid & False, pairs, maps, grid, finite
 
     monkeypatch.setattr(protocol, "_insecurity_maps", none_found)
+    protocol._cub_step.cache_clear()  # compiled steps traced the real function
+    request.addfinalizer(protocol._cub_step.cache_clear)  # and later tests must not reuse this one
     out = tmp_path / "eval"
     assert main("cub", _eval_argv(cub_run, out)) == 0
     err = capsys.readouterr().err

@@ -30,11 +30,20 @@ def pixel_ranks(amap: jax.Array) -> jax.Array:
 
 
 def _point_ranks(amap, points):
+    """(K,) rank of each keypoint's pixel in ``amap`` (H, W), as `pixel_ranks` gives it, by counting the pixels
+    ranked before it (larger, or equal and earlier) instead of sorting all H W pixels: K H W comparisons that fuse
+    into one reduction, several times faster than a sort per map on CPUs and GPUs alike."""
     h, w = amap.shape
-    ranks = pixel_ranks(amap)
+    flat = amap.reshape(-1)
     col = jnp.clip(jnp.floor(points[:, 0]).astype(jnp.int32), 0, w - 1)
     row = jnp.clip(jnp.floor(points[:, 1]).astype(jnp.int32), 0, h - 1)
-    return jnp.where(amap[row, col] > 0, ranks[row, col], amap.size)  # never inside where there is no ambiguity
+    index = row * w + col  # (K,)
+    value = flat[index]
+    before = (flat[None, :] > value[:, None]) | (
+        (flat[None, :] == value[:, None]) & (jnp.arange(flat.size)[None, :] < index[:, None])
+    )
+    ranks = jnp.sum(before, axis=1, dtype=jnp.int32)
+    return jnp.where(value > 0, ranks, amap.size)  # never inside where there is no ambiguity
 
 
 @jax.jit

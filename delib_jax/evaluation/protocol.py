@@ -13,6 +13,7 @@ A curve is the mean over insecurities where the metric is defined (see `delib_ja
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from delib_jax.attribution import make_attribute_fn
+from delib_jax.attribution import Options, _attribute_from_images
 from delib_jax.checkpoint import RunConfig
 from delib_jax.data._text import fail
 from delib_jax.data.pipeline import ade20k_source, cub_source, decode_mask, eval_pipeline
@@ -37,7 +38,8 @@ from delib_jax.evaluation.metrics import (
     point_precision_recall,
     random_maps,
 )
-from delib_jax.insecurity import find_insecurities, product, upsample
+from delib_jax.insecurity import ambiguity_maps, candidate_pairs, pair_indices, product, upsample
+from delib_jax.models import Structure, split_leaves
 
 
 class NonFiniteOutputs(ValueError):
@@ -112,111 +114,174 @@ class Curves:
         self.total += np.where(defined, values, 0.0).sum(axis=0)
         self.count += defined.sum(axis=0)
 
+    def add_sums(self, total: np.ndarray, count: np.ndarray) -> None:
+        """Per-coverage sums (R,) already reduced over insecurities (on the device)."""
+        self.total += np.asarray(total, np.float64)
+        self.count += np.asarray(count, np.float64)
+
     @property
     def mean(self) -> np.ndarray:
         return np.divide(self.total, self.count, out=np.full(len(COVERAGES), np.nan), where=self.count > 0)
 
 
-def _attribute_fn(model, setting: Setting, options: EvalOptions, num_classes: int):
+def _options(setting: Setting, options: EvalOptions, num_classes: int) -> Options:
     top_n = min(options.top_n, num_classes)
     extra = {"steps": options.ig_steps} if setting.method == "integrated_gradients" else {}
-    return make_attribute_fn(model, method=setting.method, score=setting.score, top_n=top_n,
-                             difficulty_channels=options.difficulty_channels, **extra)
+    return Options(method=setting.method, score=setting.score, top_n=top_n,
+                   difficulty_channels=options.difficulty_channels, **extra).check(num_classes)
+
+
+def _padded(batch: dict, size: int) -> tuple[dict, np.ndarray]:
+    """The batch with its last row repeated up to ``size`` rows (one compiled shape for the last, short batch) and
+    the (size,) bool mask of its real rows."""
+    n = len(batch["image"])
+    rows = np.arange(size) < n
+    if n == size:
+        return batch, rows
+    pad = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)])
+           for k, v in batch.items() if isinstance(v, np.ndarray) and v.ndim and len(v) == n}
+    return {**batch, **pad}, rows
+
+
+@functools.lru_cache(maxsize=16)
+def _rank_step(structure: Structure, score: str) -> Callable:
+    """One compiled forward -> (difficulty scores (B,), all outputs finite) per model structure and score."""
+    from delib_jax import difficulty
+
+    def step(leaves, images):
+        out = structure.merge(leaves)(images)
+        outputs = [out.logits] + ([] if out.hardness_logit is None else [out.hardness_logit])
+        finite = jnp.all(jnp.stack([jnp.isfinite(o).all() for o in outputs]))
+        return difficulty.score_from_outputs(score, out.logits, out.hardness_logit), finite
+
+    return jax.jit(step)
 
 
 def hardest_images(model, config: RunConfig, source, score: str, num_images: int, batch_size: int) -> np.ndarray:
     """Positions (in ``source``) of the ``num_images`` test images of largest difficulty ``score``, hardest first."""
-    from delib_jax import difficulty
-    from delib_jax.models import make_predict_fn
-
-    predict = make_predict_fn(model)
+    model.eval()
+    structure, leaves = split_leaves(model)
+    step = _rank_step(structure, score)
     pipe = eval_pipeline(source, batch_size=batch_size, resize=config.resize, crop=config.crop,
                          stats=config.normalization)
-    scores = []
+    scores, flags, rows = [], [], []
     for batch in tqdm(pipe, desc=f"ranking test images by {score}", leave=False, unit="batch"):
-        out = predict(jnp.asarray(batch["image"]))
-        outputs = [out.logits] + ([] if out.hardness_logit is None else [out.hardness_logit])
-        if not all(bool(jnp.isfinite(o).all()) for o in outputs):
-            raise NonFiniteOutputs("the model's outputs are not finite (NaN or inf logits on the test images; a "
-                                   "diverged training run): retrain it, e.g. with a lower --lr")
-        scores.append(np.asarray(difficulty.score_from_outputs(score, out.logits, out.hardness_logit)))
-    scores = np.concatenate(scores)
+        batch, real = _padded(batch, batch_size)
+        s, finite = step(leaves, jnp.asarray(batch["image"]))  # dispatched; read back once at the end
+        scores.append(s)
+        flags.append(finite)
+        rows.append(real)
+    if not all(bool(f) for f in flags):
+        raise NonFiniteOutputs("the model's outputs are not finite (NaN or inf logits on the test images; a "
+                               "diverged training run): retrain it, e.g. with a lower --lr")
+    scores = np.concatenate([np.asarray(s)[r] for s, r in zip(scores, rows)])
     return np.argsort(-scores, kind="stable")[: min(num_images, len(scores))]
 
 
-def _insecurity_maps(fn, setting: Setting, options: EvalOptions, images: np.ndarray):
-    """Valid insecurities of a batch: (image index (M,), pairs (M, 2), ambiguity maps (M, H, W), grid (h, w))."""
-    attr = fn(jnp.asarray(images))
-    if not bool(jnp.isfinite(attr.class_maps).all() & jnp.isfinite(attr.difficulty_map).all()):
+def _masked_sums(values, defined, weight):
+    """Sums over insecurities of ``values`` (M, R) where ``defined`` (M, R) and ``weight`` (M,): (total, count)."""
+    ok = defined & weight[:, None]
+    return jnp.sum(jnp.where(ok, values, 0.0), axis=0), jnp.sum(ok, axis=0)
+
+
+def _insecurity_maps(model, images, rows, setting: Setting, opts: Options, k: int):
+    """All candidate insecurities of a batch at fixed shapes: valid (B, R) (a real row's candidate ambiguity, as
+    `find_insecurities` keeps it with every pair), pairs (B, R, 2), ambiguity maps upsampled to the image
+    (B, R, H, W), the feature grid, and finiteness of the maps.
+
+    No masks or thresholds: the protocol scores each map at every coverage itself. A candidate pair is kept when its
+    upsampled map has a positive pixel (exactly when its mask at any coverage is non-empty)."""
+    attr = _attribute_from_images(model, images, opts)
+    finite = jnp.isfinite(attr.class_maps).all() & jnp.isfinite(attr.difficulty_map).all()
+    amb = ambiguity_maps(attr.class_maps, attr.difficulty_map, combine=setting.combine).astype(jnp.float32)
+    up = upsample(amb, images.shape[1:3])  # (B, R, H, W)
+    valid = candidate_pairs(attr.class_maps, k=k) & (jnp.max(up, axis=(-2, -1)) > 0) & rows[:, None]
+    ia, ib = pair_indices(attr.class_maps.shape[1])
+    pairs = jnp.stack([attr.classes[:, ia], attr.classes[:, ib]], axis=-1)  # (B, R, 2)
+    return valid, pairs, up, amb.shape[-2:], finite
+
+
+@functools.lru_cache(maxsize=16)
+def _cub_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int) -> Callable:
+    """One compiled batch of the CUB protocol: maps -> insecurities -> precision / recall / keypoint-AUC sums at
+    every coverage, for the method and ``runs`` random baselines; only these small sums leave the device."""
+
+    def step(leaves, images, parts, visible, rows, truth, counts, key):
+        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), images, rows, setting, opts, k)
+        b, q = valid.shape
+        maps = amaps.reshape(b * q, *amaps.shape[2:])  # (M, H, W), M = B Q
+        points = jnp.repeat(parts, q, axis=0)  # (M, K, 2): each insecurity's image keypoints
+        seen = jnp.repeat(visible, q, axis=0)
+        labels = truth[pairs[..., 0], pairs[..., 1]].reshape(b * q, -1)  # (M, K): part ambiguous for (a, b)
+        weight = valid.reshape(-1)
+
+        def sums(m):
+            p, r, has_p, has_t = point_precision_recall(m, points, seen, labels, counts)
+            auc, defined = keypoint_auc(m, points, seen, labels)
+            ok = defined & weight
+            recall = _masked_sums(r, jnp.broadcast_to(has_t[:, None], r.shape), weight)
+            return (*_masked_sums(p, has_p, weight), *recall, jnp.sum(jnp.where(ok, auc, 0.0)), jnp.sum(ok))
+
+        keys = jax.random.split(key, runs)
+        random = [sums(random_maps(keys[i], maps.shape, tuple(grid))) for i in range(runs)]
+        return {"method": sums(maps), "random": random, "insecurities": jnp.sum(weight), "finite": finite}
+
+    return jax.jit(step)
+
+
+def _check_maps(results: list[dict], setting: Setting) -> list[dict]:
+    results = jax.device_get(results)
+    if not all(bool(r["finite"]) for r in results):
         raise NonFiniteOutputs(f"the {setting.method} attribution maps are not finite (NaN or inf; the model's "
                                "gradients overflow): retrain it, e.g. with a lower --lr")
-    size = images.shape[1:3]
-    found = find_insecurities(attr.class_maps, attr.difficulty_map, attr.classes, image_size=size, k=options.k,
-                              coverage=0.1, combine=setting.combine)
-    valid = np.asarray(found.valid)
-    b_idx, q_idx = np.nonzero(valid)
-    maps = np.asarray(upsample(found.ambiguity, size))[b_idx, q_idx]
-    return b_idx, np.asarray(found.pairs)[b_idx, q_idx], maps, found.ambiguity.shape[-2:]
+    return results
 
 
-def _explained_batches(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions,
-                       check: Callable[[dict], None] | None = None):
-    """(number of images, iterator of (batch, image index (M,), pairs (M, 2), maps (M, H, W), grid)) over the
-    hardest test images, each batch with its valid insecurities; ``check(batch)`` sees every batch first."""
+def _hardest_batches(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions):
+    """(number of images, padded batches of the hardest test images with their real-row masks)."""
     test = make_source(dataset, "test")
     chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
     source = make_source(dataset, indices=test.indices[chosen])
     pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
                          stats=config.normalization)
-    fn = _attribute_fn(model, setting, options, config.num_classes)
-
-    def batches():
-        for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"):
-            if check is not None:
-                check(batch)
-            b_idx, pairs, maps, grid = _insecurity_maps(fn, setting, options, batch["image"])
-            if len(b_idx):
-                yield batch, b_idx, pairs, maps, grid
-
-    return len(chosen), batches()
+    batches = (_padded(batch, options.batch_size)
+               for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"))
+    return len(chosen), batches
 
 
 def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: EvalOptions,
                  truth: np.ndarray | None = None) -> dict:
-    """Precision and recall curves of one setting on CUB-format data (and the random baseline)."""
+    """Precision and recall curves of one setting on CUB-format data (and the random baseline).
+
+    Each batch is one compiled step with fixed shapes (the last batch padded): insecurities, their metrics and the
+    random baselines are computed on the device and only per-coverage sums come back, once, at the end."""
     options = options.check()
     if truth is None:
         strength = gt.cub_ambiguity_strength(dataset.class_attributes, dataset.attribute_names, dataset.part_names,
                                              divergence=options.divergence)
         truth = gt.select_ground_truth(strength, options.fraction or 0.2)
-    n_images, batches = _explained_batches(model, config, dataset, cub_source, setting, options)
+    model.eval()
+    structure, leaves = split_leaves(model)
+    step = _cub_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs)
+    n_images, batches = _hardest_batches(model, config, dataset, cub_source, setting, options)
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
+    truth_d = jnp.asarray(truth)
+    key = jax.random.key(options.seed)
+    results = []
+    for batch, rows in batches:
+        key, sub = jax.random.split(key)
+        results.append(step(leaves, jnp.asarray(batch["image"]), jnp.asarray(batch["parts"]),
+                            jnp.asarray(batch["part_visible"]), jnp.asarray(rows), truth_d, counts, sub))
+    results = _check_maps(results, setting)
     prec, rec = Curves(), Curves()
     rand = [(Curves(), Curves()) for _ in range(options.runs)]
     auc = np.zeros((1 + options.runs, 2))  # (sum, count) of keypoint AUCs: the method, then each random run
-    key = jax.random.key(options.seed)
-    n_ins = 0
-
-    def add_auc(row, amaps, points, visible, labels):
-        values, defined = map(np.asarray, keypoint_auc(amaps, points, visible, labels))
-        auc[row] += (values[defined].sum(), defined.sum())
-
-    for batch, b_idx, pairs, maps, grid in batches:
-        n_ins += len(b_idx)
-        points = jnp.asarray(batch["parts"][b_idx])
-        visible = jnp.asarray(batch["part_visible"][b_idx])
-        labels = jnp.asarray(truth[pairs[:, 0], pairs[:, 1]])  # (M, K): part k ambiguous for (a, b)
-        p, r, has_p, has_t = map(np.asarray, point_precision_recall(jnp.asarray(maps), points, visible, labels, counts))
-        prec.add(p, has_p)
-        rec.add(r, np.broadcast_to(has_t[:, None], r.shape))
-        add_auc(0, jnp.asarray(maps), points, visible, labels)
-        for run, (rp, rr) in enumerate(rand):
-            key, sub = jax.random.split(key)
-            noise = random_maps(sub, maps.shape, tuple(grid))
-            p, r, has_p, has_t = map(np.asarray, point_precision_recall(noise, points, visible, labels, counts))
-            rp.add(p, has_p)
-            rr.add(r, np.broadcast_to(has_t[:, None], r.shape))
-            add_auc(1 + run, noise, points, visible, labels)
+    for r in results:
+        for row, (sums, (p, rr)) in enumerate(zip([r["method"], *r["random"]], [(prec, rec), *rand])):
+            p.add_sums(sums[0], sums[1])
+            rr.add_sums(sums[2], sums[3])
+            auc[row] += (sums[4], sums[5])
+    n_ins = int(sum(int(r["insecurities"]) for r in results))
     mean_auc = [float(s / n) if n else None for s, n in auc]
     return {
         "setting": dataclasses.asdict(setting), "metric": "precision", "images": n_images,
@@ -302,34 +367,60 @@ def ade_ground_truth(dataset, options: EvalOptions, cache: Path | None = None,
     return gt.select_ground_truth(gt.ade_ambiguity_strength(phi), options.fraction or 0.01)
 
 
+@functools.lru_cache(maxsize=16)
+def _ade_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int) -> Callable:
+    """One compiled batch of the ADE20K protocol: IoU sums at every coverage for the method and ``runs`` random
+    baselines (insecurities taken 16 at a time: each ranks every pixel against 150 objects)."""
+
+    def step(leaves, images, segmentation, rows, truth, counts, key):
+        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), images, rows, setting, opts, k)
+        b, q = valid.shape
+        maps = amaps.reshape(b * q, *amaps.shape[2:])
+        seg = jnp.repeat(segmentation, q, axis=0)  # (M, H, W)
+        cand = truth[pairs[..., 0], pairs[..., 1]].reshape(b * q, -1)  # (M, O)
+        weight = valid.reshape(-1)
+
+        def sums(m):
+            iou = jax.lax.map(lambda x: mask_iou(x[0][None], x[1][None], x[2][None], counts)[0], (m, seg, cand),
+                              batch_size=16)  # (M, R)
+            return _masked_sums(iou, jnp.ones(iou.shape, bool), weight)
+
+        keys = jax.random.split(key, runs)
+        random = [sums(random_maps(keys[i], maps.shape, tuple(grid))) for i in range(runs)]
+        return {"method": sums(maps), "random": random, "insecurities": jnp.sum(weight), "finite": finite}
+
+    return jax.jit(step)
+
+
 def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options: EvalOptions,
                     truth: np.ndarray) -> dict:
-    """IoU curve of one setting on ADE20K-format data (and the random baseline)."""
+    """IoU curve of one setting on ADE20K-format data (and the random baseline); compiled per batch as
+    `evaluate_cub`."""
     options = options.check()
     num_objects = truth.shape[-1]
-
-    def check_labels(batch):
+    model.eval()
+    structure, leaves = split_leaves(model)
+    step = _ade_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs)
+    n_images, batches = _hardest_batches(model, config, dataset, ade20k_source, setting, options)
+    counts = jnp.asarray(coverage_counts(config.crop * config.crop))
+    truth_d = jnp.asarray(truth)
+    key = jax.random.key(options.seed)
+    results = []
+    for batch, rows in batches:
         above = np.flatnonzero(batch["mask"].max(axis=(1, 2)) > num_objects)
         if len(above):
             raise fail(dataset.mask_paths[batch["index"][above[0]]],
                        f"labels exceed the {num_objects} objects of the object list (objectInfo150): fix the mask")
-
-    n_images, batches = _explained_batches(model, config, dataset, ade20k_source, setting, options, check_labels)
-    counts = jnp.asarray(coverage_counts(config.crop * config.crop))
+        key, sub = jax.random.split(key)
+        results.append(step(leaves, jnp.asarray(batch["image"]), jnp.asarray(batch["mask"].astype(np.int32)),
+                            jnp.asarray(rows), truth_d, counts, sub))
+    results = _check_maps(results, setting)
     iou = Curves()
     rand = [Curves() for _ in range(options.runs)]
-    key = jax.random.key(options.seed)
-    n_ins = 0
-    for batch, b_idx, pairs, maps, grid in batches:
-        n_ins += len(b_idx)
-        seg = jnp.asarray(batch["mask"][b_idx].astype(np.int32))
-        cand = jnp.asarray(truth[pairs[:, 0], pairs[:, 1]])
-        values = np.asarray(mask_iou(jnp.asarray(maps), seg, cand, counts))
-        iou.add(values, np.ones_like(values, bool))
-        for curves in rand:
-            key, sub = jax.random.split(key)
-            values = np.asarray(mask_iou(random_maps(sub, maps.shape, tuple(grid)), seg, cand, counts))
-            curves.add(values, np.ones_like(values, bool))
+    for r in results:
+        for sums, curves in zip([r["method"], *r["random"]], [iou, *rand]):
+            curves.add_sums(*sums)
+    n_ins = int(sum(int(r["insecurities"]) for r in results))
     return {
         "setting": dataclasses.asdict(setting), "metric": "iou", "images": n_images, "insecurities": n_ins,
         "coverage": COVERAGES.tolist(), "iou": iou.mean.tolist(), "random_iou": [c.mean.tolist() for c in rand],
