@@ -105,14 +105,13 @@ def train_stage(out: Path, epochs: int, seed: int, crop: int = 128) -> Path:
 
 
 def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
-    """Explain the ``count`` hardest test images: OUT/explain/index.html, a figure per image, insecurities.json."""
-    from delib_jax import explanation as ex
+    """Explain the ``count`` hardest test images with the explanation job (`delib_jax.stream.explain_files`):
+    OUT/explain/index.html, a figure per image, the compact store and insecurities.json."""
     from delib_jax.checkpoint import load_model
     from delib_jax.data import load_cub
-    from delib_jax.data.pipeline import cub_source, eval_pipeline
+    from delib_jax.data.pipeline import cub_source
     from delib_jax.evaluation.protocol import hardest_images
-    from delib_jax.report import write_report
-    from delib_jax.visualize import save_figure
+    from delib_jax.stream import JobOptions, explain_files
 
     target = out / "explain"
     if (target / "index.html").is_file():
@@ -122,25 +121,13 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     ds = load_cub(config.data_dir)
     test = cub_source(ds, "test")
     chosen = hardest_images(model, config, test, "hardness", count, 32)
-    source = cub_source(ds, indices=test.indices[chosen])
-    batch = next(iter(eval_pipeline(source, batch_size=len(chosen), resize=config.resize, crop=config.crop,
-                                    stats=config.normalization)))
-    explanations = ex.explain(model, batch["image"], class_names=config.class_names,
-                              sources=[source.image_paths[i] for i in range(len(chosen))])
+    files = [ds.image_paths[i] for i in test.indices[chosen]]
     examples = {c: ds.image_paths[int(np.flatnonzero((ds.labels == c) & ds.is_train)[0])]
                 for c in range(config.num_classes)}
-    target.mkdir(parents=True, exist_ok=True)
-    mean, std = np.asarray(config.mean), np.asarray(config.std)
-    records, figures = [], []
-    for i, e in enumerate(explanations):
-        pixels = np.clip(batch["image"][i] * std + mean, 0, 1)
-        figure = f"{i:03d}_{Path(e.source).stem}.png"
-        save_figure(e, (pixels * 255).astype(np.uint8), target / figure, examples=examples)
-        records.append({**e.to_json(), "figure": figure})
-        figures.append(figure)
-    ex.write_json(target / "insecurities.json", {"checkpoint": str(run_dir), "images": records})
-    write_report(target, records, figures, title="Deliberative explanations: hardest synthetic test birds",
-                 settings={"method": "gradient_hessian", "score": "hardness", "top_n": 5, "k": 3, "coverage": 0.1})
+    options = JobOptions(batch_size=32, figures=True)
+    explain_files(model, config, files, target, options=options, model_id={"checkpoint": str(run_dir)},
+                  examples=examples, report=lambda m: print(f"   {m}", file=sys.stderr),
+                  method="gradient_hessian", score="hardness", top_n=5, k=3, coverage=0.1)  # fmt: skip
     return target
 
 
