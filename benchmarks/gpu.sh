@@ -4,6 +4,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh ratios     # the goals: ratio and images/s at batch 64 (~5 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh detail     # where the time goes: breakdown of both (~4 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh extra      # precision, integrated gradients, 'highest' matmul cost (~6 min)
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh explain    # the explanation job end to end and the evaluation loop (~7 min)
 set -u
 OUT=${OUT:-.}
 PY=${PY:-python3}
@@ -30,6 +31,12 @@ case "$PART" in
     step 90 -m benchmarks.precision --arch vgg16 --batch 2
     step 150 -m benchmarks.attribution --arch vgg16 --batch 64 --method integrated_gradients --loop-outputs 1 --repeats 3
     JAX_DEFAULT_MATMUL_PRECISION=highest step 150 -m benchmarks.attribution --arch vgg16 --batch 64 --loop-outputs 1 ;;
-  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra" >&2; exit 2 ;;
+  explain)
+    # the job from CUB-size JPEGs against its stages (decode, core, writer), 16 host cores; then the evaluation loop
+    step 240 -m benchmarks.explain --arch resnet50 --images 4000 --batch 64
+    step 150 -m benchmarks.explain --arch resnet50 --images 2000 --batch 256
+    step 200 -m benchmarks.evaluation --arch resnet50 --crop 224 --size 300 --classes 20 --images-per-class 40 \
+      --num-images 384 --batch 64 ;;
+  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain" >&2; exit 2 ;;
 esac
 log done "$PART"

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks.attribution import main
 
 
@@ -31,3 +33,21 @@ def test_breakdown_and_precision_benchmarks_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU
     assert out["maps_default_vs_highest"] == 0.0  # XLA:CPU's default float32 matmul is full float32
+
+
+def test_explain_and_evaluation_benchmarks_json(capsys):
+    """The job benchmark reports its stages and outputs; the evaluation benchmark its time per batch and ratio."""
+    from benchmarks import evaluation, explain
+
+    assert explain.main(["--arch", "small", "--crop", "32", "--classes", "4", "--images", "12", "--batch", "4",
+                         "--workers", "1", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["explained"] == 12 and out["images"] == 12
+    assert all(out[k] > 0 for k in ("decode_img_s", "core_img_s", "e2e_img_s", "writer_img_s", "figures_s_per_core",
+                                    "bytes_per_image", "max_rss_mb"))
+    assert out["ratio_to_slowest"] == round(out["e2e_img_s"] / min(out["decode_img_s"], out["core_img_s"]), 3)
+    assert evaluation.main(["--crop", "32", "--size", "48", "--classes", "3", "--images-per-class", "6",
+                            "--num-images", "4", "--batch", "2", "--runs", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == 4 and out["eval_s_per_batch"] > 0 and out["job_s_per_batch"] > 0
+    assert out["ratio"] == pytest.approx(out["eval_s_per_batch"] / out["job_s_per_batch"], rel=0.01)
