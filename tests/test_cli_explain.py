@@ -403,3 +403,17 @@ def test_exit_process_flushes_and_leaves_with_the_status():
         code = f"from delib_jax.cli import exit_process; print('bye', end=''); exit_process({status})"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert (done.returncode, done.stdout) == (status, "bye")
+
+
+def test_output_folder_inside_the_input_folder_is_not_read(workspace, capsys, tmp_path):
+    """The figures the first run wrote under images/out are not inputs of the second run (same count, resumed)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("rgb.jpg", "grey.png"):
+        (images / name).write_bytes((workspace / "images" / name).read_bytes())
+    argv = ["explain", images, "--checkpoint", workspace / "run", "--out", images / "out", "--workers", "0"]
+    code, err = _run(argv, capsys)
+    assert code == 0 and "explained 2 of 2 images" in err, err
+    assert len(list((images / "out" / "figures").glob("*.png"))) == 2
+    code, err = _run(argv, capsys)
+    assert code == 0 and "explained 2 of 2 images" in err and "resuming: 2 images" in err, err
