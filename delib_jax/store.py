@@ -27,6 +27,7 @@ import json
 import os
 import re
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,21 +249,25 @@ class ShardWriter:
     grad_cam, pairs, strength, coverage, threshold, valid and mask_bits (n, Q, ceil(H W / 8)) (see `pack_bits`) of
     masks of ``image_size``.
 
-    ``before_commit(records)`` runs just before a shard's records are appended (the job waits there for the
-    shard's figures, so that the index never names a figure that is not written)."""
+    ``ready(records, block)`` says whether a written shard's records may be appended yet (the job's figures of
+    them are drawn; with ``block`` it waits until they are): the index never names a figure that is not written,
+    and up to ``max_pending`` written shards wait for their figures while the next ones are filled, so the figure
+    processes never run dry at a shard boundary."""
 
     directory: Path
     process: int
     shard_size: int
     next_seq: int = 0
     image_size: tuple[int, int] = (0, 0)
-    before_commit: Callable[[list[dict[str, Any]]], None] | None = None
+    ready: Callable[[list[dict[str, Any]], bool], bool] | None = None
+    max_pending: int = 2
 
     def __post_init__(self) -> None:
         self._arrays: list[dict[str, np.ndarray]] = []
         self._records: list[dict[str, Any]] = []
         self._skipped: list[dict[str, Any]] = []
         self._rows = 0
+        self._pending: deque[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = deque()
         self.bytes_written = 0
 
     @property
@@ -285,14 +290,15 @@ class ShardWriter:
         """A skipped image's record (committed with the next shard, or at `flush`)."""
         self._skipped.append(record)
 
-    def flush(self) -> None:
-        """Write the buffered rows as one shard, then append their records to the index."""
+    def flush(self, *, final: bool = False) -> None:
+        """Write the buffered rows as one shard, then append the records of every written shard whose figures are
+        done (``final``: wait for all of them)."""
         from delib_jax.explanation import atomic_write
 
         records = self._records
         if records:
             name = shard_name(self.process, self.next_seq)
-            arrays = {k: np.concatenate([a[k] for a in self._arrays]) for k in self._arrays[0] }
+            arrays = {k: np.concatenate([a[k] for a in self._arrays]) for k in self._arrays[0]}
             arrays["masks_deflated"] = np.frombuffer(zlib.compress(arrays.pop("mask_bits").tobytes(), 1), np.uint8)
             arrays["masks_shape"] = np.asarray([*arrays["pairs"].shape[:2], *self.image_size], np.int64)
             path = atomic_write(self.directory / name, lambda f: np.savez(f, **arrays))
@@ -300,18 +306,27 @@ class ShardWriter:
             for r in records:
                 r["shard"] = name
             self.next_seq += 1
-            if self.before_commit is not None:
-                self.before_commit(records)
-        lines = [*records, *self._skipped]
-        if lines:
-            text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in sorted(lines, key=lambda r: r["i"]))
-            fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            self.bytes_written += len(text)
+        if records or self._skipped:
+            self._pending.append((records, self._skipped))
         self._arrays, self._records, self._skipped, self._rows = [], [], [], 0
+        while self._pending:
+            head, skipped = self._pending[0]
+            block = final or len(self._pending) > self.max_pending
+            if self.ready is not None and head and not self.ready(head, block) and not block:
+                break
+            self._pending.popleft()
+            self._append([*head, *skipped])
+
+    def _append(self, lines: list[dict[str, Any]]) -> None:
+        if not lines:
+            return
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in sorted(lines, key=lambda r: r["i"]))
+        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        self.bytes_written += len(text)
 
 
 def open_index(

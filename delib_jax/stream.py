@@ -359,17 +359,24 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                             image_size=(config.crop, config.crop))  # fmt: skip
     pending_figures: dict[str, Future] = {}
 
-    def wait_figures(records: list[dict]) -> None:
-        for r in records:
-            f = pending_figures.pop(r["source"], None)
-            if f is not None:
-                try:
-                    f.result()
-                except Exception as e:  # noqa: BLE001 -- a figure that failed: the explanation stays, without it
-                    report(f"no figure for {r['source']}: {e}")
-                    r["figure"] = None
+    def figures_ready(records: list[dict], block: bool) -> bool:
+        """Whether the figures of ``records`` are drawn (waiting for them with ``block``); a failed figure is
+        reported and its record kept without it."""
+        futures = [pending_figures.get(r["source"]) for r in records]
+        if not block and not all(f is None or f.done() for f in futures):
+            return False
+        for r, f in zip(records, futures):
+            if f is None:
+                continue
+            pending_figures.pop(r["source"], None)
+            try:
+                f.result()
+            except Exception as e:  # noqa: BLE001 -- a figure that failed: the explanation stays, without it
+                report(f"no figure for {r['source']}: {e}")
+                r["figure"] = None
+        return True
 
-    writer.before_commit = wait_figures if options.figures else None
+    writer.ready = figures_ready if options.figures else None
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", desc="explain", disable=None if options.progress else True)
@@ -429,7 +436,7 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                     last_flush[0] = time.monotonic()
                 done_count[0] += len(items)
                 bar.update(len(items))
-            writer.flush()
+            writer.flush(final=True)
         except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
             failure.append(e)
             while True:  # unblock the main thread

@@ -132,13 +132,13 @@ KILLER = textwrap.dedent("""
     calls = [0]
     flush = st.ShardWriter.flush
 
-    def dying_flush(self):
+    def dying_flush(self, **kw):
         calls[0] += 1
         if calls[0] < 2:
-            return flush(self)
+            return flush(self, **kw)
         if point == "shard_written":  # the shard is on disk, its records are not in the index
-            self.before_commit = lambda records: os.kill(os.getpid(), signal.SIGKILL)
-            return flush(self)
+            self.ready = lambda records, block: os.kill(os.getpid(), signal.SIGKILL)
+            return flush(self, **kw)
         if point == "torn_index":  # half a record line appended
             with open(self.index_path, "a") as f:
                 f.write('{{"i": 5, "source": "x", "st')
