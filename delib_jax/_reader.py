@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -114,11 +117,28 @@ def _ready() -> int:
     return os.getpid()
 
 
+def _exit_with(parent: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def _worker_init(initializer: Callable | None, initargs: tuple) -> None:
+    """Workers ignore Ctrl-C (a terminal sends it to the whole process group): the caller stops them, and an
+    interrupt must print one line, not a traceback per worker. They leave as soon as the caller is gone (killed, or
+    left with os._exit): a pool's workers hold their own end of its task pipe and would otherwise wait forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 def start_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """``workers`` processes started with 'spawn' (never forked from a process running JAX's threads), all of
     them started now."""
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
-                               initargs=initargs)  # fmt: skip
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(initializer, initargs))  # fmt: skip
     with _main_hidden():
         for f in [pool.submit(_ready) for _ in range(workers)]:
             f.result()
@@ -168,6 +188,7 @@ class Reader:
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         self.arrays = []
         for b in self._blocks:
             try:

@@ -249,17 +249,17 @@ class ShardWriter:
     grad_cam, pairs, strength, coverage, threshold, valid and mask_bits (n, Q, ceil(H W / 8)) (see `pack_bits`) of
     masks of ``image_size``.
 
-    ``ready(records, block)`` says whether a written shard's records may be appended yet (the job's figures of
-    them are drawn; with ``block`` it waits until they are): the index never names a figure that is not written,
-    and up to ``max_pending`` written shards wait for their figures while the next ones are filled, so the figure
-    processes never run dry at a shard boundary."""
+    ``ready(records, block)`` returns the records of a written shard that may be appended now (the job's figures
+    of them are drawn), or None to wait; with ``block`` it waits until they may. The index never names a figure
+    that is not written, and up to ``max_pending`` written shards wait for their figures while the next ones are
+    filled, so the figure processes never run dry at a shard boundary."""
 
     directory: Path
     process: int
     shard_size: int
     next_seq: int = 0
     image_size: tuple[int, int] = (0, 0)
-    ready: Callable[[list[dict[str, Any]], bool], bool] | None = None
+    ready: Callable[[list[dict[str, Any]], bool], list[dict[str, Any]] | None] | None = None
     max_pending: int = 2
 
     def __post_init__(self) -> None:
@@ -312,8 +312,10 @@ class ShardWriter:
         while self._pending:
             head, skipped = self._pending[0]
             block = final or len(self._pending) > self.max_pending
-            if self.ready is not None and head and not self.ready(head, block) and not block:
-                break
+            if self.ready is not None and head:
+                head = self.ready(head, block)
+                if head is None:
+                    break
             self._pending.popleft()
             self._append([*head, *skipped])
 

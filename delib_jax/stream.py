@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import json
@@ -359,22 +360,28 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                             image_size=(config.crop, config.crop))  # fmt: skip
     pending_figures: dict[str, Future] = {}
 
-    def figures_ready(records: list[dict], block: bool) -> bool:
-        """Whether the figures of ``records`` are drawn (waiting for them with ``block``); a failed figure is
-        reported and its record kept without it."""
+    stopping = threading.Event()  # Ctrl-C: keep what is finished, drop the rest (it is redone on resume)
+
+    def figures_ready(records: list[dict], block: bool) -> list[dict] | None:
+        """The records whose figures are drawn (all of them, waiting, with ``block``; None: not yet). A failed
+        figure is reported and its record kept without it; when stopping, records still waiting are dropped."""
         futures = [pending_figures.get(r["source"]) for r in records]
-        if not block and not all(f is None or f.done() for f in futures):
-            return False
+        if not block and not stopping.is_set() and not all(f is None or f.done() for f in futures):
+            return None
+        kept = []
         for r, f in zip(records, futures):
-            if f is None:
-                continue
-            pending_figures.pop(r["source"], None)
-            try:
-                f.result()
-            except Exception as e:  # noqa: BLE001 -- a figure that failed: the explanation stays, without it
-                report(f"no figure for {r['source']}: {e}")
-                r["figure"] = None
-        return True
+            if f is not None:
+                if stopping.is_set() and not f.done():
+                    f.cancel()
+                    continue
+                pending_figures.pop(r["source"], None)
+                try:
+                    f.result()
+                except Exception as e:  # noqa: BLE001 -- a figure that failed: the explanation stays, without it
+                    report(f"no figure for {r['source']}: {e}")
+                    r["figure"] = None
+            kept.append(r)
+        return kept
 
     writer.ready = figures_ready if options.figures else None
     from tqdm import tqdm
@@ -395,6 +402,9 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
         try:
             while (item := work.get()) is not None:
                 slot, items, reports, outputs = item
+                if stopping.is_set():  # interrupted: what is not fetched yet is redone on resume
+                    free.put(slot)
+                    continue
                 host = jax.device_get(outputs) if outputs is not None else None
                 free.put(slot)
                 rows, records = [], []
@@ -473,7 +483,6 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
     thread = threading.Thread(target=write_loop, name="delib-writer", daemon=True)
     thread.start()
     reading: deque = deque()
-    interrupted = False
     try:
         submitted = 0
         for _ in range(min(options.prefetch, len(batches))):
@@ -499,15 +508,13 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
         thread.join()
         if failure:
             raise failure[0]
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
     except OSError as e:
         if st.disk_full(e):
             raise _disk_full(out, len(todo) - done_count[0], writer) from None
         raise
     finally:
         if thread.is_alive():  # interrupted or failed: let the writer keep what is finished, then stop
+            stopping.set()
             while True:
                 try:
                     work.put_nowait(None)
@@ -517,11 +524,13 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                         work.get_nowait()
                     except queue.Empty:
                         pass
-            thread.join(timeout=30 if interrupted else 5)
+            thread.join(timeout=20)
         bar.close()
         reader.close()
         if pool is not None:
-            pool.shutdown(wait=not interrupted, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
+        reader = pool = None
+        gc.collect()  # finalise the pools' queues now: an interrupted command leaves with os._exit
     summary = JobSummary(
         out=out, total=len(mine), explained=explained[0], resumed=resumed, skipped=skipped,
         compile_s=compile_s[0], run_s=time.perf_counter() - t_start, bytes_written=writer.bytes_written,

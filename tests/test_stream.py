@@ -282,3 +282,54 @@ def test_a_second_run_compiles_nothing(setup, tmp_path):
         counts.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert counts[0]["misses"] > 0 and list((tmp_path / "cache").iterdir())
     assert counts[1]["misses"] == 0 and counts[1]["hits"] >= counts[0]["misses"]
+
+
+INTERRUPTED = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from flax import nnx
+    sys.path.insert(0, {tests!r})
+    from test_stream import _config, _job
+    from delib_jax.checkpoint import build_model
+    from delib_jax.cli import exit_process
+
+    model = build_model(_config(), rngs=nnx.Rngs(3))
+    try:
+        _job(model, _config(), sys.argv[2:] * 40, Path(sys.argv[1]), batch_size=1, shard_size=1, figures=True,
+             figure_workers=1, workers=1, shard_seconds=0.1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        exit_process(130)
+""")
+
+
+def test_ctrl_c_is_one_line_keeps_finished_work_and_leaves_no_process(setup, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while reader and figure processes run."""
+    import signal
+    import time
+
+    _, model, config, files = setup
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "out"
+    copies = []
+    for j in range(3):  # distinct paths: the 40-fold list repeats them, and repeats are explained once
+        for f in files:
+            copies.append(tmp_path / "in" / f"{j}_{f.name}")
+            copies[-1].parent.mkdir(exist_ok=True)
+            copies[-1].write_bytes(f.read_bytes())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, str(script), str(out), *map(str, copies)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    index = out / "explanations" / "index-00000.jsonl"
+    deadline = time.monotonic() + 240
+    while not (index.is_file() and index.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # returns only when no process holds the pipes: no orphaned workers
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert "Traceback" not in err and "leaked" not in err, err
+    kept = list(st.read_records(out))
+    assert kept and all((out / r["figure"]).is_file() for r in kept)
+    summary = _job(model, config, copies, out, figures=True, figure_workers=1)
+    assert summary.resumed == len(kept) and summary.resumed + summary.explained == 21
