@@ -28,6 +28,14 @@ from delib_jax.attribution._core import (
     quadrature,
 )
 from delib_jax.attribution.gradcam import grad_cam
+from delib_jax.attribution.interactions import Interactions, interaction_maps, model_interaction_maps
+from delib_jax.attribution.layer import LayerAttribution, layer_attribution
+from delib_jax.attribution.outputs import Output, deliberative_output, explained_output
+from delib_jax.attribution.probes import probe_diagonal
+from delib_jax.attribution.resize import upsample_maps
+from delib_jax.attribution.reverse import reverse_terms
+from delib_jax.attribution.smoothgrad import noise_tunnel
+from delib_jax.attribution.stages import split_model, stage_names
 from delib_jax.models import Structure, split_leaves
 from delib_jax.models._layers import check_finite, validate_images
 
@@ -106,6 +114,9 @@ def attribute_images(model, images, **options) -> Attribution:
 
 
 __all__ = [
-    "METHODS", "Attribution", "Options", "attribute", "attribute_images", "grad_cam", "gradient",
-    "gradient_hessian", "integrated_gradients", "make_attribute_fn", "output_functions", "quadrature",
+    "METHODS", "Attribution", "Interactions", "LayerAttribution", "Options", "Output", "attribute",
+    "attribute_images", "deliberative_output", "explained_output", "grad_cam", "gradient", "gradient_hessian",
+    "integrated_gradients", "interaction_maps", "layer_attribution", "make_attribute_fn", "model_interaction_maps",
+    "noise_tunnel", "output_functions", "probe_diagonal", "quadrature", "reverse_terms", "split_model", "stage_names",
+    "upsample_maps",
 ]
