@@ -20,34 +20,11 @@ from delib_jax.attribution import (
 )
 from delib_jax.models import PoolMLPHead, create_model
 from delib_jax.testing.reference import brute_force_terms, full_hessian_terms
-
-
-class TinySmoothCNN(nnx.Module):
-    """conv 3x3 -> softplus (X) -> conv 3x3 stride 2 -> tanh -> global mean -> linear: curvature everywhere."""
-
-    def __init__(self, classes=4, *, rngs):
-        self.conv1 = nnx.Conv(3, 4, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs)
-        self.conv2 = nnx.Conv(4, 5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=rngs)
-        self.fc = nnx.Linear(5, classes, rngs=rngs)
-
-    def features(self, x):
-        return jax.nn.softplus(self.conv1(x))
-
-    def head(self, a):
-        return self.fc(jnp.mean(jnp.tanh(self.conv2(a)), axis=(1, 2)))
-
-    def __call__(self, x):
-        return self.head(self.features(x))
+from delib_jax.testing.tiny import TinySmoothCNN, randomise
 
 
 def _randomise(module, seed, dtype=jnp.float64, scale=0.7):
-    state = nnx.state(module)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [(jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5) if x.ndim == 1 else
-            jax.random.normal(k, x.shape, jnp.float32) * scale).astype(dtype) for k, x in zip(keys, leaves)]
-    nnx.update(module, jax.tree.unflatten(tree, new))
-    return module
+    return randomise(module, seed, dtype, scale)
 
 
 def _images(shape=(2, 5, 5, 3), seed=0, dtype=np.float64):
