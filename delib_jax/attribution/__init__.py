@@ -28,8 +28,13 @@ from delib_jax.attribution._core import (
     quadrature,
 )
 from delib_jax.attribution.gradcam import grad_cam
-from delib_jax.attribution.interactions import Interactions, interaction_maps, model_interaction_maps
-from delib_jax.attribution.layer import LayerAttribution, layer_attribution
+from delib_jax.attribution.interactions import (
+    Interactions,
+    interaction_maps,
+    make_model_interactions_fn,
+    model_interaction_maps,
+)
+from delib_jax.attribution.layer import LayerAttribution, layer_attribution, make_layer_attribution_fn
 from delib_jax.attribution.outputs import Output, deliberative_output, explained_output
 from delib_jax.attribution.probes import probe_diagonal
 from delib_jax.attribution.resize import upsample_maps
@@ -116,7 +121,8 @@ def attribute_images(model, images, **options) -> Attribution:
 __all__ = [
     "METHODS", "Attribution", "Interactions", "LayerAttribution", "Options", "Output", "attribute",
     "attribute_images", "deliberative_output", "explained_output", "grad_cam", "gradient", "gradient_hessian",
-    "integrated_gradients", "interaction_maps", "layer_attribution", "make_attribute_fn", "model_interaction_maps",
+    "integrated_gradients", "interaction_maps", "layer_attribution", "make_attribute_fn", "make_layer_attribution_fn",
+    "make_model_interactions_fn", "model_interaction_maps",
     "noise_tunnel", "output_functions", "probe_diagonal", "quadrature", "reverse_terms", "split_model", "stage_names",
     "upsample_maps",
 ]

@@ -206,18 +206,31 @@ def _model_interactions(leaves, images, rows, *, structure, score):
 _model_interactions_jit = jax.jit(_model_interactions, static_argnames=("structure", "score"))
 
 
-def model_interaction_maps(model, images: Array, *, score: str = "hardness",
-                           locations: Sequence[int] | Array | None = None) -> Interactions:
-    """Interaction maps at A of all P = C + 1 outputs of a `DeliberativeModel` (C class probabilities, then the
-    difficulty ``score``), from the logit tangents of its heads: values (B, C + 1, R, L). For 'hardness' the
-    difficulty's interactions are in the hardness predictor's own features (A, or A_s of a separate network)."""
-    images = _check_array("images", images, rank=4)
+def make_model_interactions_fn(model, *, score: str = "hardness",
+                                locations: Sequence[int] | Array | None = None) -> Callable[[Array], Interactions]:
+    """A compiled images -> `Interactions` function for a `DeliberativeModel` (split once; for many batches).
+    Arguments as `model_interaction_maps`; later changes to the model are not seen."""
     deliberative_output(score)  # validates the name
     if score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
     from delib_jax.models import split_leaves
 
     structure, leaves = split_leaves(model)
-    a_shape = jax.eval_shape(lambda lv, y: rebuild(structure, lv).backbone(y), leaves, images).shape
-    rows = _check_rows(locations, a_shape[1] * a_shape[2])
-    return _model_interactions_jit(leaves, images, rows, structure=structure, score=score)
+    grids: dict = {}
+
+    def interactions_fn(images) -> Interactions:
+        images = _check_array("images", images, rank=4)
+        if images.shape not in grids:
+            a = jax.eval_shape(lambda lv, y: rebuild(structure, lv).backbone(y), leaves, images).shape
+            grids[images.shape] = _check_rows(locations, a[1] * a[2])
+        return _model_interactions_jit(leaves, images, grids[images.shape], structure=structure, score=score)
+
+    return interactions_fn
+
+
+def model_interaction_maps(model, images: Array, *, score: str = "hardness",
+                           locations: Sequence[int] | Array | None = None) -> Interactions:
+    """Interaction maps at A of all P = C + 1 outputs of a `DeliberativeModel` (C class probabilities, then the
+    difficulty ``score``), from the logit tangents of its heads: values (B, C + 1, R, L). For 'hardness' the
+    difficulty's interactions are in the hardness predictor's own features (A, or A_s of a separate network)."""
+    return make_model_interactions_fn(model, score=score, locations=locations)(images)

@@ -231,6 +231,75 @@ def _check_array(name: str, x, *, rank: int) -> Array:
     return x
 
 
+def _check_targets(targets, batch: int, num_outputs: int) -> Array | None:
+    """Explicit targets (B, N) as int32, checked; None stays None."""
+    if targets is None:
+        return None
+    given = np.asarray(targets)
+    if given.ndim != 2 or given.shape[0] != batch or not np.issubdtype(given.dtype, np.integer):
+        raise ValueError(f"targets must be an int or integer indices of shape (B, N) with B = {batch}, got "
+                         f"{given.dtype} {given.shape}")
+    if given.size and (given.min() < 0 or given.max() >= num_outputs):
+        raise ValueError(f"targets must lie in [0, {num_outputs}), got values {given.min()}..{given.max()}")
+    return jnp.asarray(given, jnp.int32)
+
+
+def make_layer_attribution_fn(
+    features: Callable | nnx.Module | None,
+    head: Callable | nnx.Module,
+    *,
+    targets: int | None = None,
+    output: str | Output | Callable = "probs",
+    jit: bool = True,
+    **options,
+) -> Callable[..., LayerAttribution]:
+    """A compiled fn(images, targets=None, baseline=None, key=None) -> LayerAttribution for one split (modules split
+    once; the fast way to explain many batches). Arguments as `layer_attribution`; an int ``targets`` (top N) is
+    fixed here, explicit target indices (B, N) are given per call. Later changes to the modules are not seen."""
+    if targets is not None and (not isinstance(targets, int) or isinstance(targets, bool)):
+        raise ValueError(f"targets here is None or an int N (the top N outputs), got {type(targets).__name__}: give "
+                         "explicit indices per call")
+    opts = LayerOptions(output=explained_output(output), top_n=targets, **options).check()
+    f_struct, f_leaves = pure(features)
+    h_struct, h_leaves = pure(head)
+    shapes: dict = {}
+    run = _layer_jit if jit else _layer
+
+    def shapes_for(images):  # (X's shape, number of outputs) per input shape, traced once
+        spec = (images.shape, images.dtype)
+        if spec not in shapes:
+            x_shape = jax.eval_shape(lambda leaves, y: rebuild(f_struct, leaves)(y), f_leaves, images)
+            if len(x_shape.shape) != 4:
+                raise ValueError(f"features must return X of shape (B, H, W, D), got {x_shape.shape}")
+            x_spec = jax.ShapeDtypeStruct(x_shape.shape, x_shape.dtype)
+            out = jax.eval_shape(lambda leaves, y: opts.output(rebuild(h_struct, leaves)(y)), h_leaves, x_spec).shape
+            if len(out) != 2 or out[0] != images.shape[0]:
+                raise ValueError(f"output(head(X)) must have shape (B, P) = ({images.shape[0]}, P), got {out}")
+            shapes[spec] = (x_shape.shape, out[1])
+        return shapes[spec]
+
+    def attribution_fn(images, targets=None, baseline=None, key=None) -> LayerAttribution:
+        images = _check_array("images", images, rank=4)
+        x_shape, num_outputs = shapes_for(images)
+        if opts.top_n is not None:
+            if not 1 <= opts.top_n <= num_outputs:
+                raise ValueError(f"targets={opts.top_n} must lie between 1 and the number of outputs ({num_outputs})")
+            if targets is not None:
+                raise ValueError("this function explains the top-N outputs: do not pass targets too")
+        given = _check_targets(targets, images.shape[0], num_outputs)
+        if baseline is not None:
+            if opts.method != "integrated_gradients":
+                raise ValueError("a baseline is used by method='integrated_gradients' only")
+            baseline = _check_array("baseline", baseline, rank=4)
+            if baseline.shape != x_shape:
+                raise ValueError(f"baseline {baseline.shape} must have the shape of X {x_shape}")
+        if opts.method == "gradient_hessian" and opts.second_order == "estimate" and key is None:
+            key = jax.random.key(0)
+        return run(f_leaves, h_leaves, images, given, baseline, key, f_struct=f_struct, h_struct=h_struct, opts=opts)
+
+    return attribution_fn
+
+
 def layer_attribution(
     features: Callable | nnx.Module | None,
     head: Callable | nnx.Module,
@@ -260,42 +329,13 @@ def layer_attribution(
     ``probes`` random-sign probes drawn from ``key``) or 'integrated_gradients' (from ``baseline`` at X, default 0,
     ``steps`` nodes of the ``quadrature`` rule). order: 'auto', 'tangent', 'forward' or 'reverse' (module docstring).
     chunk_size: locations (or probes) processed at once, to bound memory. upsample: maps at the image's H_img x
-    W_img (bilinear). NNX modules are evaluated in eval mode without changing the caller's modules.
+    W_img (bilinear). NNX modules are evaluated in eval mode without changing the caller's modules. For many
+    batches build the compiled function once with `make_layer_attribution_fn`.
     Returns a `LayerAttribution` (maps (B, N, H, W)).
     """
-    opts = LayerOptions(method=method, second_order=second_order, order=order, output=explained_output(output),
-                        top_n=targets if isinstance(targets, int) else None, probes=probes, steps=steps,
-                        quadrature=quadrature, chunk_size=chunk_size, upsample=upsample).check()
-    images = _check_array("images", images, rank=4)
-    f_struct, f_leaves = pure(features)
-    h_struct, h_leaves = pure(head)
-    x_shape = jax.eval_shape(lambda leaves, y: rebuild(f_struct, leaves)(y), f_leaves, images)
-    if len(x_shape.shape) != 4:
-        raise ValueError(f"features must return X of shape (B, H, W, D), got {x_shape.shape}")
-    x_spec = jax.ShapeDtypeStruct(x_shape.shape, x_shape.dtype)
-    out_shape = jax.eval_shape(lambda leaves, y: opts.output(rebuild(h_struct, leaves)(y)), h_leaves, x_spec).shape
-    if len(out_shape) != 2 or out_shape[0] != images.shape[0]:
-        raise ValueError(f"output(head(X)) must have shape (B, P) = ({images.shape[0]}, P), got {out_shape}")
-    num_outputs = out_shape[1]
-    given = None
-    if isinstance(targets, int):
-        if not 1 <= targets <= num_outputs:
-            raise ValueError(f"targets={targets} must lie between 1 and the number of outputs ({num_outputs})")
-    elif targets is not None:
-        given = np.asarray(targets)
-        if given.ndim != 2 or given.shape[0] != images.shape[0] or not np.issubdtype(given.dtype, np.integer):
-            raise ValueError(f"targets must be an int or integer indices of shape (B, N) with B = {images.shape[0]}, "
-                             f"got {given.dtype} {given.shape}")
-        if given.size and (given.min() < 0 or given.max() >= num_outputs):
-            raise ValueError(f"targets must lie in [0, {num_outputs}), got values {given.min()}..{given.max()}")
-        given = jnp.asarray(given, jnp.int32)
-    if baseline is not None:
-        if method != "integrated_gradients":
-            raise ValueError("a baseline is used by method='integrated_gradients' only")
-        baseline = _check_array("baseline", baseline, rank=4)
-        if baseline.shape != x_shape.shape:
-            raise ValueError(f"baseline {baseline.shape} must have the shape of X {x_shape.shape}")
-    if method == "gradient_hessian" and second_order == "estimate" and key is None:
-        key = jax.random.key(0)
-    fn = _layer_jit if jit else _layer
-    return fn(f_leaves, h_leaves, images, given, baseline, key, f_struct=f_struct, h_struct=h_struct, opts=opts)
+    top_n = targets if isinstance(targets, int) and not isinstance(targets, bool) else None
+    fn = make_layer_attribution_fn(
+        features, head, targets=top_n, output=output, jit=jit, method=method, second_order=second_order, order=order,
+        probes=probes, steps=steps, quadrature=quadrature, chunk_size=chunk_size, upsample=upsample,
+    )
+    return fn(images, None if top_n is not None else targets, baseline, key)
