@@ -9,6 +9,11 @@ Methods: 'gradient' ([grad g_p]_l . a_l), 'gradient_hessian' (Eq. 2: plus 1/2 a_
 `grad_cam` for the usual single-map baseline. Shipped heads take an exact structure-aware path (logit tangents
 through the piecewise-linear head, then closed derivatives of the softmax / sigmoid); any other head takes the exact
 generic path (forward-over-forward jvp vmapped over locations).
+
+For research, any split of any model (`layer_attribution`, `split_model`), down to the pixels (forward-over-reverse
+order), the random-sign estimate of the diagonal blocks, interaction maps between locations (`interaction_maps`,
+`model_interaction_maps`), the choice of the explained output (`explained_output`), SmoothGrad / VarGrad
+(`noise_tunnel`) and upsampled maps (`upsample_maps`); figures in `delib_jax.attribution_figures`.
 """
 
 from __future__ import annotations
