@@ -9,12 +9,15 @@ import pytest
 from flax import nnx
 
 from delib_jax.attribution import (
+    Output,
     deliberative_output,
+    explained_output,
     interaction_maps,
     layer_attribution,
     model_interaction_maps,
     split_model,
 )
+from delib_jax.attribution.outputs import pairwise_terms
 from delib_jax.attribution_figures import (
     attribution_overlay,
     interaction_figure,
@@ -47,6 +50,22 @@ HEADS = {
 
 def _head(name, out=5, seed=0):
     return randomise(PoolMLPHead(4, out, rngs=nnx.Rngs(seed), **HEADS[name]), seed, jnp.float64)
+
+
+def test_closed_form_output_hessians_equal_jax_hessian_float64():
+    """D^2 fn_t(z)[u_l, w_m] of each closed form = u_l^T (jax.hessian of fn_t at z) w_m = the nested-jvp fallback."""
+    with jax.enable_x64(True):
+        rng = np.random.RandomState(0)
+        z, u, w = (jnp.asarray(rng.randn(*s) * 2) for s in ((2, 6), (2, 3, 6), (2, 4, 6)))
+        targets = jnp.asarray([[0, 5, 2], [4, 4, 1]])
+        for output in ("probs", "log_probs", "logits", "sigmoid", deliberative_output("hardness")):
+            out = explained_output(output)
+            hes = jax.vmap(jax.hessian(lambda row, out=out: out(row[None])[0]))(z)  # (B, P, K, K)
+            ref = np.take_along_axis(np.asarray(jnp.einsum("blk,bpkj,bmj->bplm", u, hes, w)),
+                                     np.asarray(targets)[:, :, None, None], axis=1)
+            for form in (out, Output(out.name, out.fn)):  # closed form, then nested jvp of fn
+                assert _rel_err(pairwise_terms(form, z, u, w, targets), ref) <= 1e-12, (out.name, form.pairwise)
+            assert np.abs(ref).max() > 1e-3 or out.name == "logits"
 
 
 @pytest.mark.parametrize("head_name", sorted(HEADS))

@@ -175,6 +175,15 @@ def test_upsampled_maps_batched_per_image_and_jit():
         np.testing.assert_allclose(one.maps[0], full.maps[n], **tol)
 
 
+def test_chunking_locations_and_probes_changes_nothing():
+    net = _tiny(8, jnp.float32)
+    images = _images((2, 5, 5, 3), seed=8, dtype=np.float32)
+    for kw in (dict(second_order="diagonal", order="reverse"), dict(second_order="estimate", probes=6)):
+        whole = layer_attribution(net.features, net.head, images, targets=2, **kw)
+        chunked = layer_attribution(net.features, net.head, images, targets=2, chunk_size=4, **kw)  # 25 / 4, 6 / 4
+        np.testing.assert_allclose(chunked.maps, whole.maps, rtol=1e-5, atol=1e-6 * float(np.abs(whole.maps).max()))
+
+
 def test_noise_tunnel_is_the_mean_square_and_variance_over_the_same_noisy_copies():
     net = _tiny(5, jnp.float32)
     images = _images((2, 5, 5, 3), seed=7, dtype=np.float32)

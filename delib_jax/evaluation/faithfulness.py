@@ -49,8 +49,7 @@ def _flat_maps(maps: Array, grid: tuple[int, int]) -> Array:
     return maps.reshape(*maps.shape[:2], -1)
 
 
-def _curves(leaves, x, maps, targets, baseline, *, structure, output: Output, mode: str, steps: int,
-            batch_size: int):
+def _curves(leaves, x, maps, targets, baseline, deletion, *, structure, output: Output, steps: int, batch_size: int):
     head = rebuild(structure, leaves)
     b, h, w, d = x.shape
     flat = _flat_maps(maps, (h, w))  # (B, M, L)
@@ -62,14 +61,15 @@ def _curves(leaves, x, maps, targets, baseline, *, structure, output: Output, mo
     def one(idx):  # explained output after step t of map m of image i
         i, j, t = idx // (m * (steps + 1)), (idx // (steps + 1)) % m, idx % (steps + 1)
         chosen = (rank[i, j] < counts[t]).reshape(h, w, 1)
-        xi = jnp.where(chosen, baseline[i], x[i]) if mode == "deletion" else jnp.where(chosen, x[i], baseline[i])
+        xi = jnp.where(chosen == deletion, baseline[i], x[i])  # deletion: chosen ones removed; insertion: the rest
         return output(head(xi[None]))[0, targets[i, j]]
 
     values = jax.lax.map(one, jnp.arange(b * m * (steps + 1)), batch_size=batch_size)
     return values.reshape(b, m, steps + 1)
 
 
-_curves_jit = jax.jit(_curves, static_argnames=("structure", "output", "mode", "steps", "batch_size"))
+# the mode and (below) the perturbation kind are traced flags, so that both share one compilation
+_curves_jit = jax.jit(_curves, static_argnames=("structure", "output", "steps", "batch_size"))
 
 
 def _check(x, maps, targets, baseline):
@@ -118,8 +118,8 @@ def perturbation_curves(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     x, maps, targets, baseline = _check(x, maps, targets, baseline)
     structure, leaves = pure(head)
-    return _curves_jit(leaves, x, maps, targets, baseline, structure=structure, output=explained_output(output),
-                       mode=mode, steps=steps, batch_size=batch_size)
+    return _curves_jit(leaves, x, maps, targets, baseline, jnp.asarray(mode == "deletion"), structure=structure,
+                       output=explained_output(output), steps=steps, batch_size=batch_size)
 
 
 def curve_area(curves: Array) -> Array:
@@ -128,15 +128,13 @@ def curve_area(curves: Array) -> Array:
     return (jnp.sum(curves, axis=-1) - 0.5 * (curves[..., 0] + curves[..., -1])) / (curves.shape[-1] - 1)
 
 
-def _infidelity(leaves, x, maps, targets, baseline, key, scale, normalize, *, structure, output: Output,
-                perturbation: str, samples: int, batch_size: int):
+def _infidelity(leaves, x, maps, targets, baseline, key, subset, scale, normalize, *, structure, output: Output,
+                samples: int, batch_size: int):
     head = rebuild(structure, leaves)
     b, h, w, d = x.shape
     flat = _flat_maps(maps, (h, w))  # (B, M, L)
-    if perturbation == "subset":
-        weights = jax.random.bernoulli(key, scale, (b, samples, h * w)).astype(x.dtype)
-    else:
-        weights = scale * jax.random.normal(key, (b, samples, h * w), x.dtype)
+    weights = jnp.where(subset, jax.random.bernoulli(key, jnp.clip(scale, 0, 1), (b, samples, h * w)).astype(x.dtype),
+                        scale * jax.random.normal(key, (b, samples, h * w), x.dtype))
     delta = x - baseline
 
     def one(idx):  # f(x - I) of sample s of image i, every output (P,)
@@ -152,8 +150,7 @@ def _infidelity(leaves, x, maps, targets, baseline, key, scale, normalize, *, st
     return jnp.mean((explained - diff) ** 2, axis=1)
 
 
-_infidelity_jit = jax.jit(_infidelity, static_argnames=("structure", "output", "perturbation", "samples",
-                                                        "batch_size"))
+_infidelity_jit = jax.jit(_infidelity, static_argnames=("structure", "output", "samples", "batch_size"))
 
 
 def infidelity(
@@ -187,6 +184,6 @@ def infidelity(
     x, maps, targets, baseline = _check(x, maps, targets, baseline)
     structure, leaves = pure(head)
     key = jax.random.key(0) if key is None else key
-    return _infidelity_jit(leaves, x, maps, targets, baseline, key, jnp.asarray(scale, x.dtype), jnp.asarray(normalize),
-                           structure=structure, output=explained_output(output), perturbation=perturbation,
-                           samples=samples, batch_size=batch_size)
+    return _infidelity_jit(leaves, x, maps, targets, baseline, key, jnp.asarray(perturbation == "subset"),
+                           jnp.asarray(scale, x.dtype), jnp.asarray(normalize), structure=structure,
+                           output=explained_output(output), samples=samples, batch_size=batch_size)
