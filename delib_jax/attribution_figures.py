@@ -88,9 +88,11 @@ def interaction_rows(interactions, grid: tuple[int, int], *, image_index: int, l
 
 
 def interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int, int], *,
-                       names: Sequence[str] = ("class a", "class b"), title: str | None = None, dpi: int = 100):
+                       names: Sequence[str] = ("class a", "class b"), title: str | None = None,
+                       shared_scale: bool = False, dpi: int = 100):
     """A matplotlib Figure: the image with the chosen grid cell outlined, then for each class its interaction
-    x_l^T H_lm x_m with every location m (rows (K, H, W), one per class, shared colour scale)."""
+    x_l^T H_lm x_m with every location m (rows (K, H, W), one per class; each panel on its own colour scale, named
+    in its title, unless ``shared_scale``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -103,15 +105,15 @@ def interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int,
     i, j = location
     if not (0 <= i < h and 0 <= j < w):
         raise ValueError(f"location {location} lies outside the {h} x {w} grid")
-    scale = float(np.abs(rows).max())
+    shared = float(np.abs(rows).max())
     cell_h, cell_w = image.shape[0] / h, image.shape[1] / w
-    fig = Figure(figsize=(2.6 * (1 + len(rows)), 3.0), dpi=dpi)
+    fig = Figure(figsize=(2.6 * (1 + len(rows)), 3.3), dpi=dpi)
     FigureCanvasAgg(fig)
     panels = [(image, f"location ({i}, {j})")]
     for name, row in zip(names, rows):
-        total = float(row.sum())
+        scale = shared if shared_scale else float(np.abs(row).max())
         panels.append((attribution_overlay(image, row, scale=scale, nearest=True),
-                       f"{_plain(name)}\nsum {total:.3g}, self {float(row[i, j]):.3g}"))
+                       f"{_plain(name)}\nsum {float(row.sum()):.3g}, self {float(row[i, j]):.3g}\nmax |I| {scale:.2g}"))
     for k, (shown, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         ax.imshow(shown)
@@ -120,9 +122,9 @@ def interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(label, fontsize=8)
-    default = f"interactions of one location (red +, blue -; max |I| = {scale:.3g})"
+    default = "interactions x_l^T H_lm x_m of one location l with every m (red +, blue -)"
     fig.suptitle(_plain(title) if title else default, fontsize=9)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.78, wspace=0.08)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.76, wspace=0.08)
     return fig
 
 

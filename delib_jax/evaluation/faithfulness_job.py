@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing written beyond what was finished", file=sys.stderr)
+        print("\ninterrupted: nothing was written (the results are written at the end)", file=sys.stderr)
         return 130
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/results.json, table.md and {', '.join(summary['plots'])}")
