@@ -51,3 +51,14 @@ def test_explain_and_evaluation_benchmarks_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["images"] == 4 and out["eval_s_per_batch"] > 0 and out["job_s_per_batch"] > 0
     assert out["ratio"] == pytest.approx(out["eval_s_per_batch"] / out["job_s_per_batch"], rel=0.01)
+
+
+def test_higher_order_benchmark_json(capsys):
+    from benchmarks import higher_order
+
+    assert higher_order.main(["--arch", "small", "--size", "16", "--classes", "4", "--top", "2", "--repeats", "1",
+                              "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["pixel_ratio"] == out["pixel_cross_s"] / out["pixel_first_s"] and out["pixel_locations"] == 256
+    assert out["interactions_ratio"] == out["interactions_s"] / out["forward_s"]
+    assert out["interactions_shape"] == [1, 5, 4, 4]  # 4 classes + hardness, L x L at A (2 x 2 at 16 px)

@@ -9,6 +9,11 @@ Methods: 'gradient' ([grad g_p]_l . a_l), 'gradient_hessian' (Eq. 2: plus 1/2 a_
 `grad_cam` for the usual single-map baseline. Shipped heads take an exact structure-aware path (logit tangents
 through the piecewise-linear head, then closed derivatives of the softmax / sigmoid); any other head takes the exact
 generic path (forward-over-forward jvp vmapped over locations).
+
+For research, any split of any model (`layer_attribution`, `split_model`), down to the pixels (forward-over-reverse
+order), the random-sign estimate of the diagonal blocks, interaction maps between locations (`interaction_maps`,
+`model_interaction_maps`), the choice of the explained output (`explained_output`), SmoothGrad / VarGrad
+(`noise_tunnel`) and upsampled maps (`upsample_maps`); figures in `delib_jax.attribution_figures`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,19 @@ from delib_jax.attribution._core import (
     quadrature,
 )
 from delib_jax.attribution.gradcam import grad_cam
+from delib_jax.attribution.interactions import (
+    Interactions,
+    interaction_maps,
+    make_model_interactions_fn,
+    model_interaction_maps,
+)
+from delib_jax.attribution.layer import LayerAttribution, layer_attribution, make_layer_attribution_fn
+from delib_jax.attribution.outputs import Output, deliberative_output, explained_output
+from delib_jax.attribution.probes import probe_diagonal
+from delib_jax.attribution.resize import upsample_maps
+from delib_jax.attribution.reverse import reverse_terms
+from delib_jax.attribution.smoothgrad import noise_tunnel
+from delib_jax.attribution.stages import split_model, stage_names
 from delib_jax.models import Structure, split_leaves
 from delib_jax.models._layers import check_finite, validate_images
 
@@ -106,6 +124,10 @@ def attribute_images(model, images, **options) -> Attribution:
 
 
 __all__ = [
-    "METHODS", "Attribution", "Options", "attribute", "attribute_images", "grad_cam", "gradient",
-    "gradient_hessian", "integrated_gradients", "make_attribute_fn", "output_functions", "quadrature",
+    "METHODS", "Attribution", "Interactions", "LayerAttribution", "Options", "Output", "attribute",
+    "attribute_images", "deliberative_output", "explained_output", "grad_cam", "gradient", "gradient_hessian",
+    "integrated_gradients", "interaction_maps", "layer_attribution", "make_attribute_fn", "make_layer_attribution_fn",
+    "make_model_interactions_fn", "model_interaction_maps",
+    "noise_tunnel", "output_functions", "probe_diagonal", "quadrature", "reverse_terms", "split_model", "stage_names",
+    "upsample_maps",
 ]

@@ -23,7 +23,7 @@ from delib_jax.models.heads import PoolMLPHead
 Array = jax.Array
 
 METHODS = ("gradient", "gradient_hessian", "integrated_gradients")
-QUADRATURE = ("trapezoid", "midpoint", "left")
+QUADRATURE = ("trapezoid", "midpoint", "left", "gauss_legendre")
 
 
 @jax.tree_util.register_dataclass
@@ -126,6 +126,9 @@ def quadrature(steps: int, rule: str) -> tuple[np.ndarray, np.ndarray]:
     elif rule == "midpoint":
         alphas = (np.arange(steps) + 0.5) / steps
         weights = np.full(steps, 1.0 / steps)
+    elif rule == "gauss_legendre":  # exact for polynomials of degree 2 steps - 1 along the path
+        nodes, w = np.polynomial.legendre.leggauss(steps)
+        alphas, weights = (nodes + 1.0) / 2.0, w / 2.0
     else:  # left Riemann sum
         alphas = np.arange(steps) / steps
         weights = np.full(steps, 1.0 / steps)

@@ -44,3 +44,29 @@ def brute_force_terms(g: Callable, a: np.ndarray, second: str = "diagonal") -> t
         firsts.append(f_img)
         seconds.append(s_img)
     return np.stack(firsts), np.stack(seconds)
+
+
+
+def full_hessian_terms(g: Callable, a: np.ndarray) -> dict[str, np.ndarray]:
+    """Every term from the full Jacobian and Hessian of g: (1, H, W, D) -> (1, P) of each image at A (small inputs).
+
+    first, diagonal, cross: (B, P, H, W) as `brute_force_terms` (no 1/2); interactions: (B, P, L, L) with
+    interactions[p, l, m] = a_l^T H_lm a_m."""
+    a = jnp.asarray(a)
+    b, h, w, d = a.shape
+    jacobian = jax.jit(jax.jacobian(lambda x: g(x[None])[0]))
+    hessian = jax.jit(jax.hessian(lambda x: g(x[None])[0]))
+    out = {"first": [], "interactions": []}
+    for n in range(b):
+        v = a[n].reshape(h * w, d)
+        jac = jacobian(a[n]).reshape(-1, h * w, d)  # (P, L, D)
+        hes = hessian(a[n]).reshape(-1, h * w, d, h * w, d)  # (P, L, D, L, D)
+        out["first"].append(np.asarray(jnp.einsum("pld,ld->pl", jac, v)).reshape(-1, h, w))
+        out["interactions"].append(np.asarray(jnp.einsum("ld,pldme,me->plm", v, hes, v)))
+    inter = np.stack(out["interactions"])
+    return {
+        "first": np.stack(out["first"]),
+        "diagonal": np.diagonal(inter, axis1=2, axis2=3).reshape(b, -1, h, w),
+        "cross": inter.sum(axis=3).reshape(b, -1, h, w),
+        "interactions": inter,
+    }
