@@ -12,10 +12,13 @@ gives the folder reader's `CubDataset`, whose images the pipelines read from the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 from delib_jax.data.ade20k import load_ade20k
 from delib_jax.data.cub import load_cub
@@ -58,7 +61,7 @@ def build(
       resize: None to store the release's files as they are; N to store images whose shorter side exceeds N
         resized to N as JPEG of ``quality`` (keypoints, boxes and masks transformed with them).
       num_threads: decoding / encoding threads (default: the CPU count).
-      progress: show a progress bar per split (TFDS's own bars are switched with ``tfds.display_progress_bar``).
+      progress: show a progress bar per split (TFDS's own bars and messages are silenced while building).
 
     Returns:
       ``(build, built)``: the build, and False when it was there already (then nothing is read or written).
@@ -75,15 +78,31 @@ def build(
     release = load_cub(manual_dir) if dataset == "cub" else load_ade20k(manual_dir)
     cls = BUILDERS[dataset]
     known = config.name in {c.name for c in cls.BUILDER_CONFIGS}  # TFDS takes those by name only
-    builder = cls(
-        data_dir=str(data_dir), config=config.name if known else config, file_format="array_record",
-        release=release, num_threads=num_threads, progress=progress,
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as downloads:  # TFDS wants one; nothing is downloaded
+    with tempfile.TemporaryDirectory() as downloads, _quiet_tfds():  # TFDS wants a download folder; nothing comes
+        builder = cls(
+            data_dir=str(data_dir), config=config.name if known else config, file_format="array_record",
+            release=release, num_threads=num_threads, progress=progress,
+        )  # fmt: skip
         builder.download_and_prepare(
             download_dir=downloads, download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
         )
     return found, True
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Without TFDS's progress bars (ours count images), its "Downloading and preparing" lines on stdout and its
+    "Using custom data configuration" warning."""
+    bars = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+    verbosity = logging.get_verbosity()
+    tfds.display_progress_bar(False)
+    logging.set_verbosity(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(bars)
 
 
 __all__ = [

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,29 +79,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--manual-dir {args.manual_dir}: no such folder (give the {args.dataset} release folder)")
     if args.data_dir.exists() and not args.data_dir.is_dir():
         raise ValueError(f"--data-dir {args.data_dir} is a file: give a folder")
-    import tensorflow_datasets as tfds
-    from absl import logging
-
     from delib_jax.data.ade20k import find_ade20k_root
     from delib_jax.data.cub import find_cub_root
     from delib_jax.data.tfds import build, build_path
 
-    logging.set_verbosity(logging.ERROR)  # "Using custom data configuration" and the like
-    tfds.display_progress_bar(False)  # ours count the images of each split
     target = build_path(args.dataset, args.data_dir, resize=args.resize, quality=args.quality)
     if not (target / "dataset_info.json").is_file():
         root = (find_cub_root if args.dataset == "cub" else find_ade20k_root)(args.manual_dir)  # a wrong folder: error
         print(f"building {target} from {root}", file=sys.stderr)
-    with contextlib.redirect_stdout(io.StringIO()):  # TFDS's "Downloading and preparing" lines: nothing is downloaded
-        found, built = build(
-            args.dataset,
-            args.manual_dir,
-            args.data_dir,
-            resize=args.resize,
-            quality=args.quality,
-            num_threads=args.threads,
-            progress=True,
-        )
+    found, built = build(args.dataset, args.manual_dir, args.data_dir, resize=args.resize, quality=args.quality,
+                         num_threads=args.threads, progress=True)  # fmt: skip
     if not built:
         print(f"{found} is already built at {found.path} (delete that folder to build it again)", file=sys.stderr)
     print(f"{found}: {found.path}; train and evaluate with --data-dir {args.data_dir}")
