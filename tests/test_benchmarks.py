@@ -31,3 +31,15 @@ def test_breakdown_and_precision_benchmarks_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU
     assert out["maps_default_vs_highest"] == 0.0  # XLA:CPU's default float32 matmul is full float32
+
+
+def test_pipeline_benchmark_compares_the_folder_with_its_tfds_builds(capsys):
+    from benchmarks import pipeline
+
+    argv = ["--compare", "--synthetic", "--size", "40", "--images-per-class", "2", "--batch", "4", "--steps", "1",
+            "--rounds", "2", "--crop", "32", "--resize", "32", "--threads", "2"]  # fmt: skip
+    assert pipeline.main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["source"] for r in records] == ["folder", "tfds-original", "tfds-resize32"]
+    assert records[0]["ratio_to_folder"] == 1.0 and all(len(r["rounds_images_per_s"]) == 2 for r in records)
+    assert all(r["images_per_s"] > 0 and r["train_images"] == 10 for r in records)

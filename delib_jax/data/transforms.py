@@ -159,7 +159,8 @@ def apply_to_image(plan: Plan, image: Image.Image) -> np.ndarray:
     Returns:
       (H, W, 3) uint8 with ``(W, H) = plan.size``.
     """
-    out = image.convert("RGB").resize(plan.size, Image.Resampling.BILINEAR, box=plan.box)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+    out = rgb.resize(plan.size, Image.Resampling.BILINEAR, box=plan.box)
     if plan.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
