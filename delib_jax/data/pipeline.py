@@ -6,6 +6,9 @@ drawn from ``(seed, e)`` when shuffling), and each example's augmentation is dra
 So the same seed gives the same batches in the same order whatever the number of threads, and
 ``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped.
 
+The examples' images (and masks) are files, or the records of a TFDS build (`delib_jax.data.load_dataset` reads
+either form; ``Source.records``): the same batches either way, for the same examples and seed.
+
 Example::
 
     ds = load_cub("/data/CUB_200_2011")
