@@ -262,3 +262,15 @@ def test_build_command_in_a_subprocess_exits_2_without_traceback(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"error: {tmp_path}: not an ADEChallengeData2016 release: no sceneCategories.txt and images/ here or below"
     ]
+
+
+def test_train_command_reads_a_build_and_says_so(cub, capsys):
+    from delib_jax.train.cli import build_parser, make_config
+
+    folder, built, _ = cub
+    args = build_parser("cub").parse_args(["--data-dir", str(built.root.parent), "--out", "unused", "--arch", "small"])
+    config = make_config("cub", args)
+    assert config.class_names == list(folder.class_names) and config.data_dir == str(built.root.parent.absolute())
+    assert f"data: TFDS build delib_cub/original 1.0.0 (ArrayRecord) of CUB-200-2011 at {built.root}" in (
+        capsys.readouterr().err
+    )
