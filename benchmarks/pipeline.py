@@ -9,7 +9,8 @@
 (default: a temporary folder; an existing build is reused), then times the sources in turn, --rounds times, each
 round --steps batches of a fresh iterator at new steps (so a source's prefetching never runs while another is timed).
 Prints one JSON line per source: the median images/s over rounds, and the median over rounds of its ratio to the
-folder reader in the same round.
+folder reader in the same round; the same per second of the process's CPU time (images_per_cpu_s, all threads),
+which the other jobs of a shared machine disturb less than wall-clock time.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ def _pipeline(data: Path, *, batch: int, threads: int, prefetch: int, crop: int)
     )
 
 
-def images_per_s(pipeline: Pipeline, start: int, steps: int) -> float:
-    """Images/s over batches ``[start, start + steps)``, from a fresh iterator (its start-up included)."""
-    t = time.perf_counter()
+def images_per_s(pipeline: Pipeline, start: int, steps: int) -> tuple[float, float]:
+    """Images per second of wall-clock time and per second of this process's CPU time (all threads; what other jobs
+    on a shared machine change least) over batches ``[start, start + steps)``, from a fresh iterator."""
+    t, cpu = time.perf_counter(), time.process_time()
     for _ in pipeline.iterate(start_step=start, stop_step=start + steps):
         pass
-    return pipeline.config.batch_size * steps / (time.perf_counter() - t)
+    images = pipeline.config.batch_size * steps
+    return images / (time.perf_counter() - t), images / (time.process_time() - cpu)
 
 
 def measure(root: Path, *, batch: int, steps: int, warmup: int, threads: int, prefetch: int, crop: int) -> dict:
@@ -48,8 +51,9 @@ def measure(root: Path, *, batch: int, steps: int, warmup: int, threads: int, pr
     pipeline = _pipeline(root, batch=batch, threads=threads, prefetch=prefetch, crop=crop)
     if warmup:
         images_per_s(pipeline, 0, warmup)
+    wall, cpu = images_per_s(pipeline, warmup, steps)
     return {
-        "benchmark": "pipeline", "images_per_s": round(images_per_s(pipeline, warmup, steps), 1), "batch": batch,
+        "benchmark": "pipeline", "images_per_s": round(wall, 1), "images_per_cpu_s": round(cpu, 1), "batch": batch,
         "steps": steps, "threads": threads, "prefetch": prefetch, "crop": crop, "cpus": os.cpu_count(),
         "data": str(root),
     }  # fmt: skip
@@ -62,16 +66,24 @@ def compare(sources: dict[str, Path], *, batch: int, steps: int, warmup: int, ro
     for p in pipes.values():
         images_per_s(p, 0, max(warmup, 1))
     speeds: dict[str, list[float]] = {n: [] for n in pipes}
+    cpu_speeds: dict[str, list[float]] = {n: [] for n in pipes}
     for r in range(rounds):
         for name, p in pipes.items():
-            speeds[name].append(images_per_s(p, max(warmup, 1) + r * steps, steps))
+            wall, cpu = images_per_s(p, max(warmup, 1) + r * steps, steps)
+            speeds[name].append(wall)
+            cpu_speeds[name].append(cpu)
     reference = next(iter(pipes))
+
+    def ratio(values: dict[str, list[float]], name: str) -> float:
+        return round(statistics.median([v / ref for v, ref in zip(values[name], values[reference])]), 3)
+
     records = []
     for name, values in speeds.items():
-        ratios = [v / ref for v, ref in zip(values, speeds[reference])]
         records.append({
             "benchmark": "pipeline", "source": name, "images_per_s": round(statistics.median(values), 1),
-            "ratio_to_folder": round(statistics.median(ratios), 3),
+            "ratio_to_folder": ratio(speeds, name),
+            "images_per_cpu_s": round(statistics.median(cpu_speeds[name]), 1),
+            "cpu_ratio_to_folder": ratio(cpu_speeds, name),
             "rounds_images_per_s": [round(v, 1) for v in values],
             "batch": batch, "steps": steps, "rounds": rounds, "threads": threads, "prefetch": prefetch, "crop": crop,
             "cpus": os.cpu_count(), "train_images": len(pipes[name].source), "data": str(sources[name]),

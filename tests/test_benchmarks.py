@@ -41,5 +41,6 @@ def test_pipeline_benchmark_compares_the_folder_with_its_tfds_builds(capsys):
     assert pipeline.main(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["source"] for r in records] == ["folder", "tfds-original", "tfds-resize32"]
-    assert records[0]["ratio_to_folder"] == 1.0 and all(len(r["rounds_images_per_s"]) == 2 for r in records)
+    assert records[0]["ratio_to_folder"] == records[0]["cpu_ratio_to_folder"] == 1.0
+    assert all(len(r["rounds_images_per_s"]) == 2 and r["images_per_cpu_s"] > 0 for r in records)
     assert all(r["images_per_s"] > 0 and r["train_images"] == 10 for r in records)
