@@ -145,8 +145,8 @@ class PipelineConfig:
       shuffle: reshuffle every epoch (default: ``train``).
       num_epochs: epochs to run, None for endless.
       drop_remainder: drop each epoch's last partial batch.
-      num_threads: decoding threads.
-      prefetch: batches decoded ahead.
+      num_threads: decoding threads (each decodes whole batches).
+      prefetch: batches decoded ahead (at least ``num_threads``, so that every thread has one to work on).
     """
 
     batch_size: int
@@ -331,7 +331,7 @@ class Pipeline:
 
     def iterate(self, *, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Batches ``start_step, start_step + 1, ...`` (up to ``stop_step`` exclusive, else to the end), decoded by
-        ``num_threads`` threads, ``prefetch`` ahead."""
+        ``num_threads`` threads, ``max(prefetch, num_threads)`` batches ahead."""
         stop = self.num_steps if self.num_steps is not None else 2**62
         if stop_step is not None:
             if not 0 <= stop_step <= stop:
@@ -342,7 +342,9 @@ class Pipeline:
         if start_step == stop:
             return iter(())
         dataset = grain.MapDataset.range(start_step, stop).map(self.batch)
-        options = grain.ReadOptions(num_threads=self.config.num_threads, prefetch_buffer_size=self.config.prefetch)
+        # grain runs at most prefetch_buffer_size elements at once: a smaller buffer would idle the other threads
+        ahead = max(self.config.prefetch, self.config.num_threads)
+        options = grain.ReadOptions(num_threads=self.config.num_threads, prefetch_buffer_size=ahead)
         return iter(dataset.to_iter_dataset(options))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
