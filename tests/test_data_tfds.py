@@ -274,3 +274,9 @@ def test_train_command_reads_a_build_and_says_so(cub, capsys):
     assert f"data: TFDS build delib_cub/original 1.0.0 (ArrayRecord) of CUB-200-2011 at {built.root}" in (
         capsys.readouterr().err
     )
+
+
+def test_build_command_refuses_quality_without_resize(cub, tmp_path, capsys):
+    argv = ["build", "cub", "--manual-dir", str(cub[0].root), "--data-dir", str(tmp_path), "--quality", "80"]
+    assert main(argv) == 2
+    assert "give it with --resize" in capsys.readouterr().err and not list(tmp_path.iterdir())

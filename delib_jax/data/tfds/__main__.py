@@ -12,7 +12,7 @@ from delib_jax.data._text import DatasetError
 DESCRIPTION = """\
 Build CUB-200-2011 or ADE20K (ADEChallengeData2016) as a TensorFlow Datasets build (ArrayRecord shards, no
 TensorFlow) from the official release folder, carrying everything delib_jax uses. Give OUT as --data-dir to
-python -m train.*, eval.*, benchmarks.pipeline.
+python -m train.*, eval.*, benchmarks.pipeline and delib demo.
 
 examples:
   python -m delib_jax.data.tfds build cub --manual-dir /data/CUB_200_2011 --data-dir /data/tfds --resize
@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--quality",
         type=int,
-        default=DEFAULT_QUALITY,
         help=f"JPEG quality of resized images (default {DEFAULT_QUALITY})",
     )
     b.add_argument("--threads", type=int, help="decoding / encoding threads (default: the CPU count)")
@@ -69,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from delib_jax.data.tfds._builders import DEFAULT_QUALITY
+
     if args.resize is not None and args.resize < 1:
         raise ValueError(f"--resize must be >= 1, got {args.resize}")
+    if args.quality is None:
+        args.quality = DEFAULT_QUALITY
+    elif args.resize is None:
+        raise ValueError("--quality sets the JPEG quality of resized images: give it with --resize")
     if not 1 <= args.quality <= 100:
         raise ValueError(f"--quality must lie in [1, 100], got {args.quality}")
     if args.threads is not None and args.threads < 1:
