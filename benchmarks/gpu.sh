@@ -5,6 +5,9 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh detail     # where the time goes: breakdown of both (~4 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh extra      # precision, integrated gradients, 'highest' matmul cost (~6 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh explain    # the explanation job end to end and the evaluation loop (~7 min)
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh input      # training input: release folder vs TFDS build (~7 min)
+# The input part needs wheels the GPU image lacks (grain, TFDS, ...): fetch them first where PyPI is reachable,
+# `bash benchmarks/gpu_wheels.sh` (into wheels/, git-ignored: carry it), or point WHEELS at them.
 set -u
 OUT=${OUT:-.}
 PY=${PY:-python3}
@@ -15,6 +18,23 @@ step() {  # step SECONDS ARGS...: one JSON line per step; a failed step is logge
   local limit=$1; shift
   log "$*"
   timeout "$limit" "$PY" "$@" --json 2>>"$OUT/gpu.log" | tee -a "$OUT/gpu.jsonl" || log "FAILED ($?): $*"
+}
+plain() {  # plain SECONDS ARGS...: a command that prints its own JSON line(s)
+  local limit=$1; shift
+  log "$*"
+  timeout "$limit" "$PY" "$@" 2>>"$OUT/gpu.log" | tee -a "$OUT/gpu.jsonl" || log "FAILED ($?): $*"
+}
+install_wheels() {  # the packages of benchmarks/gpu_wheels.sh whose module is missing, without an index or deps
+  local w=${WHEELS:-wheels} pair module wheel
+  for pair in grain:grain array_record:array_record tree:dm_tree wrapt:wrapt simplejson:simplejson \
+      tensorflow_datasets:tensorflow_datasets tensorflow_metadata:tensorflow_metadata google.api:googleapis_common_protos \
+      portpicker:portpicker immutabledict:immutabledict importlib_resources:importlib_resources termcolor:termcolor \
+      toml:toml cloudpickle:cloudpickle etils:etils promise:promise six:six attr:attrs; do
+    module=${pair%%:*}; wheel=${pair#*:}
+    "$PY" -c "import $module" 2>/dev/null && continue
+    log "installing $wheel"
+    "$PY" -m pip install --quiet --no-index --no-deps "$w"/"$wheel"-*.whl >>"$OUT/gpu.log" 2>&1 || log "FAILED: $wheel"
+  done
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.log"
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.log"
@@ -37,6 +57,21 @@ case "$PART" in
     step 150 -m benchmarks.explain --arch resnet50 --images 2000 --batch 256
     step 200 -m benchmarks.evaluation --arch resnet50 --crop 224 --size 300 --classes 20 --images-per-class 40 \
       --num-images 384 --batch 64 ;;
-  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain" >&2; exit 2 ;;
+  input)  # CUB-sized synthetic birds (500 px wide), as the release folder and as a TFDS build pre-resized to 256 px
+    install_wheels
+    D=$OUT/input
+    [ -f "$D/release/CUB_200_2011/images.txt" ] || { log "generating 1,200 synthetic birds (500 px)";
+      "$PY" -m delib_jax.data.synthetic cub --out "$D/release" --size 500 --classes 20 --images-per-class 60 \
+        >>"$OUT/gpu.log" 2>&1; }
+    log "building the TFDS form"
+    "$PY" -m delib_jax.data.tfds build cub --manual-dir "$D/release" --data-dir "$D/tfds" --resize 2>>"$OUT/gpu.log" \
+      | tee -a "$OUT/gpu.log"
+    plain 150 -m benchmarks.train --arch resnet50 --batch 64 --size 224      # the step alone: the bound
+    plain 120 -m benchmarks.pipeline --compare --data-dir "$D/release" --tfds-dir "$D/tfds" --threads 16 --steps 20 \
+      --rounds 3                                                               # the input alone, 16 threads
+    plain 200 -m benchmarks.train_input --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --arch resnet50 --steps 300 \
+      --threads 16                                                             # end to end, TFDS source
+    plain 200 -m benchmarks.train_input --data-dir "$D/release" --arch resnet50 --steps 300 --threads 16 ;;  # folder
+  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain|input" >&2; exit 2 ;;
 esac
 log done "$PART"

@@ -1,9 +1,16 @@
 """Input pipeline throughput (images/s) of the training pipeline: decode, RandomResizedCrop + flip, normalise, batch.
 
-    python -m benchmarks.pipeline --synthetic --batch 64          # generated CUB-format data in a temporary folder
-    python -m benchmarks.pipeline --cub /data/CUB_200_2011        # a real release
+    python -m benchmarks.pipeline --synthetic --batch 64                  # generated CUB-format data (128 px wide)
+    python -m benchmarks.pipeline --data-dir /data/CUB_200_2011           # a release folder, or a TFDS build of it
+    python -m benchmarks.pipeline --compare --synthetic --size 500        # release folder vs its TFDS builds
+    python -m benchmarks.pipeline --compare --data-dir /data/CUB_200_2011 --tfds-dir /data/tfds
 
-Prints one JSON line.
+--compare builds the TFDS forms of the release (the release's files, and pre-resized to --resize) into --tfds-dir
+(default: a temporary folder; an existing build is reused), then times the sources in turn, --rounds times, each
+round --steps batches of a fresh iterator at new steps (so a source's prefetching never runs while another is timed).
+Prints one JSON line per source: the median images/s over rounds, and the median over rounds of its ratio to the
+folder reader in the same round; the same per second of the process's CPU time (images_per_cpu_s, all threads),
+which the other jobs of a shared machine disturb less than wall-clock time.
 """
 
 from __future__ import annotations
@@ -11,56 +18,135 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from delib_jax.data import load_cub
-from delib_jax.data.pipeline import cub_source, train_pipeline
+from delib_jax.data import DatasetError, load_dataset
+from delib_jax.data.pipeline import Pipeline, cub_source, train_pipeline
 from delib_jax.data.synthetic import make_cub
+
+
+def _pipeline(data: Path, *, batch: int, threads: int, prefetch: int, crop: int) -> Pipeline:
+    ds = load_dataset("cub", data, report=lambda line: print(line, file=sys.stderr))
+    return train_pipeline(
+        cub_source(ds, "train"), batch_size=batch, num_epochs=None, crop=crop, num_threads=threads, prefetch=prefetch
+    )
+
+
+def images_per_s(pipeline: Pipeline, start: int, steps: int) -> tuple[float, float]:
+    """Images per second of wall-clock time and per second of this process's CPU time (all threads; what other jobs
+    on a shared machine change least) over batches ``[start, start + steps)``, from a fresh iterator."""
+    t, cpu = time.perf_counter(), time.process_time()
+    for _ in pipeline.iterate(start_step=start, stop_step=start + steps):
+        pass
+    images = pipeline.config.batch_size * steps
+    return images / (time.perf_counter() - t), images / (time.process_time() - cpu)
 
 
 def measure(root: Path, *, batch: int, steps: int, warmup: int, threads: int, prefetch: int, crop: int) -> dict:
     """Time ``steps`` training batches after ``warmup`` batches; returns the JSON record."""
-    ds = load_cub(root)
-    pipeline = train_pipeline(
-        cub_source(ds, "train"), batch_size=batch, num_epochs=None, crop=crop, num_threads=threads, prefetch=prefetch
-    )
-    it = pipeline.iterate()
-    for _ in range(warmup):
-        next(it)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(it)
-    seconds = time.perf_counter() - start
+    pipeline = _pipeline(root, batch=batch, threads=threads, prefetch=prefetch, crop=crop)
+    if warmup:
+        images_per_s(pipeline, 0, warmup)
+    wall, cpu = images_per_s(pipeline, warmup, steps)
     return {
-        "benchmark": "pipeline", "images_per_s": round(batch * steps / seconds, 1), "batch": batch, "steps": steps,
-        "threads": threads, "prefetch": prefetch, "crop": crop, "cpus": os.cpu_count(), "data": str(root),
+        "benchmark": "pipeline", "images_per_s": round(wall, 1), "images_per_cpu_s": round(cpu, 1), "batch": batch,
+        "steps": steps, "threads": threads, "prefetch": prefetch, "crop": crop, "cpus": os.cpu_count(),
+        "data": str(root),
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def compare(sources: dict[str, Path], *, batch: int, steps: int, warmup: int, rounds: int, threads: int,
+            prefetch: int, crop: int) -> list[dict]:  # fmt: skip
+    """Interleaved rounds over ``sources`` (the first is the reference); one record per source."""
+    pipes = {n: _pipeline(p, batch=batch, threads=threads, prefetch=prefetch, crop=crop) for n, p in sources.items()}
+    for p in pipes.values():
+        images_per_s(p, 0, max(warmup, 1))
+    speeds: dict[str, list[float]] = {n: [] for n in pipes}
+    cpu_speeds: dict[str, list[float]] = {n: [] for n in pipes}
+    for r in range(rounds):
+        for name, p in pipes.items():
+            wall, cpu = images_per_s(p, max(warmup, 1) + r * steps, steps)
+            speeds[name].append(wall)
+            cpu_speeds[name].append(cpu)
+    reference = next(iter(pipes))
+
+    def ratio(values: dict[str, list[float]], name: str) -> float:
+        return round(statistics.median([v / ref for v, ref in zip(values[name], values[reference])]), 3)
+
+    records = []
+    for name, values in speeds.items():
+        records.append({
+            "benchmark": "pipeline", "source": name, "images_per_s": round(statistics.median(values), 1),
+            "ratio_to_folder": ratio(speeds, name),
+            "images_per_cpu_s": round(statistics.median(cpu_speeds[name]), 1),
+            "cpu_ratio_to_folder": ratio(cpu_speeds, name),
+            "rounds_images_per_s": [round(v, 1) for v in values],
+            "batch": batch, "steps": steps, "rounds": rounds, "threads": threads, "prefetch": prefetch, "crop": crop,
+            "cpus": os.cpu_count(), "train_images": len(pipes[name].source), "data": str(sources[name]),
+        })  # fmt: skip
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--synthetic", action="store_true", help="generate a default synthetic CUB (about 5 s)")
-    data.add_argument("--cub", type=Path, help="a CUB_200_2011 folder or its parent")
+    data.add_argument("--synthetic", action="store_true", help="generate a synthetic CUB in a temporary folder")
+    data.add_argument("--data-dir", "--cub", type=Path, help="a CUB_200_2011 folder (or its parent), or a TFDS build")
+    parser.add_argument("--compare", action="store_true", help="the release folder against its TFDS builds")
+    parser.add_argument("--resize", type=int, default=256, help="--compare: shorter side of the resized build")
+    parser.add_argument("--tfds-dir", type=Path, help="--compare: where the TFDS builds go (default: a temporary one)")
+    parser.add_argument("--size", type=int, default=128, help="--synthetic: image width in pixels (CUB's are ~500)")
+    parser.add_argument("--images-per-class", type=int, default=48, help="--synthetic: images of each of 10 classes")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="--compare: interleaved rounds")
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--crop", type=int, default=224)
     args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     opts = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, threads=args.threads, prefetch=args.prefetch,
                 crop=args.crop)  # fmt: skip
-    if args.synthetic:
-        with tempfile.TemporaryDirectory() as tmp:
-            record = measure(make_cub(tmp), **opts)
-            record["data"] = "synthetic-cub (128 px)"
-    else:
-        record = measure(args.cub, **opts)
-    print(json.dumps(record))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_dir
+        if args.synthetic:
+            t = time.perf_counter()
+            root = make_cub(Path(tmp) / "release", size=args.size, images_per_class=args.images_per_class).parent
+            print(f"synthetic CUB ({args.size} px wide) generated in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        if not args.compare:
+            record = measure(root, **opts)
+            if args.synthetic:
+                record["data"] = f"synthetic-cub ({args.size} px)"
+            print(json.dumps(record))
+            return 0
+        from delib_jax.data.tfds import build
+
+        tfds_dir = args.tfds_dir or Path(tmp) / "tfds"
+        sources = {"folder": root}
+        for resize in (None, args.resize):
+            t = time.perf_counter()
+            found, built = build("cub", root, tfds_dir, resize=resize)
+            took = f"built in {time.perf_counter() - t:.0f} s" if built else "reused"
+            print(f"{found} {took}: {found.path}", file=sys.stderr)
+            sources["tfds-" + found.config] = found.path
+        for record in compare(sources, rounds=args.rounds, **opts):
+            if args.synthetic:
+                record["data"] = f"synthetic-cub ({args.size} px): {record['data']}"
+            print(json.dumps(record))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

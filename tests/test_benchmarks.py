@@ -62,3 +62,16 @@ def test_higher_order_benchmark_json(capsys):
     assert out["pixel_ratio"] == out["pixel_cross_s"] / out["pixel_first_s"] and out["pixel_locations"] == 256
     assert out["interactions_ratio"] == out["interactions_s"] / out["forward_s"]
     assert out["interactions_shape"] == [1, 5, 4, 4]  # 4 classes + hardness, L x L at A (2 x 2 at 16 px)
+
+
+def test_pipeline_benchmark_compares_the_folder_with_its_tfds_builds(capsys):
+    from benchmarks import pipeline
+
+    argv = ["--compare", "--synthetic", "--size", "40", "--images-per-class", "2", "--batch", "4", "--steps", "1",
+            "--rounds", "2", "--crop", "32", "--resize", "32", "--threads", "2"]  # fmt: skip
+    assert pipeline.main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["source"] for r in records] == ["folder", "tfds-original", "tfds-resize32"]
+    assert records[0]["ratio_to_folder"] == records[0]["cpu_ratio_to_folder"] == 1.0
+    assert all(len(r["rounds_images_per_s"]) == 2 and r["images_per_cpu_s"] > 0 for r in records)
+    assert all(r["images_per_s"] > 0 and r["train_images"] == 10 for r in records)

@@ -224,3 +224,36 @@ def test_empty_split_says_which_and_why(tmp_path):
     no_test = type(cub)(**{**cub.__dict__, "is_train": np.ones_like(cub.is_train)})
     with pytest.raises(ValueError, match=r"CUB test split of .* no image as a test image"):
         eval_pipeline(cub_source(no_test, "test"), batch_size=2, resize=36, crop=32)
+
+
+def test_every_thread_gets_a_batch_whatever_the_prefetch(cub, monkeypatch):
+    """grain decodes at most prefetch_buffer_size batches at once: with fewer batches ahead than threads the other
+    threads idle (on a 16-core GPU host, --threads 16 ran 4 batches at a time)."""
+    import threading
+    import time
+
+    p = _train(cub, num_threads=6, prefetch=1, batch_size=1, num_epochs=3)
+    running, most, lock = [0], [0], threading.Lock()
+    batch = p.batch
+
+    def slow_batch(step):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # as if decoding: the GIL is free
+        with lock:
+            running[0] -= 1
+        return batch(step)
+
+    monkeypatch.setattr(p, "batch", slow_batch)
+    assert len(list(p.iterate())) == len(p)
+    assert most[0] >= 4, most[0]
+
+
+def test_iterate_stops_at_stop_step(cub):
+    p = _train(cub)
+    middle = list(p.iterate(start_step=2, stop_step=4))
+    assert _equal(middle, list(p)[2:4])
+    assert list(p.iterate(start_step=3, stop_step=3)) == []
+    with pytest.raises(ValueError, match="stop_step 7 outside"):
+        p.iterate(stop_step=7)

@@ -153,3 +153,38 @@ def test_plan_validation():
         T.eval_plan(10, 10, resize=100, crop=120)
     with pytest.raises(ValueError):
         T.apply_to_mask(T.Plan((0.0, 0.0, 2.0, 2.0), (2, 2)), np.zeros((2, 2, 1)))
+
+
+def test_resize_plan_by_hand():
+    # 500x375 -> shorter side 256: 341x256 (int(256 * 500 / 375) = 341), the whole image, no flip.
+    plan = T.resize_plan(500, 375, 256)
+    assert plan == T.Plan(box=(0.0, 0.0, 500.0, 375.0), size=(341, 256))
+    assert T.resize_plan(300, 401, 256).size == (256, 342)  # portrait: the long side as in eval_plan
+    assert T.resized_size(640, 640, 256) == (256, 256)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_apply_to_box_moves_the_corners_as_points(flip):
+    plan = T.Plan(box=(10.0, 20.0, 110.0, 70.0), size=(50, 100), flip=flip)
+    box = np.array([30.0, 25.0, 40.0, 30.0])  # (x, y, w, h)
+    got = T.apply_to_box(plan, box)
+    corners = np.array([[30.0, 25.0], [70.0, 55.0]])  # top-left and bottom-right in source pixels
+    # keypoints map the corners; a mirrored box's left edge is the mirrored right corner
+    x = (corners[:, 0] - 10.0) * 0.5
+    y = (corners[:, 1] - 20.0) * 2.0
+    if flip:
+        x = 50 - x
+    np.testing.assert_allclose(got, [x.min(), y.min(), abs(x[1] - x[0]), y[1] - y[0]], rtol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_decode_rgb_from_bytes_equals_read_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 255, (9, 7, 4), dtype=np.uint8), "RGBA").save(path)  # alpha over white
+    ours = T.decode_rgb(path.read_bytes(), "named.png", exif_orientation=False)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(T.read_rgb(path, exif_orientation=False)))
+    with pytest.raises(T.ImageReadError, match=r"^named\.jpg: cannot read image \(cannot identify image file 'named"):
+        T.decode_rgb(b"not an image", "named.jpg")
+    with pytest.raises(T.ImageReadError, match="named.jpg: empty file"):
+        T.decode_rgb(b"", "named.jpg")

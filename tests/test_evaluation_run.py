@@ -213,7 +213,8 @@ def test_eval_interrupted_or_unloadable(cub_run, tmp_path, monkeypatch, capsys, 
     out = tmp_path / "eval"
     assert main("cub", _eval_argv(cub_run, out)) == status
     err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("data: ")]  # data form read
+    assert "Traceback" not in err and len(lines) == 1
     assert (str(out / "partial") in err) if status == 130 else "corrupt checkpoint x" in err
 
 
@@ -304,4 +305,27 @@ def test_delib_demo_refuses_impossible_options(tmp_path, flag):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert flag[0] in done.stderr
+    assert not (tmp_path / "d" / "run").exists()
+
+
+def test_eval_reads_a_tfds_build_of_the_run_data_with_the_same_results(cub_run, tmp_path, capsys):
+    from delib_jax.data.tfds import build
+
+    found, _ = build("cub", checkpoint.load_run_config(cub_run).data_dir, tmp_path / "tfds", num_threads=1)
+    assert main("cub", _eval_argv(cub_run, tmp_path / "folder")) == 0
+    assert "release folder" in capsys.readouterr().err
+    assert main("cub", _eval_argv(cub_run, tmp_path / "tfds_eval", "--data-dir", str(tmp_path / "tfds"))) == 0
+    assert "data: TFDS build delib_cub/original" in capsys.readouterr().err
+    a, b = (json.loads((tmp_path / d / "results.json").read_text())["results"] for d in ("folder", "tfds_eval"))
+    for row in a:
+        for key in ("images", "insecurities", "precision", "recall", "random_precision", "keypoint_auc"):
+            assert a[row][0][key] == b[row][0][key], (row, key)
+
+
+def test_delib_demo_data_dir_that_is_neither_a_release_nor_a_build(tmp_path):
+    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo", "--out",
+           str(tmp_path / "d"), "--data-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "not a CUB-200-2011 release" in done.stderr and "nor a TFDS build" in done.stderr
     assert not (tmp_path / "d" / "run").exists()

@@ -1,6 +1,8 @@
 """Datasets: CUB-200-2011 and ADE20K readers, annotation-exact transforms, input pipelines, synthetic datasets.
 
-``delib_jax.data.pipeline`` (grain) and ``delib_jax.data.synthetic`` are imported on demand, not from here.
+`load_dataset` reads either form of a dataset: the release folder, or a TensorFlow Datasets build of it
+(``delib_jax.data.tfds``, ArrayRecord, no TensorFlow). ``delib_jax.data.pipeline`` (grain), ``delib_jax.data.tfds``
+and ``delib_jax.data.synthetic`` are imported on demand, not from here.
 """
 
 from delib_jax.data._text import DatasetError
@@ -14,6 +16,7 @@ from delib_jax.data.cub import (
     attribute_groups,
     load_cub,
 )
+from delib_jax.data.sources import DataSource, TfdsBuild, find_source, find_tfds_builds, load_dataset
 from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, Normalization, Plan
 
 __all__ = [
@@ -25,12 +28,17 @@ __all__ = [
     "PART_NAMES",
     "Ade20kDataset",
     "CubDataset",
+    "DataSource",
     "DatasetError",
     "Normalization",
     "ObjectInfo",
     "Plan",
+    "TfdsBuild",
     "attribute_groups",
+    "find_source",
+    "find_tfds_builds",
     "load_ade20k",
     "load_cub",
+    "load_dataset",
     "read_object_info",
 ]  # fmt: skip

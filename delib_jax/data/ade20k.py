@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +55,9 @@ class Ade20kDataset:
       scene_names: S scene labels occurring in training, sorted.
       objects: the object vocabulary.
       dropped_val_stems: validation images dropped because their scene never occurs in training.
+      records: None for a release folder (images and masks are the files of ``image_paths`` / ``mask_paths``); for a
+        TFDS build (`delib_jax.data.tfds`) the random-access records they are read from (the paths then only name
+        them).
     """
 
     root: Path
@@ -65,6 +69,7 @@ class Ade20kDataset:
     scene_names: tuple[str, ...]
     objects: ObjectInfo
     dropped_val_stems: tuple[str, ...]
+    records: Any = None
 
     def __len__(self) -> int:
         return len(self.stems)

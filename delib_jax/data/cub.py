@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,6 +118,9 @@ class CubDataset:
       part_names: 15 part names.
       attribute_names: A names (``"has_bill_shape::dagger"``).
       certainty_names: names of certainty ids 1, 2, ...
+      records: None for a release folder (images are the files ``image_paths``); for a TFDS build
+        (`delib_jax.data.tfds`) the random-access records the encoded images are read from (``image_paths`` then only
+        name them).
     """
 
     root: Path
@@ -134,6 +138,7 @@ class CubDataset:
     part_names: tuple[str, ...]
     attribute_names: tuple[str, ...]
     certainty_names: tuple[str, ...]
+    records: Any = None
 
     def __len__(self) -> int:
         return len(self.image_paths)

@@ -6,6 +6,9 @@ drawn from ``(seed, e)`` when shuffling), and each example's augmentation is dra
 So the same seed gives the same batches in the same order whatever the number of threads, and
 ``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped.
 
+The examples' images (and masks) are files, or the records of a TFDS build (`delib_jax.data.load_dataset` reads
+either form; ``Source.records``): the same batches either way, for the same examples and seed.
+
 Example::
 
     ds = load_cub("/data/CUB_200_2011")
@@ -17,9 +20,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import grain
 import numpy as np
@@ -48,6 +52,9 @@ class Source:
       mask_paths: N one-channel label PNGs (values 0..255), or None.
       name: what the examples are, for messages ("the CUB test split of ROOT").
       why_empty: the likely cause should there be no examples (said with "has no examples").
+      records: where the encoded images (and masks) are read from when they are not files: an object whose
+        ``encoded(i)`` returns ``(image bytes, mask bytes or None)`` of dataset index ``i`` (a TFDS build,
+        `delib_jax.data.tfds.TfdsRecords`); None to read ``image_paths`` / ``mask_paths`` from disk.
     """
 
     image_paths: tuple[str, ...]
@@ -59,6 +66,7 @@ class Source:
     mask_paths: tuple[str, ...] | None = None
     name: str = "the source"
     why_empty: str = ""
+    records: Any = None
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -98,6 +106,7 @@ def cub_source(ds: CubDataset, split: Split = "train", *, indices: np.ndarray | 
         parts=ds.parts[ix],
         part_visible=ds.part_visible[ix],
         part_names=ds.part_names,
+        records=getattr(ds, "records", None),
         **_names("CUB", getattr(ds, "root", "the dataset"), split, indices, why),
     )
 
@@ -117,6 +126,7 @@ def ade20k_source(ds: Ade20kDataset, split: Split = "train", *, indices: np.ndar
         labels=ds.labels[ix],
         indices=ix,
         mask_paths=tuple(ds.mask_paths[i] for i in ix),
+        records=getattr(ds, "records", None),
         **_names("ADE20K", getattr(ds, "root", "the dataset"), split, indices, why, test="validation"),
     )
 
@@ -135,8 +145,8 @@ class PipelineConfig:
       shuffle: reshuffle every epoch (default: ``train``).
       num_epochs: epochs to run, None for endless.
       drop_remainder: drop each epoch's last partial batch.
-      num_threads: decoding threads.
-      prefetch: batches decoded ahead.
+      num_threads: decoding threads (each decodes whole batches).
+      prefetch: batches decoded ahead (at least ``num_threads``, so that every thread has one to work on).
     """
 
     batch_size: int
@@ -172,10 +182,23 @@ def decode_image(path: str) -> Image.Image:
         raise DatasetError(str(e)) from None
 
 
-def decode_mask(path: str, size: tuple[int, int]) -> np.ndarray:
-    """Read a one-channel label PNG of image size ``size = (W, H)`` as (H, W) uint8."""
+def decode_image_bytes(data: bytes, name: str) -> Image.Image:
+    """`decode_image` for an encoded image in memory (a TFDS record); ``name`` stands for the file in errors."""
     try:
-        with Image.open(path) as image:
+        return transforms.decode_rgb(data, name, exif_orientation=False)
+    except transforms.ImageReadError as e:
+        raise DatasetError(str(e)) from None
+
+
+def decode_mask(path: str | bytes, size: tuple[int, int], *, name: str | None = None) -> np.ndarray:
+    """Read a one-channel label PNG (a file, or its bytes named ``name``) of image size ``size = (W, H)`` as (H, W)
+    uint8."""
+    if isinstance(path, bytes):
+        path, fp = name or "mask", io.BytesIO(path)
+    else:
+        fp = path
+    try:
+        with Image.open(fp) as image:
             image.load()
             if image.mode not in ("L", "P", "I", "I;16"):
                 raise ValueError(f"expected a one-channel mask, found mode {image.mode}")
@@ -189,6 +212,19 @@ def decode_mask(path: str, size: tuple[int, int]) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
+def read_mask(ds: Ade20kDataset, index: int) -> np.ndarray:
+    """The (H, W) uint8 mask of dataset example ``index`` (from its file or the dataset's records), checked against
+    its image's size as the pipeline checks it; `DatasetError` naming the file."""
+    records = getattr(ds, "records", None)
+    image, mask = (ds.image_paths[index], ds.mask_paths[index]) if records is None else records.encoded(index)
+    try:
+        with Image.open(image if records is None else io.BytesIO(image)) as im:
+            size = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise fail(ds.image_paths[index], f"cannot read image ({e})") from None
+    return decode_mask(mask, size, name=ds.mask_paths[index])
+
+
 def load_example(source: Source, position: int, config: PipelineConfig, rng: np.random.Generator | None) -> dict:
     """Decode and transform one example.
 
@@ -196,8 +232,7 @@ def load_example(source: Source, position: int, config: PipelineConfig, rng: np.
       dict with image (H, W, 3) float32, label (), index (), and parts (P, 2) / part_visible (P,) / mask (H, W) uint8
       where the source has them.
     """
-    path = source.image_paths[position]
-    image = decode_image(path)
+    image, mask = read_example(source, position)
     w, h = image.size
     if config.train:
         plan = transforms.train_plan(w, h, rng, crop=config.crop)
@@ -213,9 +248,24 @@ def load_example(source: Source, position: int, config: PipelineConfig, rng: np.
         out["parts"], out["part_visible"] = transforms.apply_to_points(
             plan, source.parts[position], source.part_visible[position], flip_perm=perm
         )
-    if source.mask_paths is not None:
-        out["mask"] = transforms.apply_to_mask(plan, decode_mask(source.mask_paths[position], (w, h)))
+    if mask is not None:
+        out["mask"] = transforms.apply_to_mask(plan, mask)
     return out
+
+
+def read_example(source: Source, position: int) -> tuple[Image.Image, np.ndarray | None]:
+    """The decoded RGB image of example ``position`` and its (H, W) uint8 mask (None without masks), read from its
+    files or from ``source.records``."""
+    if source.records is None:
+        image = decode_image(source.image_paths[position])
+        if source.mask_paths is None:
+            return image, None
+        return image, decode_mask(source.mask_paths[position], image.size)
+    image_bytes, mask_bytes = source.records.encoded(int(source.indices[position]))
+    image = decode_image_bytes(image_bytes, source.image_paths[position])
+    if source.mask_paths is None or mask_bytes is None:
+        return image, None
+    return image, decode_mask(mask_bytes, image.size, name=source.mask_paths[position])
 
 
 class Pipeline:
@@ -279,15 +329,22 @@ class Pipeline:
         ]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
-    def iterate(self, *, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """Batches ``start_step, start_step + 1, ...``, decoded by ``num_threads`` threads, ``prefetch`` ahead."""
+    def iterate(self, *, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Batches ``start_step, start_step + 1, ...`` (up to ``stop_step`` exclusive, else to the end), decoded by
+        ``num_threads`` threads, ``max(prefetch, num_threads)`` batches ahead."""
         stop = self.num_steps if self.num_steps is not None else 2**62
+        if stop_step is not None:
+            if not 0 <= stop_step <= stop:
+                raise ValueError(f"stop_step {stop_step} outside [0, {stop}]")
+            stop = stop_step
         if not 0 <= start_step <= stop:
             raise ValueError(f"start_step {start_step} outside [0, {stop}]")
         if start_step == stop:
             return iter(())
         dataset = grain.MapDataset.range(start_step, stop).map(self.batch)
-        options = grain.ReadOptions(num_threads=self.config.num_threads, prefetch_buffer_size=self.config.prefetch)
+        # grain runs at most prefetch_buffer_size elements at once: a smaller buffer would idle the other threads
+        ahead = max(self.config.prefetch, self.config.num_threads)
+        options = grain.ReadOptions(num_threads=self.config.num_threads, prefetch_buffer_size=ahead)
         return iter(dataset.to_iter_dataset(options))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -334,5 +391,6 @@ def eval_pipeline(
 
 __all__ = [
     "CUB_STATS", "IMAGENET_STATS", "Pipeline", "PipelineConfig", "Source", "ade20k_source", "cub_source",
-    "decode_image", "decode_mask", "eval_pipeline", "load_example", "train_pipeline",
+    "decode_image", "decode_image_bytes", "decode_mask", "eval_pipeline", "load_example", "read_example",
+    "read_mask", "train_pipeline",
 ]  # fmt: skip

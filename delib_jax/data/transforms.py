@@ -21,6 +21,7 @@ The factories reproduce torchvision: `eval_plan` is ``Resize(resize)`` + ``Cente
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,20 +74,30 @@ def flip_permutation(part_names: Sequence[str]) -> np.ndarray:
     return perm
 
 
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """torchvision ``Resize(shorter)``'s output ``(width, height)``: the shorter side becomes ``shorter``, the longer
+    ``int(shorter * long / short)``."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def resize_plan(width: int, height: int, shorter: int) -> Plan:
+    """The whole image resized so that its shorter side is ``shorter`` (torchvision ``Resize(shorter)``), no crop."""
+    return Plan(box=(0.0, 0.0, float(width), float(height)), size=resized_size(width, height, shorter))
+
+
 def eval_plan(width: int, height: int, *, resize: int = 256, crop: int = 224) -> Plan:
     """torchvision ``Resize(resize)`` (shorter side to ``resize``) then ``CenterCrop(crop)``, as one `Plan`.
 
     The resized long side is ``int(resize * long / short)`` and the crop offsets ``int(round((R - crop) / 2))``, as in
     torchvision. Crops larger than the resized image are not supported (torchvision pads).
     """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
     if crop > resize:
         raise ValueError(f"crop ({crop}) must not exceed resize ({resize})")
-    if width <= height:
-        new_w, new_h = resize, int(resize * height / width)
-    else:
-        new_w, new_h = int(resize * width / height), resize
+    new_w, new_h = resized_size(width, height, resize)
     left, top = int(round((new_w - crop) / 2.0)), int(round((new_h - crop) / 2.0))
     sx, sy = width / new_w, height / new_h
     return Plan(box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy), size=(crop, crop))
@@ -148,7 +159,8 @@ def apply_to_image(plan: Plan, image: Image.Image) -> np.ndarray:
     Returns:
       (H, W, 3) uint8 with ``(W, H) = plan.size``.
     """
-    out = image.convert("RGB").resize(plan.size, Image.Resampling.BILINEAR, box=plan.box)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+    out = rgb.resize(plan.size, Image.Resampling.BILINEAR, box=plan.box)
     if plan.flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
@@ -201,6 +213,21 @@ def apply_to_points(
     return out, inside
 
 
+def apply_to_box(plan: Plan, box: np.ndarray) -> np.ndarray:
+    """Map a box ``(x, y, w, h)`` in source pixels through the plan (not clipped to the output).
+
+    Returns:
+      (4,) float32 ``(x, y, w, h)`` in output pixels; a mirrored plan mirrors the box.
+    """
+    x, y, w, h = np.asarray(box, dtype=np.float64)
+    x0, y0, x1, y1 = plan.box
+    sx, sy = plan.size[0] / (x1 - x0), plan.size[1] / (y1 - y0)
+    nx, ny = (x - x0) * sx, (y - y0) * sy
+    if plan.flip:
+        nx = plan.size[0] - (nx + w * sx)
+    return np.asarray([nx, ny, w * sx, h * sy], dtype=np.float32)
+
+
 class ImageReadError(ValueError):
     """An image file that cannot be read (missing, empty, corrupt, of an unknown format, or with NaN/inf pixels)."""
 
@@ -245,8 +272,19 @@ def read_rgb(path: str | Path, *, exif_orientation: bool = True) -> Image.Image:
         raise ImageReadError(f"{path}: cannot read image ({e.strerror or e})") from None
     if empty:
         raise ImageReadError(f"{path}: empty file")
+    return _open_rgb(path, str(path), exif_orientation)
+
+
+def decode_rgb(data: bytes, name: str, *, exif_orientation: bool = True) -> Image.Image:
+    """`read_rgb` for an encoded image held in memory (e.g. a TFDS record); ``name`` stands for the file in errors."""
+    if not data:
+        raise ImageReadError(f"{name}: empty file")
+    return _open_rgb(io.BytesIO(data), name, exif_orientation)
+
+
+def _open_rgb(fp, name: str, exif_orientation: bool) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(fp) as image:
             image.load()
             if exif_orientation:
                 image = ImageOps.exif_transpose(image)
@@ -254,10 +292,10 @@ def read_rgb(path: str | Path, *, exif_orientation: bool = True) -> Image.Image:
             rgb.load()
             return rgb
     except ImageReadError as e:
-        raise ImageReadError(f"{path}: {e}") from None
+        raise ImageReadError(f"{name}: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        reason = str(e).strip() or type(e).__name__
-        raise ImageReadError(f"{path}: cannot read image ({reason})") from None
+        reason = (str(e).strip() or type(e).__name__).replace(repr(fp), repr(name))  # Pillow names a buffer by repr
+        raise ImageReadError(f"{name}: cannot read image ({reason})") from None
 
 
 def normalize(image: np.ndarray, stats: Normalization) -> np.ndarray:

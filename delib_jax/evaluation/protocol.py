@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from delib_jax.attribution import Options, _attribute_from_images
 from delib_jax.checkpoint import RunConfig
 from delib_jax.data._text import fail
-from delib_jax.data.pipeline import ade20k_source, cub_source, decode_mask, eval_pipeline
+from delib_jax.data.pipeline import ade20k_source, cub_source, eval_pipeline, read_mask
 from delib_jax.evaluation import ground_truth as gt
 from delib_jax.evaluation.metrics import (
     COVERAGES,
@@ -293,19 +293,13 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
     }
 
 
-def _training_labels(image_path: str, mask_path: str, num_objects: int) -> np.ndarray:
-    """The object labels in one training mask, checked as the training pipeline checks masks (one channel, the size of
-    its image) and against the object vocabulary (labels 0..num_objects); `DatasetError` naming the file."""
-    from PIL import Image
-
-    try:
-        with Image.open(image_path) as image:
-            size = image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise fail(image_path, f"cannot read image ({e})") from None
-    values = np.unique(decode_mask(mask_path, size))
+def _training_labels(dataset, i: int, num_objects: int) -> np.ndarray:
+    """The object labels in the mask of dataset example ``i``, checked as the training pipeline checks masks (one
+    channel, the size of its image) and against the object vocabulary (labels 0..num_objects); `DatasetError` naming
+    the file."""
+    values = np.unique(read_mask(dataset, i))
     if values[-1] > num_objects:
-        raise fail(mask_path, f"label {values[-1]} exceeds the {num_objects} objects of the object list "
+        raise fail(dataset.mask_paths[i], f"label {values[-1]} exceeds the {num_objects} objects of the object list "
                               "(objectInfo150): fix the mask or the object list")
     return values
 
@@ -347,7 +341,7 @@ def ade_object_presence(dataset, cache: Path | None = None,
             progress(f"rebuilding {cache}: it was made from another dataset (or is damaged)")
     present = np.zeros((len(train), num_objects), bool)
     for row, i in enumerate(tqdm(train, desc="object frequencies (training masks)", leave=False, unit="mask")):
-        values = _training_labels(dataset.image_paths[i], dataset.mask_paths[i], num_objects)
+        values = _training_labels(dataset, i, num_objects)
         values = values[values >= 1]
         present[row, values - 1] = True
     if cache is not None:

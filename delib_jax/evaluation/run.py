@@ -41,7 +41,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN_DIR",
                    help="trained run directories (each one run; give several seeds for mean (std))")
-    p.add_argument("--data-dir", help=f"the dataset folder ({DATASETS[dataset]} or its parent)")
+    p.add_argument("--data-dir", help=f"the dataset folder ({DATASETS[dataset]} or its parent), or a TFDS build of it")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic dataset the run was trained on")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ablation", choices=["scores", "attributions", "archs"],
@@ -66,10 +66,10 @@ def _key(run_dir: Path, setting: Setting, options: EvalOptions, data_dir: Path) 
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _load_dataset(dataset: str, data_dir: Path):
-    from delib_jax.data import load_ade20k, load_cub
+def _load_dataset(dataset: str, data_dir: Path, progress=None):
+    from delib_jax.data import load_dataset
 
-    return load_cub(data_dir) if dataset == "cub" else load_ade20k(data_dir)
+    return load_dataset(dataset, data_dir, report=progress)
 
 
 def _warn(message: str) -> None:
@@ -174,7 +174,7 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     for c, cfg in zip(checkpoints, configs):
         if cfg.dataset != dataset:
             raise UsageError(f"{c} was trained on {cfg.dataset}, not {dataset}")
-    ds = _load_dataset(dataset, data_dir)
+    ds = _load_dataset(dataset, data_dir, progress)
     names = ds.class_names if dataset == "cub" else ds.scene_names
     for c, cfg in zip(checkpoints, configs):
         _check_classes(c, cfg.class_names, names, data_dir)

@@ -61,7 +61,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = p.add_argument_group("data and run")
-    data.add_argument("--data-dir", type=Path, help=f"the {info['folder']} folder (or its parent)")
+    data.add_argument("--data-dir", type=Path, help=f"the {info['folder']} folder (or its parent), or a TFDS build "
+                      "of it (python -m delib_jax.data.tfds build)")
     data.add_argument("--synthetic", action="store_true",
                       help=f"train on {info['synthetic']}, generated into --data-dir (default OUT/synthetic_data) "
                            "if absent")  # fmt: skip
@@ -181,7 +182,7 @@ def ensure_synthetic(dataset: str, data_dir: Path) -> Path:
 def make_config(dataset: str, args: argparse.Namespace):
     """A new run's `RunConfig` from the flags (dataset read for its class names)."""
     from delib_jax.checkpoint import RunConfig
-    from delib_jax.data import IMAGENET_STATS, load_ade20k, load_cub
+    from delib_jax.data import IMAGENET_STATS, load_dataset
     from delib_jax.data.transforms import CUB_STATS
 
     arch = args.arch or ("small" if args.synthetic else "resnet50")
@@ -192,7 +193,7 @@ def make_config(dataset: str, args: argparse.Namespace):
         merged.pop("epochs", None)
     if "crop" in given and "resize" not in given:  # keep the crop/resize ratio of 224/256
         merged["resize"] = round(merged["crop"] * 256 / 224)
-    ds = load_cub(args.data_dir) if dataset == "cub" else load_ade20k(args.data_dir)
+    ds = load_dataset(dataset, args.data_dir, report=lambda line: print(line, file=sys.stderr))
     names = list(ds.class_names if dataset == "cub" else ds.scene_names)
     stats = CUB_STATS if dataset == "cub" else IMAGENET_STATS
     weights = str(Path(args.weights).absolute()) if args.weights else None

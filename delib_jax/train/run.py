@@ -35,7 +35,7 @@ from delib_jax.checkpoint import (
     load_run_config,
     save_run_config,
 )
-from delib_jax.data import load_ade20k, load_cub
+from delib_jax.data import load_dataset
 from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
 from delib_jax.train.loop import TrainState, compile_steps, create_train_state, make_mesh, replicated, shard_batch
 
@@ -68,7 +68,7 @@ def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed
     """Read CUB-200-2011 ('cub') or ADE20K ('ade20k') and split it (raises the readers' DatasetError; ValueError for
     a CUB class without training images, which the classifier could never learn)."""
     if dataset == "cub":
-        ds, make = load_cub(data_dir), cub_source
+        ds, make = load_dataset("cub", data_dir), cub_source
         names = list(ds.class_names)
         empty = np.flatnonzero(np.bincount(ds.labels[ds.is_train], minlength=len(names)) == 0)
         if len(empty):
@@ -78,7 +78,7 @@ def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed
                 "give every class of classes.txt training images"
             )
     elif dataset == "ade20k":
-        ds, make = load_ade20k(data_dir), ade20k_source
+        ds, make = load_dataset("ade20k", data_dir), ade20k_source
         names = list(ds.scene_names)
     else:
         raise ValueError(f"dataset must be 'cub' or 'ade20k', got {dataset!r}")
