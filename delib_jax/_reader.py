@@ -136,12 +136,12 @@ def _worker_init(initializer: Callable | None, initargs: tuple) -> None:
 
 def start_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """``workers`` processes started with 'spawn' (never forked from a process running JAX's threads), all of
-    them started now."""
+    them launched now (not waited for: they start while the caller prepares its work)."""
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                initargs=(initializer, initargs))  # fmt: skip
     with _main_hidden():
-        for f in [pool.submit(_ready) for _ in range(workers)]:
-            f.result()
+        for _ in range(workers):
+            pool.submit(_ready)
     return pool
 
 

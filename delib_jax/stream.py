@@ -29,8 +29,10 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -120,14 +122,14 @@ def weights_digest(leaves: Sequence[Any]) -> str:
     """A hash of a model's weights: a run folder retrained in place gives another digest."""
     import jax
 
-    h = hashlib.blake2b(digest_size=16)
+    crc, shapes = 0, []
     for leaf in leaves:
         if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
             continue  # random-number state: no part of what an eval-mode model computes
-        a = np.asarray(leaf)
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+        a = np.ascontiguousarray(np.asarray(leaf))
+        shapes.append((a.shape, a.dtype.str))
+        crc = zlib.crc32(memoryview(a).cast("B"), crc)  # ~1 GB/s: a ResNet50 in 0.1 s
+    return f"{crc:08x}-{hashlib.blake2b(str(shapes).encode(), digest_size=8).hexdigest()}"
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -285,8 +287,13 @@ def explain_files(
     if options.batch_size < 1 or options.shard_size < 1 or options.prefetch < 1:
         raise ValueError("batch_size, shard_size and prefetch must be at least 1")
     lock = lock_folder(out, p)
+    mesh = ex.batch_mesh()
+    batch = -(-options.batch_size // mesh.size) * mesh.size  # a multiple of the device count
+    workers = _reader.default_workers() if options.workers is None else options.workers
+    # The reader processes start now, while the model is prepared and the folder read.
+    reader = _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, stats=config.normalization,
+                            slots=options.prefetch + 2, workers=workers if files else 0)  # fmt: skip
     try:
-        mesh = ex.batch_mesh()
         explain_fn, settings = ex.make_explain_fn(model, mesh=mesh, **explain_options)
         names = [str(n) for n in config.class_names]
         manifest = {
@@ -298,13 +305,14 @@ def explain_files(
             "figures": bool(options.figures),
             "class_names": names,
         }  # fmt: skip
-        return _run(out, p, count, model, config, files, options, manifest, explain_fn, settings, names,
-                    mesh, examples or {}, report)  # fmt: skip
+        return _run(out, p, count, config, files, options, manifest, explain_fn, names, reader, examples or {},
+                    report)  # fmt: skip
     finally:
+        reader.close()
         lock.close()
 
 
-def _run(out, p, count, model, config, files, options, manifest, explain_fn, settings, names, mesh, examples, report):
+def _run(out, p, count, config, files, options, manifest, explain_fn, names, reader, examples, report):
     import jax
 
     t_start = time.perf_counter()
@@ -347,9 +355,7 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
         before = f" ({len(skipped)} skipped)" if skipped else ""
         report(f"resuming: {resumed} images already explained{before} in {out}, {len(todo)} to go")
 
-    batch = -(-options.batch_size // mesh.size) * mesh.size  # a multiple of the device count
-    workers = _reader.default_workers() if options.workers is None else options.workers
-    slots = options.prefetch + 2
+    batch, slots = reader.shape[0], len(reader.arrays)
     compact = _compact_fn()
     pool = None
     if options.figures:
@@ -478,8 +484,6 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                 continue
 
     batches = [todo[s : s + batch] for s in range(0, len(todo), batch)]
-    reader = _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, stats=config.normalization,
-                            slots=slots, workers=workers if batches else 0)  # fmt: skip
     thread = threading.Thread(target=write_loop, name="delib-writer", daemon=True)
     thread.start()
     reading: deque = deque()
@@ -501,8 +505,7 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
                 t = time.perf_counter()
                 outputs = compact(explain_fn(reader.arrays[slot]))  # dispatched, not waited for
                 if b == 0:
-                    jax.block_until_ready(outputs)
-                    compile_s[0] = time.perf_counter() - t
+                    compile_s[0] = time.perf_counter() - t  # tracing and compiling happen in the first call
             put_work((slot, items, reports, outputs))
         put_work(None)
         thread.join()
@@ -529,8 +532,9 @@ def _run(out, p, count, model, config, files, options, manifest, explain_fn, set
         reader.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        reader = pool = None
-        gc.collect()  # finalise the pools' queues now: an interrupted command leaves with os._exit
+        if thread.is_alive() or failure or sys.exc_info()[0] is not None:
+            reader = pool = None
+            gc.collect()  # finalise the pools' queues now: an interrupted command leaves with os._exit
     summary = JobSummary(
         out=out, total=len(mine), explained=explained[0], resumed=resumed, skipped=skipped,
         compile_s=compile_s[0], run_s=time.perf_counter() - t_start, bytes_written=writer.bytes_written,

@@ -40,7 +40,7 @@ def test_explain_and_evaluation_benchmarks_json(capsys):
     from benchmarks import evaluation, explain
 
     assert explain.main(["--arch", "small", "--crop", "32", "--classes", "4", "--images", "12", "--batch", "4",
-                         "--workers", "1", "--repeats", "1", "--json"]) == 0
+                         "--workers", "1", "--rounds", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["explained"] == 12 and out["images"] == 12
     assert all(out[k] > 0 for k in ("decode_img_s", "core_img_s", "e2e_img_s", "writer_img_s", "figures_s_per_core",
