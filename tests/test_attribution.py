@@ -405,3 +405,24 @@ def test_bfloat16_backbone_keeps_float32_attribution_arithmetic():
     # only the backbone's rounding differs: the maps agree to bfloat16 precision of A
     scale = float(np.abs(r32.maps).max())
     assert float(np.abs(r16.maps - r32.maps).max()) < 0.1 * scale
+
+
+@pytest.mark.parametrize("score", ["entropy", "hesitancy"])
+def test_confident_prediction_gives_finite_maps_equal_to_float64(score):
+    """Logits about (50, 0, -50): p_2 ~ 1e-44 underflows in float32; the entropy's second derivative divided by an
+    underflowed p^2 (NaN maps) before the scores were taken from the logits. The true maps are ~1e-19 and below;
+    float32 must get them to far better than its resolution of an O(1) map (1e-12 absolute; the float32 rounding
+    noise of the top class's tangent alone was ~1e-9 before the logits were centred on the top class)."""
+    def head(dtype):
+        h = PoolMLPHead(D, 3, rngs=nnx.Rngs(0))
+        h.linears[0].kernel[...] = jnp.asarray(np.random.RandomState(0).randn(D, 3) * 0.1, dtype)
+        h.linears[0].bias[...] = jnp.asarray([50.0, 0.0, -50.0], dtype)
+        return h
+
+    a = _features()
+    with jax.enable_x64(True):
+        ref = attribute(head(jnp.float64), jnp.asarray(a, jnp.float64), score=score, difficulty_channels="signed")
+    for path in ("fast", "generic"):
+        got = attribute(head(jnp.float32), a, score=score, path=path, difficulty_channels="signed")
+        assert np.isfinite(np.asarray(got.maps)).all(), path
+        np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-4, atol=1e-12)

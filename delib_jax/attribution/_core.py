@@ -105,14 +105,14 @@ class Options:
 def output_functions(score: str) -> tuple[Callable[[Array], Array], Callable[[Array], Array] | None]:
     """Row-wise output functions: (class-head logits -> its outputs, hardness logit -> [s] or None).
 
-    For self-referential scores the class head's outputs are [softmax(z), score(softmax(z))] (C + 1)."""
+    For self-referential scores the class head's outputs are [softmax(z), score(z)] (C + 1), the score taken from
+    the logits (`delib_jax.difficulty.LOGIT_SCORES`: derivatives finite at any confidence)."""
     if score == "hardness":
-        return (lambda z: jax.nn.softmax(z, axis=-1)), (lambda h: jax.nn.sigmoid(h))
-    fn = difficulty.SCORES[score]
+        return difficulty.softmax, (lambda h: jax.nn.sigmoid(h))
+    fn = difficulty.LOGIT_SCORES[score]
 
     def phi(z):
-        p = jax.nn.softmax(z, axis=-1)
-        return jnp.concatenate([p, fn(p)[..., None]], axis=-1)
+        return jnp.concatenate([difficulty.softmax(z), fn(z)[..., None]], axis=-1)
 
     return phi, None
 
