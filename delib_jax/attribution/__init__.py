@@ -28,7 +28,7 @@ from delib_jax.attribution._core import (
     quadrature,
 )
 from delib_jax.attribution.gradcam import grad_cam
-from delib_jax.models import Structure, split_leaves
+from delib_jax.models import Structure, inference_view, split_leaves
 from delib_jax.models._layers import check_finite, validate_images
 
 
@@ -79,13 +79,12 @@ def _compiled(structure: Structure, opts: Options) -> Callable:
 def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
     """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
-    Images (B, H, W, 3) normalised float; options as for `attribute`. Later changes to the model are not seen:
-    build a new function after training further."""
+    Images (B, H, W, 3) normalised float; options as for `attribute`. The model runs in eval mode whatever its own
+    mode (left as it is). Later changes to the model are not seen: build a new function after training further."""
     opts = Options(**options).check(model.num_classes)
     if opts.score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
-    model.eval()
-    structure, leaves = split_leaves(model)
+    structure, leaves = split_leaves(inference_view(model))
     run = _compiled(structure, opts)
 
     def attribute_fn(images) -> Attribution:
