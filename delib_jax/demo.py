@@ -52,6 +52,8 @@ def _training_done(run_dir: Path) -> bool:
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise UsageError(f"{metrics}:{number}: JSON nested too deeply; delete {run_dir} to train again") from None
         except json.JSONDecodeError as e:
             if number == len(lines) and not text.endswith("\n"):
                 continue  # torn: the line being written when training was killed (the resumed run drops it)
