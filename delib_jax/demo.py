@@ -114,7 +114,7 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     from delib_jax.data.pipeline import cub_source, eval_pipeline
     from delib_jax.evaluation.protocol import hardest_images
     from delib_jax.report import write_report
-    from delib_jax.visualize import save_figure
+    from delib_jax.visualize import figure_name, save_figure
 
     target = out / "explain"
     if (target / "index.html").is_file():
@@ -136,7 +136,7 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     records, figures = [], []
     for i, e in enumerate(explanations):
         pixels = np.clip(batch["image"][i] * std + mean, 0, 1)
-        figure = f"{i:03d}_{Path(e.source).stem}.png"
+        figure = figure_name(i, e.source)
         save_figure(e, (pixels * 255).astype(np.uint8), target / figure, examples=examples)
         records.append({**e.to_json(), "figure": figure})
         figures.append(figure)
