@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
+
 
 class UsageError(Exception):
     """A problem the user can fix (bad option, missing file): printed as one line, exit status 2."""
@@ -65,19 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_process(status: int) -> None:
-    """``sys.exit(status)`` for the command-line entry points, but after Ctrl-C (130) leave at once: the interpreter's
-    shutdown can then crash (SIGSEGV, exit 139) in XLA work the interrupt cut short; all finished work is on disk."""
-    if status == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 def console() -> None:
-    """The ``delib`` console script: `main`, then `exit_process`."""
-    exit_process(main())
+    """The ``delib`` console script: `main`, then `exit_process` (Ctrl-C at any moment: one line, 130)."""
+    from delib_jax._entry import delib
+
+    delib()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from delib_jax.cli import Command, UsageError, check_out_dir, make_out_dir, register
 
 DESCRIPTION = (
@@ -108,6 +106,8 @@ def train_stage(out: Path, epochs: int, seed: int, crop: int = 128) -> Path:
 
 def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     """Explain the ``count`` hardest test images: OUT/explain/index.html, a figure per image, insecurities.json."""
+    import numpy as np
+
     from delib_jax import explanation as ex
     from delib_jax.checkpoint import load_model
     from delib_jax.data import load_cub
