@@ -1,5 +1,6 @@
 """Ctrl-C at any moment of a command's start-up, JAX's imports included: one line, exit status 130, no traceback
-(`delib_jax._entry`), for ``python -m train.* / eval.*``, the ``delib`` console script and ``python -m delib_jax.cli``."""
+(`delib_jax._entry`), for ``python -m train.* / eval.*``, the ``delib`` console script and
+``python -m delib_jax.cli``."""
 
 import os
 import signal
