@@ -31,3 +31,14 @@ def test_breakdown_and_precision_benchmarks_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU
     assert out["maps_default_vs_highest"] == 0.0  # XLA:CPU's default float32 matmul is full float32
+
+
+def test_xla_flags_benchmark_json(capsys):
+    from benchmarks import xla_flags
+
+    assert xla_flags.main(["--arch", "small", "--arch2", "", "--size", "32", "--classes", "4", "--cam-classes", "2",
+                           "--rounds", "1", "--repeats", "1", "--settings", "individual_dot"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["flag"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot" and out["rounds"] == 1
+    assert all(out[k] > 0 for k in ("small_forward_s", "small_explain_s", "small_grad_cam_s",
+                                    "small_grad_cam_2_classes_s"))
