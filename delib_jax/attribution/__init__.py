@@ -6,9 +6,10 @@
 
 Methods: 'gradient' ([grad g_p]_l . a_l), 'gradient_hessian' (Eq. 2: plus 1/2 a_l^T H_ll a_l, or the cross-location
 1/2 a_l . (H A)_l with second_order='cross'), 'integrated_gradients' (at layer A, with a completeness residual);
-`grad_cam` for the usual single-map baseline. Shipped heads take an exact structure-aware path (logit tangents
-through the piecewise-linear head, then closed derivatives of the softmax / sigmoid); any other head takes the exact
-generic path (forward-over-forward jvp vmapped over locations).
+`grad_cam` for the usual single-map baseline (the predicted class, given classes, or every class in one pass).
+Shipped heads take an exact structure-aware path (logit tangents through the piecewise-linear head, then closed
+derivatives of the softmax / sigmoid); any other head takes the exact generic path (forward-over-forward jvp vmapped
+over locations). Heads and models run in eval mode whatever their own mode (which is left as it is).
 """
 
 from __future__ import annotations
