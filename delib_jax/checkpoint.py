@@ -199,7 +199,7 @@ _OPTIONAL = ("steps", "eval_every", "data_dir", "weights")
 def _shown(value: Any, limit: int = 60) -> str:
     """A short repr for an error line (a tampered field may hold megabytes)."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _is_int(x: Any) -> bool:
