@@ -51,11 +51,11 @@ def _device() -> str:
 
 
 def run(arch: str, batch: int, method: str, classes: int, size: int, score: str, repeats: int,
-        loop_outputs: int, seed: int = 0) -> dict:
+        loop_outputs: int, seed: int = 0, difficulty_channels: str = Options.difficulty_channels) -> dict:
     model = create_model(arch, classes, rngs=nnx.Rngs(seed))
     model.eval()
     images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
-    opts = Options(method=method, score=score)
+    opts = Options(method=method, score=score, difficulty_channels=difficulty_channels)
 
     structure, leaves = split_leaves(model)  # the weights cross jit as make_attribute_fn passes them
 
@@ -122,7 +122,8 @@ def run(arch: str, batch: int, method: str, classes: int, size: int, score: str,
     loop_exact_s = forward_s + exact_part * num_outputs * h * w / k
     loop_full_s = full_part * num_outputs / k
     return {
-        "arch": arch, "batch": batch, "size": size, "method": method, "score": score, "device": _device(),
+        "arch": arch, "batch": batch, "size": size, "method": method, "score": score,
+        "difficulty_channels": difficulty_channels, "device": _device(),
         "num_outputs": num_outputs, "forward_s": forward_s, "explain_s": explain_s, "ratio": explain_s / forward_s,
         "images_per_s": batch / explain_s, "loop_s": loop_s, "loop_timed_outputs": k,
         "loop_note": f"forward + per-output loop timed on {k} of {num_outputs} outputs, scaled linearly",
@@ -149,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--score", default="hardness", choices=sorted(difficulty.SCORES))
+    p.add_argument("--difficulty-channels", default=Options.difficulty_channels, choices=("positive", "signed"),
+                   help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--loop-outputs", type=int, default=8, help="outputs timed in the per-output loop baseline")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
     if args.batch < 1 or args.classes < 2 or args.repeats < 1 or args.size < 32:
         p.error("need --batch >= 1, --classes >= 2, --repeats >= 1 and --size >= 32")
     result = run(args.arch, args.batch, args.method, args.classes, args.size, args.score, args.repeats,
-                 args.loop_outputs)
+                 args.loop_outputs, difficulty_channels=args.difficulty_channels)
     if args.json:
         print(json.dumps(result))
     else:

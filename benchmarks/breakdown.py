@@ -41,7 +41,8 @@ def _flops(jitted, *args) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: int, seed: int = 0) -> dict:
+def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: int, seed: int = 0,
+        difficulty_channels: str = Options.difficulty_channels) -> dict:
     model = create_model(arch, classes, rngs=nnx.Rngs(seed))
     model.eval()
     images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
@@ -51,7 +52,7 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
     c_graph, c_state = nnx.split(model.classifier)
     h_graph, h_state = nnx.split(model.hardness_head)
     heads_struct, heads_leaves = split_leaves(nnx.List([model.classifier, model.hardness_head]))
-    opts = Options(method=method).check(model.num_classes)
+    opts = Options(method=method, difficulty_channels=difficulty_channels).check(model.num_classes)
 
     def probs_and_score(out):
         return jax.nn.softmax(out.logits, -1), difficulty.score_from_outputs("hardness", out.logits, out.hardness_logit)
@@ -71,7 +72,7 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
     backbone_args = jax.jit(lambda leaves, x: bb.merge(leaves)(x).astype(jnp.float32))
     maps_args = jax.jit(lambda leaves, a: maps_from(heads_struct.merge(leaves), a))
 
-    explain = make_attribute_fn(model, method=method)
+    explain = make_attribute_fn(model, method=method, difficulty_channels=difficulty_channels)
     unchecked = _compiled(structure, opts)
     a = backbone(images)
 
@@ -108,10 +109,13 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--method", default="gradient_hessian", choices=METHODS)
+    p.add_argument("--difficulty-channels", default=Options.difficulty_channels, choices=("positive", "signed"),
+                   help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    result = run(args.arch, args.batch, args.classes, args.size, args.method, args.repeats)
+    result = run(args.arch, args.batch, args.classes, args.size, args.method, args.repeats,
+                 difficulty_channels=args.difficulty_channels)
     print(json.dumps(result) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in result.items()))
     return 0
 

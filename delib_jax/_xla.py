@@ -1,9 +1,15 @@
 """XLA:CPU settings applied when delib_jax is imported (before JAX starts its CPU backend).
 
-jaxlib 0.10 fuses a max pool followed by several dense layers into one "YNN" fusion that runs ~2-3x slower than
-the separate ops: VGG16's forward pass at batch 2 took 2.75 s with it and 1.03 s without (2-core CPU, measured with
-benchmarks). Turned off only for jaxlib 0.10.x, where the flag exists (an unknown flag aborts XLA), and only when
-XLA_FLAGS does not already choose YNN fusion types. Set XLA_FLAGS yourself to override.
+jaxlib 0.10's default YNN (XNNPACK) fusions include fusing a max pool into the dense layer that reads it; for VGG16
+that one fusion runs ~2.5x slower than the separate ops (forward, batch 2: 1.89 s against 0.72 s). Turning YNN off
+altogether (this module's earlier setting) kept that gain but lost YNN's dot kernels, which XLA's own replace badly
+for the transposed products of a backward pass: Grad-CAM through fc6 became 5-8x slower (1.07 s against 0.15-0.21 s).
+Keeping only YNN's individual dots (``individual_dot``: no fusions around them) has both: the forward of the
+separate ops and the fast backward. Measured with `benchmarks.xla_flags` (2-core CPU, shared; benchmarks/RESULTS.md).
+
+Applied only for jaxlib 0.10.x, where the flag and its values exist (an unknown flag or value aborts XLA), and only
+when XLA_FLAGS does not already choose YNN fusion types. Set XLA_FLAGS yourself to override, e.g.
+``--xla_cpu_experimental_ynn_fusion_type=`` (no YNN) or any value `benchmarks.xla_flags` compares.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 
 
 def _jaxlib_version() -> tuple[int, int]:
@@ -23,7 +29,7 @@ def _jaxlib_version() -> tuple[int, int]:
 
 
 def tune_cpu() -> None:
-    """Disable XLA:CPU's YNN fusion (see module docstring) unless the user chose otherwise."""
+    """Keep XLA:CPU's YNN fusion to individual dots (see module docstring) unless the user chose otherwise."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "ynn_fusion_type" in flags or _jaxlib_version() != (0, 10):
         return

@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import sys
 import traceback
@@ -107,13 +108,16 @@ class RunConfig:
     weights: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "class_names", [str(c) for c in self.class_names])
+        wrong = _type_problems(self)  # before anything compares or converts a value of the wrong type
+        if wrong:
+            raise ValueError("invalid run configuration: " + "; ".join(wrong))
+        object.__setattr__(self, "class_names", list(self.class_names))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         problems = []
         if self.arch not in ARCHS:
             problems.append(f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
-        if self.num_classes < 2 or len(self.class_names) != self.num_classes:
+        if len(self.class_names) != self.num_classes:
             problems.append(f"num_classes {self.num_classes} with {len(self.class_names)} class names")
         if self.hardness not in ("head", "network", "none"):
             problems.append(f"hardness {self.hardness!r} is not 'head', 'network' or 'none'")
@@ -123,8 +127,8 @@ class RunConfig:
             problems.append(f"mean and std need 3 finite values each, got mean {self.mean}, std {self.std}")
         elif min(self.std) <= 0:
             problems.append(f"std must be positive, got {self.std}")
-        if not 0 < self.crop <= self.resize:
-            problems.append(f"crop {self.crop} must lie in (0, resize={self.resize}]")
+        if not 0 < self.crop <= self.resize <= MAX_SIDE:
+            problems.append(f"crop {self.crop} and resize {self.resize} must satisfy 0 < crop <= resize <= {MAX_SIDE}")
         elif self.arch in ARCHS and not crop_fits(self.arch, self.crop):
             problems.append(
                 f"crop {self.crop} is too small for arch {self.arch}: its feature grid would be empty; "
@@ -146,6 +150,10 @@ class RunConfig:
             problems.append("checkpoint_every and eval_every must be >= 1")
         if not 0 < self.val_fraction < 1:
             problems.append(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        for name, (lo, hi) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not lo <= value <= hi:
+                problems.append(f"{name} must lie in [{lo}, {hi}], got {_shown(value)}")
         if problems:
             raise ValueError("invalid run configuration: " + "; ".join(problems))
 
@@ -171,6 +179,68 @@ class RunConfig:
             return cls(**data)
         except TypeError as e:  # missing required fields
             raise ValueError(str(e)) from None
+
+
+MAX_SIDE = 8192  # largest crop / resize accepted (pixels per side)
+MAX_STEPS = 2**31 - 1  # the step counter is int32
+# Integer fields: inclusive range (None allowed where the field's default is None). Upper bounds keep a tampered or
+# mistyped config.json from allocating absurd arrays or overflowing int32 / uint32 counters.
+_INT_RANGES = {
+    "num_classes": (2, 1_000_000), "seed": (0, 2**32 - 1), "hardness_hidden": (0, 65_536),
+    "warmup_steps": (0, MAX_STEPS), "batch_size": (1, 1_048_576), "epochs": (1, 1_000_000), "steps": (1, MAX_STEPS),
+    "checkpoint_every": (1, MAX_STEPS), "eval_every": (1, MAX_STEPS),
+}  # fmt: skip
+_STR_FIELDS = ("arch", "hardness", "dataset", "optimizer", "schedule")
+_FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "val_fraction")
+_INT_FIELDS = ("crop", "resize", *_INT_RANGES)
+_OPTIONAL = ("steps", "eval_every", "data_dir", "weights")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A short repr for an error line (a tampered field may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return _is_int(x) or isinstance(x, (float, np.floating))
+
+
+def _type_problems(config: RunConfig) -> list[str]:
+    """One message per field of ``config`` whose value has the wrong type (JSON can hold anything anywhere)."""
+    problems = []
+
+    def bad(name: str, expected: str) -> None:
+        value = getattr(config, name)
+        problems.append(f"field {name!r} must be {expected}, got {type(value).__name__} {_shown(value)}")
+
+    for name in _STR_FIELDS:
+        if not isinstance(getattr(config, name), str):
+            bad(name, "a string")
+    for name in ("data_dir", "weights"):
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
+            bad(name, "a string or null")
+    for name in _INT_FIELDS:
+        value = getattr(config, name)
+        if not (_is_int(value) or (value is None and name in _OPTIONAL)):
+            bad(name, "an integer" + (" or null" if name in _OPTIONAL else ""))
+    for name in _FLOAT_FIELDS:
+        if not _is_number(getattr(config, name)):
+            bad(name, "a number")
+    if not isinstance(config.synthetic, bool):
+        bad("synthetic", "true or false")
+    names = config.class_names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        bad("class_names", "a list of strings")
+    for name in ("mean", "std"):
+        value = getattr(config, name)
+        if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_number(v) for v in value):
+            bad(name, "a list of 3 numbers")
+    return problems
 
 
 @functools.lru_cache(maxsize=8)
@@ -244,6 +314,8 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return RunConfig.from_json(data)
+    except RecursionError:
+        raise ValueError(f"corrupt run configuration {path}: JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"corrupt run configuration {path}: {e}") from None
 
@@ -407,31 +479,48 @@ def _restore_error(folder: Path, which: Which, error: Exception) -> CheckpointEr
     )
 
 
-_ORBAX_LEFTOVERS = re.compile(r"exception was never retrieved|Event loop is closed")
+_ORBAX_LEFTOVERS = re.compile(r"exception was never retrieved|Event loop is closed|_SignalingThread.run\(\) raised")
 
 
-def _quiet_failed_restore() -> None:
-    """Drop the noise a failed orbax restore leaves behind: its abandoned asyncio reads later log "Task exception was
-    never retrieved" and raise "Event loop is closed" in tensorstore threads, each with a long traceback."""
-    asyncio_log = logging.getLogger("asyncio")
-    if _drop_orbax_leftover not in asyncio_log.filters:
-        asyncio_log.addFilter(_drop_orbax_leftover)
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_orbax_leftovers", False):
-        return
+def quiet_orbax_leftovers() -> None:
+    """Drop the noise a failed orbax restore or save leaves behind: its abandoned asyncio work later logs "Task
+    exception was never retrieved", its signalling threads log the error (which orbax raises again in the calling
+    thread, where we report it), and tensorstore threads print "Event loop is closed", each with a long traceback.
+    Other messages and exceptions pass. Installed once per process."""
+    for name in ("asyncio", "absl"):
+        log = logging.getLogger(name)
+        if _drop_orbax_leftover not in log.filters:
+            log.addFilter(_drop_orbax_leftover)
+    if not getattr(sys.unraisablehook, "drops_orbax_leftovers", False):
+        previous_unraisable = sys.unraisablehook
 
-    def hook(unraisable) -> None:
-        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
-        leftover = _ORBAX_LEFTOVERS.search(str(unraisable.exc_value)) or any("orbax" in f.filename for f in frames)
-        if not leftover:
-            previous(unraisable)
+        def unraisable_hook(unraisable) -> None:
+            frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+            leftover = _ORBAX_LEFTOVERS.search(str(unraisable.exc_value)) or any("orbax" in f.filename for f in frames)
+            if not leftover:
+                previous_unraisable(unraisable)
 
-    hook.drops_orbax_leftovers = True
-    sys.unraisablehook = hook
+        unraisable_hook.drops_orbax_leftovers = True
+        sys.unraisablehook = unraisable_hook
+    if not getattr(sys.excepthook, "drops_orbax_leftovers", False):
+        previous_except = sys.excepthook
+
+        def except_hook(kind, value, tb) -> None:  # tensorstore's callbacks print through sys.excepthook
+            if not (isinstance(value, RuntimeError) and _ORBAX_LEFTOVERS.search(str(value))):
+                previous_except(kind, value, tb)
+
+        except_hook.drops_orbax_leftovers = True
+        sys.excepthook = except_hook
+
+
+_quiet_failed_restore = quiet_orbax_leftovers  # the name the restore paths use
 
 
 def _drop_orbax_leftover(record: logging.LogRecord) -> bool:
-    return not _ORBAX_LEFTOVERS.search(record.getMessage())
+    """False for the leftovers above, and for errors orbax logs with their traceback before raising them again in
+    the thread that waits for the save or restore."""
+    raised_later = record.exc_info is not None and f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+    return not (raised_later or _ORBAX_LEFTOVERS.search(record.getMessage()))
 
 
 def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[DeliberativeModel, RunConfig]:

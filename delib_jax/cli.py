@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
+
 
 class UsageError(Exception):
     """A problem the user can fix (bad option, missing file): printed as one line, exit status 2."""
@@ -62,19 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def exit_process(status: int) -> None:
-    """``sys.exit(status)`` for the command-line entry points, but after Ctrl-C (130) leave at once: the interpreter's
-    shutdown can then crash (SIGSEGV, exit 139) in XLA work the interrupt cut short; all finished work is on disk."""
-    if status == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
-
-
 def console() -> None:
-    """The ``delib`` console script: `main`, then `exit_process`."""
-    exit_process(main())
+    """The ``delib`` console script: `main`, then `exit_process` (Ctrl-C at any moment: one line, 130)."""
+    from delib_jax._entry import delib
+
+    delib()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -290,23 +284,32 @@ def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UsageError(f"cannot read --examples {path}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"cannot read --examples {path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise UsageError(f"--examples {path} must hold a JSON object: class name -> image path")
     base, index = Path(path).parent, {n: i for i, n in enumerate(class_names)}
     examples = {}
+
+    def shown(x) -> str:  # a key or value of an untrusted file, kept short
+        text = repr(x) if not isinstance(x, (list, dict)) else type(x).__name__
+        return text if len(text) <= 60 else text[:55] + " ..."
+
     for key, value in data.items():
         if key in index:
             c = index[key]
-        elif key.isdigit() and int(key) < len(class_names):
+        elif key.isdecimal() and len(key) <= 9 and int(key) < len(class_names):
             c = int(key)
         else:
-            raise UsageError(f"--examples: {key!r} is not a class of this model")
+            raise UsageError(f"--examples: {shown(key)} is not a class of this model")
         if not isinstance(value, str) or not value:
-            raise UsageError(f"--examples {path}: class {key!r} must map to an image path (a string), got {value!r}")
+            raise UsageError(
+                f"--examples {path}: class {shown(key)} must map to an image path (a string), got {shown(value)}"
+            )
         try:
             read_image(base / value)
         except ImageReadError as e:
-            raise UsageError(f"--examples {path}: class {key!r}: {e}") from None
+            raise UsageError(f"--examples {path}: class {shown(key)}: {e}") from None
         examples[c] = base / value
     return examples
 

@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from delib_jax.cli import Command, UsageError, check_out_dir, make_out_dir, register
 
 DESCRIPTION = (
@@ -55,6 +53,8 @@ def _training_done(run_dir: Path) -> bool:
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise UsageError(f"{metrics}:{number}: JSON nested too deeply; delete {run_dir} to train again") from None
         except json.JSONDecodeError as e:
             if number == len(lines) and not text.endswith("\n"):
                 continue  # torn: the line being written when training was killed (the resumed run drops it)
@@ -113,6 +113,8 @@ def train_stage(out: Path, epochs: int, seed: int, crop: int = 128, data_dir: Pa
 def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     """Explain the ``count`` hardest test images with the explanation job (`delib_jax.stream.explain_files`):
     OUT/explain/index.html, a figure per image, the compact store and insecurities.json."""
+    import numpy as np
+
     from delib_jax import explanation as ex
     from delib_jax.checkpoint import load_model
     from delib_jax.data import load_dataset
@@ -120,7 +122,7 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     from delib_jax.evaluation.protocol import hardest_images
     from delib_jax.report import write_report
     from delib_jax.stream import JobOptions, explain_files
-    from delib_jax.visualize import save_figure
+    from delib_jax.visualize import figure_name, save_figure
 
     target = out / "explain"
     if (target / "index.html").is_file():
@@ -151,7 +153,7 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     records, figures = [], []
     for i, e in enumerate(explanations):
         pixels = np.clip(batch["image"][i] * std + mean, 0, 1)
-        figure = f"{i:03d}_{Path(e.source).stem}.png"
+        figure = figure_name(i, e.source)
         save_figure(e, (pixels * 255).astype(np.uint8), target / figure, examples=examples)
         records.append({**e.to_json(), "figure": figure})
         figures.append(figure)

@@ -236,7 +236,10 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool
     a crash leaves the previous file (or none), never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the temporary name holds at most 64 bytes of the target's name: a target of up to 255 bytes (the usual limit)
+    # must not give a temporary name over it
+    stem = os.fsencode(path.name)[:64].decode("utf-8", "ignore")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)

@@ -5,7 +5,8 @@
 
 The index lists every image with its figure's thumbnail, prediction, difficulty and insecurities; clicking the
 column headers sorts by difficulty, prediction or input order (a few lines of inline JavaScript, no network).
-All text from the data (class names, file names) is HTML-escaped.
+All text from the data (class names, file names) is HTML-escaped, and any str can be written: undecodable file-name
+bytes show as U+FFFD and their links percent-encode the bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from delib_jax.explanation import Explanation, atomic_write, write_json
-from delib_jax.visualize import find_example, load_example, mask_overlay
+from delib_jax.visualize import find_example, load_example, mask_overlay, printable
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -52,11 +53,18 @@ function sortBy(key, numeric) {
 
 
 def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+    return html.escape(printable(text), quote=True)
 
 
 def _href(path: str) -> str:
-    return _e(quote(str(path).replace("\\", "/")))
+    """A relative link to ``path`` that reaches the file on disk: undecodable name bytes (surrogate escapes) are
+    percent-encoded as the bytes they stand for."""
+    text = str(path).replace("\\", "/")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes: no file on disk has them
+        raw = printable(text).encode("utf-8")
+    return _e(quote(raw))
 
 
 def summary(explanation: Explanation | Mapping[str, Any]) -> dict[str, Any]:

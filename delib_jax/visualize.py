@@ -71,13 +71,29 @@ def find_example(examples: Mapping | None, index: int, name: str) -> ExampleImag
     return examples.get(name)
 
 
+def printable(text) -> str:
+    """``str(text)`` made writable as UTF-8: lone surrogates -- the undecodable bytes of a file name as
+    ``os.fsdecode`` returns them, or any other -- become U+FFFD. Everything else is kept."""
+    text = str(text)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in text)
+
+
+# Text is drawn as given: no mathtext ('$...$' in a class name) and no LaTeX, whatever the user's matplotlibrc says.
+_PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
 def _short(name: str, width: int) -> str:
     """A class name cut to ``width`` characters (textwrap.shorten drops names without spaces entirely)."""
-    name = name.replace("_", " ")
+    name = printable(name).replace("_", " ")
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def _wrap(text: str, width: int = 24) -> str:
+    text = printable(text)
     return "\n".join(textwrap.wrap(text, width)[:2]) or text
 
 
@@ -109,7 +125,15 @@ def explanation_figure(
 
     image: (H_img, W_img, 3) uint8, the network input before normalisation (what the masks align with).
     examples: class index or name -> example image (path or uint8 array), for the examples of classes a and b.
+    Names are drawn as plain text, whatever they hold ('$' signs, backslashes, undecodable bytes).
     """
+    import matplotlib
+
+    with matplotlib.rc_context(_PLAIN_TEXT):
+        return _figure(explanation, image, examples=examples, max_insecurities=max_insecurities, dpi=dpi)
+
+
+def _figure(explanation: Explanation, image: np.ndarray, *, examples, max_insecurities, dpi):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -128,7 +152,7 @@ def explanation_figure(
     _show(
         fig.add_subplot(grid[0, 0]),
         image,
-        f"{_wrap(e.prediction_name)}\np = {e.confidence:.2f} · {e.score} {float(e.difficulty):.2f}",
+        f"{_wrap(e.prediction_name)}\np = {e.confidence:.2f} · {printable(e.score)} {float(e.difficulty):.2f}",
     )
     _show(fig.add_subplot(grid[0, 1]), heatmap_overlay(image, e.grad_cam), "Grad-CAM\nof the prediction")
 
@@ -143,7 +167,7 @@ def explanation_figure(
     _show(
         fig.add_subplot(grid[1, 1]),
         heatmap_overlay(image, np.maximum(e.difficulty_map, 0)),
-        f"difficulty attribution\n({e.method})",
+        f"difficulty attribution\n({printable(e.method)})",
     )
 
     if not items:
@@ -178,10 +202,23 @@ def explanation_figure(
 
 def figure_png(explanation: Explanation, image: np.ndarray, **kw) -> bytes:
     """The figure as PNG bytes."""
+    import matplotlib
+
     fig = explanation_figure(explanation, image, **kw)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    with matplotlib.rc_context(_PLAIN_TEXT):
+        fig.savefig(buffer, format="png")
     return buffer.getvalue()
+
+
+def figure_name(index: int, source: str | Path | None, *, max_bytes: int = 100) -> str:
+    """A file name for the figure of image ``index``: ``{index:05d}_{stem}.png``, the stem of ``source`` reduced to
+    ASCII letters, digits, '-', '_' and '.' and cut so that the name stays within ``max_bytes`` bytes (any name a
+    file system holds works: long, non-Latin, undecodable bytes)."""
+    stem = Path(str(source)).stem if source else "image"
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in stem)
+    head = f"{index:05d}_"
+    return head + safe[: max(0, max_bytes - len(head) - 4)] + ".png"
 
 
 def save_figure(explanation: Explanation, image: np.ndarray, path: str | Path, **kw) -> Path:
@@ -191,6 +228,6 @@ def save_figure(explanation: Explanation, image: np.ndarray, path: str | Path, *
 
 
 __all__ = [
-    "explanation_figure", "figure_png", "find_example", "heatmap_overlay", "load_example", "mask_overlay",
-    "resize_map", "save_figure",
+    "explanation_figure", "figure_name", "figure_png", "find_example", "heatmap_overlay", "load_example",
+    "mask_overlay", "printable", "resize_map", "save_figure",
 ]  # fmt: skip

@@ -3,8 +3,7 @@
     python -m eval.cub --checkpoint runs/cub --synthetic --out runs/cub/eval
 """
 
-from delib_jax.cli import exit_process
-from delib_jax.evaluation.run import main
+from delib_jax._entry import run  # standard library only: Ctrl-C while JAX imports is one line
 
 if __name__ == "__main__":
-    exit_process(main("cub"))
+    run("delib_jax.evaluation.run:main", "cub", name="python -m eval.cub")

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from delib_jax.attribution import _terms, attribute, attribute_images, grad_cam, output_functions
+from delib_jax.attribution import _terms, attribute, attribute_images, grad_cam, make_attribute_fn, output_functions
 from delib_jax.models import PoolMLPHead, create_model
 from delib_jax.testing.reference import brute_force_terms
 
 D, C = 4, 5
+EQ2 = {"difficulty_channels": "signed"}  # Eq. 2 as written, what the references compute (the default is "positive")
 
 HEADS = {
     # global average pool + hidden layer with eval-mode batch norm (ResNet / hardness-head style)
@@ -69,7 +70,7 @@ def test_both_paths_match_brute_force_hessians_float64(head_name, score):
         a = _features(dtype=np.float64)
         ref = _reference(clf, hard, a, score)
         for path in ("fast", "generic"):
-            got = attribute(clf, a, hardness_head=hard, score=score, path=path)
+            got = attribute(clf, a, hardness_head=hard, score=score, path=path, **EQ2)
             assert got.maps.dtype == jnp.float64
             assert _rel_err(got.maps, ref) <= 1e-6, path
         # the second-order term is not negligible here, so the comparison has teeth
@@ -85,7 +86,7 @@ def test_both_paths_match_brute_force_float32(head_name):
         ref = _reference(_head(head_name, dtype=jnp.float64), _head("gap_bn", 1, 1, jnp.float64),
                          jnp.asarray(a, jnp.float64), "hardness")
     for path in ("fast", "generic"):
-        assert _rel_err(attribute(clf, a, hardness_head=hard, path=path).maps, ref) <= 1e-4
+        assert _rel_err(attribute(clf, a, hardness_head=hard, path=path, **EQ2).maps, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("shape, pooled", [((2, 4, 6, D), (2, 3)), ((2, 4, 6, D), (2, 2)), ((1, 6, 6, D), (3, 3))])
@@ -97,7 +98,7 @@ def test_fast_path_when_pool_windows_tile_the_features(shape, pooled):
         hard = _head("gap_bn", out=1, seed=1, dtype=jnp.float64)
         a = _features(shape, seed=4, dtype=np.float64)
         ref = _reference(clf, hard, a, "hardness")
-        got = attribute(clf, a, hardness_head=hard, path="fast")
+        got = attribute(clf, a, hardness_head=hard, path="fast", **EQ2)
         assert _rel_err(got.maps, ref) <= 1e-6
         assert np.abs(np.asarray(got.second_order)).max() > 1e-3 * np.abs(ref).max()
 
@@ -122,7 +123,7 @@ def test_generic_path_on_smooth_head_matches_brute_force():
         a = _features((2, 3, 4, D), dtype=np.float64)
         for second in ("diagonal", "cross"):
             ref = _reference(clf, None, a, "entropy", second)
-            got = attribute(clf, a, score="entropy", second_order=second)
+            got = attribute(clf, a, score="entropy", second_order=second, **EQ2)
             assert _rel_err(got.maps, ref) <= 1e-6
         with pytest.raises(ValueError, match="needs a PoolMLPHead"):
             attribute(clf, a, score="entropy", path="fast")
@@ -134,7 +135,7 @@ def test_cross_location_variant_matches_full_hessian_and_sums_to_quadratic_form(
         a = _features((1, 4, 4, D), dtype=np.float64)
         ref = _reference(clf, None, a, "hesitancy", "cross")
         for path in ("fast", "generic"):
-            got = attribute(clf, a, score="hesitancy", second_order="cross", path=path)
+            got = attribute(clf, a, score="hesitancy", second_order="cross", path=path, **EQ2)
             assert _rel_err(got.maps, ref) <= 1e-6
         # sum over locations of a_l . (H A)_l = A^T H A = second derivative of g along A
         phi = output_functions("hesitancy")[0]
@@ -177,7 +178,7 @@ def test_integrated_gradients_completeness_improves_with_steps():
     a = _features()
     residuals = []
     for steps in (4, 32, 256):
-        r = attribute(clf, a, hardness_head=hard, method="integrated_gradients", steps=steps)
+        r = attribute(clf, a, hardness_head=hard, method="integrated_gradients", steps=steps, **EQ2)
         np.testing.assert_allclose(r.maps.sum(axis=(2, 3)) - r.residual, _delta(clf, hard, a), atol=1e-5)
         residuals.append(float(np.abs(r.residual).max()))
     assert residuals[2] < residuals[1] < residuals[0]
@@ -198,7 +199,8 @@ def test_integrated_gradients_quadrature_rules_and_baseline():
     clf, a = _head("gap_bn"), _features()
     base = 0.5 * a
     for rule in ("trapezoid", "midpoint", "left"):
-        r = attribute(clf, a, score="entropy", method="integrated_gradients", steps=64, quadrature=rule, baseline=base)
+        r = attribute(clf, a, score="entropy", method="integrated_gradients", steps=64, quadrature=rule, baseline=base,
+                      **EQ2)
         phi = output_functions("entropy")[0]
         delta = phi(clf(a)) - phi(clf(base))
         np.testing.assert_allclose(r.maps.sum(axis=(2, 3)) - r.residual, delta, atol=1e-5)
@@ -212,7 +214,7 @@ def test_against_pytorch_autograd_on_same_weights():
         with jax.enable_x64(True):
             clf = _head("maxpool_adaptive", dtype=jnp.float64)
             a = _features((2, 4, 6, D), dtype=np.float64)
-            ours = attribute(clf, a, score="entropy", path="fast")
+            ours = attribute(clf, a, score="entropy", path="fast", **EQ2)
             w1, b1 = (np.array(clf.linears[0].kernel[...]), np.array(clf.linears[0].bias[...]))  # writable copies
             w2, b2 = (np.array(clf.linears[1].kernel[...]), np.array(clf.linears[1].bias[...]))
         net = torch.nn.Sequential(
@@ -300,7 +302,7 @@ def test_hand_computed_gradient_maps():
     p1 = 1 - p0
     u = np.array([[1.0, -1.0], [1.0, 0.0]])  # u_0 = W^T (2,0)/2 = (1,-1); u_1 = W^T (0,4)/2 = (1, 0)
     expected_class0 = p0 * p1 * (u[:, 0] - u[:, 1])  # (2, 0) * p0 p1
-    r = attribute(head, a, score="hesitancy", method="gradient")
+    r = attribute(head, a, score="hesitancy", method="gradient", **EQ2)
     np.testing.assert_allclose(r.maps[0, 0, 0], expected_class0, rtol=1e-6)
     np.testing.assert_allclose(r.maps[0, 1, 0], -expected_class0, rtol=1e-6)
     np.testing.assert_allclose(r.maps[0, 2, 0], -expected_class0, rtol=1e-6)  # hesitancy = 1 - p_0 (p_0 is max)
@@ -366,8 +368,8 @@ def test_mismatched_hardness_features():
 def test_positive_channel_difficulty_map(method, score):
     """The authors' difficulty map: sum_d a_d max(ds/da_d, 0), by hand from jax.grad; class maps unchanged."""
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
-    signed = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16)
-    pos = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16, difficulty_channels="positive")
+    signed = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16, **EQ2)
+    pos = attribute(clf, a, hardness_head=hard, score=score, method=method, steps=16)  # the default
     tol = dict(rtol=1e-5, atol=1e-6 * float(np.abs(signed.maps).max()))
     np.testing.assert_allclose(pos.class_maps, signed.class_maps, **tol)
     if score == "hardness":
@@ -405,3 +407,142 @@ def test_bfloat16_backbone_keeps_float32_attribution_arithmetic():
     # only the backbone's rounding differs: the maps agree to bfloat16 precision of A
     scale = float(np.abs(r32.maps).max())
     assert float(np.abs(r16.maps - r32.maps).max()) < 0.1 * scale
+
+
+@pytest.mark.parametrize("score", ["entropy", "hesitancy"])
+def test_confident_prediction_gives_finite_maps_equal_to_float64(score):
+    """Logits about (50, 0, -50): p_2 ~ 1e-44 underflows in float32; the entropy's second derivative divided by an
+    underflowed p^2 (NaN maps) before the scores were taken from the logits. The true maps are ~1e-19 and below;
+    float32 must get them to far better than its resolution of an O(1) map (1e-12 absolute; the float32 rounding
+    noise of the top class's tangent alone was ~1e-9 before the logits were centred on the top class)."""
+    def head(dtype):
+        h = PoolMLPHead(D, 3, rngs=nnx.Rngs(0))
+        h.linears[0].kernel[...] = jnp.asarray(np.random.RandomState(0).randn(D, 3) * 0.1, dtype)
+        h.linears[0].bias[...] = jnp.asarray([50.0, 0.0, -50.0], dtype)
+        return h
+
+    a = _features()
+    with jax.enable_x64(True):
+        ref = attribute(head(jnp.float64), jnp.asarray(a, jnp.float64), score=score, difficulty_channels="signed")
+    for path in ("fast", "generic"):
+        got = attribute(head(jnp.float32), a, score=score, path=path, difficulty_channels="signed")
+        assert np.isfinite(np.asarray(got.maps)).all(), path
+        np.testing.assert_allclose(got.maps, ref.maps, rtol=1e-4, atol=1e-12)
+
+
+class CountingHead(SmoothHead):
+    """SmoothHead that counts how often it is traced or run eagerly (a compiled call does not run Python)."""
+
+    calls = 0
+
+    def __call__(self, a):
+        CountingHead.calls += 1
+        return super().__call__(a)
+
+
+def test_attribute_and_grad_cam_compile_once_per_head_structure():
+    """Repeated calls, on other weights of the same structure too, reuse one compiled function (re-wrapping the head
+    in nnx.jit on every call cost ~0.25 s of tracing with the VGG16 head)."""
+    a = _features((2, 3, 4, D))
+    heads = [CountingHead(D, C, rngs=nnx.Rngs(seed)) for seed in range(3)]
+    for fn in (lambda h: attribute(h, a, score="entropy", path="generic").maps, lambda h: grad_cam(h, a)):
+        fn(heads[0])
+        before = CountingHead.calls
+        results = [np.asarray(fn(h)) for h in heads]
+        assert CountingHead.calls == before  # no Python run of the head: every call was the compiled one
+        assert not np.allclose(results[1], results[2])  # and it used each head's own weights
+
+
+def _train_mode_head():
+    head = _head("gap_bn")
+    head.train()  # batch statistics and dropout, as a head in the middle of training
+    head.dropout.rate = 0.5
+    return head
+
+
+def test_heads_run_in_eval_mode_and_keep_their_own_mode():
+    """attribute / grad_cam / make_attribute_fn on modules left in train mode: eval-mode results (running
+    statistics, no dropout), the running statistics untouched, and the caller's modules still in train mode."""
+    head, reference = _train_mode_head(), _head("gap_bn")  # same weights, eval mode
+    a = _features()
+    stats = np.asarray(head.norms[0].mean[...]).copy()
+    for fn in (lambda h: attribute(h, a, score="entropy").maps, lambda h: grad_cam(h, a),
+               lambda h: attribute(h, a, score="entropy", jit=False).maps, lambda h: grad_cam(h, a, "all")):
+        np.testing.assert_allclose(fn(head), fn(reference), rtol=1e-5, atol=1e-7)
+        assert head.norms[0].use_running_average is False and head.dropout.deterministic is False
+        np.testing.assert_array_equal(head.norms[0].mean[...], stats)
+    model = create_model("small", 4, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
+    expected = make_attribute_fn(model)(x).maps
+    model.train()
+    np.testing.assert_allclose(make_attribute_fn(model)(x).maps, expected, rtol=1e-5, atol=1e-7)
+    assert model.backbone.norms[0].use_running_average is False
+
+
+def test_grad_cam_of_every_class_in_one_call_equals_per_class_maps():
+    head = _head("maxpool_adaptive")
+    a = _features((3, 4, 5, D))
+    every = grad_cam(head, a, "all")
+    assert every.shape == (3, C, 4, 5)
+    chosen = jnp.array([[4, 0], [1, 1], [2, 3]])
+    some = grad_cam(head, a, chosen)
+    for k in range(C):
+        np.testing.assert_allclose(every[:, k], grad_cam(head, a, jnp.full(3, k)), rtol=1e-5, atol=1e-7)
+    for j in range(2):
+        np.testing.assert_allclose(some[:, j], grad_cam(head, a, chosen[:, j]), rtol=1e-5, atol=1e-7)
+    predicted = jnp.argmax(head(a), axis=-1)
+    np.testing.assert_allclose(grad_cam(head, a), grad_cam(head, a, predicted), rtol=1e-6)
+    # against the definition by jax.grad, one class at a time
+    for k in range(C):
+        g = jax.grad(lambda x, k=k: head(x)[:, k].sum())(a)
+        ref = jnp.maximum(jnp.einsum("bhwd,bd->bhw", a, g.mean(axis=(1, 2))), 0)
+        np.testing.assert_allclose(every[:, k], ref, rtol=1e-5, atol=1e-7)
+    for bad in (jnp.array([C, 0, 0]), jnp.array([0, 1]), "most"):
+        with pytest.raises(ValueError, match="target"):
+            grad_cam(head, a, bad)
+
+
+def test_float64_integrated_gradients_and_grad_cam_stay_float64():
+    """Under x64: quadrature nodes and weights in float64 (float32 ones capped completeness at ~2e-8), and Grad-CAM
+    of float64 features computed in float64."""
+    from delib_jax.attribution import quadrature
+
+    with jax.enable_x64(True):
+        alphas, weights = quadrature(7, "midpoint")
+        assert alphas.dtype == weights.dtype == np.float64
+        assert quadrature(7, "midpoint", np.float32)[0].dtype == np.float32
+        np.testing.assert_array_equal(alphas, (np.arange(7) + 0.5) / 7)  # the float64 values, not float32's
+        clf = _head("gap_bn", dtype=jnp.float64)
+        a = jnp.asarray(_features((2, 3, 3, D), dtype=np.float64))
+        r = attribute(clf, a, score="hesitancy", method="integrated_gradients", steps=7, quadrature="midpoint", **EQ2)
+        assert r.maps.dtype == jnp.float64
+        # sum over locations = the quadrature of the directional derivative along A (zero baseline), in float64
+        g = lambda x: output_functions("hesitancy")[0](clf(x))
+        expected = sum(w * jax.jvp(g, (al * a,), (a,))[1] for al, w in zip((np.arange(7) + 0.5) / 7, weights))
+        np.testing.assert_allclose(r.maps.sum(axis=(2, 3)), expected, rtol=1e-12, atol=1e-15)
+        cam = grad_cam(_head("gap_bn", dtype=jnp.float64), a)
+        assert cam.dtype == jnp.float64
+
+
+def test_one_difficulty_channels_default_everywhere():
+    """attribute, make_attribute_fn, explain / make_explain_fn, delib explain and the evaluation share one default
+    (the authors' "positive" rule), so a map from the library is the map the commands draw and evaluate."""
+    import inspect
+
+    from delib_jax.attribution import Options
+    from delib_jax.cli import build_parser
+    from delib_jax.evaluation.protocol import EvalOptions
+    from delib_jax.evaluation.run import build_parser as eval_parser
+    from delib_jax.explanation import explain, make_explain_fn
+
+    default = Options().difficulty_channels
+    assert default == "positive"
+    assert inspect.signature(make_explain_fn).parameters["difficulty_channels"].default == default
+    assert "difficulty_channels" not in inspect.signature(explain).parameters  # explain passes it to make_explain_fn
+    assert EvalOptions().difficulty_channels == default
+    assert build_parser().parse_args(["explain", "x", "--checkpoint", "r", "--out", "o"]).difficulty_channels == default
+    for dataset in ("cub", "ade20k"):
+        assert eval_parser(dataset).parse_args(["--checkpoint", "r", "--out", "o"]).difficulty_channels == default
+    clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
+    np.testing.assert_array_equal(attribute(clf, a, hardness_head=hard).maps,
+                                  attribute(clf, a, hardness_head=hard, difficulty_channels=default).maps)

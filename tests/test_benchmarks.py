@@ -75,3 +75,14 @@ def test_pipeline_benchmark_compares_the_folder_with_its_tfds_builds(capsys):
     assert records[0]["ratio_to_folder"] == records[0]["cpu_ratio_to_folder"] == 1.0
     assert all(len(r["rounds_images_per_s"]) == 2 and r["images_per_cpu_s"] > 0 for r in records)
     assert all(r["images_per_s"] > 0 and r["train_images"] == 10 for r in records)
+
+
+def test_xla_flags_benchmark_json(capsys):
+    from benchmarks import xla_flags
+
+    assert xla_flags.main(["--arch", "small", "--arch2", "", "--size", "32", "--classes", "4", "--cam-classes", "2",
+                           "--rounds", "1", "--repeats", "1", "--settings", "individual_dot"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["flag"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot" and out["rounds"] == 1
+    assert all(out[k] > 0 for k in ("small_forward_s", "small_explain_s", "small_grad_cam_s",
+                                    "small_grad_cam_2_classes_s"))

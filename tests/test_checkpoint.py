@@ -134,3 +134,70 @@ def test_checkpoint_of_another_model_says_config_json_was_edited(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not fit the model its run's config.json describes") as e:
         load_model(tmp_path)
     assert "strict" not in str(e.value) and "ArrayRestoreArgs" not in str(e.value)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than Python's json parser recurses
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("num_classes", 3.0, "'num_classes' must be an integer"),  # a float where an integer belongs
+        ("class_names", "abc", "'class_names' must be a list of strings"),  # not 3 one-letter names
+        ("class_names", ["a", 2, "c"], "'class_names' must be a list of strings"),
+        ("crop", -5, "crop -5"),
+        ("crop", 10**9, "crop 1000000000"),
+        ("resize", 36.5, "'resize' must be an integer"),
+        ("seed", 2**80, "seed must lie in"),
+        ("seed", -1, "seed must lie in"),
+        ("hardness_hidden", 10**7, "hardness_hidden must lie in"),
+        ("batch_size", True, "'batch_size' must be an integer"),
+        ("epochs", 0, "epochs must lie in"),
+        ("steps", 1.5, "'steps' must be an integer or null"),
+        ("steps", 2**40, "steps must lie in"),
+        ("warmup_steps", -3, "warmup_steps must lie in"),
+        ("lr", "0.1", "'lr' must be a number"),
+        ("val_fraction", None, "'val_fraction' must be a number"),
+        ("synthetic", "yes", "'synthetic' must be true or false"),
+        ("arch", ["small"], "'arch' must be a string"),
+        ("data_dir", 5, "'data_dir' must be a string or null"),
+        ("mean", [[0.1], 0.2, 0.3], "'mean' must be a list of 3 numbers"),
+        ("std", [0.2, 0.2], "'std' must be a list of 3 numbers"),
+        ("mean", DEEP, "nested too deeply"),
+    ],
+)
+def test_tampered_config_json_is_one_line_naming_the_file_and_field(tmp_path, field, value, match):
+    save_run_config(tmp_path, _config())
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    if value is DEEP:
+        path.write_text(json.dumps({**data, field: None}).replace("null", DEEP))
+    else:
+        data[field] = value
+        path.write_text(json.dumps(data))
+    for load in (load_run_config, load_model):
+        with pytest.raises(ValueError, match=match) as e:
+            load(tmp_path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        assert len(str(e.value)) < 500  # a huge value is not echoed in full
+
+
+def test_tampered_config_json_in_every_command_is_one_line(tmp_path, capsys):
+    """train --resume, delib explain and eval read config.json: each prints one line naming the file, exit 2."""
+    from delib_jax.cli import main as delib
+    from delib_jax.evaluation.run import main as evaluate
+    from delib_jax.train.cli import main as train
+
+    save_run_config(tmp_path, _config())
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "class_names": "abc"}))
+    commands = [
+        lambda: train("cub", ["--out", str(tmp_path), "--resume", "--no-progress"]),
+        lambda: delib(["explain", str(tmp_path), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]),
+        lambda: evaluate("cub", ["--checkpoint", str(tmp_path), "--data-dir", str(tmp_path), "--out",
+                                 str(tmp_path / "e")]),
+    ]
+    for run in commands:
+        assert run() == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(path) in err and "class_names" in err and "Traceback" not in err, err

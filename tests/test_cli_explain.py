@@ -417,3 +417,23 @@ def test_output_folder_inside_the_input_folder_is_not_read(workspace, capsys, tm
     assert len(list((images / "out" / "figures").glob("*.png"))) == 2
     code, err = _run(argv, capsys)
     assert code == 0 and "explained 2 of 2 images" in err and "resuming: 2 images" in err, err
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"\\u00b2": "x.png"}', "is not a class"),  # '²' is a digit to str.isdigit, not to int()
+        ('{"' + "9" * 5000 + '": "x.png"}', "is not a class"),  # past int()'s digit limit
+        ('{"a": [[[[1]]]]}', "must map to an image path"),
+        ('{"a": "x\\u0000.png"}', "cannot read image"),
+    ],
+)
+def test_hostile_examples_json_is_one_clear_line(tmp_path, content, match):
+    from delib_jax.cli import UsageError, _read_examples
+
+    path = tmp_path / "examples.json"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=match) as e:
+        _read_examples(str(path), ["a", "b"])
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400

@@ -1,11 +1,25 @@
 """Difficulty scores (Sec. 3.3) against hand-computed values, and their safety at probabilities 0 and 1."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
-from delib_jax.difficulty import check_score, entropy, hardness, hesitancy, score_from_outputs
+from delib_jax.attribution import output_functions
+from delib_jax.difficulty import (
+    LOGIT_SCORES,
+    check_score,
+    entropy,
+    entropy_from_logits,
+    hardness,
+    hesitancy,
+    score_from_outputs,
+)
 
 
 def test_hand_computed_values():
@@ -46,3 +60,69 @@ def test_hardness_saturates_without_nan():
     s = hardness(jnp.array([-1e4, 1e4]))
     np.testing.assert_array_equal(s, [0.0, 1.0])
     assert np.isfinite(np.asarray(jax.grad(lambda x: hardness(x).sum())(jnp.array([-1e4, 1e4])))).all()
+
+
+def _finite(*xs):
+    return all(np.isfinite(np.asarray(x)).all() for x in xs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _prob_derivatives(fn, p):
+    return fn(p), jax.grad(fn)(p), jax.hessian(fn)(p)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _output_derivatives(score, x, u, v):
+    """Value, Jacobian, Hessian, and D phi(x)[u], D^2 phi(x)[u, v] by forward-over-forward jvp (as the attribution
+    core takes them) of the outputs phi that attribution differentiates for ``score``."""
+    class_phi, hard_phi = output_functions(score)
+    phi = class_phi if score != "hardness" else hard_phi
+    first, second = jax.jvp(lambda y: jax.jvp(phi, (y,), (u,))[1], (x,), (v,))
+    return phi(x), jax.jacobian(phi)(x), jax.hessian(phi)(x), first, second
+
+
+# Probabilities anywhere in [0, 1] as float32 holds them: 0, subnormals, ~1e-19 (where p^2 underflows), 1.
+probabilities = st.integers(2, 4).flatmap(
+    lambda c: arrays(np.float32, c, elements=st.floats(0, 1, width=32, allow_subnormal=True)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(probabilities)
+@example(np.array([1.0, 1e-20, 0.0], np.float32))
+@example(np.array([1.0, 1e-38, 1e-45], np.float32))
+def test_scores_of_probabilities_have_finite_first_and_second_derivatives(p):
+    for fn in (hesitancy, entropy):
+        assert _finite(*_prob_derivatives(fn, jnp.asarray(p))), fn.__name__
+
+
+# Logits so far apart that the smaller probabilities underflow to 0 (gaps of 100 and more), and everything between.
+logit_vectors = st.integers(2, 4).flatmap(
+    lambda c: arrays(np.float32, c, elements=st.floats(-1e3, 1e3, width=32)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(logit_vectors)
+@example(np.array([50.0, 0.0, -50.0], np.float32))  # p_2 ~ 1e-44: the audit's NaN case
+@example(np.array([20.0, 0.0, -1e3], np.float32))
+def test_attributed_outputs_have_finite_derivatives_for_any_logits(z):
+    """What attribution differentiates: [softmax(z), s(z)] for each score (and the hardness sigmoid): first and
+    second derivatives finite, and equal to float64's."""
+    rng = np.random.RandomState(0)
+    u, v = (rng.randn(*z.shape).astype(np.float32) for _ in range(2))
+    for score in ("hesitancy", "entropy", "hardness"):
+        args = (z, u, v) if score != "hardness" else (z[:1], u[:1], v[:1])
+        got = _output_derivatives(score, *map(jnp.asarray, args))
+        assert _finite(*got), score
+        with jax.enable_x64(True):
+            ref = _output_derivatives(score, *(jnp.asarray(t, jnp.float64) for t in args))
+        for g, r in zip(got, ref):
+            np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-5 * max(1.0, float(np.abs(r).max())))
+
+
+def test_logit_scores_equal_the_scores_of_the_softmax():
+    z = jnp.asarray(np.random.RandomState(1).randn(4, 7).astype(np.float32) * 3)
+    p = jax.nn.softmax(z, axis=-1)
+    for name, fn in LOGIT_SCORES.items():
+        np.testing.assert_allclose(fn(z), {"hesitancy": hesitancy, "entropy": entropy}[name](p), rtol=1e-5,
+                                   atol=1e-7)
+    np.testing.assert_allclose(score_from_outputs("entropy", z), entropy_from_logits(z), rtol=1e-6)

@@ -70,7 +70,9 @@ def test_split_leaves_rebuilds_the_model_inside_jit_and_keys_a_cache():
     twin.eval()
     other, _ = split_leaves(twin)
     assert hash(other) == hash(structure) and other == structure
-    assert split_leaves(create_model("small", 5, rngs=nnx.Rngs(4)))[0] != structure  # train mode: another program
+    training = create_model("small", 5, rngs=nnx.Rngs(4))
+    training.train()
+    assert split_leaves(training)[0] != structure  # train mode: another program
     assert split_leaves(create_model("small", 6))[0] != structure
 
 
@@ -89,6 +91,24 @@ def test_bad_images_give_one_clear_error(images, match):
     model = create_model("small", 3)
     with pytest.raises(ValueError, match=match):
         predict(model, images)
+
+
+def test_models_are_created_ready_for_inference():
+    """create_model returns eval mode: calls use the running batch-norm statistics and never change them; predict
+    and make_predict_fn give eval-mode outputs for a model switched to train mode, and leave it in train mode."""
+    from delib_jax.models import make_predict_fn
+
+    model = create_model("small", 3, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.RandomState(0).randn(4, 32, 32, 3) * 2 + 1, jnp.float32)
+    stats = [np.asarray(v).copy() for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+    first = model.features(x)
+    np.testing.assert_array_equal(model.features(x[:2]), first[:2])  # no batch statistics: per-image results
+    assert all(np.array_equal(a, b) for a, b in zip(stats, jax.tree.leaves(nnx.state(model, nnx.BatchStat))))
+    expected = predict(model, x)
+    model.train()
+    for out in (predict(model, x), make_predict_fn(model)(x)):
+        np.testing.assert_allclose(out.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert model.backbone.norms[0].use_running_average is False
 
 
 def test_bad_options():
@@ -118,6 +138,10 @@ def test_torchvision_import_gives_same_logits(arch, size, tmp_path):
     with torch.no_grad():
         ref = ref_model(torch.from_numpy(x)).numpy()
         ref_a = ref_model.feature_map(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    # the README's route first: model.features right after the import, on the model as create_model returned it
+    # (in train mode batch norm used the batch's statistics and overwrote the imported ones)
+    a = model.features(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert np.abs(np.asarray(a) - ref_a).max() <= 1e-4 * np.abs(ref_a).max()
     out = predict(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
     assert np.abs(np.asarray(out.features) - ref_a).max() <= 1e-4 * np.abs(ref_a).max()
     assert np.abs(np.asarray(out.logits) - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -2,6 +2,8 @@
 
 import html.parser
 import json
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -116,3 +118,51 @@ def test_human_study(tmp_path):
     # too few classes with examples: the question is skipped, not padded
     few = write_human_study(tmp_path / "few", zip(explanations[:1], pixels), {0: pixels[0], 2: pixels[1]})
     assert json.loads(few["questions"].read_text()) == []
+
+
+# Names a file system or a dataset can hold: mathtext and LaTeX syntax, undecodable file-name bytes (as os.fsdecode
+# returns them), lone surrogates, very long names.
+HOSTILE = ["$x$", "a$b$c$d", "$\\frac{", "50% & #1 ^_^ \\", os.fsdecode(b"caf\xe9"), "\ud800", "é" * 300]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_figures_draw_any_class_name_as_plain_text(name, tmp_path, monkeypatch):
+    from delib_jax.visualize import explanation_figure, save_figure
+
+    monkeypatch.setattr(sys.modules[__name__], "NAMES", [name] * 6)
+    e = make_explanation(0, source=os.fsdecode(b"/data/\xff" + "鳥".encode() * 80 + b".jpg"))
+    image = np.zeros((16, 16, 3), np.uint8)
+    path = save_figure(e, image, tmp_path / "figure.png", examples={0: image, 2: image})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axis = next(ax for ax in explanation_figure(e, image).axes if ax.get_title().startswith("1. "))
+    assert axis.title.get_parse_math() is False  # "1. a\nvs b\n...": drawn as written, never as mathtext
+    if "$" in name:
+        assert name[:10] in axis.get_title().replace("\n", "")
+
+
+def test_report_writes_any_file_and_class_name(tmp_path, monkeypatch):
+    """index.html with undecodable file-name bytes and lone surrogates: valid UTF-8, U+FFFD shown, and the link to a
+    figure whose name holds raw bytes percent-encodes those bytes."""
+    monkeypatch.setattr(sys.modules[__name__], "NAMES", ["\udcff" + n for n in NAMES])
+    items = [make_explanation(i, source=os.fsdecode(b"/data/caf\xe9_%d.jpg" % i)) for i in range(2)]
+    figures = [os.fsdecode(b"figures/caf\xe9.png"), "figures/\ud800.png"]
+    page = write_report(tmp_path, items, figures).read_bytes().decode("utf-8")  # strict: valid UTF-8
+    assert "caf\ufffd_0.jpg" in page and "\ufffdsparrow" in page
+    assert 'src="figures/caf%E9.png"' in page
+
+
+def test_long_names_fit_the_file_system(tmp_path):
+    """A 250-byte target name is legal (ext4 allows 255): its temporary file must be legal too; figure_name keeps
+    any source name short and ASCII."""
+    from delib_jax.explanation import atomic_write
+    from delib_jax.visualize import figure_name
+
+    for name in ("a" * 246 + ".png", "鳥" * 82 + ".png"):  # 250 and 250 bytes
+        assert len(os.fsencode(name)) == 250
+        atomic_write(tmp_path / name, lambda f: f.write(b"x"))
+        assert (tmp_path / name).read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a" * 246 + ".png", "鳥" * 82 + ".png"])
+    source = os.fsdecode(b"/photos/" + "鳥".encode() * 80 + b"\xff\xfe.jpeg")  # a 244-byte name
+    names = {figure_name(i, source) for i in range(3)}
+    assert len(names) == 3 and all(n.isascii() and len(n) <= 100 and n.endswith(".png") for n in names)
+    assert figure_name(7, None) == "00007_image.png"

@@ -335,3 +335,121 @@ def test_each_loss_trains_only_its_own_predictor(hardness):
 
     assert norm(g_cls, [hard_key]) == 0.0 and norm(g_cls, ["backbone", "classifier"]) > 0
     assert norm(g_hard, ["backbone", "classifier"]) == 0.0 and norm(g_hard, [hard_key]) > 0
+
+
+# ------------------------------------------------------------------------------------------------- full disk
+
+_ORBAX_FULL = ("RESOURCE_EXHAUSTED: Error writing \"params\" in OCDBT database at local file \"{path}\": "
+               "Failed to write 113690 bytes to file 4: No space left on device [os_error_code='28']")
+
+
+def _full_disk_at(monkeypatch, step, which="latest", error=None):
+    """Make RunCheckpoints.save fail as a full disk does, at ``step`` of the ``which`` checkpoint."""
+    from delib_jax.checkpoint import RunCheckpoints
+
+    save = RunCheckpoints.save
+
+    def failing(self, kind, at, **kw):
+        if kind == which and at == step:
+            raise error or ValueError(_ORBAX_FULL.format(path=self.directory / kind))
+        return save(self, kind, at, **kw)
+
+    monkeypatch.setattr(RunCheckpoints, "save", failing)
+
+
+def test_full_disk_is_one_line_and_the_retry_resumes_exactly(tiny_cub, tmp_path, monkeypatch):
+    """A checkpoint save that finds the disk full: DiskFull naming the folder, the free space and the space needed,
+    and --resume; the checkpoints before it stay, and resuming (space freed) reaches the uninterrupted run's state."""
+    from delib_jax.train.run import DiskFull, checkpoint_bytes
+
+    config = _config(tiny_cub)
+    fit(tmp_path / "straight", config, progress=False)
+    with monkeypatch.context() as m:
+        _full_disk_at(m, 6)
+        with pytest.raises(DiskFull) as e:
+            fit(tmp_path / "full", config, progress=False)
+    message = str(e.value)
+    latest, best = checkpoint_bytes(config)
+    assert f"{(tmp_path / 'full').absolute()}" in message and "MB free" in message and "\n" not in message
+    assert f"latest {latest / 1e6:.1f} MB, best {best / 1e6:.1f} MB" in message and "plus --resume" in message
+    assert e.value.errno == 28
+    assert (tmp_path / "full" / "checkpoints" / "latest" / "3").is_dir()
+    fit(tmp_path / "full", resume=True, progress=False)
+    for which in ("latest", "best"):
+        a, _ = load_model(tmp_path / "straight", which=which)
+        b, _ = load_model(tmp_path / "full", which=which)
+        for x, y in zip(_leaves(a), _leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_full_disk_before_the_first_checkpoint_says_to_run_again(tiny_cub, tmp_path, monkeypatch, capsys):
+    """Nothing to resume yet: the start is undone and the message says to run the same command again (a metrics
+    record that cannot be written counts as a full disk too); the CLI prints it as one line, exit 2."""
+    import errno
+
+    from delib_jax.train.cli import main
+
+    run = tmp_path / "run"
+    argv = ["--synthetic", "--data-dir", str(tiny_cub.parent), "--out", str(run), "--no-progress", "--steps", "2",
+            "--batch-size", "4", "--crop", "32", "--checkpoint-every", "2", "--threads", "2"]
+    with monkeypatch.context() as m:
+        _full_disk_at(m, 2, error=OSError(errno.ENOSPC, "No space left on device"))
+        assert main("cub", argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the disk of" in err and "run the same command again" in err
+    assert not run.exists()
+    assert main("cub", argv) == 0  # space freed: the same command trains
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a small tmpfs (Linux, root)")
+def test_real_full_disk_in_the_command(tiny_cub, tmp_path):
+    """On a 6 MB tmpfs the step-4 checkpoints do not fit (orbax's RESOURCE_EXHAUSTED from tensorstore threads): one
+    line, no traceback from orbax's threads; after the disk grows, the suggested command finishes the run."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "6m"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the second command reuses the compilations
+        run = disk / "run"
+        cmd = [sys.executable, "-m", "train.cub", "--synthetic", "--data-dir", str(tiny_cub.parent), "--out", str(run),
+               "--steps", "4", "--batch-size", "4", "--crop", "32", "--checkpoint-every", "2", "--no-progress",
+               "--threads", "2"]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if not line.startswith("step ")]
+        assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert errors[0].startswith(f"error: no space left on the disk of {run}") and "--resume" in errors[0]
+        subprocess.run(["mount", "-o", "remount,size=40m", str(disk)], check=True)
+        again = subprocess.run([sys.executable, "-m", "train.cub", "--out", str(run), "--resume", "--no-progress"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0 and "done: 4 steps" in again.stdout, again.stderr[-3000:]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_damaged_latest_metadata_is_one_line_on_resume(tiny_cub, tmp_path):
+    from delib_jax.checkpoint import CheckpointError
+
+    config = _config(tiny_cub)
+    with pytest.raises(_Killed):
+        fit(tmp_path / "run", config, progress=False, on_step=_kill_at(4))
+    meta = next((tmp_path / "run" / "checkpoints" / "latest" / "3").rglob("meta*/metadata"))
+    good = meta.read_text()
+    for bad, match in [({"step": 2**80}, "field 'step'"), ({"step": 3, "best": "x"}, "field 'best'"),
+                       ({"step": 3, "best": {"accuracy": 0.5, "loss": 1.0, "step": 99}}, "out of range"), ([], "JSON")]:
+        meta.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=match) as e:
+            fit(tmp_path / "run", resume=True, progress=False)
+        assert "latest" in str(e.value) and "\n" not in str(e.value)
+    meta.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="latest"):
+        fit(tmp_path / "run", resume=True, progress=False)
+    meta.write_text(good)
+    fit(tmp_path / "run", resume=True, progress=False)

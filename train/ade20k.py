@@ -4,9 +4,7 @@
     python -m train.ade20k --synthetic --out /tmp/run_ade20k     # quick start on synthetic scenes; --help: every flag
 """
 
-
-from delib_jax.cli import exit_process
-from delib_jax.train.cli import main
+from delib_jax._entry import run  # standard library only: Ctrl-C while JAX imports is one line
 
 if __name__ == "__main__":
-    exit_process(main("ade20k"))
+    run("delib_jax.train.cli:main", "ade20k", name="python -m train.ade20k")

@@ -3,9 +3,7 @@
 Quick start on synthetic birds: ``python -m train.cub --synthetic --out /tmp/run_cub`` (``--help`` for every flag).
 """
 
-
-from delib_jax.cli import exit_process
-from delib_jax.train.cli import main
+from delib_jax._entry import run  # standard library only: Ctrl-C while JAX imports is one line
 
 if __name__ == "__main__":
-    exit_process(main("cub"))
+    run("delib_jax.train.cli:main", "cub", name="python -m train.cub")

@@ -6,9 +6,10 @@
 
 Methods: 'gradient' ([grad g_p]_l . a_l), 'gradient_hessian' (Eq. 2: plus 1/2 a_l^T H_ll a_l, or the cross-location
 1/2 a_l . (H A)_l with second_order='cross'), 'integrated_gradients' (at layer A, with a completeness residual);
-`grad_cam` for the usual single-map baseline. Shipped heads take an exact structure-aware path (logit tangents
-through the piecewise-linear head, then closed derivatives of the softmax / sigmoid); any other head takes the exact
-generic path (forward-over-forward jvp vmapped over locations).
+`grad_cam` for the usual single-map baseline (the predicted class, given classes, or every class in one pass).
+Shipped heads take an exact structure-aware path (logit tangents through the piecewise-linear head, then closed
+derivatives of the softmax / sigmoid); any other head takes the exact generic path (forward-over-forward jvp vmapped
+over locations). Heads and models run in eval mode whatever their own mode (which is left as it is).
 
 For research, any split of any model (`layer_attribution`, `split_model`), down to the pixels (forward-over-reverse
 order), the random-sign estimate of the diagonal blocks, interaction maps between locations (`interaction_maps`,
@@ -46,7 +47,7 @@ from delib_jax.attribution.resize import upsample_maps
 from delib_jax.attribution.reverse import reverse_terms
 from delib_jax.attribution.smoothgrad import noise_tunnel
 from delib_jax.attribution.stages import split_model, stage_names
-from delib_jax.models import Structure, split_leaves
+from delib_jax.models import Structure, inference_view, split_leaves
 from delib_jax.models._layers import check_finite, validate_images
 
 
@@ -97,13 +98,12 @@ def _compiled(structure: Structure, opts: Options) -> Callable:
 def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
     """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
-    Images (B, H, W, 3) normalised float; options as for `attribute`. Later changes to the model are not seen:
-    build a new function after training further."""
+    Images (B, H, W, 3) normalised float; options as for `attribute`. The model runs in eval mode whatever its own
+    mode (left as it is). Later changes to the model are not seen: build a new function after training further."""
     opts = Options(**options).check(model.num_classes)
     if opts.score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
-    model.eval()
-    structure, leaves = split_leaves(model)
+    structure, leaves = split_leaves(inference_view(model))
     run = _compiled(structure, opts)
 
     def attribute_fn(images) -> Attribution:

@@ -268,8 +268,8 @@ def read_rgb(path: str | Path, *, exif_orientation: bool = True) -> Image.Image:
     path = Path(path)
     try:
         empty = path.stat().st_size == 0
-    except OSError as e:
-        raise ImageReadError(f"{path}: cannot read image ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a name with a NUL character
+        raise ImageReadError(f"{path!s:.200}: cannot read image ({getattr(e, 'strerror', None) or e})") from None
     if empty:
         raise ImageReadError(f"{path}: empty file")
     return _open_rgb(path, str(path), exif_orientation)

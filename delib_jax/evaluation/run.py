@@ -146,6 +146,8 @@ def _read_cached(path: Path, metric: str) -> dict | None:
         problem = _cache_problem(result, metric)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         problem = f"not readable JSON: {e}"
+    except RecursionError:
+        problem = "JSON nested too deeply"
     if problem is None:
         return result
     print(f"note: {path} is damaged ({problem}); recomputing it", file=sys.stderr)

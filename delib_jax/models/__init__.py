@@ -1,12 +1,17 @@
 """Flax NNX models for deliberative explanations.
 
-    model = create_model("vgg16", num_classes=200)            # hardness head on A, jointly trained
+    model = create_model("vgg16", num_classes=200)            # hardness head on A, jointly trained; eval mode
     out = predict(model, images)                              # jit-compiled, eval-mode batch norm
     a = model.features(images); logits = model.classifier(a)  # the pieces the explanation needs
+
+Models are created in eval mode (running batch-norm statistics, no dropout): calling one never changes its weights or
+statistics. Training switches a copy to train mode (`delib_jax.train`); the inference functions here and in
+`delib_jax.attribution` run an eval-mode view (`inference_view`) whatever the caller's mode, and leave it as it was.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +71,10 @@ def create_model(
     hardness: 'head' (default; a jointly trained head on A), 'network' (a separate backbone of the same
     architecture with its own head, as in the authors' code) or 'none'. dtype: compute dtype of the backbone
     (e.g. jnp.bfloat16); heads and parameters stay float32.
+
+    The model is returned in eval mode, ready for inference: batch norm uses (and never updates) its running
+    statistics, so imported ImageNet statistics (`load_torchvision`) stay as they are. ``model.train()`` switches to
+    batch statistics and dropout, for training only.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -85,7 +94,16 @@ def create_model(
         kwargs["hardness_network"] = HardnessNetwork(
             spec.backbone(dtype=dtype, rngs=rngs), hardness_head(d, hidden=hardness_hidden, rngs=rngs)
         )
-    return DeliberativeModel(backbone, classifier, arch=arch, **kwargs)
+    model = DeliberativeModel(backbone, classifier, arch=arch, **kwargs)
+    model.eval()
+    return model
+
+
+def inference_view(module: nnx.Module) -> nnx.Module:
+    """``module`` in eval mode (running batch-norm statistics, no dropout), sharing its arrays; ``module`` itself
+    keeps its mode. What every inference entry point runs, so that a model or head left in train mode neither
+    computes with batch statistics nor has its running statistics overwritten."""
+    return nnx.view(module, deterministic=True, use_running_average=True, raise_if_not_found=False)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -116,32 +134,34 @@ def split_leaves(model: nnx.Module) -> tuple[Structure, list[jax.Array]]:
     return Structure(graphdef, treedef), leaves
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_forward(structure: Structure) -> Callable:
+    """One jitted (weight leaves, images) -> Outputs per model structure, reused by every call."""
+    return jax.jit(lambda leaves, x: structure.merge(leaves)(x))
+
+
 def make_predict_fn(model: DeliberativeModel) -> Callable[[jax.Array], Outputs]:
-    """A compiled eval-mode forward pass images (B, H, W, 3) -> Outputs for ``model`` (split once)."""
-    model.eval()
-    structure, leaves = split_leaves(model)
-    run = jax.jit(lambda leaves, x: structure.merge(leaves)(x))
+    """A compiled eval-mode forward pass images (B, H, W, 3) -> Outputs for ``model`` (split once; the model's own
+    mode is left as it is)."""
+    structure, leaves = split_leaves(inference_view(model))
+    run = _compiled_forward(structure)
     return lambda images: run(leaves, images)
-
-
-@nnx.jit
-def _predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
-    return model(images)
 
 
 def predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
     """Jit-compiled eval-mode forward pass: images (B, H, W, 3) -> Outputs (logits, hardness logit, A).
 
-    Puts the model in eval mode (running batch-norm statistics, no dropout) and checks the images first."""
+    Runs the model with its running batch-norm statistics and no dropout, whatever its mode (which is left as it
+    is), and checks the images first. The compiled function is shared by models of one structure."""
     from delib_jax.models._layers import validate_images
 
     validate_images(images)
-    model.eval()
-    return _predict(model, jnp.asarray(images))
+    return make_predict_fn(model)(jnp.asarray(images))
 
 
 __all__ = [
     "ARCHS", "ArchSpec", "DeliberativeModel", "HardnessNetwork", "Outputs", "PoolMLPHead",
-    "Structure", "count_params", "create_model", "make_predict_fn", "hardness_head", "load_torchvision", "predict",
+    "Structure", "count_params", "create_model", "hardness_head", "inference_view", "load_torchvision",
+    "make_predict_fn", "predict",
     "read_state_dict", "split_leaves",
 ]

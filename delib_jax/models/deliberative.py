@@ -41,6 +41,8 @@ class DeliberativeModel(nnx.Module):
     - ``hardness_head``: jointly trained head on A -> one logit (default), or
       ``hardness_network``: a separate network whose own A_s at the same layer is used for the difficulty map.
     Heads are NNX modules; ``nnx.split`` turns them into pure functions of (state, A) for jit / vmap / jvp.
+    Calls follow the model's mode: eval (as `delib_jax.models.create_model` returns it) uses the running batch-norm
+    statistics; train mode uses and updates batch statistics (training only).
     """
 
     def __init__(

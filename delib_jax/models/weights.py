@@ -181,7 +181,9 @@ def load_torchvision(
 
     classifier_output=False leaves the last class-head Linear as initialised (ImageNet's 1000 classes -> your C);
     its keys may then be present or absent. With a separate hardness network, its backbone gets the same weights.
-    Raises ValueError naming every missing, unexpected and mis-shaped key.
+    Batch-norm running statistics are imported as they are; the model's mode is not changed (`create_model` returns
+    eval mode, in which calling the model never updates them). Raises ValueError naming every missing, unexpected
+    and mis-shaped key.
     """
     sd = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights)
     entries = torchvision_entries(model)

@@ -20,10 +20,11 @@ from delib_jax.train.loop import (
     train_step,
 )
 from delib_jax.train.losses import hardness_bce, hardness_weights, joint_loss, true_class_probability
-from delib_jax.train.run import evaluate, fit, load_splits, split_validation
+from delib_jax.train.run import DiskFull, TrainingDiverged, evaluate, fit, load_splits, split_validation
 
 __all__ = [
-    "TrainState", "compile_steps", "create_train_state", "eval_step", "evaluate", "fit", "forward", "hardness_bce",
+    "DiskFull", "TrainState", "TrainingDiverged", "compile_steps", "create_train_state", "eval_step", "evaluate",
+    "fit", "forward", "hardness_bce",
     "hardness_weights", "joint_loss", "load_splits", "make_mesh", "make_optimizer", "shard_batch",
     "split_validation", "train_step", "true_class_probability",
 ]  # fmt: skip

@@ -13,8 +13,10 @@ split (``val_fraction``, deterministic in the seed); the test split is evaluated
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -30,9 +32,12 @@ from delib_jax.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    CheckpointError,
     RunCheckpoints,
     RunConfig,
+    _restore_error,
     load_run_config,
+    quiet_orbax_leftovers,
     save_run_config,
 )
 from delib_jax.data import load_dataset
@@ -122,8 +127,10 @@ class MetricsLog:
     def __init__(self, path: Path, *, keep_until: int | None = None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if enabled and keep_until is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if _keep(line, keep_until)]
-            path.write_text("".join(f"{line}\n" for line in kept))
+            kept = [line for line in path.read_text(errors="replace").splitlines() if _keep(line, keep_until)]
+            tmp = path.with_name(path.name + ".tmp")  # written beside, then renamed: a full disk keeps the old file
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            tmp.replace(path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -136,8 +143,82 @@ def _keep(line: str, until: int) -> bool:
     try:
         record = json.loads(line)
         return record.get("split") != "test" and float(record.get("step", float("inf"))) <= until
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError, RecursionError):
         return False
+
+
+class DiskFull(OSError):
+    """The disk holding the run filled up while training wrote a checkpoint or a metrics record; the message says how
+    much space the checkpoints need and how to continue (the checkpoints written before are intact)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# How a full disk (or quota) shows: OSError errno, or the text of orbax / tensorstore errors (ValueError with
+# "RESOURCE_EXHAUSTED ... No space left on device [os_error_code='28']").
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_TEXT = re.compile(r"RESOURCE_EXHAUSTED|No space left on device|Disk quota exceeded|File too large")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from or during is a full disk (or quota)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if _DISK_FULL_TEXT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def checkpoint_bytes(config: RunConfig) -> tuple[int, int]:
+    """Approximate sizes in bytes of a run's latest (parameters, batch statistics, optimizer state) and best
+    (parameters, batch statistics) checkpoints, from the shapes of its model (nothing is allocated)."""
+    from flax import nnx
+
+    from delib_jax.checkpoint import build_model
+
+    model = nnx.eval_shape(lambda: build_model(config))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def size(tree) -> int:
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+                   if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))  # fmt: skip
+
+    p, s = size(params), size(rest)
+    moments = 2 if config.optimizer == "adamw" else int(config.momentum > 0)
+    return p * (1 + moments) + s, p + s
+
+
+def _remove_partial_saves(run_dir: Path) -> None:
+    """Delete orbax's temporary folders of saves that failed (they hold partial data and take the space a retry
+    needs); finished checkpoints are untouched."""
+    for partial in (run_dir / CHECKPOINT_DIR).glob("*/*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _disk_full(run_dir: Path, config: RunConfig, *, resumable: bool) -> DiskFull:
+    """The one-line error for a full disk, after the partial saves are removed."""
+    _remove_partial_saves(run_dir)
+    latest, best = checkpoint_bytes(config)
+    folder = run_dir if run_dir.exists() else run_dir.parent
+    free = shutil.disk_usage(folder).free
+    # a new checkpoint is written beside the previous one before that is deleted: one of each kind, plus slack for
+    # metrics.jsonl and orbax's metadata
+    need = int((latest + best) * 1.1) + (1 << 20)
+    then = "continue with the same command plus --resume" if resumable else "run the same command again"
+    return DiskFull(
+        errno.ENOSPC,
+        f"no space left on the disk of {run_dir.absolute()}: {_mb(free)} free, training needs about {_mb(need)} "
+        f"free to write its next checkpoints (latest {_mb(latest)}, best {_mb(best)}); free some space and {then}",
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 class TrainingDiverged(ValueError):
@@ -247,6 +328,8 @@ def fit(
     Raises:
       TrainingDiverged: (a ValueError) a training or validation loss, or the parameters at a checkpoint, became NaN
         or infinite; the checkpoints saved before stay.
+      DiskFull: (an OSError) the disk filled up; partial saves are removed, the earlier checkpoints stay, and the
+        message names the space needed and the command that continues.
       ValueError, FileNotFoundError, OSError: the run cannot start (data, splits, weights, run folder). A new run that
         fails before its first checkpoint leaves nothing behind that would block starting it again.
     """
@@ -254,12 +337,17 @@ def fit(
     run_dir = Path(run_dir)
     existed = run_dir.exists()
     config = prepare_run(run_dir, config, resume=resume, write=False)
+    quiet_orbax_leftovers()  # an asynchronous save that fails is reported here once, not by orbax's threads too
     try:
         summary = _fit(run_dir, config, resume=resume, progress=progress, log_every=log_every,
                        num_threads=num_threads, on_step=on_step)  # fmt: skip
-    except Exception:
+    except Exception as e:
+        full = is_disk_full(e)
         if not resume and jax.process_index() == 0:
             _remove_unsaved_start(run_dir, existed)
+        if full:
+            resumable = (run_dir / CONFIG_FILE).is_file()
+            raise _disk_full(run_dir, config, resumable=resumable) from None
         raise
     return {**summary, "wall_s": time.perf_counter() - t_start}
 
@@ -375,15 +463,48 @@ def _mean(window: list[dict]) -> dict[str, float]:
 
 
 def restore_train_state(ckpt: RunCheckpoints, like: TrainState, mesh) -> tuple[TrainState, dict]:
-    """The latest checkpoint as a `TrainState` shaped (and replicated) like ``like``; also its metadata."""
-    r = ckpt.restore(
-        "latest", params=like.params, model_state=like.model_state, opt_state=like.opt_state,
-        sharding=replicated(mesh),
-    )  # fmt: skip
+    """The latest checkpoint as a `TrainState` shaped (and replicated) like ``like``; also its metadata.
+
+    Raises `CheckpointError` (one line naming the checkpoint) for damaged files or metadata."""
+    try:
+        r = ckpt.restore(
+            "latest", params=like.params, model_state=like.model_state, opt_state=like.opt_state,
+            sharding=replicated(mesh),
+        )  # fmt: skip
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # orbax / tensorstore raise bare Exceptions (and RecursionError for absurd JSON)
+        raise _restore_error(ckpt.directory / "latest", "latest", e) from None
     meta = r["meta"]
+    problem = _meta_problem(meta, ckpt.step("latest"))
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {ckpt.directory / 'latest'} has damaged metadata ({problem}): delete that folder to resume "
+            "from the start, or start a new run"
+        )
     step = jax.device_put(np.int32(meta["step"]), replicated(mesh))
     state = like.replace(step=step, params=r["params"], model_state=r["model_state"], opt_state=r["opt_state"])
     return state, meta
+
+
+def _meta_problem(meta: Any, step: int | None) -> str | None:
+    """What is wrong with a latest checkpoint's metadata (the JSON `fit` writes), or None."""
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, found {type(meta).__name__}"
+    if not (isinstance(meta.get("step"), int) and not isinstance(meta["step"], bool) and meta["step"] == step):
+        return f"field 'step' must be the checkpoint's step {step}, got {str(meta.get('step'))[:40]}"
+    best = meta.get("best")
+    if best is not None:
+        if not isinstance(best, dict) or not all(number(best.get(k)) for k in ("accuracy", "loss", "step")):
+            return "field 'best' must hold the numbers accuracy, loss and step"
+        if not (isinstance(best["step"], int) and 0 < best["step"] <= step and math.isfinite(best["loss"])
+                and 0 <= best["accuracy"] <= 1):  # fmt: skip
+            return "field 'best' holds values out of range"
+    return None
 
 
 def restore_best(ckpt: RunCheckpoints, like: TrainState, mesh) -> TrainState:
@@ -393,6 +514,6 @@ def restore_best(ckpt: RunCheckpoints, like: TrainState, mesh) -> TrainState:
 
 
 __all__ = [
-    "MetricsLog", "Splits", "TrainingDiverged", "evaluate", "fit", "load_splits", "prepare_run", "restore_best",
-    "restore_train_state", "split_validation", "total_steps",
+    "DiskFull", "MetricsLog", "Splits", "TrainingDiverged", "checkpoint_bytes", "evaluate", "fit", "is_disk_full",
+    "load_splits", "prepare_run", "restore_best", "restore_train_state", "split_validation", "total_steps",
 ]  # fmt: skip
