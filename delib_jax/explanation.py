@@ -30,7 +30,7 @@ from PIL import Image
 from delib_jax import insecurity as insec
 from delib_jax.attribution import Attribution, Options, attribute, grad_cam
 from delib_jax.data import transforms
-from delib_jax.models import Structure, split_leaves
+from delib_jax.models import Structure, inference_view, split_leaves
 
 Array = jax.Array
 
@@ -373,8 +373,7 @@ def make_explain_fn(
         max_insecurities=q,
         positive=bool(positive),
     )
-    model.eval()
-    structure, leaves = split_leaves(model)
+    structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
     shard = None
     if mesh is not None:
         leaves = jax.device_put(leaves, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

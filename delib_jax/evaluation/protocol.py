@@ -39,7 +39,7 @@ from delib_jax.evaluation.metrics import (
     random_maps,
 )
 from delib_jax.insecurity import ambiguity_maps, candidate_pairs, pair_indices, product, upsample
-from delib_jax.models import Structure, split_leaves
+from delib_jax.models import Structure, inference_view, split_leaves
 
 
 class NonFiniteOutputs(ValueError):
@@ -159,8 +159,7 @@ def _rank_step(structure: Structure, score: str) -> Callable:
 
 def hardest_images(model, config: RunConfig, source, score: str, num_images: int, batch_size: int) -> np.ndarray:
     """Positions (in ``source``) of the ``num_images`` test images of largest difficulty ``score``, hardest first."""
-    model.eval()
-    structure, leaves = split_leaves(model)
+    structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
     step = _rank_step(structure, score)
     pipe = eval_pipeline(source, batch_size=batch_size, resize=config.resize, crop=config.crop,
                          stats=config.normalization)
@@ -249,6 +248,24 @@ def _hardest_batches(model, config: RunConfig, dataset, make_source, setting: Se
     return len(chosen), batches
 
 
+def _protocol_sums(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions,
+                   make_step: Callable, truth: np.ndarray, inputs: Callable[[dict], tuple]) -> tuple[int, list[dict]]:
+    """The compiled protocol step (``make_step``: `_cub_step` or `_ade_step`) over the padded batches of the hardest
+    test images; ``inputs(batch)`` gives the step's per-batch arrays. Returns (images, per-batch sums on the host)."""
+    structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
+    step = make_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs)
+    n_images, batches = _hardest_batches(model, config, dataset, make_source, setting, options)
+    counts = jnp.asarray(coverage_counts(config.crop * config.crop))
+    truth = jnp.asarray(truth)
+    key = jax.random.key(options.seed)
+    results = []
+    for batch, rows in batches:
+        key, sub = jax.random.split(key)
+        arrays = [jnp.asarray(x) for x in inputs(batch)]
+        results.append(step(leaves, *arrays, jnp.asarray(rows), truth, counts, sub))  # dispatched, not waited for
+    return n_images, _check_maps(results, setting)
+
+
 def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: EvalOptions,
                  truth: np.ndarray | None = None) -> dict:
     """Precision and recall curves of one setting on CUB-format data (and the random baseline).
@@ -260,19 +277,10 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
         strength = gt.cub_ambiguity_strength(dataset.class_attributes, dataset.attribute_names, dataset.part_names,
                                              divergence=options.divergence)
         truth = gt.select_ground_truth(strength, options.fraction or 0.2)
-    model.eval()
-    structure, leaves = split_leaves(model)
-    step = _cub_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs)
-    n_images, batches = _hardest_batches(model, config, dataset, cub_source, setting, options)
-    counts = jnp.asarray(coverage_counts(config.crop * config.crop))
-    truth_d = jnp.asarray(truth)
-    key = jax.random.key(options.seed)
-    results = []
-    for batch, rows in batches:
-        key, sub = jax.random.split(key)
-        results.append(step(leaves, jnp.asarray(batch["image"]), jnp.asarray(batch["parts"]),
-                            jnp.asarray(batch["part_visible"]), jnp.asarray(rows), truth_d, counts, sub))
-    results = _check_maps(results, setting)
+    n_images, results = _protocol_sums(
+        model, config, dataset, cub_source, setting, options, _cub_step, truth,
+        lambda batch: (batch["image"], batch["parts"], batch["part_visible"]),
+    )  # fmt: skip
     prec, rec = Curves(), Curves()
     rand = [(Curves(), Curves()) for _ in range(options.runs)]
     auc = np.zeros((1 + options.runs, 2))  # (sum, count) of keypoint AUCs: the method, then each random run
@@ -392,23 +400,16 @@ def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options
     `evaluate_cub`."""
     options = options.check()
     num_objects = truth.shape[-1]
-    model.eval()
-    structure, leaves = split_leaves(model)
-    step = _ade_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs)
-    n_images, batches = _hardest_batches(model, config, dataset, ade20k_source, setting, options)
-    counts = jnp.asarray(coverage_counts(config.crop * config.crop))
-    truth_d = jnp.asarray(truth)
-    key = jax.random.key(options.seed)
-    results = []
-    for batch, rows in batches:
+
+    def check_labels(batch):
         above = np.flatnonzero(batch["mask"].max(axis=(1, 2)) > num_objects)
         if len(above):
             raise fail(dataset.mask_paths[batch["index"][above[0]]],
                        f"labels exceed the {num_objects} objects of the object list (objectInfo150): fix the mask")
-        key, sub = jax.random.split(key)
-        results.append(step(leaves, jnp.asarray(batch["image"]), jnp.asarray(batch["mask"].astype(np.int32)),
-                            jnp.asarray(rows), truth_d, counts, sub))
-    results = _check_maps(results, setting)
+        return batch["image"], batch["mask"].astype(np.int32)
+
+    n_images, results = _protocol_sums(model, config, dataset, ade20k_source, setting, options, _ade_step, truth,
+                                       check_labels)  # fmt: skip
     iou = Curves()
     rand = [Curves() for _ in range(options.runs)]
     for r in results:
