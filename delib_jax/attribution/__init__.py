@@ -47,7 +47,7 @@ from delib_jax.attribution.resize import upsample_maps
 from delib_jax.attribution.reverse import reverse_terms
 from delib_jax.attribution.smoothgrad import noise_tunnel
 from delib_jax.attribution.stages import split_model, stage_names
-from delib_jax.models import Structure, inference_view, split_leaves
+from delib_jax.models import Structure, inference_model, split_leaves
 from delib_jax.models._layers import check_finite, validate_images
 
 
@@ -95,15 +95,17 @@ def _compiled(structure: Structure, opts: Options) -> Callable:
     return jax.jit(run)
 
 
-def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
+def make_attribute_fn(model, *, precision: str | None = None, **options) -> Callable[[jax.Array], Attribution]:
     """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
     Images (B, H, W, 3) normalised float; options as for `attribute`. The model runs in eval mode whatever its own
-    mode (left as it is). Later changes to the model are not seen: build a new function after training further."""
+    mode (left as it is), with batch norm folded into the convolutions (`delib_jax.models.inference_model`).
+    precision: the backbone's compute dtype, 'float32' or 'bfloat16' (None: the model's own); A, the heads and every
+    attribution step stay float32. Later changes to the model are not seen: build a new function after training."""
     opts = Options(**options).check(model.num_classes)
     if opts.score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
-    structure, leaves = split_leaves(inference_view(model))
+    structure, leaves = split_leaves(inference_model(model, precision=precision))
     run = _compiled(structure, opts)
 
     def attribute_fn(images) -> Attribution:
