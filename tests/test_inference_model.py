@@ -9,9 +9,17 @@ from flax import nnx
 from delib_jax.attribution import Options, _compiled, attribute, make_attribute_fn
 from delib_jax.explanation import make_explain_fn
 from delib_jax.models import (
-    DeliberativeModel, PoolMLPHead, backbones, create_model, fold_batch_norm, hardness_head, inference_model,
-    inference_view, make_predict_fn, split_leaves,
-)  # fmt: skip
+    DeliberativeModel,
+    PoolMLPHead,
+    backbones,
+    create_model,
+    fold_batch_norm,
+    hardness_head,
+    inference_model,
+    inference_view,
+    make_predict_fn,
+    split_leaves,
+)
 
 
 def _random_batch_norms(model, seed=0, dtype=jnp.float32):
@@ -77,7 +85,8 @@ def test_folded_model_gives_the_same_outputs_and_maps(name):
         attr = make_attribute_fn(model, method="gradient_hessian")(images)
     else:  # the large backbones: the maps from the folded and the unfolded A (two backbone compilations, not four)
         kw = dict(hardness_head=model.hardness_head, method="gradient_hessian")
-        attr, unfolded = attribute(model.classifier, got.features, **kw), attribute(model.classifier, ref.features, **kw)
+        attr = attribute(model.classifier, got.features, **kw)
+        unfolded = attribute(model.classifier, ref.features, **kw)
     for field in ("maps", "first_order", "second_order", "probs", "score"):
         x, y = getattr(attr, field), getattr(unfolded, field)
         np.testing.assert_allclose(x, y, rtol=1e-3, atol=2e-5 * float(jnp.max(jnp.abs(y))), err_msg=field)
