@@ -136,3 +136,18 @@ def test_bad_precision_is_one_clear_error():
     model = create_model("small", 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="precision must be one of"):
         inference_model(model, precision="float16")
+
+
+def test_bfloat16_backbone_keeps_the_attribution_in_float32():
+    model = _random_batch_norms(create_model("small", 4, rngs=nnx.Rngs(0)))
+    images = _images(32)
+    bf16 = inference_model(model, precision="bfloat16")
+    jaxpr = str(jax.make_jaxpr(lambda x: bf16.backbone(x))(images))
+    assert "conv_general_dilated" in jaxpr and "bf16" in jaxpr
+    assert bf16.backbone.convs[0].kernel.dtype == jnp.float32  # parameters stay float32
+    ref = make_attribute_fn(model)(images)
+    got = make_attribute_fn(model, precision="bfloat16")(images)
+    assert got.maps.dtype == jnp.float32 and got.probs.dtype == jnp.float32
+    err = float(jnp.max(jnp.abs(got.maps - ref.maps)) / jnp.max(jnp.abs(ref.maps)))
+    assert 0 < err < 0.1  # bfloat16 arithmetic did run (not bit-equal), and stays close
+    assert make_explain_fn(model, precision="bfloat16")[0](images).attribution.maps.dtype == jnp.float32
