@@ -9,7 +9,8 @@ Prints one JSON line of medians (seconds, interleaved runs after a warm-up):
   the same without folding (batch norm as separate layers, twice the weight arrays); forward_state_s with the nested
   nnx.State as the argument instead (the cost of crossing jit with it);
 - explain_s (images -> all maps, the public function, which reduces the images for NaN/inf in the same launch and
-  waits for the flags); explain_unchecked_s (the same compiled function, without looking at the flags);
+  waits for the flag); explain_unchecked_s (the same compiled function, without looking at the flag);
+  explain_no_check_s (make_attribute_fn(check_finite=False): no reduction, no wait);
   explain_two_stage_s (a jitted backbone, then a jitted maps-from-A: two launches instead of one);
 - on a precomputed A: heads_s (the class and hardness heads' primal), tangents_s (the class head's per-location
   logit tangents, this backend's default layout), tangents_feature_major_s / tangents_row_major_s (each layout
@@ -81,6 +82,7 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
 
     explain = make_attribute_fn(model, method=method, difficulty_channels=difficulty_channels)
     unchecked = _compiled(structure, opts)
+    no_check = make_attribute_fn(model, method=method, difficulty_channels=difficulty_channels, check_finite=False)
     a = backbone(images)
 
     # The widest hidden Linear applied to every location's tangent, in both layouts (random tangents, real weights).
@@ -94,11 +96,11 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
     gemm_rm = jax.jit(lambda w, t: (t @ w) * mask[None, :])
 
     names = ["backbone_s", "forward_s", "forward_args_s", "forward_unfolded_args_s", "forward_state_s", "explain_s",
-             "explain_unchecked_s", "explain_two_stage_s", "heads_s", "tangents_s", "tangents_feature_major_s",
-             "tangents_row_major_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"]
+             "explain_unchecked_s", "explain_no_check_s", "explain_two_stage_s", "heads_s", "tangents_s",
+             "tangents_feature_major_s", "tangents_row_major_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"]
     fns = [lambda: backbone(images), lambda: forward(images), lambda: forward_args(leaves, images),
            lambda: forward_unfolded(unfolded_leaves, images), lambda: forward_state(state, images),
-           lambda: explain(images), lambda: unchecked(leaves, images),
+           lambda: explain(images), lambda: unchecked(leaves, images), lambda: no_check(images),
            lambda: maps_args(heads_leaves, backbone_args(bb_leaves, images)), lambda: heads(a), lambda: tangents(a),
            lambda: tangents_fm(a), lambda: tangents_rm(a),
            lambda: maps(a), lambda: gemm_fm(kernel, t_fm), lambda: gemm_rm(kernel, t_rm)]

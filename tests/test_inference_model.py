@@ -151,3 +151,17 @@ def test_bfloat16_backbone_keeps_the_attribution_in_float32():
     err = float(jnp.max(jnp.abs(got.maps - ref.maps)) / jnp.max(jnp.abs(ref.maps)))
     assert 0 < err < 0.1  # bfloat16 arithmetic did run (not bit-equal), and stays close
     assert make_explain_fn(model, precision="bfloat16")[0](images).attribution.maps.dtype == jnp.float32
+
+
+def test_nan_and_inf_images_name_their_batch_entries_unless_the_check_is_off():
+    model = create_model("small", 3, rngs=nnx.Rngs(0))
+    images = np.array(_images(32, batch=4))
+    images[1, 3, 4, 0] = np.nan
+    images[3, 0, 0, 2] = -np.inf
+    fn = make_attribute_fn(model, method="gradient")
+    for given in (images, jnp.asarray(images)):  # host and device arrays
+        with pytest.raises(ValueError, match=r"NaN or inf values \(batch entries \[1, 3\]\)"):
+            fn(given)
+    assert np.isfinite(fn(images[[0, 2]]).maps).all()
+    unchecked = make_attribute_fn(model, method="gradient", check_finite=False)(images).maps
+    assert not np.isfinite(unchecked[1]).all() and np.isfinite(unchecked[0]).all()
