@@ -40,14 +40,21 @@ def _random_batch_norms(model, seed=0, dtype=jnp.float32):
 def _vgg16_bn_trunk(classes=3):
     """The real VGG16-BN backbone with small heads (the 25088 x 4096 fc6 is irrelevant to folding)."""
     rngs = nnx.Rngs(2)
-    return DeliberativeModel(backbones.VGG(batch_norm=True, rngs=rngs), PoolMLPHead(512, classes, rngs=rngs),
-                             arch="vgg16_bn", hardness_head=hardness_head(512, hidden=8, rngs=rngs))
+    return DeliberativeModel(
+        backbones.VGG(batch_norm=True, rngs=rngs),
+        PoolMLPHead(512, classes, rngs=rngs),
+        arch="vgg16_bn",
+        hardness_head=hardness_head(512, hidden=8, rngs=rngs),
+    )
 
 
 MODELS = {  # name -> (model factory, input size, whole compiled attribution compared (else the maps from A))
     "small": (lambda: create_model("small", 4, rngs=nnx.Rngs(0)), 32, True),
-    "small_network": (lambda: create_model("small", 4, hardness="network", hardness_hidden=8, rngs=nnx.Rngs(1)), 32,
-                      True),
+    "small_network": (
+        lambda: create_model("small", 4, hardness="network", hardness_hidden=8, rngs=nnx.Rngs(1)),
+        32,
+        True,
+    ),
     "resnet50": (lambda: create_model("resnet50", 3, hardness_hidden=8, rngs=nnx.Rngs(0)), 32, False),
     "vgg16_bn": (_vgg16_bn_trunk, 32, False),
 }

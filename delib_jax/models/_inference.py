@@ -44,8 +44,12 @@ def _fold_backbone(backbone: nnx.Module) -> None:
         backbone.bn1 = _layers.Identity()
         for stage in backbone.layers:
             for block in stage:
-                for conv, bn in (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"),
-                                 ("downsample_conv", "downsample_bn")):
+                for conv, bn in (
+                    ("conv1", "bn1"),
+                    ("conv2", "bn2"),
+                    ("conv3", "bn3"),
+                    ("downsample_conv", "downsample_bn"),
+                ):
                     if getattr(block, conv) is not None:
                         _fold(getattr(block, conv), getattr(block, bn))
                         setattr(block, bn, _layers.Identity())
