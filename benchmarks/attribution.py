@@ -27,7 +27,7 @@ from flax import nnx
 from delib_jax import difficulty
 from delib_jax.attribution import METHODS, Options, make_attribute_fn
 from delib_jax.attribution._core import output_functions
-from delib_jax.models import ARCHS, create_model, split_leaves
+from delib_jax.models import ARCHS, create_model, inference_model, split_leaves
 
 
 def _median_times(fns, repeats: int) -> list[float]:
@@ -51,20 +51,22 @@ def _device() -> str:
 
 
 def run(arch: str, batch: int, method: str, classes: int, size: int, score: str, repeats: int,
-        loop_outputs: int, seed: int = 0, difficulty_channels: str = Options.difficulty_channels) -> dict:
+        loop_outputs: int, seed: int = 0, difficulty_channels: str = Options.difficulty_channels,
+        precision: str = "float32") -> dict:
     model = create_model(arch, classes, rngs=nnx.Rngs(seed))
     model.eval()
     images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
     opts = Options(method=method, score=score, difficulty_channels=difficulty_channels)
 
-    structure, leaves = split_leaves(model)  # the weights cross jit as make_attribute_fn passes them
+    # the forward as make_predict_fn runs it: batch norm folded, the weights crossing jit as arguments
+    structure, leaves = split_leaves(inference_model(model, precision=precision))
 
     @jax.jit
     def forward(leaves, x):
         out = structure.merge(leaves)(x)
         return jax.nn.softmax(out.logits, -1), difficulty.score_from_outputs(score, out.logits, out.hardness_logit)
 
-    explain = make_attribute_fn(model, **vars(opts))
+    explain = make_attribute_fn(model, precision=precision, **vars(opts))
     forward_s, explain_s = _median_times([lambda: forward(leaves, images), lambda: explain(images)], repeats)
 
     # Original-style baseline: one jitted gradient + Hessian-vector product per output, at A.
@@ -123,7 +125,7 @@ def run(arch: str, batch: int, method: str, classes: int, size: int, score: str,
     loop_full_s = full_part * num_outputs / k
     return {
         "arch": arch, "batch": batch, "size": size, "method": method, "score": score,
-        "difficulty_channels": difficulty_channels, "device": _device(),
+        "difficulty_channels": difficulty_channels, "precision": precision, "device": _device(),
         "num_outputs": num_outputs, "forward_s": forward_s, "explain_s": explain_s, "ratio": explain_s / forward_s,
         "images_per_s": batch / explain_s, "loop_s": loop_s, "loop_timed_outputs": k,
         "loop_note": f"forward + per-output loop timed on {k} of {num_outputs} outputs, scaled linearly",
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--score", default="hardness", choices=sorted(difficulty.SCORES))
     p.add_argument("--difficulty-channels", default=Options.difficulty_channels, choices=("positive", "signed"),
                    help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"), help="the backbone's arithmetic")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--loop-outputs", type=int, default=8, help="outputs timed in the per-output loop baseline")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     if args.batch < 1 or args.classes < 2 or args.repeats < 1 or args.size < 32:
         p.error("need --batch >= 1, --classes >= 2, --repeats >= 1 and --size >= 32")
     result = run(args.arch, args.batch, args.method, args.classes, args.size, args.score, args.repeats,
-                 args.loop_outputs, difficulty_channels=args.difficulty_channels)
+                 args.loop_outputs, difficulty_channels=args.difficulty_channels, precision=args.precision)
     if args.json:
         print(json.dumps(result))
     else:

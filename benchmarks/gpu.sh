@@ -6,6 +6,10 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh extra      # precision, integrated gradients, 'highest' matmul cost (~6 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh explain    # the explanation job end to end and the evaluation loop (~7 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh input      # training input: release folder vs TFDS build (~7 min)
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh core       # issue 14: folded batch norm (forward_args_s against
+#                                                  # forward_unfolded_args_s), tangent layouts, the NaN/inf check's
+#                                                  # cost (explain_s against explain_unchecked_s), bfloat16 backbone
+#                                                  # speed and error on synthetic birds (~8 min)
 # The input part needs wheels the GPU image lacks (grain, TFDS, ...): fetch them first where PyPI is reachable,
 # `bash benchmarks/gpu_wheels.sh` (into wheels/, git-ignored: carry it), or point WHEELS at them.
 set -u
@@ -72,6 +76,11 @@ case "$PART" in
     plain 200 -m benchmarks.train_input --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --arch resnet50 --steps 300 \
       --threads 16                                                             # end to end, TFDS source
     plain 200 -m benchmarks.train_input --data-dir "$D/release" --arch resnet50 --steps 300 --threads 16 ;;  # folder
-  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain|input" >&2; exit 2 ;;
+  core)
+    step 130 -m benchmarks.breakdown --arch resnet50 --batch 64
+    step 160 -m benchmarks.breakdown --arch vgg16 --batch 64
+    step 120 -m benchmarks.attribution --arch resnet50 --batch 64 --precision bfloat16 --loop-outputs 1 --repeats 5
+    step 90 -m benchmarks.precision --arch resnet50 --batch 32 --bfloat16 ;;
+  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain|input|core" >&2; exit 2 ;;
 esac
 log done "$PART"

@@ -155,6 +155,10 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         help="difficulty map from the channels that make the prediction harder (the authors', default) or from all "
         "channels (Eq. 2 as written)",
     )
+    p.add_argument(
+        "--precision", choices=("float32", "bfloat16"), default="float32",
+        help="the backbone's arithmetic; bfloat16 is faster on GPUs, heads and maps stay float32 (default: float32)",
+    )  # fmt: skip
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--coverage",
@@ -360,7 +364,7 @@ def _run_explain(args: argparse.Namespace) -> int:
             report=report,
             method=args.method, score=args.score, top_n=args.top_n, k=args.k, coverage=args.coverage,
             threshold=args.threshold, max_insecurities=args.max_insecurities,
-            difficulty_channels=args.difficulty_channels,
+            difficulty_channels=args.difficulty_channels, precision=args.precision,
         )  # fmt: skip
     except JobError as e:
         raise UsageError(str(e)) from None

@@ -30,7 +30,7 @@ from PIL import Image
 from delib_jax import insecurity as insec
 from delib_jax.attribution import Attribution, Options, attribute, grad_cam
 from delib_jax.data import transforms
-from delib_jax.models import Structure, inference_view, split_leaves
+from delib_jax.models import Structure, inference_model, split_leaves
 
 Array = jax.Array
 
@@ -343,6 +343,7 @@ def make_explain_fn(
     combine: insec.Combine = insec.product,
     mesh: jax.sharding.Mesh | None = None,
     difficulty_channels: str = "positive",
+    precision: str | None = None,
     **attribution_options,
 ) -> tuple[Callable[[Array], ExplainOutputs], ExplainSettings]:
     """A compiled images (B, H, W, 3) -> `ExplainOutputs` function and its resolved settings.
@@ -350,7 +351,9 @@ def make_explain_fn(
     Options as for `explain`. The difficulty map defaults to the authors' rule (``difficulty_channels="positive"``:
     channels that make the prediction harder; see `delib_jax.attribution.Options`). With ``mesh`` (see
     `batch_mesh`) the parameters are replicated on its devices and each batch is padded to a multiple of the device
-    count, sharded along 'batch', and the padding dropped again.
+    count, sharded along 'batch', and the padding dropped again. The model runs in eval mode with batch norm folded
+    into the convolutions (`delib_jax.models.inference_model`; the caller's model is left as it is); precision: the
+    backbone's compute dtype, 'float32' or 'bfloat16' (None: the model's own), every attribution step float32.
     """
     c = model.num_classes
     if top_n is not None and top_n > c:
@@ -373,7 +376,7 @@ def make_explain_fn(
         max_insecurities=q,
         positive=bool(positive),
     )
-    structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
+    structure, leaves = split_leaves(inference_model(model, precision=precision))
     shard = None
     if mesh is not None:
         leaves = jax.device_put(leaves, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

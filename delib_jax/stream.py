@@ -299,7 +299,10 @@ def explain_files(
         manifest = {
             "format": st.FORMAT,
             "model": {**(model_id or {}), "arch": config.arch, "weights": weights_digest(split_leaves(model)[1])},
-            "settings": settings.to_json(),
+            # a bfloat16 backbone gives other maps: recorded (float32, the default, is left out so that runs made
+            # before the option resume)
+            "settings": {**settings.to_json(), **({"precision": "bfloat16"}
+                                                  if explain_options.get("precision") == "bfloat16" else {})},
             "input": {"resize": config.resize, "crop": config.crop, "mean": list(config.mean),
                       "std": list(config.std)},
             "figures": bool(options.figures),

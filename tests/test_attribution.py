@@ -9,6 +9,7 @@ from flax import nnx
 
 from delib_jax.attribution import _terms, attribute, attribute_images, grad_cam, make_attribute_fn, output_functions
 from delib_jax.models import PoolMLPHead, create_model
+from delib_jax.models.heads import tangent_layout
 from delib_jax.testing.reference import brute_force_terms
 
 D, C = 4, 5
@@ -546,3 +547,23 @@ def test_one_difficulty_channels_default_everywhere():
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
     np.testing.assert_array_equal(attribute(clf, a, hardness_head=hard).maps,
                                   attribute(clf, a, hardness_head=hard, difficulty_channels=default).maps)
+
+
+@pytest.mark.parametrize("head_name", sorted(HEADS))
+def test_tangent_layouts_give_the_same_maps(head_name):
+    clf, hard = _head(head_name), _head("gap_bn", out=1, seed=1)
+    a = _features()
+    maps = {
+        layout: attribute(clf, a, hardness_head=hard, path="fast", tangent_layout=layout).maps
+        for layout in ("feature_major", "row_major")
+    }
+    scale = float(jnp.max(jnp.abs(maps["feature_major"])))
+    np.testing.assert_allclose(maps["row_major"], maps["feature_major"], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_tangent_layout_defaults_to_the_faster_one_per_backend():
+    assert tangent_layout("auto", "cpu") == "feature_major"
+    assert tangent_layout("auto", "gpu") == "row_major" and tangent_layout("auto", "tpu") == "row_major"
+    assert tangent_layout("row_major", "cpu") == "row_major"
+    with pytest.raises(ValueError, match="tangent_layout must be one of"):
+        attribute(_head("gap_bn"), _features(), hardness_head=_head("gap_bn", out=1), tangent_layout="column")

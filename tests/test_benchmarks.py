@@ -26,13 +26,19 @@ def test_breakdown_and_precision_benchmarks_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ratio"] == out["explain_s"] / out["forward_args_s"]
     assert all(out[k] > 0 for k in ("backbone_s", "explain_unchecked_s", "explain_two_stage_s", "forward_state_s",
-                                    "tangents_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"))
+                                    "forward_unfolded_args_s", "tangents_s", "tangents_feature_major_s",
+                                    "tangents_row_major_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"))
+    assert out["weight_arrays"] < out["weight_arrays_unfolded"]  # batch norm folded into the convolutions
     assert out["explain_flops"] > out["forward_flops"] > 0  # the maps add work, and XLA counted it
     assert out["flops_ratio"] == out["explain_flops"] / out["forward_flops"]
     assert precision.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU
     assert out["maps_default_vs_highest"] == 0.0  # XLA:CPU's default float32 matmul is full float32
+    assert precision.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "2", "--bfloat16",
+                           "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < out["bf16_vs_f32"] < 0.1 and 0 <= out["pairs_changed"] <= 2
 
 
 def test_explain_and_evaluation_benchmarks_json(capsys):

@@ -437,3 +437,15 @@ def test_hostile_examples_json_is_one_clear_line(tmp_path, content, match):
     with pytest.raises(UsageError, match=match) as e:
         _read_examples(str(path), ["a", "b"])
     assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_bfloat16_backbone_is_recorded_in_the_manifest(workspace, capsys, tmp_path):
+    out = tmp_path / "bf16"
+    argv = ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", workspace / "run", "--out", out,
+            "--no-figures", "--precision", "bfloat16"]  # fmt: skip
+    code, err = _run(argv, capsys)
+    assert code == 0, err
+    data = json.loads((out / "insecurities.json").read_text())
+    assert data["settings"]["precision"] == "bfloat16" and len(data["images"]) == 1
+    code, err = _run([*argv[:-1], "float32"], capsys)  # the same folder with other maps: refused, one line
+    assert code == 2 and "precision" in err and "Traceback" not in err

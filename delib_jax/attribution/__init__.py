@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from delib_jax.attribution._core import (
     METHODS,
@@ -47,8 +48,9 @@ from delib_jax.attribution.resize import upsample_maps
 from delib_jax.attribution.reverse import reverse_terms
 from delib_jax.attribution.smoothgrad import noise_tunnel
 from delib_jax.attribution.stages import split_model, stage_names
-from delib_jax.models import Structure, inference_view, split_leaves
-from delib_jax.models._layers import check_finite, validate_images
+from delib_jax.models import Structure, inference_model, split_leaves
+from delib_jax.models._layers import check_finite as check_finite_flags
+from delib_jax.models._layers import validate_images
 
 
 def gradient(classifier, features, **kw) -> Attribution:
@@ -84,32 +86,42 @@ def _attribute_from_images(model, images, opts: Options) -> Attribution:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(structure: Structure, opts: Options) -> Callable:
-    """One jitted (weight leaves, images) -> (Attribution, finite (B,)) per model structure and options, reused by
-    repeated calls; the per-image NaN/inf flags ride in the same launch as the maps."""
+def _compiled(structure: Structure, opts: Options, check: bool = True) -> Callable:
+    """One jitted (weight leaves, images) -> (Attribution, finite) per model structure and options, reused by repeated
+    calls. With ``check`` the NaN/inf test rides in the same launch as one scalar (a full reduction, which parallelises
+    better than one flag per image; the entries are named on the host only when it fails), else finite is None."""
 
     def run(leaves, images):
-        finite = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
+        finite = jnp.all(jnp.isfinite(images)) if check else None
         return _attribute_from_images(structure.merge(leaves), images, opts), finite
 
     return jax.jit(run)
 
 
-def make_attribute_fn(model, **options) -> Callable[[jax.Array], Attribution]:
+def make_attribute_fn(
+    model, *, precision: str | None = None, check_finite: bool = True, **options
+) -> Callable[[jax.Array], Attribution]:
     """A compiled images -> Attribution function for ``model`` (split once; the fast loop for many batches).
 
     Images (B, H, W, 3) normalised float; options as for `attribute`. The model runs in eval mode whatever its own
-    mode (left as it is). Later changes to the model are not seen: build a new function after training further."""
+    mode (left as it is), with batch norm folded into the convolutions (`delib_jax.models.inference_model`).
+    precision: the backbone's compute dtype, 'float32' or 'bfloat16' (None: the model's own); A, the heads and every
+    attribution step stay float32. check_finite: NaN/inf images raise a ValueError naming the batch entries (each
+    call then waits for its result); False for pixels finite by construction (decoded from 8-bit files), which skips
+    the test and lets calls queue up asynchronously (NaN input then gives NaN maps). Later changes to the model are
+    not seen: build a new function after training further."""
     opts = Options(**options).check(model.num_classes)
     if opts.score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
-    structure, leaves = split_leaves(inference_view(model))
-    run = _compiled(structure, opts)
+    structure, leaves = split_leaves(inference_model(model, precision=precision))
+    run = _compiled(structure, opts, bool(check_finite))
 
     def attribute_fn(images) -> Attribution:
         validate_images(images, finite=False)  # shape and dtype here; NaN/inf reduced inside the compiled pass
-        attribution, finite = run(leaves, jnp.asarray(images))
-        check_finite(finite)
+        images = jnp.asarray(images)
+        attribution, finite = run(leaves, images)
+        if check_finite and not bool(finite):  # rare: name the entries (per-image flags, computed only now)
+            check_finite_flags(np.asarray(jnp.all(jnp.isfinite(images), axis=(1, 2, 3))))
         return attribution
 
     return attribute_fn

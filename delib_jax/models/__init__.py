@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models import backbones
+from delib_jax.models._inference import PRECISIONS, fold_batch_norm, inference_model, set_precision
 from delib_jax.models.deliberative import DeliberativeModel, HardnessNetwork, Outputs
 from delib_jax.models.heads import PoolMLPHead, hardness_head
 from delib_jax.models.weights import load_torchvision, read_state_dict
@@ -140,10 +141,11 @@ def _compiled_forward(structure: Structure) -> Callable:
     return jax.jit(lambda leaves, x: structure.merge(leaves)(x))
 
 
-def make_predict_fn(model: DeliberativeModel) -> Callable[[jax.Array], Outputs]:
-    """A compiled eval-mode forward pass images (B, H, W, 3) -> Outputs for ``model`` (split once; the model's own
-    mode is left as it is)."""
-    structure, leaves = split_leaves(inference_view(model))
+def make_predict_fn(model: DeliberativeModel, *, precision: str | None = None) -> Callable[[jax.Array], Outputs]:
+    """A compiled eval-mode forward pass images (B, H, W, 3) -> Outputs for ``model`` (split once, batch norm folded
+    into the convolutions: `inference_model`; the model's own mode is left as it is). precision: the backbone's
+    compute dtype, 'float32' or 'bfloat16' (None: the model's own)."""
+    structure, leaves = split_leaves(inference_model(model, precision=precision))
     run = _compiled_forward(structure)
     return lambda images: run(leaves, images)
 
@@ -160,8 +162,9 @@ def predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
 
 
 __all__ = [
-    "ARCHS", "ArchSpec", "DeliberativeModel", "HardnessNetwork", "Outputs", "PoolMLPHead",
-    "Structure", "count_params", "create_model", "hardness_head", "inference_view", "load_torchvision",
+    "ARCHS", "ArchSpec", "DeliberativeModel", "HardnessNetwork", "Outputs", "PRECISIONS", "PoolMLPHead",
+    "Structure", "count_params", "create_model", "fold_batch_norm", "hardness_head", "inference_model",
+    "inference_view", "load_torchvision", "set_precision",
     "make_predict_fn", "predict",
     "read_state_dict", "split_leaves",
 ]

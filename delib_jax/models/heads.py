@@ -79,33 +79,42 @@ class PoolMLPHead(nnx.Module):
                 x = jax.nn.relu(x)
         return x
 
-    def _propagate(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Carry the first Linear's output x (B, K1) and its tangents t (K1, R, B) through the rest of the MLP.
+    def _propagate(self, x: jax.Array, t: jax.Array, layout: str = "feature_major") -> tuple[jax.Array, jax.Array]:
+        """Carry the first Linear's output x (B, K1) and its tangents through the rest of the MLP.
 
-        Tangents are feature-major (features, rows, batch): each Linear is one GEMM with the weight as the left
-        operand, which XLA:CPU runs ~1.4x faster than rows @ W, and the ReLU / BN factors broadcast over rows."""
+        layout 'feature_major': t (K1, R, B), each Linear one GEMM W^T T with the weight as the left operand, which
+        XLA:CPU runs ~1.4x faster than rows @ W; 'row_major': t (R, B, K1) @ W, which the GPU runs faster (H200,
+        VGG16 fc7: 1.52 against 2.26 ms). The ReLU / BN factors broadcast over rows either way."""
         n = len(self.linears)
+        fm = layout == "feature_major"
         for i, lin in enumerate(self.linears):
             if i > 0:
                 if i in self.dropout_before:
                     x = self.dropout(x)
                 x = lin(x)
-                t = jax.lax.dot_general(lin.kernel[...], t, (((0,), (0,)), ((), ())))
+                if fm:
+                    t = jax.lax.dot_general(lin.kernel[...], t, (((0,), (0,)), ((), ())))
+                else:
+                    t = jax.lax.dot_general(t, lin.kernel[...], (((2,), (0,)), ((), ())))
             if i < n - 1:
                 if self.norms is not None:
                     bn = self.norms[i]
                     x = bn(x)
-                    t = t * (bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon))[:, None, None]
-                t = t * (x > 0).T[:, None, :].astype(t.dtype)
+                    factor = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+                    t = t * (factor[:, None, None] if fm else factor)
+                mask = (x > 0).astype(t.dtype)  # (B, K)
+                t = t * (mask.T[:, None, :] if fm else mask[None])
                 x = jax.nn.relu(x)
         return x, t
 
     # -- exact per-location tangents (eval mode) ------------------------------------------------------------------
-    def tangents(self, a: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def tangents(self, a: jax.Array, v: jax.Array, *, layout: str = "auto") -> tuple[jax.Array, jax.Array]:
         """Logits z (B, K) and per-location logit tangents U (B, H*W, K) at A = ``a``.
 
         U[b, l] is the directional derivative of z along v restricted to location l, i.e. J_z(a) (v_l e_l). It is exact
         in eval mode because the head is piecewise linear; with v = a its sum over l is the jvp of z along a.
+        layout: how the hidden layers' tangent GEMMs are laid out, 'feature_major', 'row_major' or 'auto' (the
+        backend's faster one, `tangent_layout`); the result is the same.
         """
         if self.norms is not None and not self.norms[0].use_running_average:
             raise ValueError("tangents need the head in eval mode: call model.eval() first")
@@ -117,7 +126,12 @@ class PoolMLPHead(nnx.Module):
             to_locations = _rows_are_locations
         else:
             x, t, to_locations = self._pooled_first_layer_tangents(a, v)
-        z, u = self._propagate(x, t)
+        layout = tangent_layout(layout)
+        if layout == "row_major":  # (K1, R, B) -> (R, B, K1); XLA folds the transpose into the GEMM that made t
+            t = jnp.transpose(t, (1, 2, 0))
+        z, u = self._propagate(x, t, layout)
+        if layout == "row_major":  # the small logit tangents back to (K, R, B)
+            u = jnp.transpose(u, (2, 0, 1))
         return z, to_locations(u, h, w)
 
     def _pooled_first_layer_tangents(self, a: jax.Array, v: jax.Array):
@@ -182,6 +196,19 @@ class PoolMLPHead(nnx.Module):
             ]
             t = t + jax.lax.pad(t_cells[:, :, o], jnp.zeros((), t_cells.dtype), cfg)
         return x, jnp.transpose(t.reshape(h * w, bsz, -1), (2, 0, 1)), _rows_are_locations
+
+
+TANGENT_LAYOUTS = ("auto", "feature_major", "row_major")
+
+
+def tangent_layout(layout: str = "auto", backend: str | None = None) -> str:
+    """The tangent GEMM layout to use: ``layout`` itself, or for 'auto' the one measured faster on the backend
+    (default: JAX's default backend): 'feature_major' on the CPU, 'row_major' on GPUs and other accelerators."""
+    if layout not in TANGENT_LAYOUTS:
+        raise ValueError(f"tangent layout must be one of {', '.join(TANGENT_LAYOUTS)}, got {layout!r}")
+    if layout != "auto":
+        return layout
+    return "feature_major" if (backend or jax.default_backend()) == "cpu" else "row_major"
 
 
 def _rows_are_locations(u: jax.Array, h: int, w: int) -> jax.Array:
