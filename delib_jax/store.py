@@ -92,7 +92,8 @@ def safe_dir(root: Path, name: str) -> Path:
 
 
 def remove_temporaries(*directories: Path) -> int:
-    """Delete the temporary files a killed run left (``.NAME.XXXX.tmp``, see `atomic_write`); returns how many."""
+    """Delete the temporary files a killed run left (``.NAME.<random>.tmp``, see `atomic_write`); returns how
+    many."""
     count = 0
     for d in directories:
         if d.is_dir() and not d.is_symlink():

@@ -243,9 +243,10 @@ def _render_figure(explanation, source: str, resize: int, crop: int, path: str, 
 def figure_name(i: int, source: str) -> str:
     """figures/IIIII_STEM_HASH.png: the input's ordinal and a hash of its path keep names unique across runs with
     other input lists; the stem is shortened and made safe for any file system (any bytes, any length)."""
-    stem = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in Path(source).stem)[:60]
+    from delib_jax.visualize import figure_name as base_name
+
     digest = hashlib.blake2b(source.encode("utf-8", "surrogateescape"), digest_size=4).hexdigest()
-    return f"figures/{i:05d}_{stem}_{digest}.png"
+    return f"figures/{base_name(i, source, max_bytes=70).removesuffix('.png')}_{digest}.png"
 
 
 # ------------------------------------------------------------------------------------------------ the job
