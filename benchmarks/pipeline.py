@@ -1,4 +1,7 @@
-"""Input pipeline throughput (images/s) of the training pipeline: decode, RandomResizedCrop + flip, normalise, batch.
+"""Input pipeline throughput (images/s) of the training pipeline: decode, RandomResizedCrop + flip, batch.
+
+The batches are uint8 pixels, as training and evaluation read them (they normalise on the device);
+--host-normalize times the float32 batches normalised on the host instead (the library's default for other callers).
 
     python -m benchmarks.pipeline --synthetic --batch 64                  # generated CUB-format data (128 px wide)
     python -m benchmarks.pipeline --data-dir /data/CUB_200_2011           # a release folder, or a TFDS build of it
@@ -29,11 +32,12 @@ from delib_jax.data.pipeline import Pipeline, cub_source, train_pipeline
 from delib_jax.data.synthetic import make_cub
 
 
-def _pipeline(data: Path, *, batch: int, threads: int, prefetch: int, crop: int) -> Pipeline:
+def _pipeline(data: Path, *, batch: int, threads: int, prefetch: int, crop: int, normalize: bool) -> Pipeline:
     ds = load_dataset("cub", data, report=lambda line: print(line, file=sys.stderr))
     return train_pipeline(
-        cub_source(ds, "train"), batch_size=batch, num_epochs=None, crop=crop, num_threads=threads, prefetch=prefetch
-    )
+        cub_source(ds, "train"), batch_size=batch, num_epochs=None, crop=crop, num_threads=threads, prefetch=prefetch,
+        normalize=normalize,
+    )  # fmt: skip
 
 
 def images_per_s(pipeline: Pipeline, start: int, steps: int) -> tuple[float, float]:
@@ -46,23 +50,29 @@ def images_per_s(pipeline: Pipeline, start: int, steps: int) -> tuple[float, flo
     return images / (time.perf_counter() - t), images / (time.process_time() - cpu)
 
 
-def measure(root: Path, *, batch: int, steps: int, warmup: int, threads: int, prefetch: int, crop: int) -> dict:
+def _images(pipeline: Pipeline) -> str:
+    return "float32 (normalised on the host)" if pipeline.config.normalize else "uint8 (normalised on the device)"
+
+
+def measure(root: Path, *, batch: int, steps: int, warmup: int, threads: int, prefetch: int, crop: int,
+            normalize: bool = False) -> dict:  # fmt: skip
     """Time ``steps`` training batches after ``warmup`` batches; returns the JSON record."""
-    pipeline = _pipeline(root, batch=batch, threads=threads, prefetch=prefetch, crop=crop)
+    pipeline = _pipeline(root, batch=batch, threads=threads, prefetch=prefetch, crop=crop, normalize=normalize)
     if warmup:
         images_per_s(pipeline, 0, warmup)
     wall, cpu = images_per_s(pipeline, warmup, steps)
     return {
         "benchmark": "pipeline", "images_per_s": round(wall, 1), "images_per_cpu_s": round(cpu, 1), "batch": batch,
-        "steps": steps, "threads": threads, "prefetch": prefetch, "crop": crop, "cpus": os.cpu_count(),
-        "data": str(root),
+        "steps": steps, "threads": threads, "prefetch": prefetch, "crop": crop, "images": _images(pipeline),
+        "cpus": os.cpu_count(), "data": str(root),
     }  # fmt: skip
 
 
 def compare(sources: dict[str, Path], *, batch: int, steps: int, warmup: int, rounds: int, threads: int,
-            prefetch: int, crop: int) -> list[dict]:  # fmt: skip
+            prefetch: int, crop: int, normalize: bool = False) -> list[dict]:  # fmt: skip
     """Interleaved rounds over ``sources`` (the first is the reference); one record per source."""
-    pipes = {n: _pipeline(p, batch=batch, threads=threads, prefetch=prefetch, crop=crop) for n, p in sources.items()}
+    pipes = {n: _pipeline(p, batch=batch, threads=threads, prefetch=prefetch, crop=crop, normalize=normalize)
+             for n, p in sources.items()}  # fmt: skip
     for p in pipes.values():
         images_per_s(p, 0, max(warmup, 1))
     speeds: dict[str, list[float]] = {n: [] for n in pipes}
@@ -86,7 +96,8 @@ def compare(sources: dict[str, Path], *, batch: int, steps: int, warmup: int, ro
             "cpu_ratio_to_folder": ratio(cpu_speeds, name),
             "rounds_images_per_s": [round(v, 1) for v in values],
             "batch": batch, "steps": steps, "rounds": rounds, "threads": threads, "prefetch": prefetch, "crop": crop,
-            "cpus": os.cpu_count(), "train_images": len(pipes[name].source), "data": str(sources[name]),
+            "images": _images(pipes[name]), "cpus": os.cpu_count(), "train_images": len(pipes[name].source),
+            "data": str(sources[name]),
         })  # fmt: skip
     return records
 
@@ -108,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--host-normalize", action="store_true",
+                        help="float32 batches normalised on the host (default: uint8, as training reads them)")
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -118,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     opts = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, threads=args.threads, prefetch=args.prefetch,
-                crop=args.crop)  # fmt: skip
+                crop=args.crop, normalize=args.host_normalize)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir
         if args.synthetic:

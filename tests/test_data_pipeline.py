@@ -60,6 +60,18 @@ def test_eval_batches(cub):
     np.testing.assert_array_equal(b["image"][1], expected_image)
 
 
+def test_uint8_batches_are_the_same_pixels_before_normalisation(cub):
+    host = list(_train(cub))
+    raw = list(_train(cub, normalize=False))
+    assert raw[0]["image"].dtype == np.uint8 and raw[0]["image"].shape == host[0]["image"].shape
+    for a, b in zip(host, raw):
+        assert a.keys() == b.keys()
+        np.testing.assert_array_equal(T.normalize(b["image"], T.CUB_STATS), a["image"])
+        assert all(np.array_equal(a[k], b[k]) for k in a if k != "image")
+    p = eval_pipeline(cub_source(cub, "test"), batch_size=4, resize=40, crop=32, num_threads=1, normalize=False)
+    assert p.config.normalize is False and next(iter(p))["image"].dtype == np.uint8
+
+
 def test_same_seed_same_batches_whatever_the_threads(cub):
     one = list(_train(cub, num_threads=1, prefetch=1))
     four = list(_train(cub, num_threads=4, prefetch=3))

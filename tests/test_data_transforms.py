@@ -146,6 +146,22 @@ def test_normalize_statistics():
     assert out.dtype == np.float32
 
 
+def test_model_input_normalises_uint8_on_the_device_as_the_host_does():
+    import jax
+    import jax.numpy as jnp
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
+    host = T.normalize(pixels, T.CUB_STATS)
+    on_device = jax.jit(lambda x: T.model_input(x, T.CUB_STATS))(jnp.asarray(pixels))
+    assert isinstance(on_device, jax.Array) and on_device.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(on_device), host, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(T.model_input(pixels, T.CUB_STATS)), host, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.asarray(T.model_input(pixels, T.IMAGENET_STATS)), host)  # the statistics are used
+    assert T.model_input(host, None) is host  # float images are already model input
+    with pytest.raises(ValueError, match="statistics"):
+        T.model_input(pixels, None)
+
+
 def test_plan_validation():
     with pytest.raises(ValueError):
         T.eval_plan(0, 10)

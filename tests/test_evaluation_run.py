@@ -329,3 +329,29 @@ def test_delib_demo_data_dir_that_is_neither_a_release_nor_a_build(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "not a CUB-200-2011 release" in done.stderr and "nor a TFDS build" in done.stderr
     assert not (tmp_path / "d" / "run").exists()
+
+
+def test_eval_normalising_on_the_device_gives_the_host_normalised_results(cub_run, monkeypatch):
+    """The protocol reads uint8 batches and normalises them in its compiled steps: its curves equal those of the
+    float32 batches normalised on the host (as the pipeline gave them before)."""
+    from delib_jax.data import pipeline
+
+    model, config = checkpoint.load_model(cub_run)
+    dataset = load_cub(config.data_dir)
+    options = protocol.EvalOptions(num_images=6, batch_size=4, runs=2, top_n=3, k=2)
+    seen = []
+
+    def spy(source, **kw):
+        seen.append(kw["normalize"])
+        return pipeline.eval_pipeline(source, **kw)
+
+    monkeypatch.setattr(protocol, "eval_pipeline", spy)
+    on_device = protocol.evaluate_cub(model, config, dataset, protocol.FULL, options)
+    assert seen and not any(seen)  # every batch of the protocol came as uint8
+    monkeypatch.setattr(protocol, "eval_pipeline", lambda source, **kw: pipeline.eval_pipeline(
+        source, **{**kw, "normalize": True}))
+    on_host = protocol.evaluate_cub(model, config, dataset, protocol.FULL, options)
+    assert on_device["insecurities"] == on_host["insecurities"] > 0
+    for key in ("precision", "recall", "random_precision"):
+        np.testing.assert_allclose(np.asarray(on_device[key], float), np.asarray(on_host[key], float), rtol=1e-5,
+                                   atol=1e-7, equal_nan=True)

@@ -115,6 +115,32 @@ def test_a_few_steps_lower_the_loss(tiny_cub):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_uint8_batches_train_as_their_host_normalised_floats(tiny_cub):
+    """The steps normalise uint8 images on the device with the run's statistics: the same update and evaluation sums
+    as the float32 batch normalised on the host (what the pipelines gave before)."""
+    from delib_jax.data.transforms import CUB_STATS, normalize
+
+    config = _config(tiny_cub, steps=2, warmup_steps=0, schedule="step", lr=2e-3)
+    mesh = make_mesh()
+    pixels = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 1])
+    results = []
+    for images, stats in ((normalize(pixels, CUB_STATS), None), (pixels, CUB_STATS)):
+        state = create_train_state(config, total_steps=2, mesh=mesh)
+        step_fn, eval_fn = compile_steps(mesh, pixel_stats=stats)
+        batch = {"image": images, "label": labels, "mask": np.ones(4, bool)}
+        state, metrics = step_fn(state, shard_batch(batch, mesh))
+        sums = eval_fn(state, shard_batch(batch, mesh, keys=("image", "label", "mask")))
+        results.append((jax.device_get(metrics), jax.device_get(sums), jax.device_get(state.params)))
+    (m1, s1, p1), (m2, s2, p2) = results
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(s2["ce"], s1["ce"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p2, p1)
+    state = create_train_state(config, total_steps=2, mesh=mesh)
+    with pytest.raises(ValueError, match="statistics"):  # uint8 without statistics is refused, not trained on
+        compile_steps(mesh)[0](state, shard_batch({"image": pixels, "label": labels}, mesh))
+
+
 def test_validation_split_is_deterministic_disjoint_and_from_train():
     train = np.arange(10, 60)
     a_train, a_val = split_validation(train, 0.1, seed=3)

@@ -29,6 +29,7 @@ from delib_jax.attribution import Options, _attribute_from_images
 from delib_jax.checkpoint import RunConfig
 from delib_jax.data._text import fail
 from delib_jax.data.pipeline import ade20k_source, cub_source, eval_pipeline, read_mask
+from delib_jax.data.transforms import Normalization, model_input
 from delib_jax.evaluation import ground_truth as gt
 from delib_jax.evaluation.metrics import (
     COVERAGES,
@@ -144,12 +145,13 @@ def _padded(batch: dict, size: int) -> tuple[dict, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=16)
-def _rank_step(structure: Structure, score: str) -> Callable:
-    """One compiled forward -> (difficulty scores (B,), all outputs finite) per model structure and score."""
+def _rank_step(structure: Structure, score: str, stats: Normalization) -> Callable:
+    """One compiled forward of uint8 images (B, H, W, 3), normalised with ``stats`` on the device -> (difficulty
+    scores (B,), all outputs finite) per model structure and score."""
     from delib_jax import difficulty
 
     def step(leaves, images):
-        out = structure.merge(leaves)(images)
+        out = structure.merge(leaves)(model_input(images, stats))
         outputs = [out.logits] + ([] if out.hardness_logit is None else [out.hardness_logit])
         finite = jnp.all(jnp.stack([jnp.isfinite(o).all() for o in outputs]))
         return difficulty.score_from_outputs(score, out.logits, out.hardness_logit), finite
@@ -160,9 +162,9 @@ def _rank_step(structure: Structure, score: str) -> Callable:
 def hardest_images(model, config: RunConfig, source, score: str, num_images: int, batch_size: int) -> np.ndarray:
     """Positions (in ``source``) of the ``num_images`` test images of largest difficulty ``score``, hardest first."""
     structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
-    step = _rank_step(structure, score)
+    step = _rank_step(structure, score, config.normalization)
     pipe = eval_pipeline(source, batch_size=batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization)
+                         stats=config.normalization, normalize=False)
     scores, flags, rows = [], [], []
     for batch in tqdm(pipe, desc=f"ranking test images by {score}", leave=False, unit="batch"):
         batch, real = _padded(batch, batch_size)
@@ -201,12 +203,15 @@ def _insecurity_maps(model, images, rows, setting: Setting, opts: Options, k: in
 
 
 @functools.lru_cache(maxsize=16)
-def _cub_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int) -> Callable:
-    """One compiled batch of the CUB protocol: maps -> insecurities -> precision / recall / keypoint-AUC sums at
-    every coverage, for the method and ``runs`` random baselines; only these small sums leave the device."""
+def _cub_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int,
+              stats: Normalization) -> Callable:
+    """One compiled batch of the CUB protocol: uint8 images normalised with ``stats`` -> maps -> insecurities ->
+    precision / recall / keypoint-AUC sums at every coverage, for the method and ``runs`` random baselines; only these
+    small sums leave the device."""
 
     def step(leaves, images, parts, visible, rows, truth, counts, key):
-        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), images, rows, setting, opts, k)
+        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), model_input(images, stats), rows,
+                                                             setting, opts, k)
         b, q = valid.shape
         maps = amaps.reshape(b * q, *amaps.shape[2:])  # (M, H, W), M = B Q
         points = jnp.repeat(parts, q, axis=0)  # (M, K, 2): each insecurity's image keypoints
@@ -242,7 +247,7 @@ def _hardest_batches(model, config: RunConfig, dataset, make_source, setting: Se
     chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
     source = make_source(dataset, indices=test.indices[chosen])
     pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization)
+                         stats=config.normalization, normalize=False)  # uint8: normalised by the compiled step
     batches = (_padded(batch, options.batch_size)
                for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"))
     return len(chosen), batches
@@ -253,7 +258,8 @@ def _protocol_sums(model, config: RunConfig, dataset, make_source, setting: Sett
     """The compiled protocol step (``make_step``: `_cub_step` or `_ade_step`) over the padded batches of the hardest
     test images; ``inputs(batch)`` gives the step's per-batch arrays. Returns (images, per-batch sums on the host)."""
     structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
-    step = make_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs)
+    step = make_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs,
+                     config.normalization)
     n_images, batches = _hardest_batches(model, config, dataset, make_source, setting, options)
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
     truth = jnp.asarray(truth)
@@ -370,12 +376,15 @@ def ade_ground_truth(dataset, options: EvalOptions, cache: Path | None = None,
 
 
 @functools.lru_cache(maxsize=16)
-def _ade_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int) -> Callable:
-    """One compiled batch of the ADE20K protocol: IoU sums at every coverage for the method and ``runs`` random
-    baselines (insecurities taken 16 at a time: each ranks every pixel against 150 objects)."""
+def _ade_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int,
+              stats: Normalization) -> Callable:
+    """One compiled batch of the ADE20K protocol (uint8 images normalised with ``stats``): IoU sums at every coverage
+    for the method and ``runs`` random baselines (insecurities taken 16 at a time: each ranks every pixel against 150
+    objects)."""
 
     def step(leaves, images, segmentation, rows, truth, counts, key):
-        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), images, rows, setting, opts, k)
+        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), model_input(images, stats), rows,
+                                                             setting, opts, k)
         b, q = valid.shape
         maps = amaps.reshape(b * q, *amaps.shape[2:])
         seg = jnp.repeat(segmentation, q, axis=0)  # (M, H, W)

@@ -24,6 +24,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from delib_jax.checkpoint import RunConfig, build_model
+from delib_jax.data.transforms import Normalization, model_input
 from delib_jax.models import DeliberativeModel, create_model, load_torchvision
 from delib_jax.train.losses import hardness_bce, joint_loss, true_class_probability
 
@@ -151,12 +152,17 @@ def _initializer(arch: str, num_classes: int, hardness: str, hardness_hidden: in
     return jax.jit(init)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, normalize: bool = True) -> tuple[TrainState, dict]:
-    """One optimizer step on ``batch`` (image (B, H, W, 3), label (B,)); returns the new state and batch metrics."""
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], *, normalize: bool = True, pixel_stats: Normalization | None = None
+) -> tuple[TrainState, dict]:
+    """One optimizer step on ``batch`` (image (B, H, W, 3), label (B,)); returns the new state and batch metrics.
+
+    uint8 images are normalised here with ``pixel_stats`` (on the device); float images are used as they are."""
+    images = model_input(batch["image"], pixel_stats)
 
     def loss_fn(params):
         model = nnx.merge(state.graphdef, params, state.model_state, copy=True)
-        logits, hardness_logit = forward(model, batch["image"])
+        logits, hardness_logit = forward(model, images)
         loss, metrics = joint_loss(logits, hardness_logit, batch["label"], normalize=normalize)
         return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -167,13 +173,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, normalize: boo
     return new, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Eval-mode sums over the valid rows of ``batch`` (image, label, mask (B,) bool).
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, pixel_stats: Normalization | None = None
+) -> dict[str, jax.Array]:
+    """Eval-mode sums over the valid rows of ``batch`` (image, label, mask (B,) bool); uint8 images are normalised
+    with ``pixel_stats`` as in `train_step`.
 
     Returns: count, correct, ce (sum of cross-entropies), hardness_loss (sum; 0 without a predictor).
     """
     model = state.model()
-    out = model(batch["image"])
+    out = model(model_input(batch["image"], pixel_stats))
     labels, mask = batch["label"], batch["mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, labels)
     correct = (jnp.argmax(out.logits, axis=-1) == labels).astype(jnp.float32)
@@ -222,13 +231,17 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, keys: tuple[str, ...] 
 
 
 @functools.lru_cache(maxsize=8)
-def compile_steps(mesh: Mesh, *, normalize: bool = True) -> tuple[Callable, Callable]:
+def compile_steps(
+    mesh: Mesh, *, normalize: bool = True, pixel_stats: Normalization | None = None
+) -> tuple[Callable, Callable]:
     """Jit-compiled (train_step, eval_step) whose outputs are replicated over ``mesh``; train_step donates its state.
+    ``pixel_stats`` normalise uint8 batches on the device (`PipelineConfig.normalize` False).
 
-    Cached per (mesh, normalize), so runs of the same model in one process compile once."""
+    Cached per (mesh, normalize, pixel_stats), so runs of the same model in one process compile once."""
     rep = replicated(mesh)
-    step = jax.jit(lambda s, b: train_step(s, b, normalize=normalize), out_shardings=rep, donate_argnums=0)
-    evaluate = jax.jit(eval_step, out_shardings=rep)
+    step = jax.jit(lambda s, b: train_step(s, b, normalize=normalize, pixel_stats=pixel_stats), out_shardings=rep,
+                   donate_argnums=0)  # fmt: skip
+    evaluate = jax.jit(functools.partial(eval_step, pixel_stats=pixel_stats), out_shardings=rep)
     return step, evaluate
 
 

@@ -105,8 +105,9 @@ def evaluate(eval_fn: Callable, state: TrainState, pipeline: Pipeline, mesh) -> 
     totals: dict[str, Any] = {}
     for batch in pipeline.iterate():
         n = len(batch["label"])
+        images = batch["image"]
         padded = {
-            "image": np.concatenate([batch["image"], np.zeros((b - n, *batch["image"].shape[1:]), np.float32)]),
+            "image": np.concatenate([images, np.zeros((b - n, *images.shape[1:]), images.dtype)]),
             "label": np.concatenate([batch["label"], np.zeros(b - n, np.int64)]).astype(np.int32),
             "mask": np.arange(b) < n,
         }
@@ -369,9 +370,10 @@ def _fit(
     if config.batch_size % mesh.devices.size:
         raise ValueError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
     stats = config.normalization
+    # uint8 batches, normalised on the device by the compiled steps (a quarter of the bytes, less host CPU)
     train_pipe = train_pipeline(
         splits.train, batch_size=config.batch_size, seed=config.seed, num_epochs=None, crop=config.crop, stats=stats,
-        num_threads=num_threads,
+        num_threads=num_threads, normalize=False,
     )  # fmt: skip
     evals = {
         name: eval_pipeline(
@@ -381,13 +383,14 @@ def _fit(
             crop=config.crop,
             stats=stats,
             num_threads=num_threads,
+            normalize=False,
         )  # fmt: skip
         for name, src in (("val", splits.val), ("test", splits.test))
     }
     steps_per_epoch = train_pipe.steps_per_epoch
     n_steps = total_steps(config, steps_per_epoch)
     eval_every = config.eval_every or steps_per_epoch
-    step_fn, eval_fn = compile_steps(mesh)
+    step_fn, eval_fn = compile_steps(mesh, pixel_stats=stats)
     lead = jax.process_index() == 0
     if not resume:  # the ImageNet weights are read before anything is written
         state = create_train_state(config, total_steps=n_steps, mesh=mesh)

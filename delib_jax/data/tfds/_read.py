@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.decode import DeserializeMethod
+from tensorflow_datasets.proto import tf_example_pb2
 
 from delib_jax.data._text import DatasetError, fail
 from delib_jax.data.ade20k import Ade20kDataset, ObjectInfo
@@ -31,10 +33,14 @@ class TfdsRecords:
       sources: one ``tfds.data_sources`` source per split, images (and masks) left encoded.
       split: (N,) int64, the source holding each dataset index.
       key: (N,) int64, its position in that source.
+      raw: the same sources returning the serialized records (``DeserializeMethod.RAW_BYTES``), from which `encoded`
+        takes the image (and mask) bytes alone: TFDS's NumPy parsing of every feature of a record cost 0.27 ms per
+        image, a fifth of a pre-resized image's whole input cost; this takes 0.03 ms. None: parse whole records.
     """
 
-    def __init__(self, sources: Sequence, split: np.ndarray, key: np.ndarray):
+    def __init__(self, sources: Sequence, split: np.ndarray, key: np.ndarray, raw: Sequence | None = None):
         self.sources, self.split, self.key = list(sources), np.asarray(split), np.asarray(key)
+        self.raw = None if raw is None else list(raw)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -45,8 +51,13 @@ class TfdsRecords:
 
     def encoded(self, index: int) -> tuple[bytes, bytes | None]:
         """``(image bytes, mask bytes or None)`` of dataset index ``index``."""
-        record = self.record(index)
-        return record["image"], record.get("mask")
+        if self.raw is None:
+            record = self.record(index)
+            return record["image"], record.get("mask")
+        serialized = self.raw[int(self.split[index])][int(self.key[index])]
+        feature = tf_example_pb2.Example.FromString(serialized).features.feature
+        mask = feature["mask"].bytes_list.value[0] if "mask" in feature else None
+        return feature["image"].bytes_list.value[0], mask
 
 
 def _text(value) -> str:
@@ -84,7 +95,8 @@ def _read(build: TfdsBuild, decoders: dict) -> tuple[tfds.core.DatasetBuilder, l
     if not np.array_equal(index, np.arange(len(rows))):
         raise fail(build.path, "damaged build: the records' indices are not 0..N-1 once each; build it again")
     split = np.asarray([r[1] for r in rows], np.int64)
-    records = TfdsRecords(sources, split, np.asarray([r[2] for r in rows], np.int64))
+    raw = [builder.as_data_source(split=name, deserialize_method=DeserializeMethod.RAW_BYTES) for name in names]
+    records = TfdsRecords(sources, split, np.asarray([r[2] for r in rows], np.int64), raw)
     examples = [r[3] for r in rows]
     is_train = np.asarray([names[j] == TRAIN for j in split], bool)
     return builder, examples, records, is_train
