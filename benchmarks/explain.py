@@ -70,8 +70,7 @@ def _model(arch: str, classes: int, crop: int, checkpoint: str | None):
 def _decode_rate(files, config, batch: int, workers: int) -> float:
     from delib_jax import _reader
 
-    with _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, stats=config.normalization,
-                        slots=4, workers=workers) as reader:  # fmt: skip
+    with _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, slots=4, workers=workers) as reader:
         batches = [files[i : i + batch] for i in range(0, len(files), batch)]
         for f in reader.submit(0, batches[0]):  # start the workers
             f.result()

@@ -292,10 +292,11 @@ def explain_files(
     batch = -(-options.batch_size // mesh.size) * mesh.size  # a multiple of the device count
     workers = _reader.default_workers() if options.workers is None else options.workers
     # The reader processes start now, while the model is prepared and the folder read.
-    reader = _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, stats=config.normalization,
-                            slots=options.prefetch + 2, workers=workers if files else 0)  # fmt: skip
-    try:
-        explain_fn, settings = ex.make_explain_fn(model, mesh=mesh, **explain_options)
+    reader = _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, slots=options.prefetch + 2,
+                            workers=workers if files else 0)  # fmt: skip
+    try:  # the reader's uint8 pixels are normalised by the compiled function, on the device
+        explain_fn, settings = ex.make_explain_fn(model, mesh=mesh, pixel_stats=config.normalization,
+                                                  **explain_options)  # fmt: skip
         names = [str(n) for n in config.class_names]
         manifest = {
             "format": st.FORMAT,

@@ -139,6 +139,20 @@ def test_explain_fn_leaves_the_model_as_it_is():
     assert not model.backbone.norms[0].use_running_average
 
 
+def test_explain_fn_normalises_uint8_pixels_on_the_device_as_the_host_would():
+    from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, normalize
+
+    model = _random_batch_norms(create_model("small", 3, rngs=nnx.Rngs(0)))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
+    fn, _ = make_explain_fn(model, top_n=3, pixel_stats=CUB_STATS)
+    on_device, on_host = fn(pixels), fn(normalize(pixels, CUB_STATS))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), on_device, on_host)
+    other, _ = make_explain_fn(model, top_n=3, pixel_stats=IMAGENET_STATS)  # the statistics are the run's, used
+    assert not np.allclose(other(pixels).attribution.maps, on_host.attribution.maps)
+    with pytest.raises(ValueError, match="pixel_stats"):
+        make_explain_fn(model, top_n=3)[0](pixels)
+
+
 def test_bad_precision_is_one_clear_error():
     model = create_model("small", 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="precision must be one of"):
