@@ -70,8 +70,11 @@ def softmax(logits: jax.Array) -> jax.Array:
 
 
 def hesitancy_from_logits(logits: jax.Array) -> jax.Array:
-    """`hesitancy` of softmax(logits). logits (..., C) -> (...)."""
-    return hesitancy(softmax(logits))
+    """`hesitancy` of softmax(logits): 1 - p_top, the top class taken from the logits. Logits a hair apart (2.8e-13)
+    give probabilities that tie in float32, where a max would split its derivative between the two (a subgradient
+    float64 does not take); the logits still tell them apart. logits (..., C) -> (...)."""
+    top = jnp.argmax(logits, axis=-1)[..., None]
+    return 1.0 - jnp.take_along_axis(softmax(logits), top, axis=-1)[..., 0]
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
