@@ -71,11 +71,14 @@ case "$PART" in
     "$PY" -m delib_jax.data.tfds build cub --manual-dir "$D/release" --data-dir "$D/tfds" --resize 2>>"$OUT/gpu.log" \
       | tee -a "$OUT/gpu.log"
     plain 150 -m benchmarks.train --arch resnet50 --batch 64 --size 224      # the step alone: the bound
-    plain 120 -m benchmarks.pipeline --compare --data-dir "$D/release" --tfds-dir "$D/tfds" --threads 16 --steps 20 \
-      --rounds 3                                                               # the input alone, 16 threads
-    plain 200 -m benchmarks.train_input --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --arch resnet50 --steps 300 \
-      --threads 16                                                             # end to end, TFDS source
-    plain 200 -m benchmarks.train_input --data-dir "$D/release" --arch resnet50 --steps 300 --threads 16 ;;  # folder
+    plain 90 -m benchmarks.pipeline --compare --data-dir "$D/release" --tfds-dir "$D/tfds" --threads 16 --steps 20 \
+      --rounds 2                                                               # the input alone, 16 threads
+    plain 90 -m benchmarks.pipeline --compare --data-dir "$D/release" --tfds-dir "$D/tfds" --workers 8 --threads 2 \
+      --steps 40 --rounds 2                                                    # 8 processes of 2 threads
+    plain 150 -m benchmarks.train_input --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --arch resnet50 --steps 200 \
+      --threads 16                                                             # end to end, TFDS source, threads
+    plain 150 -m benchmarks.train_input --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --arch resnet50 --steps 200 \
+      --workers 8 --threads 2 ;;                                               # end to end, TFDS source, processes
   core)
     step 130 -m benchmarks.breakdown --arch resnet50 --batch 64
     step 160 -m benchmarks.breakdown --arch vgg16 --batch 64

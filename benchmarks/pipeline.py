@@ -32,22 +32,31 @@ from delib_jax.data.pipeline import Pipeline, cub_source, train_pipeline
 from delib_jax.data.synthetic import make_cub
 
 
-def _pipeline(data: Path, *, batch: int, threads: int, prefetch: int, crop: int, normalize: bool) -> Pipeline:
+def _pipeline(data: Path, *, batch: int, threads: int, prefetch: int, crop: int, normalize: bool,
+              workers: int = 0) -> Pipeline:  # fmt: skip
     ds = load_dataset("cub", data, report=lambda line: print(line, file=sys.stderr))
     return train_pipeline(
         cub_source(ds, "train"), batch_size=batch, num_epochs=None, crop=crop, num_threads=threads, prefetch=prefetch,
-        normalize=normalize,
+        normalize=normalize, num_workers=workers,
     )  # fmt: skip
 
 
-def images_per_s(pipeline: Pipeline, start: int, steps: int) -> tuple[float, float]:
+def images_per_s(pipeline: Pipeline, start: int, steps: int) -> tuple[float, float | None]:
     """Images per second of wall-clock time and per second of this process's CPU time (all threads; what other jobs
-    on a shared machine change least) over batches ``[start, start + steps)``, from a fresh iterator."""
+    on a shared machine change least; None with worker processes, whose CPU time it does not see) over batches
+    ``[start, start + steps)``, from a fresh iterator. With W worker processes the clock starts once each has
+    delivered its first batch (their start-up, ~2 s each, is paid once per run, not per batch): it times the last
+    ``steps - W`` batches."""
+    workers = pipeline.config.num_workers
+    if steps <= workers:
+        raise ValueError(f"--steps ({steps}) must exceed --workers ({workers}): the first batch of each is not timed")
     t, cpu = time.perf_counter(), time.process_time()
-    for _ in pipeline.iterate(start_step=start, stop_step=start + steps):
-        pass
-    images = pipeline.config.batch_size * steps
-    return images / (time.perf_counter() - t), images / (time.process_time() - cpu)
+    images = pipeline.config.batch_size * (steps - workers)
+    for i, _ in enumerate(pipeline.iterate(start_step=start, stop_step=start + steps)):
+        if i + 1 == workers:
+            t = time.perf_counter()
+    wall = images / (time.perf_counter() - t)
+    return wall, None if workers else images / (time.process_time() - cpu)
 
 
 def _images(pipeline: Pipeline) -> str:
@@ -55,25 +64,28 @@ def _images(pipeline: Pipeline) -> str:
 
 
 def measure(root: Path, *, batch: int, steps: int, warmup: int, threads: int, prefetch: int, crop: int,
-            normalize: bool = False) -> dict:  # fmt: skip
+            normalize: bool = False, workers: int = 0) -> dict:  # fmt: skip
     """Time ``steps`` training batches after ``warmup`` batches; returns the JSON record."""
-    pipeline = _pipeline(root, batch=batch, threads=threads, prefetch=prefetch, crop=crop, normalize=normalize)
-    if warmup:
+    pipeline = _pipeline(root, batch=batch, threads=threads, prefetch=prefetch, crop=crop, normalize=normalize,
+                         workers=workers)  # fmt: skip
+    if warmup and not workers:  # (a warm-up would not warm fresh worker processes)
         images_per_s(pipeline, 0, warmup)
     wall, cpu = images_per_s(pipeline, warmup, steps)
     return {
-        "benchmark": "pipeline", "images_per_s": round(wall, 1), "images_per_cpu_s": round(cpu, 1), "batch": batch,
-        "steps": steps, "threads": threads, "prefetch": prefetch, "crop": crop, "images": _images(pipeline),
+        "benchmark": "pipeline", "images_per_s": round(wall, 1), "images_per_cpu_s": cpu and round(cpu, 1),
+        "batch": batch,
+        "steps": steps, "threads": threads, "workers": workers, "prefetch": prefetch, "crop": crop,
+        "images": _images(pipeline),
         "cpus": os.cpu_count(), "data": str(root),
     }  # fmt: skip
 
 
 def compare(sources: dict[str, Path], *, batch: int, steps: int, warmup: int, rounds: int, threads: int,
-            prefetch: int, crop: int, normalize: bool = False) -> list[dict]:  # fmt: skip
+            prefetch: int, crop: int, normalize: bool = False, workers: int = 0) -> list[dict]:  # fmt: skip
     """Interleaved rounds over ``sources`` (the first is the reference); one record per source."""
-    pipes = {n: _pipeline(p, batch=batch, threads=threads, prefetch=prefetch, crop=crop, normalize=normalize)
-             for n, p in sources.items()}  # fmt: skip
-    for p in pipes.values():
+    pipes = {n: _pipeline(p, batch=batch, threads=threads, prefetch=prefetch, crop=crop, normalize=normalize,
+                          workers=workers) for n, p in sources.items()}  # fmt: skip
+    for p in pipes.values() if not workers else ():
         images_per_s(p, 0, max(warmup, 1))
     speeds: dict[str, list[float]] = {n: [] for n in pipes}
     cpu_speeds: dict[str, list[float]] = {n: [] for n in pipes}
@@ -92,10 +104,11 @@ def compare(sources: dict[str, Path], *, batch: int, steps: int, warmup: int, ro
         records.append({
             "benchmark": "pipeline", "source": name, "images_per_s": round(statistics.median(values), 1),
             "ratio_to_folder": ratio(speeds, name),
-            "images_per_cpu_s": round(statistics.median(cpu_speeds[name]), 1),
-            "cpu_ratio_to_folder": ratio(cpu_speeds, name),
+            "images_per_cpu_s": None if workers else round(statistics.median(cpu_speeds[name]), 1),
+            "cpu_ratio_to_folder": None if workers else ratio(cpu_speeds, name),
             "rounds_images_per_s": [round(v, 1) for v in values],
-            "batch": batch, "steps": steps, "rounds": rounds, "threads": threads, "prefetch": prefetch, "crop": crop,
+            "batch": batch, "steps": steps, "rounds": rounds, "threads": threads, "workers": workers,
+            "prefetch": prefetch, "crop": crop,
             "images": _images(pipes[name]), "cpus": os.cpu_count(), "train_images": len(pipes[name].source),
             "data": str(sources[name]),
         })  # fmt: skip
@@ -116,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="--compare: interleaved rounds")
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=4, help="decoding threads (in each --workers process)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: threads only)")
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--host-normalize", action="store_true",
                         help="float32 batches normalised on the host (default: uint8, as training reads them)")
     args = parser.parse_args(argv)
+    if args.workers and args.steps <= args.workers:
+        parser.error(f"--steps ({args.steps}) must exceed --workers ({args.workers}): each worker's first batch is "
+                     "not timed")
     try:
         return run(args)
     except DatasetError as e:
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     opts = dict(batch=args.batch, steps=args.steps, warmup=args.warmup, threads=args.threads, prefetch=args.prefetch,
-                crop=args.crop, normalize=args.host_normalize)  # fmt: skip
+                crop=args.crop, normalize=args.host_normalize, workers=args.workers)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir
         if args.synthetic:

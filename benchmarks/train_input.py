@@ -29,7 +29,8 @@ from delib_jax.models import ARCHS
 from delib_jax.train.run import fit
 
 
-def measure(data_dir: Path, *, arch: str, batch: int, steps: int, crop: int, threads: int, log_every: int) -> dict:
+def measure(data_dir: Path, *, arch: str, batch: int, steps: int, crop: int, threads: int, log_every: int,
+            workers: int = 0) -> dict:  # fmt: skip
     """Train ``steps`` steps in a temporary run folder; the JSON record."""
     source = find_source("cub", data_dir)
     names = list(load_dataset("cub", data_dir).class_names)
@@ -41,13 +42,14 @@ def measure(data_dir: Path, *, arch: str, batch: int, steps: int, crop: int, thr
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        fit(Path(tmp) / "run", config, progress=False, num_threads=threads, log_every=log_every)
+        fit(Path(tmp) / "run", config, progress=False, num_threads=threads, num_workers=workers, log_every=log_every)
         wall = time.perf_counter() - t
         lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
     windows = [r["images_per_s"] for r in map(json.loads, lines) if r.get("split") == "train"]
     timed = windows[1:] or windows
     return {
         "benchmark": "train_input", "arch": arch, "batch": batch, "crop": crop, "steps": steps, "threads": threads,
+        "workers": workers,
         "images_per_s": round(statistics.median(timed), 1), "windows_images_per_s": [round(w, 1) for w in windows],
         "wall_s": round(wall, 1), "source": source.describe(), "device": str(jax.devices()[0]),
         "host_cpus": os.cpu_count(),
@@ -62,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 4, help="decoding threads (default: the CPUs)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes, each with --threads threads")
     p.add_argument("--log-every", type=int, default=10, help="steps per timed window")
     args = p.parse_args(argv)
     try:
         record = measure(args.data_dir, arch=args.arch, batch=args.batch, steps=args.steps, crop=args.crop,
-                         threads=args.threads, log_every=args.log_every)  # fmt: skip
+                         threads=args.threads, log_every=args.log_every, workers=args.workers)  # fmt: skip
     except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -83,6 +83,20 @@ def test_pipeline_benchmark_compares_the_folder_with_its_tfds_builds(capsys):
     assert all(r["images_per_s"] > 0 and r["train_images"] == 10 for r in records)
 
 
+def test_pipeline_benchmark_times_uint8_threads_or_processes(capsys):
+    from benchmarks import pipeline
+
+    argv = ["--synthetic", "--size", "40", "--images-per-class", "2", "--batch", "2", "--crop", "32"]
+    assert pipeline.main([*argv, "--steps", "3", "--workers", "2", "--threads", "1"]) == 0
+    assert pipeline.main([*argv, "--steps", "2", "--host-normalize"]) == 0
+    processes, host = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert processes["workers"] == 2 and processes["images_per_cpu_s"] is None and processes["images_per_s"] > 0
+    assert processes["images"].startswith("uint8") and host["images"].startswith("float32")
+    assert host["workers"] == 0 and host["images_per_cpu_s"] > 0
+    with pytest.raises(SystemExit):  # each worker's first batch is not timed: it needs more steps than workers
+        pipeline.main([*argv, "--steps", "2", "--workers", "2"])
+
+
 def test_xla_flags_benchmark_json(capsys):
     from benchmarks import xla_flags
 

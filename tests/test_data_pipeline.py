@@ -92,6 +92,18 @@ def test_epochs_reshuffle_and_cover_the_split(cub):
     assert all(b["image"].shape[1:] == (32, 32, 3) for b in batches)
 
 
+def test_worker_processes_give_the_same_batches_and_resume(cub):
+    """Decoding in grain worker processes (spawned) changes nothing: the same batches in the same order, from any
+    step, as threads of this process."""
+    threads = list(_train(cub, num_threads=2))
+    processes = _train(cub, num_threads=1, num_workers=2, normalize=False)
+    got = list(processes)
+    assert _equal([{**b, "image": T.normalize(b["image"], T.CUB_STATS)} for b in got], threads)
+    assert _equal(list(processes.iterate(start_step=3, stop_step=5)), got[3:5])
+    with pytest.raises(ValueError, match="num_workers"):
+        PipelineConfig(batch_size=4, train=True, num_workers=-1)
+
+
 def test_resume_from_any_step(cub):
     p = _train(cub, num_threads=2)
     full = list(p)

@@ -173,6 +173,23 @@ def _leaves(model) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(keys_as_data)]
 
 
+def test_decoding_processes_train_the_same_model(tiny_cub, tmp_path, capsys):
+    """--workers: the training input decoded by grain worker processes gives the same run (the same batches); a
+    negative count is one clear error."""
+    from delib_jax.train.cli import main
+
+    config = _config(tiny_cub, steps=4, checkpoint_every=4, eval_every=4)
+    fit(tmp_path / "threads", config, progress=False, num_threads=2)
+    fit(tmp_path / "processes", config, progress=False, num_threads=1, num_workers=2)
+    a, _ = load_model(tmp_path / "threads", which="latest")
+    b, _ = load_model(tmp_path / "processes", which="latest")
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    argv = ["--synthetic", "--data-dir", str(tiny_cub.parent), "--out", str(tmp_path / "cli"), "--workers", "-1"]
+    assert main("cub", argv) == 2
+    assert "--workers must be >= 0" in capsys.readouterr().err
+
+
 def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cub, tmp_path):
     config = _config(tiny_cub)
     final = {}

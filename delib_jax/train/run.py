@@ -309,6 +309,7 @@ def fit(
     progress: bool = True,
     log_every: int = 10,
     num_threads: int = 4,
+    num_workers: int = 0,
     on_step: Callable[[int, TrainState], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into ``run_dir`` (or continue the run there with ``resume=True``); returns a summary.
@@ -319,7 +320,8 @@ def fit(
       resume: continue from the latest checkpoint (from step 0 if the run was killed before its first checkpoint).
       progress: show a tqdm bar (loss, accuracy, images/s) on process 0.
       log_every: steps between training-metric records (and progress-bar updates); records also end at checkpoints.
-      num_threads: image decoding threads.
+      num_threads: image decoding threads (in each decoding process, if any).
+      num_workers: training-input decoding processes (`PipelineConfig.num_workers`; 0: threads only).
       on_step: called as ``on_step(step, state)`` after every step (step = steps done); may raise to stop the run
         abruptly (no save happens beyond the periodic ones).
 
@@ -341,7 +343,7 @@ def fit(
     quiet_orbax_leftovers()  # an asynchronous save that fails is reported here once, not by orbax's threads too
     try:
         summary = _fit(run_dir, config, resume=resume, progress=progress, log_every=log_every,
-                       num_threads=num_threads, on_step=on_step)  # fmt: skip
+                       num_threads=num_threads, num_workers=num_workers, on_step=on_step)  # fmt: skip
     except Exception as e:
         full = is_disk_full(e)
         if not resume and jax.process_index() == 0:
@@ -361,6 +363,7 @@ def _fit(
     progress: bool,
     log_every: int,
     num_threads: int,
+    num_workers: int,
     on_step: Callable[[int, TrainState], None] | None,
 ) -> dict[str, Any]:
     """`fit` once the configuration is known: everything that can fail on the data or weights runs before config.json
@@ -373,7 +376,7 @@ def _fit(
     # uint8 batches, normalised on the device by the compiled steps (a quarter of the bytes, less host CPU)
     train_pipe = train_pipeline(
         splits.train, batch_size=config.batch_size, seed=config.seed, num_epochs=None, crop=config.crop, stats=stats,
-        num_threads=num_threads, normalize=False,
+        num_threads=num_threads, normalize=False, num_workers=num_workers,
     )  # fmt: skip
     evals = {
         name: eval_pipeline(
@@ -411,44 +414,47 @@ def _fit(
         bar = tqdm(total=n_steps, initial=start, unit="step", disable=not progress or not lead, dynamic_ncols=True)
         window: list[dict] = []
         t_window = time.perf_counter()
-        for step, batch in enumerate(train_pipe.iterate(start_step=start), start=start):
-            if step >= n_steps:
-                break
-            state, metrics = step_fn(state, shard_batch(batch, mesh))
-            window.append(metrics)
-            done = step + 1
-            bar.update(1)
-            where = dict(step=done, steps_per_epoch=steps_per_epoch, ckpt=ckpt)
-            # windows also end at checkpoints, so a resumed run logs exactly what an uninterrupted one does
-            if done % log_every == 0 or done % config.checkpoint_every == 0 or done == n_steps:
-                record = _mean(window)
-                elapsed = time.perf_counter() - t_window
-                record.update(
-                    step=done, epoch=done / steps_per_epoch, images_per_s=len(window) * config.batch_size / elapsed
-                )
-                log.write({"split": "train", **record})
-                _check_finite("training loss", record["loss"], **where)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                                img_s=f"{record['images_per_s']:.0f}")  # fmt: skip
-                window, t_window = [], time.perf_counter()
-            if done % eval_every == 0 or done == n_steps:
-                val = evaluate(eval_fn, state, evals["val"], mesh)
-                log.write({"split": "val", "step": done, **val})
-                _check_finite("validation loss", val["loss"], **where)
-                if _is_better(val, best):
-                    best = {**val, "step": done}
-                    ckpt.save("best", done, params=state.params, model_state=state.model_state, meta={"best": best})
-                bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
-                          f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
-            if done % config.checkpoint_every == 0 or done == n_steps:
-                if not bool(_all_finite((state.params, state.model_state))):  # never save a NaN model
-                    _check_finite("non-finite parameters", None, **where)
-                ckpt.save(
-                    "latest", done, params=state.params, model_state=state.model_state, opt_state=state.opt_state,
-                    meta={"best": best, "epoch": done / steps_per_epoch},
-                )  # fmt: skip
-            if on_step is not None:
-                on_step(done, state)
+        # the iterator ends at the last step and is closed on any exit: decoding processes leave nothing behind
+        batches = train_pipe.iterate(start_step=start, stop_step=n_steps)
+        try:
+            for step, batch in enumerate(batches, start=start):
+                state, metrics = step_fn(state, shard_batch(batch, mesh))
+                window.append(metrics)
+                done = step + 1
+                bar.update(1)
+                where = dict(step=done, steps_per_epoch=steps_per_epoch, ckpt=ckpt)
+                # windows also end at checkpoints, so a resumed run logs exactly what an uninterrupted one does
+                if done % log_every == 0 or done % config.checkpoint_every == 0 or done == n_steps:
+                    record = _mean(window)
+                    elapsed = time.perf_counter() - t_window
+                    record.update(
+                        step=done, epoch=done / steps_per_epoch, images_per_s=len(window) * config.batch_size / elapsed
+                    )
+                    log.write({"split": "train", **record})
+                    _check_finite("training loss", record["loss"], **where)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                                    img_s=f"{record['images_per_s']:.0f}")  # fmt: skip
+                    window, t_window = [], time.perf_counter()
+                if done % eval_every == 0 or done == n_steps:
+                    val = evaluate(eval_fn, state, evals["val"], mesh)
+                    log.write({"split": "val", "step": done, **val})
+                    _check_finite("validation loss", val["loss"], **where)
+                    if _is_better(val, best):
+                        best = {**val, "step": done}
+                        ckpt.save("best", done, params=state.params, model_state=state.model_state, meta={"best": best})
+                    bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
+                              f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
+                if done % config.checkpoint_every == 0 or done == n_steps:
+                    if not bool(_all_finite((state.params, state.model_state))):  # never save a NaN model
+                        _check_finite("non-finite parameters", None, **where)
+                    ckpt.save(
+                        "latest", done, params=state.params, model_state=state.model_state, opt_state=state.opt_state,
+                        meta={"best": best, "epoch": done / steps_per_epoch},
+                    )  # fmt: skip
+                if on_step is not None:
+                    on_step(done, state)
+        finally:
+            getattr(batches, "close", lambda: None)()
         bar.close()
         ckpt.wait()
         best_state = restore_best(ckpt, state, mesh)
