@@ -88,3 +88,40 @@ def test_entry_point_runs_as_a_module(tmp_path):
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: checkpoint run directory not found: {tmp_path / 'none'}"]
+
+
+def test_interrupted_run_continues_to_the_same_results(run_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C keeps the finished batches; the same command continues from them (a damaged one is computed again)
+    to the results of an uninterrupted run; other options start afresh."""
+    from delib_jax.evaluation import faithfulness_job as job
+
+    argv = ["--checkpoint", str(run_dir), "--synthetic", "--num-images", "5", "--steps", "3", "--samples", "2",
+            "--ig-steps", "2", "--batch-size", "2", "--methods", "gradient", "random"]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+
+    real, calls = job._batch_scores, []
+
+    def interrupt_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(job, "_batch_scores", interrupt_third)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 130
+    assert "finished batches are kept" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "partial").glob("batch-*.npz")) == ["batch-00000.npz", "batch-00001.npz"]
+    assert not (out / "results.json").exists()
+    (out / "partial" / "batch-00001.npz").write_bytes(b"damaged")
+    calls.clear()
+    monkeypatch.setattr(job, "_batch_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert main([*argv, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert len(calls) == 2 and "resuming: 2 finished batches" in err, err  # batches 1 and 2 computed
+    assert json.loads((out / "results.json").read_text())["levels"] == straight["levels"]
+    calls.clear()
+    assert main([*argv[:-1], "--out", str(out)]) == 0  # methods: gradient only
+    assert len(calls) == 3 and "starting afresh" in capsys.readouterr().err

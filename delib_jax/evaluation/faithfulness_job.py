@@ -8,7 +8,10 @@ and with the cross-location term, integrated gradients (Gauss-Legendre nodes), G
 (the random-order baseline). Writes OUT/results.json (means, standard errors, mean curves), OUT/table.md and one plot
 per curve and level.
 
-Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.
+Each finished batch's per-image scores are kept in OUT/partial/ (with the run, data and options they belong to), so
+that an interrupted or killed command continues where it stopped when run again; other options start afresh.
+
+Exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted (finished batches kept).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,27 +113,90 @@ def _scores(head, x, maps, targets, options: FaithfulnessOptions, key) -> dict[s
     return out
 
 
-def evaluate_batches(model, batches, options: FaithfulnessOptions, *, total: int | None = None) -> dict:
-    """{level: {metric or curve name: (N, M[, T + 1]) per image}} over image batches (B, H, W, 3) normalised."""
+def evaluate_batches(model, batches, options: FaithfulnessOptions, *, total: int | None = None,
+                     partial: Path | None = None) -> dict:
+    """{level: {metric or curve name: (N, M[, T + 1]) per image}} over image batches (B, H, W, 3) normalised.
+
+    With ``partial`` (a folder) each batch's scores are saved there as ``batch-IIIII.npz`` once computed, and read
+    back instead of computed when present: the same results whether or not a run was interrupted (the random keys
+    advance per batch either way)."""
     options = options.check()
     _, pixel_head = split_model(model, "image")
     forward = jax.jit(lambda x: (lambda a: (a, model.classifier(a)))(model.backbone(x).astype(jnp.float32)))
     key = jax.random.key(options.seed)
     results: dict[str, dict[str, list]] = {level: {} for level in options.levels}
-    for images in tqdm(batches, desc="faithfulness", total=total, unit="batch", leave=False):
-        images = jnp.asarray(images)
-        a, logits = forward(images)
-        if not bool(jnp.isfinite(logits).all()):
-            raise ValueError("the model's outputs are not finite (NaN or inf logits; a diverged training run)")
-        targets = jnp.argmax(logits, axis=-1)
+    for i, images in enumerate(tqdm(batches, desc="faithfulness", total=total, unit="batch", leave=False)):
         key, k_maps, k_a, k_px = jax.random.split(key, 4)
-        maps = method_maps(model, a, targets, options.methods, key=k_maps, ig_steps=options.ig_steps)
-        per_map = np.repeat(np.asarray(targets)[:, None], maps.shape[1], axis=1)
-        for level in options.levels:
-            head, x, k = (model.classifier, a, k_a) if level == "A" else (pixel_head, images, k_px)
-            for name, values in _scores(head, x, maps, per_map, options, k).items():
+        saved = None if partial is None else _load_batch(partial / f"batch-{i:05d}.npz", options.levels)
+        if saved is None:
+            saved = _batch_scores(model, pixel_head, forward, images, options, k_maps, k_a, k_px)
+            if partial is not None:
+                _save_batch(partial / f"batch-{i:05d}.npz", saved)
+        for level, scores in saved.items():
+            for name, values in scores.items():
                 results[level].setdefault(name, []).append(values)
     return {level: {k: np.concatenate(v) for k, v in r.items()} for level, r in results.items()}
+
+
+def _batch_scores(model, pixel_head, forward, images, options: FaithfulnessOptions, k_maps, k_a, k_px) -> dict:
+    """{level: {name: per-image values}} of one batch."""
+    images = jnp.asarray(images)
+    a, logits = forward(images)
+    if not bool(jnp.isfinite(logits).all()):
+        raise ValueError("the model's outputs are not finite (NaN or inf logits; a diverged training run)")
+    targets = jnp.argmax(logits, axis=-1)
+    maps = method_maps(model, a, targets, options.methods, key=k_maps, ig_steps=options.ig_steps)
+    per_map = np.repeat(np.asarray(targets)[:, None], maps.shape[1], axis=1)
+    out = {}
+    for level in options.levels:
+        head, x, k = (model.classifier, a, k_a) if level == "A" else (pixel_head, images, k_px)
+        out[level] = _scores(head, x, maps, per_map, options, k)
+    return out
+
+
+def _save_batch(path: Path, scores: dict) -> None:
+    """One batch's scores, written whole or not at all (a temporary file renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{f"{level}/{name}": v for level, s in scores.items() for name, v in s.items()})
+    tmp.replace(path)
+
+
+def _load_batch(path: Path, levels: Sequence[str]) -> dict | None:
+    """The saved scores of one batch, or None if absent or unreadable (then computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            out: dict[str, dict] = {level: {} for level in levels}
+            for name in z.files:
+                level, metric = name.split("/", 1)
+                out[level][metric] = z[name]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return out if all(out.values()) else None
+
+
+def _partial_folder(out: Path, identity: dict, progress: Callable[[str], None]) -> Path:
+    """OUT/partial for ``identity`` (run, data, options): kept if it was made for the same, else emptied."""
+    partial = out / "partial"
+    manifest = partial / "manifest.json"
+    identity = json.loads(json.dumps(identity))  # as it reads back (tuples become lists)
+    try:
+        same = json.loads(manifest.read_text()) == identity
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        if partial.is_dir():
+            progress(f"{partial} holds batches of another run, dataset or options: starting afresh")
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        _write_json(manifest, identity)
+    else:
+        done = len(list(partial.glob("batch-*.npz")))
+        if done:
+            progress(f"resuming: {done} finished batches in {partial}")
+    return partial
 
 
 def summarize(per_image: dict, methods: Sequence[str]) -> dict:
@@ -180,6 +248,13 @@ def _plot(path: Path, rows: dict, curve: str, steps: int, level: str) -> Path:
                        ylabel="probability of the predicted class (%)", title=f"{mode.capitalize()} at {level}")
 
 
+def _weights_stamp(checkpoint: Path) -> list:
+    """Sizes and modification times of the run's checkpoint files: retrained weights start the partial results
+    afresh."""
+    files = sorted(p for p in Path(checkpoint, "checkpoints").rglob("*") if p.is_file())
+    return [[str(p.relative_to(checkpoint)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
@@ -229,8 +304,11 @@ def run(checkpoint: Path, data_dir: Path | None, out: Path, options: Faithfulnes
         raise UsageError(f"cannot create --out {out}: {e.strerror or e}; choose another folder") from None
     model, config = load_model(checkpoint)
     n, batches = _test_images(config, data_dir, options)
+    identity = {"checkpoint": str(Path(checkpoint).absolute()), "weights": _weights_stamp(checkpoint),
+                "data_dir": str(Path(data_dir).absolute()), "images": n, "options": asdict(options)}
+    partial = _partial_folder(out, identity, progress)
     progress(f"explaining {n} test images of {data_dir} with {', '.join(options.methods)}")
-    per_image = evaluate_batches(model, batches, options, total=math.ceil(n / options.batch_size))
+    per_image = evaluate_batches(model, batches, options, total=math.ceil(n / options.batch_size), partial=partial)
     summary = summarize(per_image, options.methods)
     (out / "table.md").write_text(markdown_table(summary, n))
     plots = [_plot(out / f"{curve.split('_')[0]}_{level}.png", rows, curve, options.steps, level).name
@@ -286,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written (the results are written at the end)", file=sys.stderr)
+        print(f"\ninterrupted: finished batches are kept in {Path(args.out) / 'partial'}; the same command "
+              "continues", file=sys.stderr)
         return 130
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/results.json, table.md and {', '.join(summary['plots'])}")
