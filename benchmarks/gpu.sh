@@ -33,7 +33,7 @@ install_wheels() {  # the packages of benchmarks/gpu_wheels.sh whose module is m
   for pair in grain:grain array_record:array_record tree:dm_tree wrapt:wrapt simplejson:simplejson \
       tensorflow_datasets:tensorflow_datasets tensorflow_metadata:tensorflow_metadata google.api:googleapis_common_protos \
       portpicker:portpicker immutabledict:immutabledict importlib_resources:importlib_resources termcolor:termcolor \
-      toml:toml cloudpickle:cloudpickle etils:etils promise:promise six:six attr:attrs; do
+      toml:toml cloudpickle:cloudpickle etils:etils promise:promise six:six attr:attrs absl:absl_py; do
     module=${pair%%:*}; wheel=${pair#*:}
     "$PY" -c "import $module" 2>/dev/null && continue
     log "installing $wheel"

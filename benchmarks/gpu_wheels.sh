@@ -15,6 +15,6 @@ mkdir -p "$DIR"
 # pure-Python wheels
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$DIR" \
   "tensorflow-datasets==4.9.10" tensorflow-metadata googleapis-common-protos portpicker immutabledict \
-  importlib_resources termcolor toml cloudpickle etils six attrs
+  importlib_resources termcolor toml cloudpickle etils six attrs absl-py
 "$PY" -m pip wheel --quiet --no-deps -w "$DIR" "promise==2.3"  # published as a source archive only; pure Python
 ls -l "$DIR"
