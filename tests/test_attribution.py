@@ -418,8 +418,9 @@ def test_confident_prediction_gives_finite_maps_equal_to_float64(score):
     noise of the top class's tangent alone was ~1e-9 before the logits were centred on the top class)."""
     def head(dtype):
         h = PoolMLPHead(D, 3, rngs=nnx.Rngs(0))
-        h.linears[0].kernel[...] = jnp.asarray(np.random.RandomState(0).randn(D, 3) * 0.1, dtype)
-        h.linears[0].bias[...] = jnp.asarray([50.0, 0.0, -50.0], dtype)
+        kernel = (np.random.RandomState(0).randn(D, 3) * 0.1).astype(np.float32)  # the same weights in both
+        h.linears[0].kernel.value = jnp.asarray(kernel, dtype)  # whole arrays: float64 ones for the reference
+        h.linears[0].bias.value = jnp.asarray([50.0, 0.0, -50.0], dtype)
         return h
 
     a = _features()
