@@ -154,7 +154,7 @@ class PipelineConfig:
       num_workers: decoding processes (grain's ``mp_prefetch``, started with 'spawn'), each with ``num_threads``
         threads; 0: threads of this process only. Threads share one interpreter lock, and the Python part of each
         example (about 0.45 ms of a pre-resized image's 1.45 ms on the 2-core development CPU) caps one process
-        near 2,000 images/s however many cores it has; processes lift that cap at the price of a start-up (~2 s) and
+        near 2,200 images/s however many cores it has; processes lift that cap at the price of a start-up (~2 s) and
         of copying batches between processes. The batches are the same either way.
       normalize: images as float32 normalised with ``stats`` on the host; False: uint8 pixels, to be normalised on the
         device (`transforms.model_input`).
