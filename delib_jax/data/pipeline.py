@@ -383,7 +383,7 @@ def _ignore_interrupts(worker: int, workers: int) -> None:
 
 
 def _prepare_grain_workers() -> None:
-    """What grain's process workers need from this process on Python 3.11.
+    """What grain's process workers need from this process (seen with grain 0.2 on Python 3.11).
 
     Its workers read grain's absl flags, which a program that never parsed absl flags (any but ``absl.app``
     programs) has not: they are marked parsed at their defaults (google/grain#1355). And at exit, Python's resource
