@@ -419,8 +419,8 @@ def test_confident_prediction_gives_finite_maps_equal_to_float64(score):
     def head(dtype):
         h = PoolMLPHead(D, 3, rngs=nnx.Rngs(0))
         kernel = (np.random.RandomState(0).randn(D, 3) * 0.1).astype(np.float32)  # the same weights in both
-        h.linears[0].kernel.value = jnp.asarray(kernel, dtype)  # whole arrays: float64 ones for the reference
-        h.linears[0].bias.value = jnp.asarray([50.0, 0.0, -50.0], dtype)
+        h.linears[0].kernel.set_value(jnp.asarray(kernel, dtype))  # whole arrays: float64 ones for the reference
+        h.linears[0].bias.set_value(jnp.asarray([50.0, 0.0, -50.0], dtype))
         return h
 
     a = _features()
