@@ -50,9 +50,19 @@ def _device() -> str:
     return f"{d.platform} ({d.device_kind})"
 
 
-def run(arch: str, batch: int, method: str, classes: int, size: int, score: str, repeats: int,
-        loop_outputs: int, seed: int = 0, difficulty_channels: str = Options.difficulty_channels,
-        precision: str = "float32") -> dict:
+def run(
+    arch: str,
+    batch: int,
+    method: str,
+    classes: int,
+    size: int,
+    score: str,
+    repeats: int,
+    loop_outputs: int,
+    seed: int = 0,
+    difficulty_channels: str = Options.difficulty_channels,
+    precision: str = "float32",
+) -> dict:
     model = create_model(arch, classes, rngs=nnx.Rngs(seed))
     model.eval()
     images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
@@ -124,36 +134,55 @@ def run(arch: str, batch: int, method: str, classes: int, size: int, score: str,
     loop_exact_s = forward_s + exact_part * num_outputs * h * w / k
     loop_full_s = full_part * num_outputs / k
     return {
-        "arch": arch, "batch": batch, "size": size, "method": method, "score": score,
-        "difficulty_channels": difficulty_channels, "precision": precision, "device": _device(),
-        "num_outputs": num_outputs, "forward_s": forward_s, "explain_s": explain_s, "ratio": explain_s / forward_s,
-        "images_per_s": batch / explain_s, "loop_s": loop_s, "loop_timed_outputs": k,
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "method": method,
+        "score": score,
+        "difficulty_channels": difficulty_channels,
+        "precision": precision,
+        "device": _device(),
+        "num_outputs": num_outputs,
+        "forward_s": forward_s,
+        "explain_s": explain_s,
+        "ratio": explain_s / forward_s,
+        "images_per_s": batch / explain_s,
+        "loop_s": loop_s,
+        "loop_timed_outputs": k,
         "loop_note": f"forward + per-output loop timed on {k} of {num_outputs} outputs, scaled linearly",
         "speedup": loop_s / explain_s,
         "loop_exact_s": loop_exact_s,
         "loop_exact_note": f"forward + one gradient/HVP per (output, location) for the exact diagonal blocks, timed on "
-                           f"{k} pairs, scaled to {num_outputs} x {h * w}",
+        f"{k} pairs, scaled to {num_outputs} x {h * w}",
         "speedup_exact": loop_exact_s / explain_s,
         "loop_full_s": loop_full_s,
         "loop_full_note": f"original style: per output a jitted forward from the images + gradient + HVP at A, timed "
-                          f"on {k} outputs, scaled to {num_outputs}",
-        "speedup_full": loop_full_s / explain_s, "repeats": repeats, "jax": jax.__version__,
+        f"on {k} outputs, scaled to {num_outputs}",
+        "speedup_full": loop_full_s / explain_s,
+        "repeats": repeats,
+        "jax": jax.__version__,
         "matmul_precision": jax.config.jax_default_matmul_precision or "default",
     }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: python -m benchmarks.attribution --arch resnet50 --batch 2 --json")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m benchmarks.attribution --arch resnet50 --batch 2 --json",
+    )
     p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--method", default="gradient_hessian", choices=METHODS)
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--score", default="hardness", choices=sorted(difficulty.SCORES))
-    p.add_argument("--difficulty-channels", default=Options.difficulty_channels, choices=("positive", "signed"),
-                   help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)")
+    p.add_argument(
+        "--difficulty-channels",
+        default=Options.difficulty_channels,
+        choices=("positive", "signed"),
+        help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)",
+    )
     p.add_argument("--precision", default="float32", choices=("float32", "bfloat16"), help="the backbone's arithmetic")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--loop-outputs", type=int, default=8, help="outputs timed in the per-output loop baseline")
@@ -161,8 +190,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch < 1 or args.classes < 2 or args.repeats < 1 or args.size < 32:
         p.error("need --batch >= 1, --classes >= 2, --repeats >= 1 and --size >= 32")
-    result = run(args.arch, args.batch, args.method, args.classes, args.size, args.score, args.repeats,
-                 args.loop_outputs, difficulty_channels=args.difficulty_channels, precision=args.precision)
+    result = run(
+        args.arch,
+        args.batch,
+        args.method,
+        args.classes,
+        args.size,
+        args.score,
+        args.repeats,
+        args.loop_outputs,
+        difficulty_channels=args.difficulty_channels,
+        precision=args.precision,
+    )
     if args.json:
         print(json.dumps(result))
     else:

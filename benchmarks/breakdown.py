@@ -45,8 +45,16 @@ def _flops(jitted, *args) -> float:
     return float(cost.get("flops", float("nan")))
 
 
-def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: int, seed: int = 0,
-        difficulty_channels: str = Options.difficulty_channels) -> dict:
+def run(
+    arch: str,
+    batch: int,
+    classes: int,
+    size: int,
+    method: str,
+    repeats: int,
+    seed: int = 0,
+    difficulty_channels: str = Options.difficulty_channels,
+) -> dict:
     model = create_model(arch, classes, rngs=nnx.Rngs(seed))
     model.eval()
     images = jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
@@ -95,24 +103,61 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, repeats: in
     gemm_fm = jax.jit(lambda w, t: jax.lax.dot_general(w, t, (((0,), (0,)), ((), ()))) * mask[:, None])
     gemm_rm = jax.jit(lambda w, t: (t @ w) * mask[None, :])
 
-    names = ["backbone_s", "forward_s", "forward_args_s", "forward_unfolded_args_s", "forward_state_s", "explain_s",
-             "explain_unchecked_s", "explain_no_check_s", "explain_two_stage_s", "heads_s", "tangents_s",
-             "tangents_feature_major_s", "tangents_row_major_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"]
-    fns = [lambda: backbone(images), lambda: forward(images), lambda: forward_args(leaves, images),
-           lambda: forward_unfolded(unfolded_leaves, images), lambda: forward_state(state, images),
-           lambda: explain(images), lambda: unchecked(leaves, images), lambda: no_check(images),
-           lambda: maps_args(heads_leaves, backbone_args(bb_leaves, images)), lambda: heads(a), lambda: tangents(a),
-           lambda: tangents_fm(a), lambda: tangents_rm(a),
-           lambda: maps(a), lambda: gemm_fm(kernel, t_fm), lambda: gemm_rm(kernel, t_rm)]
+    names = [
+        "backbone_s",
+        "forward_s",
+        "forward_args_s",
+        "forward_unfolded_args_s",
+        "forward_state_s",
+        "explain_s",
+        "explain_unchecked_s",
+        "explain_no_check_s",
+        "explain_two_stage_s",
+        "heads_s",
+        "tangents_s",
+        "tangents_feature_major_s",
+        "tangents_row_major_s",
+        "maps_s",
+        "gemm_feature_major_s",
+        "gemm_row_major_s",
+    ]
+    fns = [
+        lambda: backbone(images),
+        lambda: forward(images),
+        lambda: forward_args(leaves, images),
+        lambda: forward_unfolded(unfolded_leaves, images),
+        lambda: forward_state(state, images),
+        lambda: explain(images),
+        lambda: unchecked(leaves, images),
+        lambda: no_check(images),
+        lambda: maps_args(heads_leaves, backbone_args(bb_leaves, images)),
+        lambda: heads(a),
+        lambda: tangents(a),
+        lambda: tangents_fm(a),
+        lambda: tangents_rm(a),
+        lambda: maps(a),
+        lambda: gemm_fm(kernel, t_fm),
+        lambda: gemm_rm(kernel, t_rm),
+    ]
     times = dict(zip(names, _median_times(fns, repeats)))
     forward_flops = _flops(forward_args, leaves, images)
     explain_flops = _flops(unchecked, leaves, images)
-    return {"arch": arch, "batch": batch, "size": size, "method": method, "device": _device(), **times,
-            "ratio": times["explain_s"] / times["forward_args_s"], "weight_arrays": len(leaves),
-            "weight_arrays_unfolded": len(unfolded_leaves),
-            "gemm_shape": [rows, int(kernel.shape[0]), int(kernel.shape[1])],
-            "forward_flops": forward_flops, "explain_flops": explain_flops,
-            "flops_ratio": explain_flops / forward_flops, "jax": jax.__version__}
+    return {
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "method": method,
+        "device": _device(),
+        **times,
+        "ratio": times["explain_s"] / times["forward_args_s"],
+        "weight_arrays": len(leaves),
+        "weight_arrays_unfolded": len(unfolded_leaves),
+        "gemm_shape": [rows, int(kernel.shape[0]), int(kernel.shape[1])],
+        "forward_flops": forward_flops,
+        "explain_flops": explain_flops,
+        "flops_ratio": explain_flops / forward_flops,
+        "jax": jax.__version__,
+    }
 
 
 def main(argv=None) -> int:
@@ -122,13 +167,24 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--method", default="gradient_hessian", choices=METHODS)
-    p.add_argument("--difficulty-channels", default=Options.difficulty_channels, choices=("positive", "signed"),
-                   help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)")
+    p.add_argument(
+        "--difficulty-channels",
+        default=Options.difficulty_channels,
+        choices=("positive", "signed"),
+        help="difficulty map's first-order rule (default: the library's; 'signed' before 2026-11-28)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    result = run(args.arch, args.batch, args.classes, args.size, args.method, args.repeats,
-                 difficulty_channels=args.difficulty_channels)
+    result = run(
+        args.arch,
+        args.batch,
+        args.classes,
+        args.size,
+        args.method,
+        args.repeats,
+        difficulty_channels=args.difficulty_channels,
+    )
     print(json.dumps(result) if args.json else "\n".join(f"{k:>22}: {v}" for k, v in result.items()))
     return 0
 

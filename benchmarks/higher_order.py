@@ -32,8 +32,9 @@ def run(arch: str, batch: int, classes: int, size: int, top: int, repeats: int, 
 
     features, pixel_head = split_model(model, "image")
     first = make_layer_attribution_fn(None, pixel_head, targets=top, method="gradient", order="reverse")
-    cross = make_layer_attribution_fn(None, pixel_head, targets=top, method="gradient_hessian",
-                                      second_order="cross", order="reverse")
+    cross = make_layer_attribution_fn(
+        None, pixel_head, targets=top, method="gradient_hessian", second_order="cross", order="reverse"
+    )
     pixel_first_s, pixel_cross_s = _median_times([lambda: first(images).maps, lambda: cross(images).maps], repeats)
 
     structure, leaves = split_leaves(model)
@@ -45,21 +46,35 @@ def run(arch: str, batch: int, classes: int, size: int, top: int, repeats: int, 
 
     interactions = make_model_interactions_fn(model)
     forward_s, interactions_s = _median_times(
-        [lambda: forward(leaves, images), lambda: interactions(images).values], repeats)
+        [lambda: forward(leaves, images), lambda: interactions(images).values], repeats
+    )
     shape = interactions(images).values.shape
     return {
-        "arch": arch, "batch": batch, "size": size, "classes": classes, "top": top, "device": _device(),
-        "pixel_locations": size * size, "pixel_first_s": pixel_first_s, "pixel_cross_s": pixel_cross_s,
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "classes": classes,
+        "top": top,
+        "device": _device(),
+        "pixel_locations": size * size,
+        "pixel_first_s": pixel_first_s,
+        "pixel_cross_s": pixel_cross_s,
         "pixel_ratio": pixel_cross_s / pixel_first_s,
-        "forward_s": forward_s, "interactions_s": interactions_s, "interactions_ratio": interactions_s / forward_s,
-        "interactions_shape": list(shape), "repeats": repeats, "jax": jax.__version__,
+        "forward_s": forward_s,
+        "interactions_s": interactions_s,
+        "interactions_ratio": interactions_s / forward_s,
+        "interactions_shape": list(shape),
+        "repeats": repeats,
+        "jax": jax.__version__,
     }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: python -m benchmarks.higher_order --arch resnet50 --batch 1 --json")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m benchmarks.higher_order --arch resnet50 --batch 1 --json",
+    )
     p.add_argument("--arch", default="resnet50", choices=sorted(ARCHS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--classes", type=int, default=200)
@@ -69,15 +84,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
     if min(args.batch, args.classes - 1, args.size, args.top, args.repeats) < 1 or args.top > args.classes:
-        print("error: --batch, --size, --repeats and --top must be >= 1, --top at most --classes, --classes >= 2",
-              file=sys.stderr)
+        print(
+            "error: --batch, --size, --repeats and --top must be >= 1, --top at most --classes, --classes >= 2",
+            file=sys.stderr,
+        )
         return 2
     result = run(args.arch, args.batch, args.classes, args.size, args.top, args.repeats)
     if not args.json:
-        print(f"{args.arch} {args.size}px batch {args.batch}: pixel top-{args.top} cross / first "
-              f"{result['pixel_cross_s']:.3f}s / {result['pixel_first_s']:.3f}s = {result['pixel_ratio']:.2f}; "
-              f"interactions {result['interactions_shape']} / forward {result['interactions_s']:.3f}s / "
-              f"{result['forward_s']:.3f}s = {result['interactions_ratio']:.2f}")
+        print(
+            f"{args.arch} {args.size}px batch {args.batch}: pixel top-{args.top} cross / first "
+            f"{result['pixel_cross_s']:.3f}s / {result['pixel_first_s']:.3f}s = {result['pixel_ratio']:.2f}; "
+            f"interactions {result['interactions_shape']} / forward {result['interactions_s']:.3f}s / "
+            f"{result['forward_s']:.3f}s = {result['interactions_ratio']:.2f}"
+        )
     print(json.dumps(result))
     return 0
 

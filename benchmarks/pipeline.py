@@ -133,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: threads only)")
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--host-normalize", action="store_true",
-                        help="float32 batches normalised on the host (default: uint8, as training reads them)")
+    parser.add_argument(
+        "--host-normalize",
+        action="store_true",
+        help="float32 batches normalised on the host (default: uint8, as training reads them)",
+    )
     args = parser.parse_args(argv)
     if args.workers and args.steps <= args.workers:
-        parser.error(f"--steps ({args.steps}) must exceed --workers ({args.workers}): each worker's first batch is "
-                     "not timed")
+        parser.error(
+            f"--steps ({args.steps}) must exceed --workers ({args.workers}): each worker's first batch is not timed"
+        )
     try:
         return run(args)
     except DatasetError as e:

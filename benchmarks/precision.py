@@ -53,16 +53,28 @@ def run(arch: str, batch: int, classes: int, size: int, method: str, seed: int =
         @jax.jit
         def fn(a):
             zero = jnp.zeros_like(a)
-            return _attribute(nnx.merge(c_graph, c_state), nnx.merge(h_graph, h_state), a, a, zero, zero,
-                              Options(method=method, path="fast")).maps
+            return _attribute(
+                nnx.merge(c_graph, c_state),
+                nnx.merge(h_graph, h_state),
+                a,
+                a,
+                zero,
+                zero,
+                Options(method=method, path="fast"),
+            ).maps
 
         with jax.default_matmul_precision(precision):
             return fn(a)
 
     d = jax.devices()[0]
     return {
-        "arch": arch, "batch": batch, "size": size, "method": method, "device": f"{d.platform} ({d.device_kind})",
-        "fast_vs_generic": _rel(fast_hi, generic_hi), "default_vs_highest": _rel(fast_default, fast_hi),
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "method": method,
+        "device": f"{d.platform} ({d.device_kind})",
+        "fast_vs_generic": _rel(fast_hi, generic_hi),
+        "default_vs_highest": _rel(fast_default, fast_hi),
         "maps_default_vs_highest": _rel(maps_from_a(None), maps_from_a("highest")),
         "jax": jax.__version__,
     }
@@ -107,12 +119,19 @@ def run_bfloat16(arch: str, batch: int, classes: int, size: int, method: str, se
                 ious.append(float((m_r & m_g).sum() / max((m_r | m_g).sum(), 1)))
     d = jax.devices()[0]
     return {
-        "arch": arch, "batch": batch, "size": size, "method": method, "device": f"{d.platform} ({d.device_kind})",
-        "images": "synthetic birds", "bf16_vs_f32": _rel(got.attribution.maps, ref.attribution.maps),
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "method": method,
+        "device": f"{d.platform} ({d.device_kind})",
+        "images": "synthetic birds",
+        "bf16_vs_f32": _rel(got.attribution.maps, ref.attribution.maps),
         "bf16_probs_max_abs": float(jnp.max(jnp.abs(got.attribution.probs - ref.attribution.probs))),
         "predictions_changed": int(np.sum(np.argmax(ref.attribution.probs, -1) != np.argmax(got.attribution.probs, 1))),
-        "pairs_changed": changed, "mask_iou_mean": float(np.mean(ious)) if ious else None,
-        "mask_iou_min": float(np.min(ious)) if ious else None, "jax": jax.__version__,
+        "pairs_changed": changed,
+        "mask_iou_mean": float(np.mean(ious)) if ious else None,
+        "mask_iou_min": float(np.min(ious)) if ious else None,
+        "jax": jax.__version__,
     }
 
 

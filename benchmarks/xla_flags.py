@@ -65,8 +65,9 @@ def child(args: argparse.Namespace) -> dict:
     out[f"{args.arch}_forward_s"] = _median_call(lambda: predict(images).logits, args.repeats)
     out[f"{args.arch}_explain_s"] = _median_call(lambda: explain(images).maps, args.repeats)
     out[f"{args.arch}_grad_cam_s"] = _median_call(lambda: grad_cam(model.classifier, a), args.repeats)
-    out[f"{args.arch}_grad_cam_{k}_classes_s"] = _median_call(lambda: grad_cam(model.classifier, a, classes),
-                                                              args.repeats)
+    out[f"{args.arch}_grad_cam_{k}_classes_s"] = _median_call(
+        lambda: grad_cam(model.classifier, a, classes), args.repeats
+    )
     if args.arch2:
         predict2 = make_predict_fn(create_model(args.arch2, args.classes, rngs=nnx.Rngs(0)))
         out[f"{args.arch2}_forward_s"] = _median_call(lambda: predict2(images).logits, args.repeats)
@@ -74,9 +75,11 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: python -m benchmarks.xla_flags --rounds 2")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m benchmarks.xla_flags --rounds 2",
+    )
     p.add_argument("--arch", default="vgg16")
     p.add_argument("--arch2", default="resnet50", help="a second architecture whose forward pass is timed ('' none)")
     p.add_argument("--batch", type=int, default=2)
@@ -97,24 +100,52 @@ def main(argv=None) -> int:
         p.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
     base_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
     results: dict[str, list[dict]] = {n: [] for n in names}
-    forwarded = ["--arch", args.arch, "--arch2", args.arch2, "--batch", str(args.batch), "--size", str(args.size),
-                 "--classes", str(args.classes), "--cam-classes", str(args.cam_classes),
-                 "--repeats", str(args.repeats)]
+    forwarded = [
+        "--arch",
+        args.arch,
+        "--arch2",
+        args.arch2,
+        "--batch",
+        str(args.batch),
+        "--size",
+        str(args.size),
+        "--classes",
+        str(args.classes),
+        "--cam-classes",
+        str(args.cam_classes),
+        "--repeats",
+        str(args.repeats),
+    ]
     for _ in range(args.rounds):
         for name in names:
             value = SETTINGS[name]
             flags = base_flags if value is None else f"{base_flags} {FLAG}{value}".strip()
             env = {**os.environ, "XLA_FLAGS": flags}
-            done = subprocess.run([sys.executable, "-m", "benchmarks.xla_flags", "--child", *forwarded], env=env,
-                                  capture_output=True, text=True, check=False)
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.xla_flags", "--child", *forwarded],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)
                 return 1
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     for name, runs in results.items():
         medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(json.dumps({"setting": name, "flag": None if SETTINGS[name] is None else FLAG + SETTINGS[name],
-                          "rounds": len(runs), "batch": args.batch, "size": args.size, **medians}))
+        print(
+            json.dumps(
+                {
+                    "setting": name,
+                    "flag": None if SETTINGS[name] is None else FLAG + SETTINGS[name],
+                    "rounds": len(runs),
+                    "batch": args.batch,
+                    "size": args.size,
+                    **medians,
+                }
+            )
+        )
     return 0
 
 

@@ -146,7 +146,6 @@ def start_pool(workers: int, initializer: Callable | None = None, initargs: tupl
     return pool
 
 
-
 class Reader:
     """``slots`` batch buffers (B, crop, crop, 3) uint8 filled by ``workers`` processes (0: threads).
 

@@ -36,8 +36,16 @@ def _check_image(image) -> np.ndarray:
     return image
 
 
-def attribution_overlay(image: np.ndarray, values: np.ndarray, *, signed: bool = True, alpha: float = 0.7,
-                        scale: float | None = None, nearest: bool = False, cmap: str = "bwr") -> np.ndarray:
+def attribution_overlay(
+    image: np.ndarray,
+    values: np.ndarray,
+    *,
+    signed: bool = True,
+    alpha: float = 0.7,
+    scale: float | None = None,
+    nearest: bool = False,
+    cmap: str = "bwr",
+) -> np.ndarray:
     """An attribution map (h, w) (any resolution, resized to the image) over an (H, W, 3) uint8 image.
 
     signed: diverging colours centred at zero, opacity growing with |value| / scale (scale: max |value| by default);
@@ -62,8 +70,9 @@ def attribution_overlay(image: np.ndarray, values: np.ndarray, *, signed: bool =
     return np.clip((1 - weight) * image + weight * colored, 0, 255).astype(np.uint8)
 
 
-def interaction_rows(interactions, grid: tuple[int, int], *, image_index: int, location: tuple[int, int],
-                     outputs: Sequence[int]) -> np.ndarray:
+def interaction_rows(
+    interactions, grid: tuple[int, int], *, image_index: int, location: tuple[int, int], outputs: Sequence[int]
+) -> np.ndarray:
     """(len(outputs), H, W): the interactions of ``location`` (i, j) with every location, for the given output
     indices (e.g. the two classes of an insecurity), from an `Interactions` whose rows include that location."""
     h, w = grid
@@ -87,9 +96,16 @@ def interaction_rows(interactions, grid: tuple[int, int], *, image_index: int, l
     return values.reshape(len(index), h, w)
 
 
-def interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int, int], *,
-                       names: Sequence[str] = ("class a", "class b"), title: str | None = None,
-                       shared_scale: bool = False, dpi: int = 100):
+def interaction_figure(
+    image: np.ndarray,
+    rows: np.ndarray,
+    location: tuple[int, int],
+    *,
+    names: Sequence[str] = ("class a", "class b"),
+    title: str | None = None,
+    shared_scale: bool = False,
+    dpi: int = 100,
+):
     """A matplotlib Figure: the image with the chosen grid cell outlined, then for each class its interaction
     x_l^T H_lm x_m with every location m (rows (K, H, W), one per class; each panel on its own colour scale, named
     in its title, unless ``shared_scale``)."""
@@ -112,13 +128,18 @@ def interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int,
     panels = [(image, f"location ({i}, {j})")]
     for name, row in zip(names, rows):
         scale = shared if shared_scale else float(np.abs(row).max())
-        panels.append((attribution_overlay(image, row, scale=scale, nearest=True),
-                       f"{_plain(name)}\nsum {float(row.sum()):.3g}, self {float(row[i, j]):.3g}\nmax |I| {scale:.2g}"))
+        panels.append(
+            (
+                attribution_overlay(image, row, scale=scale, nearest=True),
+                f"{_plain(name)}\nsum {float(row.sum()):.3g}, self {float(row[i, j]):.3g}\nmax |I| {scale:.2g}",
+            )
+        )
     for k, (shown, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         ax.imshow(shown)
-        ax.add_patch(Rectangle((j * cell_w - 0.5, i * cell_h - 0.5), cell_w, cell_h, fill=False, edgecolor="lime",
-                               linewidth=2))
+        ax.add_patch(
+            Rectangle((j * cell_w - 0.5, i * cell_h - 0.5), cell_w, cell_h, fill=False, edgecolor="lime", linewidth=2)
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(label, fontsize=8)
@@ -128,8 +149,9 @@ def interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int,
     return fig
 
 
-def save_interaction_figure(image: np.ndarray, rows: np.ndarray, location: tuple[int, int], path: str | Path,
-                            **kw) -> Path:
+def save_interaction_figure(
+    image: np.ndarray, rows: np.ndarray, location: tuple[int, int], path: str | Path, **kw
+) -> Path:
     """Write `interaction_figure` to ``path`` (PNG)."""
     path = Path(path)
     interaction_figure(image, rows, location, **kw).savefig(path, format="png")

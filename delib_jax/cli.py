@@ -3,38 +3,22 @@
     delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/
     delib explain a.jpg b.png --checkpoint runs/cub_vgg16 --out explained/ --coverage 30% --max-insecurities 3
 
-A subcommand is a `Command` (name, help, how to add its arguments, what to run) added with `register`; ``main``
-builds the parser from the registry. Errors a user can fix print one line and exit with 2; nothing explained exits 1.
+A subcommand is a `Command` (`delib_jax._command`: name, help, how to add its arguments, what to run) listed at the
+end of this module; ``main`` builds the parser from `COMMANDS`. Errors a user can fix print one line and exit with 2;
+nothing explained exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from delib_jax import demo
+from delib_jax._command import Command, UsageError, check_out_dir, make_out_dir
 from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad option, missing file): printed as one line, exit status 2."""
-
-
-@dataclass(frozen=True)
-class Command:
-    """A ``delib`` subcommand: ``configure`` adds its arguments, ``run`` gets the parsed namespace, returns the exit
-    status (raising `UsageError` for a one-line error with status 2)."""
-
-    name: str
-    help: str
-    description: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-
 
 COMMANDS: dict[str, Command] = {}
 
@@ -222,28 +206,6 @@ def _check_explain_args(args: argparse.Namespace) -> None:
     check_out_dir(args.out)
 
 
-def check_out_dir(out: str | Path, flag: str = "--out") -> None:
-    """Refuse early an output folder that cannot be created: it, or the nearest existing folder above it, is a file
-    or not writable."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {out} exists and is not a directory")
-    parent = next((p for p in [path, *path.absolute().parents] if p.exists()), None)
-    if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK)):
-        why = "is a file" if not parent.is_dir() else "is not writable"
-        raise UsageError(f"{flag} {out} cannot be created: {parent} {why}; choose another folder")
-
-
-def make_out_dir(out: str | Path, flag: str = "--out") -> Path:
-    """Create the output folder, a failure (permissions, a read-only or virtual file system) as one line."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"{flag} {out} cannot be created ({e.strerror or e}); choose another folder") from None
-    return path
-
-
 def image_files(inputs: Iterable[str], report: Callable[[str], None], missing: list[Path] | None = None) -> list[Path]:
     """Files named directly, plus image files (by extension) found recursively in folders, in sorted order, each once.
     Inputs that do not exist are left out and reported (or appended to ``missing``); repeated files are reported."""
@@ -397,12 +359,14 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-register(
-    Command("explain", "explain images with a trained model", EXPLAIN_DESCRIPTION, _configure_explain, _run_explain)
+EXPLAIN = Command(
+    "explain", "explain images with a trained model", EXPLAIN_DESCRIPTION, _configure_explain, _run_explain
 )
 
-# Further subcommands register themselves on import.
-from delib_jax import demo as _demo  # noqa: E402,F401  (delib demo)
+# The subcommands, in the order `delib --help` lists them. A new one: a module that builds a `Command` (importing
+# `delib_jax._command`, never this module), added here.
+for _command in (EXPLAIN, demo.COMMAND):
+    register(_command)
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "check_out_dir", "main", "make_out_dir", "register"]
 

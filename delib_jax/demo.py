@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from delib_jax.cli import Command, UsageError, check_out_dir, make_out_dir, register
+from delib_jax._command import Command, UsageError, check_out_dir, make_out_dir
 
 DESCRIPTION = (
     "Run the whole project on the synthetic birds: generate the data, train, explain the hardest test images, "
@@ -27,13 +27,20 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     p.add_argument("--num-images", type=int, default=60, help="hardest test images evaluated (default: 60)")
     p.add_argument("--explain-images", type=int, default=12, help="hardest test images drawn (default: 12)")
-    p.add_argument("--crop", type=int, default=128,
-                   help="training/evaluation crop in pixels, resized from crop * 8/7 (default: 128, a 16x16 feature "
-                        "grid; coarser grids separate the birds' parts less well: 96 px runs ~2x faster)")
+    p.add_argument(
+        "--crop",
+        type=int,
+        default=128,
+        help="training/evaluation crop in pixels, resized from crop * 8/7 (default: 128, a 16x16 feature "
+        "grid; coarser grids separate the birds' parts less well: 96 px runs ~2x faster)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="train on this CUB-format data instead of generating the synthetic birds: a CUB_200_2011 "
-                        "release folder or a TFDS build of it (python -m delib_jax.data.tfds build cub)")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="train on this CUB-format data instead of generating the synthetic birds: a CUB_200_2011 "
+        "release folder or a TFDS build of it (python -m delib_jax.data.tfds build cub)",
+    )
 
 
 def _stage(name: str) -> float:
@@ -105,8 +112,9 @@ def train_stage(out: Path, epochs: int, seed: int, crop: int = 128, data_dir: Pa
     )  # fmt: skip
     resume = (run_dir / "config.json").is_file()
     summary = fit(run_dir, None if resume else config, resume=resume)
-    print(f"test accuracy {summary['test_accuracy']:.3f} (best validation step {summary['best_step']})",
-          file=sys.stderr)
+    print(
+        f"test accuracy {summary['test_accuracy']:.3f} (best validation step {summary['best_step']})", file=sys.stderr
+    )
     return run_dir
 
 
@@ -144,10 +152,19 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     # a TFDS build's images are records, not files: explain the decoded batch in memory
     examples = {c: np.asarray(read_example(cub_source(ds, indices=[i]), 0)[0]) for c, i in first.items()}
     source = cub_source(ds, indices=test.indices[chosen])
-    batch = next(iter(eval_pipeline(source, batch_size=len(chosen), resize=config.resize, crop=config.crop,
-                                    stats=config.normalization)))
-    explanations = ex.explain(model, batch["image"], class_names=config.class_names,
-                              sources=[source.image_paths[i] for i in range(len(chosen))])
+    batch = next(
+        iter(
+            eval_pipeline(
+                source, batch_size=len(chosen), resize=config.resize, crop=config.crop, stats=config.normalization
+            )
+        )
+    )
+    explanations = ex.explain(
+        model,
+        batch["image"],
+        class_names=config.class_names,
+        sources=[source.image_paths[i] for i in range(len(chosen))],
+    )
     target.mkdir(parents=True, exist_ok=True)
     mean, std = np.asarray(config.mean), np.asarray(config.std)
     records, figures = [], []
@@ -158,8 +175,13 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
         records.append({**e.to_json(), "figure": figure})
         figures.append(figure)
     ex.write_json(target / "insecurities.json", {"checkpoint": str(run_dir), "images": records})
-    write_report(target, records, figures, title="Deliberative explanations: hardest synthetic test birds",
-                 settings={"method": "gradient_hessian", "score": "hardness", "top_n": 5, "k": 3, "coverage": 0.1})
+    write_report(
+        target,
+        records,
+        figures,
+        title="Deliberative explanations: hardest synthetic test birds",
+        settings={"method": "gradient_hessian", "score": "hardness", "top_n": 5, "k": 3, "coverage": 0.1},
+    )
     return target
 
 
@@ -194,10 +216,12 @@ def _run(args: argparse.Namespace) -> int:
     evaluate("cub", [run_dir], None, out / "eval", options=options, progress=lambda m: print(m, file=sys.stderr))
     print(f"   {time.perf_counter() - t2:.0f} s", file=sys.stderr)
     print((out / "eval" / "table.md").read_text())
-    print(f"report:  {report / 'index.html'}\ntables:  {out / 'eval' / 'table.md'}\n"
-          f"curves:  {out / 'eval' / 'precision_recall.png'}\nmodel:   {run_dir}\n"
-          f"total:   {time.perf_counter() - t0:.0f} s")
+    print(
+        f"report:  {report / 'index.html'}\ntables:  {out / 'eval' / 'table.md'}\n"
+        f"curves:  {out / 'eval' / 'precision_recall.png'}\nmodel:   {run_dir}\n"
+        f"total:   {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 
-register(Command("demo", "the whole flow on the synthetic birds", DESCRIPTION, _configure, run))
+COMMAND = Command("demo", "the whole flow on the synthetic birds", DESCRIPTION, _configure, run)

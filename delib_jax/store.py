@@ -210,9 +210,14 @@ def explanation_from_row(
     masks, pairs = arrays["masks"][row], arrays["pairs"][row]
     items = tuple(
         Insecurity(
-            mask=masks[q], strength=np.float32(arrays["strength"][row, q]),
-            coverage=np.float32(arrays["coverage"][row, q]), threshold=np.float32(arrays["threshold"][row, q]),
-            a=int(pairs[q, 0]), b=int(pairs[q, 1]), name_a=names[int(pairs[q, 0])], name_b=names[int(pairs[q, 1])],
+            mask=masks[q],
+            strength=np.float32(arrays["strength"][row, q]),
+            coverage=np.float32(arrays["coverage"][row, q]),
+            threshold=np.float32(arrays["threshold"][row, q]),
+            a=int(pairs[q, 0]),
+            b=int(pairs[q, 1]),
+            name_a=names[int(pairs[q, 0])],
+            name_b=names[int(pairs[q, 1])],
         )  # fmt: skip
         for q in np.flatnonzero(arrays["valid"][row])
     )

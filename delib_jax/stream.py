@@ -551,8 +551,10 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
 def _disk_full(out: Path, remaining: int, writer: st.ShardWriter) -> JobError:
     done = max(1, writer.next_seq)
     need = max(1, writer.bytes_written // done) * math.ceil(remaining / max(1, writer.shard_size))
-    return JobError(f"the disk holding {out} is full: free about {need / 1e6:.0f} MB more and run the same command "
-                    "again (finished images are kept)")
+    return JobError(
+        f"the disk holding {out} is full: free about {need / 1e6:.0f} MB more and run the same command "
+        "again (finished images are kept)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ finishing
@@ -599,8 +601,10 @@ def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary:
         summary.json_written = True
     else:
         (out / "insecurities.json").unlink(missing_ok=True)  # an earlier, smaller run's: no longer complete
-        report(f"{total} images: insecurities.json not written (over {options.json_limit}); read {out} with "
-               "delib_jax.load_explanations")
+        report(
+            f"{total} images: insecurities.json not written (over {options.json_limit}); read {out} with "
+            "delib_jax.load_explanations"
+        )
 
 
 __all__ = ["JobError", "JobOptions", "JobSummary", "explain_files", "finish", "lock_folder", "weights_digest"]

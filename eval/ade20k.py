@@ -1,6 +1,6 @@
 """Evaluate deliberative explanations on ADE20K (object masks).
 
-    python -m eval.ade20k --checkpoint runs/ade20k --synthetic --out runs/ade20k/eval
+python -m eval.ade20k --checkpoint runs/ade20k --synthetic --out runs/ade20k/eval
 """
 
 from delib_jax._entry import run  # standard library only: Ctrl-C while JAX imports is one line

@@ -1,6 +1,6 @@
 """Compare attribution methods by faithfulness (deletion / insertion curves, infidelity) at layer A and the pixels.
 
-    python -m eval.faithfulness --checkpoint runs/cub --synthetic --out runs/cub/faithfulness
+python -m eval.faithfulness --checkpoint runs/cub --synthetic --out runs/cub/faithfulness
 """
 
 from delib_jax.cli import exit_process

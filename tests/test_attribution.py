@@ -31,8 +31,11 @@ def _randomise(module, seed, dtype):
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     new = [  # drawn in float32 whatever the target dtype, so float32 and float64 copies hold the same values
-        (jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5) if x.ndim == 1 else
-         jax.random.normal(k, x.shape, jnp.float32) * 0.7).astype(dtype)
+        (
+            jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
+            if x.ndim == 1
+            else jax.random.normal(k, x.shape, jnp.float32) * 0.7
+        ).astype(dtype)
         for k, x in zip(keys, leaves)
     ]
     nnx.update(module, jax.tree.unflatten(tree, new))
@@ -84,8 +87,12 @@ def test_both_paths_match_brute_force_float32(head_name):
     hard = _head("gap_bn", out=1, seed=1)
     a = _features()
     with jax.enable_x64(True):
-        ref = _reference(_head(head_name, dtype=jnp.float64), _head("gap_bn", 1, 1, jnp.float64),
-                         jnp.asarray(a, jnp.float64), "hardness")
+        ref = _reference(
+            _head(head_name, dtype=jnp.float64),
+            _head("gap_bn", 1, 1, jnp.float64),
+            jnp.asarray(a, jnp.float64),
+            "hardness",
+        )
     for path in ("fast", "generic"):
         assert _rel_err(attribute(clf, a, hardness_head=hard, path=path, **EQ2).maps, ref) <= 1e-4
 
@@ -94,8 +101,11 @@ def test_both_paths_match_brute_force_float32(head_name):
 def test_fast_path_when_pool_windows_tile_the_features(shape, pooled):
     """VGG at 224 px: 2x2/2 windows tile A, so the fast path keeps (cell, offset) rows and reorders at the end."""
     with jax.enable_x64(True):
-        clf = _randomise(PoolMLPHead(D, C, hidden=(7,), pooled_size=pooled, pool_window=2, pool_stride=2,
-                                     rngs=nnx.Rngs(2)), 2, jnp.float64)
+        clf = _randomise(
+            PoolMLPHead(D, C, hidden=(7,), pooled_size=pooled, pool_window=2, pool_stride=2, rngs=nnx.Rngs(2)),
+            2,
+            jnp.float64,
+        )
         hard = _head("gap_bn", out=1, seed=1, dtype=jnp.float64)
         a = _features(shape, seed=4, dtype=np.float64)
         ref = _reference(clf, hard, a, "hardness")
@@ -200,8 +210,9 @@ def test_integrated_gradients_quadrature_rules_and_baseline():
     clf, a = _head("gap_bn"), _features()
     base = 0.5 * a
     for rule in ("trapezoid", "midpoint", "left"):
-        r = attribute(clf, a, score="entropy", method="integrated_gradients", steps=64, quadrature=rule, baseline=base,
-                      **EQ2)
+        r = attribute(
+            clf, a, score="entropy", method="integrated_gradients", steps=64, quadrature=rule, baseline=base, **EQ2
+        )
         phi = output_functions("entropy")[0]
         delta = phi(clf(a)) - phi(clf(base))
         np.testing.assert_allclose(r.maps.sum(axis=(2, 3)) - r.residual, delta, atol=1e-5)
@@ -219,8 +230,12 @@ def test_against_pytorch_autograd_on_same_weights():
             w1, b1 = (np.array(clf.linears[0].kernel[...]), np.array(clf.linears[0].bias[...]))  # writable copies
             w2, b2 = (np.array(clf.linears[1].kernel[...]), np.array(clf.linears[1].bias[...]))
         net = torch.nn.Sequential(
-            torch.nn.MaxPool2d(2, 2), torch.nn.AdaptiveAvgPool2d((2, 2)), torch.nn.Flatten(),
-            torch.nn.Linear(4 * D, 7), torch.nn.ReLU(), torch.nn.Linear(7, C),
+            torch.nn.MaxPool2d(2, 2),
+            torch.nn.AdaptiveAvgPool2d((2, 2)),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * D, 7),
+            torch.nn.ReLU(),
+            torch.nn.Linear(7, C),
         )
         with torch.no_grad():  # our first kernel flattens (h, w, D); torch flattens (D, h, w)
             net[3].weight.copy_(torch.from_numpy(w1.reshape(2, 2, D, 7).transpose(3, 2, 0, 1).reshape(7, -1)))
@@ -246,8 +261,11 @@ def test_against_pytorch_autograd_on_same_weights():
                         img[0, :, i, j] = x
                         return outputs(img)
 
-                    ref[n, :, i, j] = (jacrev(local)(v) @ v + 0.5 * torch.einsum(
-                        "d,pde,e->p", v, hessian(local)(v), v)).detach().numpy()
+                    ref[n, :, i, j] = (
+                        (jacrev(local)(v) @ v + 0.5 * torch.einsum("d,pde,e->p", v, hessian(local)(v), v))
+                        .detach()
+                        .numpy()
+                    )
         assert _rel_err(ours.maps, ref) <= 1e-6
     finally:
         torch.set_default_dtype(torch.float32)
@@ -344,8 +362,11 @@ def test_attribute_images_equals_features_then_attribute():
         ({"method": "lrp"}, np.ones((1, 3, 3, D), np.float32), "unknown method"),
         ({"score": "margin"}, np.ones((1, 3, 3, D), np.float32), "unknown difficulty score"),
         ({"score": "hardness"}, np.ones((1, 3, 3, D), np.float32), "needs a hardness_head"),
-        ({"method": "integrated_gradients", "steps": 0, "score": "entropy"}, np.ones((1, 3, 3, D), np.float32),
-         "steps"),
+        (
+            {"method": "integrated_gradients", "steps": 0, "score": "entropy"},
+            np.ones((1, 3, 3, D), np.float32),
+            "steps",
+        ),
     ],
 )
 def test_bad_input_gives_one_clear_error(kwargs, features, match):
@@ -360,8 +381,9 @@ def test_single_class_head_is_refused():
 
 def test_mismatched_hardness_features():
     with pytest.raises(ValueError, match="share"):
-        attribute(_head("gap_bn"), _features(), hardness_head=_head("gap_bn", 1),
-                  hardness_features=_features((2, 3, 3, D)))
+        attribute(
+            _head("gap_bn"), _features(), hardness_head=_head("gap_bn", 1), hardness_features=_features((2, 3, 3, D))
+        )
 
 
 @pytest.mark.parametrize("method", ["gradient", "gradient_hessian", "integrated_gradients"])
@@ -416,6 +438,7 @@ def test_confident_prediction_gives_finite_maps_equal_to_float64(score):
     underflowed p^2 (NaN maps) before the scores were taken from the logits. The true maps are ~1e-19 and below;
     float32 must get them to far better than its resolution of an O(1) map (1e-12 absolute; the float32 rounding
     noise of the top class's tangent alone was ~1e-9 before the logits were centred on the top class)."""
+
     def head(dtype):
         h = PoolMLPHead(D, 3, rngs=nnx.Rngs(0))
         kernel = (np.random.RandomState(0).randn(D, 3) * 0.1).astype(np.float32)  # the same weights in both
@@ -468,8 +491,12 @@ def test_heads_run_in_eval_mode_and_keep_their_own_mode():
     head, reference = _train_mode_head(), _head("gap_bn")  # same weights, eval mode
     a = _features()
     stats = np.asarray(head.norms[0].mean[...]).copy()
-    for fn in (lambda h: attribute(h, a, score="entropy").maps, lambda h: grad_cam(h, a),
-               lambda h: attribute(h, a, score="entropy", jit=False).maps, lambda h: grad_cam(h, a, "all")):
+    for fn in (
+        lambda h: attribute(h, a, score="entropy").maps,
+        lambda h: grad_cam(h, a),
+        lambda h: attribute(h, a, score="entropy", jit=False).maps,
+        lambda h: grad_cam(h, a, "all"),
+    ):
         np.testing.assert_allclose(fn(head), fn(reference), rtol=1e-5, atol=1e-7)
         assert head.norms[0].use_running_average is False and head.dropout.deterministic is False
         np.testing.assert_array_equal(head.norms[0].mean[...], stats)
@@ -546,8 +573,10 @@ def test_one_difficulty_channels_default_everywhere():
     for dataset in ("cub", "ade20k"):
         assert eval_parser(dataset).parse_args(["--checkpoint", "r", "--out", "o"]).difficulty_channels == default
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
-    np.testing.assert_array_equal(attribute(clf, a, hardness_head=hard).maps,
-                                  attribute(clf, a, hardness_head=hard, difficulty_channels=default).maps)
+    np.testing.assert_array_equal(
+        attribute(clf, a, hardness_head=hard).maps,
+        attribute(clf, a, hardness_head=hard, difficulty_channels=default).maps,
+    )
 
 
 @pytest.mark.parametrize("head_name", sorted(HEADS))

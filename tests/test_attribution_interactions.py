@@ -61,8 +61,9 @@ def test_closed_form_output_hessians_equal_jax_hessian_float64():
         for output in ("probs", "log_probs", "logits", "sigmoid", deliberative_output("hardness")):
             out = explained_output(output)
             hes = jax.vmap(jax.hessian(lambda row, out=out: out(row[None])[0]))(z)  # (B, P, K, K)
-            ref = np.take_along_axis(np.asarray(jnp.einsum("blk,bpkj,bmj->bplm", u, hes, w)),
-                                     np.asarray(targets)[:, :, None, None], axis=1)
+            ref = np.take_along_axis(
+                np.asarray(jnp.einsum("blk,bpkj,bmj->bplm", u, hes, w)), np.asarray(targets)[:, :, None, None], axis=1
+            )
             for form in (out, Output(out.name, out.fn)):  # closed form, then nested jvp of fn
                 assert _rel_err(pairwise_terms(form, z, u, w, targets), ref) <= 1e-12, (out.name, form.pairwise)
             assert np.abs(ref).max() > 1e-3 or out.name == "logits"
@@ -75,8 +76,11 @@ def test_closed_form_on_shipped_heads_matches_full_hessian_float64(head_name):
         a = jnp.abs(_images((2, 4, 5, 4), seed=1))
         outputs = [("probs", jax.nn.softmax)]
         if head_name == "overlap_pool":  # every output function on the most involved head
-            outputs += [("log_probs", jax.nn.log_softmax), ("logits", lambda z: z),
-                        (lambda z: jax.nn.softmax(z) ** 2, lambda z: jax.nn.softmax(z) ** 2)]
+            outputs += [
+                ("log_probs", jax.nn.log_softmax),
+                ("logits", lambda z: z),
+                (lambda z: jax.nn.softmax(z) ** 2, lambda z: jax.nn.softmax(z) ** 2),
+            ]
         for output, fn in outputs:
             ref = full_hessian_terms(lambda y, fn=fn: fn(head(y)), a)["interactions"]
             got = interaction_maps(None, head, a, output=output)
@@ -112,11 +116,13 @@ def test_generic_paths_match_full_hessian_and_sum_to_the_taylor_terms_float64():
         diag = layer_attribution(net.features, net.head, images, targets=targets, second_order="diagonal")
         b, n, h, w = cross.maps.shape
         np.testing.assert_allclose(0.5 * values.sum(-1).reshape(b, n, h, w), cross.second_order, rtol=1e-9)
-        np.testing.assert_allclose(0.5 * np.diagonal(values, axis1=2, axis2=3).reshape(b, n, h, w),
-                                   diag.second_order, rtol=1e-9)
+        np.testing.assert_allclose(
+            0.5 * np.diagonal(values, axis1=2, axis2=3).reshape(b, n, h, w), diag.second_order, rtol=1e-9
+        )
         along = jax.jvp(lambda y: jax.jvp(g, (y,), (x,))[1], (x,), (x,))[1]  # d^2/dt^2 g(X + t X) at t = 0
-        np.testing.assert_allclose(values.sum(axis=(2, 3)), np.take_along_axis(np.asarray(along), targets, 1),
-                                   rtol=1e-9)
+        np.testing.assert_allclose(
+            values.sum(axis=(2, 3)), np.take_along_axis(np.asarray(along), targets, 1), rtol=1e-9
+        )
 
 
 def test_deliberative_model_interactions_equal_the_generic_path():
@@ -134,17 +140,21 @@ def test_deliberative_model_interactions_equal_the_generic_path():
         assert float(np.abs(fast.values[:, -1]).max()) > 0  # the difficulty output has interactions too
     entropy = model_interaction_maps(model, images, score="entropy", locations=[1])
     features, head = split_model(model, "A")
-    slow = interaction_maps(features, head, images, output=deliberative_output("entropy"), locations=[1],
-                            order="forward")
+    slow = interaction_maps(
+        features, head, images, output=deliberative_output("entropy"), locations=[1], order="forward"
+    )
     assert _rel_err(entropy.values, np.asarray(slow.values)) <= 1e-4
 
 
 def _torch_twin(net: TinySmoothCNN):
     torch = pytest.importorskip("torch")
-    twin = torch.nn.ModuleDict({
-        "conv1": torch.nn.Conv2d(3, 4, 3, padding=1), "conv2": torch.nn.Conv2d(4, 5, 3, stride=2, padding=1),
-        "fc": torch.nn.Linear(5, 4),
-    }).double()
+    twin = torch.nn.ModuleDict(
+        {
+            "conv1": torch.nn.Conv2d(3, 4, 3, padding=1),
+            "conv2": torch.nn.Conv2d(4, 5, 3, stride=2, padding=1),
+            "fc": torch.nn.Linear(5, 4),
+        }
+    ).double()
     with torch.no_grad():
         for name in ("conv1", "conv2"):
             conv = getattr(net, name)
@@ -186,8 +196,9 @@ def test_against_pytorch_autograd_on_same_weights(level):
         inter = interaction_maps(features, head, images, targets=targets)
         assert _rel_err(got.first_order.reshape(2, -1), ref_first[[2, 0]]) <= 1e-6
         assert _rel_err(got.second_order.reshape(2, -1), 0.5 * ref_inter[[2, 0]].sum(-1)) <= 1e-6
-        assert _rel_err(diag.second_order.reshape(2, -1),
-                        0.5 * np.diagonal(ref_inter[[2, 0]], axis1=1, axis2=2)) <= 1e-6
+        assert (
+            _rel_err(diag.second_order.reshape(2, -1), 0.5 * np.diagonal(ref_inter[[2, 0]], axis1=1, axis2=2)) <= 1e-6
+        )
         assert _rel_err(inter.values[0], ref_inter[[2, 0]]) <= 1e-6
 
 

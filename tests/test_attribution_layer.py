@@ -78,8 +78,11 @@ def test_explained_output_choice_logits_and_any_function():
         net, images = _tiny(1), _images(seed=1)
         x = net.features(images)
         square = lambda z: jnp.concatenate([z**2, jnp.sum(jax.nn.softmax(z) ** 3, -1, keepdims=True)], axis=-1)
-        cases = (("logits", lambda z: z, "forward"), ("log_probs", jax.nn.log_softmax, "reverse"),
-                 (square, square, "reverse"))
+        cases = (
+            ("logits", lambda z: z, "forward"),
+            ("log_probs", jax.nn.log_softmax, "reverse"),
+            (square, square, "reverse"),
+        )
         for output, fn, order in cases:
             ref = full_hessian_terms(lambda y, fn=fn: fn(net.head(y)), x)
             got = layer_attribution(net.features, net.head, images, output=output, order=order)
@@ -90,8 +93,9 @@ def test_explained_output_choice_logits_and_any_function():
 def test_tangent_path_on_shipped_heads_equals_attribute_and_reverse_order():
     """layer_attribution on a PoolMLPHead (tangent path) equals `attribute`'s class maps and the generic orders."""
     with jax.enable_x64(True):
-        head = _randomise(PoolMLPHead(4, 5, hidden=(7,), pooled_size=(2, 2), pool_window=2, pool_stride=2,
-                                      rngs=nnx.Rngs(0)), 0)
+        head = _randomise(
+            PoolMLPHead(4, 5, hidden=(7,), pooled_size=(2, 2), pool_window=2, pool_stride=2, rngs=nnx.Rngs(0)), 0
+        )
         a = jnp.abs(_images((2, 4, 6, 4), seed=2))
         ref = attribute(head, a, score="entropy", second_order="cross")
         for order in ("auto", "tangent", "reverse", "forward"):
@@ -110,8 +114,9 @@ def test_probe_estimate_is_unbiased_and_its_error_shrinks_as_one_over_sqrt_k():
         exact = 0.5 * full_hessian_terms(lambda y: jax.nn.softmax(net.head(y), -1), x)["diagonal"]  # (1, P, H, W)
         errors, zs = {}, []
         for k in (16, 256, 4096):
-            got = layer_attribution(net.features, net.head, images, second_order="estimate", probes=k,
-                                    key=jax.random.key(7))
+            got = layer_attribution(
+                net.features, net.head, images, second_order="estimate", probes=k, key=jax.random.key(7)
+            )
             err = np.asarray(got.second_order) - exact
             errors[k] = float(np.sqrt(np.mean(err**2)))
             zs.append(np.abs(err) / np.asarray(got.stderr))
@@ -149,11 +154,21 @@ def test_integrated_gradients_any_split_float64_against_quadrature_of_gradients(
         base = 0.3 * x
         alphas, weights = quadrature(8, "gauss_legendre")
         g = lambda y: jax.nn.softmax(net.head(y), -1)[:, 1].sum()
-        expected = sum(w * np.sum(np.asarray(jax.grad(g)(base + al * (x - base)) * (x - base)), -1)
-                       for al, w in zip(alphas.astype(np.float64), weights.astype(np.float64)))
+        expected = sum(
+            w * np.sum(np.asarray(jax.grad(g)(base + al * (x - base)) * (x - base)), -1)
+            for al, w in zip(alphas.astype(np.float64), weights.astype(np.float64))
+        )
         for order in ("forward", "reverse"):
-            got = layer_attribution(net.features, net.head, images, method="integrated_gradients", steps=8,
-                                    baseline=base, targets=np.array([[1], [1]]), order=order)
+            got = layer_attribution(
+                net.features,
+                net.head,
+                images,
+                method="integrated_gradients",
+                steps=8,
+                baseline=base,
+                targets=np.array([[1], [1]]),
+                order=order,
+            )
             assert _rel_err(got.maps[:, 0], expected) <= 1e-6
 
 
@@ -225,11 +240,14 @@ def test_split_model_stages_compose_to_the_model():
     assert split_model(network, "image", hardness=True)[1](x).shape == (2, 6)
 
 
-@pytest.mark.parametrize("arch, stages", [
-    ("vgg16", {"conv1_2": (64, 224), "block4": (512, 28), "pool4": (512, 14), "A": (512, 14)}),
-    ("resnet50", {"stem": (64, 56), "layer2.0": (512, 28), "layer3": (1024, 14), "A": (2048, 7)}),
-    ("alexnet", {"conv1": (64, 55), "pool2": (192, 13), "conv5": (256, 13)}),
-])
+@pytest.mark.parametrize(
+    "arch, stages",
+    [
+        ("vgg16", {"conv1_2": (64, 224), "block4": (512, 28), "pool4": (512, 14), "A": (512, 14)}),
+        ("resnet50", {"stem": (64, 56), "layer2.0": (512, 28), "layer3": (1024, 14), "A": (2048, 7)}),
+        ("alexnet", {"conv1": (64, 55), "pool2": (192, 13), "conv5": (256, 13)}),
+    ],
+)
 def test_split_model_shipped_backbones_at_named_stages_by_shape(arch, stages):
     """Full-size backbones through jax.eval_shape only: X's shape at each stage and the logits' at the end."""
     abstract = nnx.eval_shape(lambda: create_model(arch, 7, rngs=nnx.Rngs(0)))
@@ -250,19 +268,22 @@ class _Plain:
         return x
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"targets": 9}, "between 1 and the number of outputs"),
-    ({"targets": np.array([[0, 7]])}, r"must lie in \[0, 4\)"),
-    ({"targets": np.array([0, 1])}, r"shape \(B, N\)"),
-    ({"method": "lrp"}, "unknown method"),
-    ({"second_order": "full"}, "second_order"),
-    ({"order": "sideways"}, "order"),
-    ({"order": "tangent"}, "needs a head with logit tangents"),
-    ({"second_order": "estimate", "probes": 1}, "probes"),
-    ({"method": "integrated_gradients", "quadrature": "simpson"}, "quadrature"),
-    ({"output": "softmax"}, "unknown output"),
-    ({"baseline": np.zeros((1, 6, 6, 4))}, "integrated_gradients. only"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"targets": 9}, "between 1 and the number of outputs"),
+        ({"targets": np.array([[0, 7]])}, r"must lie in \[0, 4\)"),
+        ({"targets": np.array([0, 1])}, r"shape \(B, N\)"),
+        ({"method": "lrp"}, "unknown method"),
+        ({"second_order": "full"}, "second_order"),
+        ({"order": "sideways"}, "order"),
+        ({"order": "tangent"}, "needs a head with logit tangents"),
+        ({"second_order": "estimate", "probes": 1}, "probes"),
+        ({"method": "integrated_gradients", "quadrature": "simpson"}, "quadrature"),
+        ({"output": "softmax"}, "unknown output"),
+        ({"baseline": np.zeros((1, 6, 6, 4))}, "integrated_gradients. only"),
+    ],
+)
 def test_bad_input_gives_one_clear_error(kwargs, match):
     net = _tiny(0, jnp.float32)
     with pytest.raises(ValueError, match=match):

@@ -8,11 +8,44 @@ from benchmarks.attribution import main
 
 
 def test_attribution_benchmark_json(capsys):
-    assert main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--repeats", "1",
-                 "--loop-outputs", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "--arch",
+                "small",
+                "--size",
+                "32",
+                "--classes",
+                "4",
+                "--batch",
+                "1",
+                "--repeats",
+                "1",
+                "--loop-outputs",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("arch", "batch", "method", "device", "num_outputs", "forward_s", "explain_s", "ratio", "loop_s",
-                "speedup", "loop_exact_s", "speedup_exact", "loop_full_s", "speedup_full", "images_per_s"):
+    for key in (
+        "arch",
+        "batch",
+        "method",
+        "device",
+        "num_outputs",
+        "forward_s",
+        "explain_s",
+        "ratio",
+        "loop_s",
+        "speedup",
+        "loop_exact_s",
+        "speedup_exact",
+        "loop_full_s",
+        "speedup_full",
+        "images_per_s",
+    ):
         assert key in out, key
     assert out["num_outputs"] == 5 and out["loop_timed_outputs"] == 2
     assert out["ratio"] == out["explain_s"] / out["forward_s"] and out["speedup"] == out["loop_s"] / out["explain_s"]
@@ -21,13 +54,30 @@ def test_attribution_benchmark_json(capsys):
 def test_breakdown_and_precision_benchmarks_json(capsys):
     from benchmarks import breakdown, precision
 
-    assert breakdown.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--repeats", "1",
-                           "--json"]) == 0
+    assert (
+        breakdown.main(
+            ["--arch", "small", "--size", "32", "--classes", "4", "--batch", "1", "--repeats", "1", "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["ratio"] == out["explain_s"] / out["forward_args_s"]
-    assert all(out[k] > 0 for k in ("backbone_s", "explain_unchecked_s", "explain_two_stage_s", "forward_state_s",
-                                    "forward_unfolded_args_s", "tangents_s", "tangents_feature_major_s",
-                                    "tangents_row_major_s", "maps_s", "gemm_feature_major_s", "gemm_row_major_s"))
+    assert all(
+        out[k] > 0
+        for k in (
+            "backbone_s",
+            "explain_unchecked_s",
+            "explain_two_stage_s",
+            "forward_state_s",
+            "forward_unfolded_args_s",
+            "tangents_s",
+            "tangents_feature_major_s",
+            "tangents_row_major_s",
+            "maps_s",
+            "gemm_feature_major_s",
+            "gemm_row_major_s",
+        )
+    )
     assert out["weight_arrays"] < out["weight_arrays_unfolded"]  # batch norm folded into the convolutions
     assert out["explain_flops"] > out["forward_flops"] > 0  # the maps add work, and XLA counted it
     assert out["flops_ratio"] == out["explain_flops"] / out["forward_flops"]
@@ -35,8 +85,10 @@ def test_breakdown_and_precision_benchmarks_json(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["fast_vs_generic"] < 1e-4  # the two exact paths agree in float32 on CPU
     assert out["maps_default_vs_highest"] == 0.0  # XLA:CPU's default float32 matmul is full float32
-    assert precision.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "2", "--bfloat16",
-                           "--json"]) == 0
+    assert (
+        precision.main(["--arch", "small", "--size", "32", "--classes", "4", "--batch", "2", "--bfloat16", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 < out["bf16_vs_f32"] < 0.1 and 0 <= out["pairs_changed"] <= 2
 
@@ -45,15 +97,65 @@ def test_explain_and_evaluation_benchmarks_json(capsys):
     """The job benchmark reports its stages and outputs; the evaluation benchmark its time per batch and ratio."""
     from benchmarks import evaluation, explain
 
-    assert explain.main(["--arch", "small", "--crop", "32", "--classes", "4", "--images", "12", "--batch", "4",
-                         "--workers", "1", "--rounds", "1", "--json"]) == 0
+    assert (
+        explain.main(
+            [
+                "--arch",
+                "small",
+                "--crop",
+                "32",
+                "--classes",
+                "4",
+                "--images",
+                "12",
+                "--batch",
+                "4",
+                "--workers",
+                "1",
+                "--rounds",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["explained"] == 12 and out["images"] == 12
-    assert all(out[k] > 0 for k in ("decode_img_s", "core_img_s", "e2e_img_s", "writer_img_s", "figures_s_per_core",
-                                    "bytes_per_image", "max_rss_mb"))
+    assert all(
+        out[k] > 0
+        for k in (
+            "decode_img_s",
+            "core_img_s",
+            "e2e_img_s",
+            "writer_img_s",
+            "figures_s_per_core",
+            "bytes_per_image",
+            "max_rss_mb",
+        )
+    )
     assert out["ratio_to_slowest"] == round(out["e2e_img_s"] / min(out["decode_img_s"], out["core_img_s"]), 3)
-    assert evaluation.main(["--crop", "32", "--size", "48", "--classes", "3", "--images-per-class", "6",
-                            "--num-images", "4", "--batch", "2", "--runs", "1", "--json"]) == 0
+    assert (
+        evaluation.main(
+            [
+                "--crop",
+                "32",
+                "--size",
+                "48",
+                "--classes",
+                "3",
+                "--images-per-class",
+                "6",
+                "--num-images",
+                "4",
+                "--batch",
+                "2",
+                "--runs",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["images"] == 4 and out["eval_s_per_batch"] > 0 and out["job_s_per_batch"] > 0
     assert out["ratio"] == pytest.approx(out["eval_s_per_batch"] / out["job_s_per_batch"], rel=0.01)
@@ -62,8 +164,12 @@ def test_explain_and_evaluation_benchmarks_json(capsys):
 def test_higher_order_benchmark_json(capsys):
     from benchmarks import higher_order
 
-    assert higher_order.main(["--arch", "small", "--size", "16", "--classes", "4", "--top", "2", "--repeats", "1",
-                              "--json"]) == 0
+    assert (
+        higher_order.main(
+            ["--arch", "small", "--size", "16", "--classes", "4", "--top", "2", "--repeats", "1", "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["pixel_ratio"] == out["pixel_cross_s"] / out["pixel_first_s"] and out["pixel_locations"] == 256
     assert out["interactions_ratio"] == out["interactions_s"] / out["forward_s"]
@@ -100,9 +206,31 @@ def test_pipeline_benchmark_times_uint8_threads_or_processes(capsys):
 def test_xla_flags_benchmark_json(capsys):
     from benchmarks import xla_flags
 
-    assert xla_flags.main(["--arch", "small", "--arch2", "", "--size", "32", "--classes", "4", "--cam-classes", "2",
-                           "--rounds", "1", "--repeats", "1", "--settings", "individual_dot"]) == 0
+    assert (
+        xla_flags.main(
+            [
+                "--arch",
+                "small",
+                "--arch2",
+                "",
+                "--size",
+                "32",
+                "--classes",
+                "4",
+                "--cam-classes",
+                "2",
+                "--rounds",
+                "1",
+                "--repeats",
+                "1",
+                "--settings",
+                "individual_dot",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["flag"] == "--xla_cpu_experimental_ynn_fusion_type=individual_dot" and out["rounds"] == 1
-    assert all(out[k] > 0 for k in ("small_forward_s", "small_explain_s", "small_grad_cam_s",
-                                    "small_grad_cam_2_classes_s"))
+    assert all(
+        out[k] > 0 for k in ("small_forward_s", "small_explain_s", "small_grad_cam_s", "small_grad_cam_2_classes_s")
+    )

@@ -194,8 +194,9 @@ def test_tampered_config_json_in_every_command_is_one_line(tmp_path, capsys):
     commands = [
         lambda: train("cub", ["--out", str(tmp_path), "--resume", "--no-progress"]),
         lambda: delib(["explain", str(tmp_path), "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]),
-        lambda: evaluate("cub", ["--checkpoint", str(tmp_path), "--data-dir", str(tmp_path), "--out",
-                                 str(tmp_path / "e")]),
+        lambda: evaluate(
+            "cub", ["--checkpoint", str(tmp_path), "--data-dir", str(tmp_path), "--out", str(tmp_path / "e")]
+        ),
     ]
     for run in commands:
         assert run() == 2

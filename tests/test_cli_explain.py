@@ -350,9 +350,22 @@ def test_missing_repeated_nan_and_odd_inputs(workspace, capsys, tmp_path):
     Image.fromarray(np.full((8, 8), np.nan, np.float32), "F").save(tmp_path / "nan.tiff")
     Image.fromarray(np.zeros((2, 300, 3), np.uint8)).save(tmp_path / "sliver.png")
     out = tmp_path / "out"
-    argv = ["explain", images / "rgb.jpg", images / "rgb.jpg", images, tmp_path / "nan.tiff", tmp_path / "sliver.png",
-            tmp_path / "nope.jpg", "--checkpoint", workspace / "run", "--out", out, "--no-figures",
-            "--workers", "0"]  # fmt: skip  (threads: the patched limit below is seen by the reader)
+    argv = [
+        "explain",
+        images / "rgb.jpg",
+        images / "rgb.jpg",
+        images,
+        tmp_path / "nan.tiff",
+        tmp_path / "sliver.png",
+        tmp_path / "nope.jpg",
+        "--checkpoint",
+        workspace / "run",
+        "--out",
+        out,
+        "--no-figures",
+        "--workers",
+        "0",
+    ]  # fmt: skip  (threads: the patched limit below is seen by the reader)
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mp.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # rgb.jpg (4800 px) is now "large" but under the 2x error limit

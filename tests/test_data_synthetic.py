@@ -138,8 +138,14 @@ def test_scene_pairs_share_characteristic_objects():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(classes=1), dict(images_per_class=1), dict(size=16), dict(train_fraction=1.0), dict(jpeg_quality=0),
-     dict(family_size=0)],
+    [
+        dict(classes=1),
+        dict(images_per_class=1),
+        dict(size=16),
+        dict(train_fraction=1.0),
+        dict(jpeg_quality=0),
+        dict(family_size=0),
+    ],
 )
 def test_cub_bad_options(tmp_path, kwargs):
     with pytest.raises(ValueError):

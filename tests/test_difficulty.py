@@ -83,7 +83,8 @@ def _output_derivatives(score, x, u, v):
 
 # Probabilities anywhere in [0, 1] as float32 holds them: 0, subnormals, ~1e-19 (where p^2 underflows), 1.
 probabilities = st.integers(2, 4).flatmap(
-    lambda c: arrays(np.float32, c, elements=st.floats(0, 1, width=32, allow_subnormal=True)))
+    lambda c: arrays(np.float32, c, elements=st.floats(0, 1, width=32, allow_subnormal=True))
+)
 
 
 @settings(max_examples=100, deadline=None)
@@ -96,8 +97,7 @@ def test_scores_of_probabilities_have_finite_first_and_second_derivatives(p):
 
 
 # Logits so far apart that the smaller probabilities underflow to 0 (gaps of 100 and more), and everything between.
-logit_vectors = st.integers(2, 4).flatmap(
-    lambda c: arrays(np.float32, c, elements=st.floats(-1e3, 1e3, width=32)))
+logit_vectors = st.integers(2, 4).flatmap(lambda c: arrays(np.float32, c, elements=st.floats(-1e3, 1e3, width=32)))
 
 
 @settings(max_examples=100, deadline=None)
@@ -129,6 +129,5 @@ def test_logit_scores_equal_the_scores_of_the_softmax():
     z = jnp.asarray(np.random.RandomState(1).randn(4, 7).astype(np.float32) * 3)
     p = jax.nn.softmax(z, axis=-1)
     for name, fn in LOGIT_SCORES.items():
-        np.testing.assert_allclose(fn(z), {"hesitancy": hesitancy, "entropy": entropy}[name](p), rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(fn(z), {"hesitancy": hesitancy, "entropy": entropy}[name](p), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(score_from_outputs("entropy", z), entropy_from_logits(z), rtol=1e-6)

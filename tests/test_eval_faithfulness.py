@@ -21,9 +21,23 @@ def run_dir(tmp_path_factory):
     data = synthetic.make_cub(tmp / "data", classes=3, images_per_class=6, size=40, seed=0)
     names = list(load_cub(data).class_names)
     config = RunConfig(
-        arch="small", num_classes=3, class_names=names, dataset="cub", crop=32, resize=36, mean=CUB_STATS.mean,
-        std=CUB_STATS.std, data_dir=str(data), synthetic=True, optimizer="adamw", lr=1e-3, schedule="cosine",
-        batch_size=8, steps=2, checkpoint_every=2, val_fraction=0.2,
+        arch="small",
+        num_classes=3,
+        class_names=names,
+        dataset="cub",
+        crop=32,
+        resize=36,
+        mean=CUB_STATS.mean,
+        std=CUB_STATS.std,
+        data_dir=str(data),
+        synthetic=True,
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="cosine",
+        batch_size=8,
+        steps=2,
+        checkpoint_every=2,
+        val_fraction=0.2,
     )
     fit(tmp / "run", config, progress=False, num_threads=2)
     return tmp / "run"
@@ -31,8 +45,23 @@ def run_dir(tmp_path_factory):
 
 def test_cli_writes_table_curves_and_plots(run_dir, tmp_path, capsys):
     out = tmp_path / "faith"
-    argv = ["--checkpoint", str(run_dir), "--synthetic", "--out", str(out), "--num-images", "3", "--steps", "4",
-            "--samples", "3", "--ig-steps", "3", "--batch-size", "2"]
+    argv = [
+        "--checkpoint",
+        str(run_dir),
+        "--synthetic",
+        "--out",
+        str(out),
+        "--num-images",
+        "3",
+        "--steps",
+        "4",
+        "--samples",
+        "3",
+        "--ig-steps",
+        "3",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 3 and set(results["levels"]) == {"A", "pixels"}
@@ -45,8 +74,9 @@ def test_cli_writes_table_curves_and_plots(run_dir, tmp_path, capsys):
             # every curve starts at the unperturbed prediction (deletion) or the baseline (insertion), alike for all
             assert row["deletion_curve"][0] == pytest.approx(rows["random"]["deletion_curve"][0], rel=1e-5)
             assert row["insertion_curve"][-1] == pytest.approx(row["deletion_curve"][0], rel=1e-5)
-            np.testing.assert_allclose(row["deletion_auc"]["mean"], np.trapezoid(row["deletion_curve"], dx=0.25),
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                row["deletion_auc"]["mean"], np.trapezoid(row["deletion_curve"], dx=0.25), rtol=1e-5
+            )
     table = (out / "table.md").read_text()
     for m in METHODS:
         assert f"| {LABELS[m]} |" in table
@@ -55,13 +85,16 @@ def test_cli_writes_table_curves_and_plots(run_dir, tmp_path, capsys):
     assert "Deletion AUC" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, match", [
-    ([], "give --data-dir"),
-    (["--synthetic", "--methods", "lrp"], "unknown method 'lrp'"),
-    (["--synthetic", "--levels", "B"], "unknown level 'B'"),
-    (["--synthetic", "--num-images", "0"], "--num-images must be at least 1"),
-    (["--synthetic", "--samples", "1"], "--samples must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ([], "give --data-dir"),
+        (["--synthetic", "--methods", "lrp"], "unknown method 'lrp'"),
+        (["--synthetic", "--levels", "B"], "unknown level 'B'"),
+        (["--synthetic", "--num-images", "0"], "--num-images must be at least 1"),
+        (["--synthetic", "--samples", "1"], "--samples must be at least 2"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(run_dir, tmp_path, capsys, extra, match):
     assert main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -77,17 +110,33 @@ def test_bad_folders_are_one_line(run_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     other = tmp_path / "other"
     synthetic.make_cub(other, classes=2, images_per_class=2, size=40, seed=1)
-    assert main(["--checkpoint", str(run_dir), "--data-dir", str(other / "CUB_200_2011"), "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["--checkpoint", str(run_dir), "--data-dir", str(other / "CUB_200_2011"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "does not have the run's 3 classes" in capsys.readouterr().err
 
 
 def test_entry_point_runs_as_a_module(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "eval.faithfulness", "--checkpoint", str(tmp_path / "none"),
-                           "--synthetic", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval.faithfulness",
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--synthetic",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        f"error: checkpoint run directory not found: {tmp_path / 'none'}"]
+        f"error: checkpoint run directory not found: {tmp_path / 'none'}"
+    ]
 
 
 def test_interrupted_run_continues_to_the_same_results(run_dir, tmp_path, monkeypatch, capsys):
@@ -95,8 +144,24 @@ def test_interrupted_run_continues_to_the_same_results(run_dir, tmp_path, monkey
     to the results of an uninterrupted run; other options start afresh."""
     from delib_jax.evaluation import faithfulness_job as job
 
-    argv = ["--checkpoint", str(run_dir), "--synthetic", "--num-images", "5", "--steps", "3", "--samples", "2",
-            "--ig-steps", "2", "--batch-size", "2", "--methods", "gradient", "random"]
+    argv = [
+        "--checkpoint",
+        str(run_dir),
+        "--synthetic",
+        "--num-images",
+        "5",
+        "--steps",
+        "3",
+        "--samples",
+        "2",
+        "--ig-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--methods",
+        "gradient",
+        "random",
+    ]
     assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
     straight = json.loads((tmp_path / "straight" / "results.json").read_text())
 

@@ -58,12 +58,14 @@ def test_linear_head_gradient_times_input_is_the_ideal_deletion_order_and_has_ze
     np.testing.assert_allclose(curves[:, 0, 1:], z[:, None] - drops, rtol=1e-4, atol=1e-5)  # hand-derived
     area = np.asarray(curve_area(curves))
     assert np.all(area[:, 0] <= area[:, 1]) and np.all(area[:, 1] <= area[:, 2])  # ideal < random < reversed
-    insertion = np.asarray(curve_area(perturbation_curves(head, x, maps, targets, output="logits", steps=16,
-                                                          mode="insertion")))
+    insertion = np.asarray(
+        curve_area(perturbation_curves(head, x, maps, targets, output="logits", steps=16, mode="insertion"))
+    )
     assert np.all(insertion[:, 0] >= insertion[:, 1]) and np.all(insertion[:, 1] >= insertion[:, 2])
     for perturbation in ("subset", "gaussian"):
-        infid = np.asarray(infidelity(head, x, maps, targets, output="logits", perturbation=perturbation,
-                                      normalize=False, samples=32))
+        infid = np.asarray(
+            infidelity(head, x, maps, targets, output="logits", perturbation=perturbation, normalize=False, samples=32)
+        )
         assert np.all(infid[:, 0] < 1e-9 * max(1.0, float(np.abs(exact).max()) ** 2)), perturbation
         assert np.all(infid[:, 1] > 1e-4) and np.all(infid[:, 2] > 1e-4)
 
@@ -81,10 +83,21 @@ def test_infidelity_equals_its_definition_over_the_same_perturbations():
         probs = np.asarray(jax.nn.softmax(head(x)))
         pert = np.asarray(x)[:, None] * (1 - weights.reshape(2, 16, 3, 3, 1))  # baseline 0: x - I = x - m x
         diff = probs[:, None] - np.asarray(jax.nn.softmax(head(jnp.asarray(pert.reshape(32, 3, 3, D))))).reshape(
-            2, 16, -1)  # f(x) - f(x - I): (B, S, P)
+            2, 16, -1
+        )  # f(x) - f(x - I): (B, S, P)
         for normalize in (False, True):
-            got = infidelity(head, x, maps, targets, perturbation=perturbation, scale=scale, samples=16, key=key,
-                             normalize=normalize, batch_size=7)
+            got = infidelity(
+                head,
+                x,
+                maps,
+                targets,
+                perturbation=perturbation,
+                scale=scale,
+                samples=16,
+                key=key,
+                normalize=normalize,
+                batch_size=7,
+            )
             for i in range(2):
                 for j in range(2):
                     a = np.array([np.sum(weights[i, s] * np.asarray(maps[i, j]).ravel()) for s in range(16)])
@@ -98,23 +111,29 @@ def test_maps_on_a_coarser_grid_are_upsampled_and_areas():
     head = randomise(PoolMLPHead(D, C, rngs=nnx.Rngs(3)), 3)
     x, coarse = _x((1, 4, 4, D), seed=6), _maps(1, 2, 2, 2, seed=7)
     fine = jax.image.resize(coarse, (1, 2, 4, 4), method="bilinear")
-    np.testing.assert_allclose(perturbation_curves(head, x, coarse, np.array([1])),
-                               perturbation_curves(head, x, fine, np.array([1])), rtol=1e-6)
+    np.testing.assert_allclose(
+        perturbation_curves(head, x, coarse, np.array([1])),
+        perturbation_curves(head, x, fine, np.array([1])),
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(curve_area(jnp.full((2, 5), 0.3)), [0.3, 0.3], rtol=1e-6)
     np.testing.assert_allclose(curve_area(jnp.linspace(0, 1, 11)), 0.5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda h, x, m: perturbation_curves(h, x, m, np.array([0]), mode="erase"), "mode"),
-    (lambda h, x, m: perturbation_curves(h, x, m, np.array([0]), steps=0), "steps"),
-    (lambda h, x, m: perturbation_curves(h, x[0], m, np.array([0])), r"\(B, H, W, D\)"),
-    (lambda h, x, m: perturbation_curves(h, x, m[0], np.array([0])), r"\(B, M, h, w\)"),
-    (lambda h, x, m: perturbation_curves(h, x, m * np.nan, np.array([0])), "NaN"),
-    (lambda h, x, m: perturbation_curves(h, x, m, np.array([0.5])), "integer"),
-    (lambda h, x, m: infidelity(h, x, m, np.array([0]), perturbation="blur"), "perturbation"),
-    (lambda h, x, m: infidelity(h, x, m, np.array([0]), scale=1.5), r"\(0, 1\]"),
-    (lambda h, x, m: infidelity(h, x, m, np.array([0]), samples=1), "samples"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda h, x, m: perturbation_curves(h, x, m, np.array([0]), mode="erase"), "mode"),
+        (lambda h, x, m: perturbation_curves(h, x, m, np.array([0]), steps=0), "steps"),
+        (lambda h, x, m: perturbation_curves(h, x[0], m, np.array([0])), r"\(B, H, W, D\)"),
+        (lambda h, x, m: perturbation_curves(h, x, m[0], np.array([0])), r"\(B, M, h, w\)"),
+        (lambda h, x, m: perturbation_curves(h, x, m * np.nan, np.array([0])), "NaN"),
+        (lambda h, x, m: perturbation_curves(h, x, m, np.array([0.5])), "integer"),
+        (lambda h, x, m: infidelity(h, x, m, np.array([0]), perturbation="blur"), "perturbation"),
+        (lambda h, x, m: infidelity(h, x, m, np.array([0]), scale=1.5), r"\(0, 1\]"),
+        (lambda h, x, m: infidelity(h, x, m, np.array([0]), samples=1), "samples"),
+    ],
+)
 def test_bad_input_gives_one_clear_error(call, match):
     head = PoolMLPHead(D, C, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=match):

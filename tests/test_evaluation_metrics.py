@@ -142,8 +142,9 @@ def test_mask_iou_by_hand():
 def test_points_outside_the_ambiguous_region_are_never_inside():
     amap = jnp.zeros((4, 4)).at[0, 0].set(1.0)
     points = jnp.array([[[0.5, 0.5], [3.5, 3.5]]])
-    p, r, has_p, _ = point_precision_recall(amap[None], points, jnp.array([[True, True]]),
-                                            jnp.array([[False, True]]), jnp.array([16]))
+    p, r, has_p, _ = point_precision_recall(
+        amap[None], points, jnp.array([[True, True]]), jnp.array([[False, True]]), jnp.array([16])
+    )
     assert float(p[0, 0]) == 0.0 and float(r[0, 0]) == 0.0 and bool(has_p[0, 0])
 
 

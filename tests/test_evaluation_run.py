@@ -30,9 +30,23 @@ def _train(tmp: Path, dataset: str) -> Path:
         data = synthetic.make_ade20k(tmp / "data", scenes=3, images_per_scene=8, size=48, seed=0)
         names, stats = list(load_ade20k(data).scene_names), IMAGENET_STATS
     config = RunConfig(
-        arch="small", num_classes=len(names), class_names=names, dataset=dataset, crop=32, resize=36,
-        mean=stats.mean, std=stats.std, data_dir=str(data), synthetic=True, optimizer="adamw", lr=1e-3,
-        schedule="cosine", batch_size=8, steps=2, checkpoint_every=2, val_fraction=0.2,
+        arch="small",
+        num_classes=len(names),
+        class_names=names,
+        dataset=dataset,
+        crop=32,
+        resize=36,
+        mean=stats.mean,
+        std=stats.std,
+        data_dir=str(data),
+        synthetic=True,
+        optimizer="adamw",
+        lr=1e-3,
+        schedule="cosine",
+        batch_size=8,
+        steps=2,
+        checkpoint_every=2,
+        val_fraction=0.2,
     )
     fit(tmp / "run", config, progress=False, num_threads=2)
     return tmp / "run"
@@ -45,15 +59,31 @@ def cub_run(tmp_path_factory):
 
 def test_eval_cub_cli_writes_tables_plots_and_resumes(cub_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["--checkpoint", str(cub_run), "--synthetic", "--out", str(out), "--num-images", "4", "--runs", "2",
-            "--top-n", "3", "--k", "2", "--ablation", "attributions"]
+    argv = [
+        "--checkpoint",
+        str(cub_run),
+        "--synthetic",
+        "--out",
+        str(out),
+        "--num-images",
+        "4",
+        "--runs",
+        "2",
+        "--top-n",
+        "3",
+        "--k",
+        "2",
+        "--ablation",
+        "attributions",
+    ]
     assert main("cub", argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == {"Gradient", "Gradient w/o m^s", "Int. grad.", "Gradient-Hessian", "Random"}
     assert results["table"]["Random"]["runs"] == 2  # the first row's 2 seeds, not every row's
     first = results["results"]["Gradient"][0]
-    np.testing.assert_allclose(results["table"]["Random"]["mean"][0], 100 * np.nanmean(
-        [r[9] for r in first["random_precision"]]), rtol=1e-6)
+    np.testing.assert_allclose(
+        results["table"]["Random"]["mean"][0], 100 * np.nanmean([r[9] for r in first["random_precision"]]), rtol=1e-6
+    )
     one = results["results"]["Gradient-Hessian"][0]
     assert one["images"] == 4 and len(one["precision"]) == 90 and len(one["random_precision"]) == 2
     assert len(one["random_keypoint_auc"]) == 2
@@ -74,6 +104,7 @@ def test_eval_cub_cli_writes_tables_plots_and_resumes(cub_run, tmp_path, capsys)
 
 def _strict_json(path: Path):
     """Parse ``path`` refusing the non-standard NaN / Infinity tokens."""
+
     def refuse(token):
         raise AssertionError(f"{path} holds {token}: not strict JSON")
 
@@ -84,8 +115,22 @@ def test_eval_random_baseline_covers_every_checkpoint(cub_run, tmp_path):
     """Two runs (here a copy of one checkpoint): the method row has 2 runs, the random row 2 x --runs seeds."""
     copy = shutil.copytree(cub_run, tmp_path / "copy")
     out = tmp_path / "eval"
-    argv = ["--checkpoint", str(cub_run), str(copy), "--synthetic", "--out", str(out), "--num-images", "3",
-            "--runs", "2", "--top-n", "3", "--k", "2"]
+    argv = [
+        "--checkpoint",
+        str(cub_run),
+        str(copy),
+        "--synthetic",
+        "--out",
+        str(out),
+        "--num-images",
+        "3",
+        "--runs",
+        "2",
+        "--top-n",
+        "3",
+        "--k",
+        "2",
+    ]
     assert main("cub", argv) == 0
     table = json.loads((out / "results.json").read_text())["table"]
     assert table["Hardness + gradient-Hessian"]["runs"] == 2 and table["Random"]["runs"] == 4
@@ -93,8 +138,23 @@ def test_eval_random_baseline_covers_every_checkpoint(cub_run, tmp_path):
 
 def test_eval_counts_a_run_given_twice_once(cub_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["--checkpoint", str(cub_run), f"{cub_run}/", str(cub_run / ".." / cub_run.name), "--synthetic", "--out",
-            str(out), "--num-images", "3", "--runs", "1", "--top-n", "3", "--k", "2"]
+    argv = [
+        "--checkpoint",
+        str(cub_run),
+        f"{cub_run}/",
+        str(cub_run / ".." / cub_run.name),
+        "--synthetic",
+        "--out",
+        str(out),
+        "--num-images",
+        "3",
+        "--runs",
+        "1",
+        "--top-n",
+        "3",
+        "--k",
+        "2",
+    ]
     assert main("cub", argv) == 0
     table = json.loads((out / "results.json").read_text())["table"]
     assert table["Hardness + gradient-Hessian"]["runs"] == 1 and table["Random"]["runs"] == 1
@@ -104,8 +164,29 @@ def test_eval_counts_a_run_given_twice_once(cub_run, tmp_path, capsys):
 def test_eval_ade20k_cli(tmp_path, capsys):
     run = _train(tmp_path, "ade20k")
     out = tmp_path / "eval"
-    assert main("ade20k", ["--checkpoint", str(run), "--synthetic", "--out", str(out), "--num-images", "3",
-                           "--runs", "1", "--top-n", "3", "--k", "2", "--fraction", "0.2"]) == 0
+    assert (
+        main(
+            "ade20k",
+            [
+                "--checkpoint",
+                str(run),
+                "--synthetic",
+                "--out",
+                str(out),
+                "--num-images",
+                "3",
+                "--runs",
+                "1",
+                "--top-n",
+                "3",
+                "--k",
+                "2",
+                "--fraction",
+                "0.2",
+            ],
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     iou = np.asarray(results["results"]["Hardness + gradient-Hessian"][0]["iou"], float)
     assert iou.shape == (90,) and np.all((iou >= 0) & (iou <= 1))
@@ -116,15 +197,50 @@ def test_eval_ade20k_cli(tmp_path, capsys):
         mask = np.asarray(Image.open(val)).copy()
         mask[mask.shape[0] // 2, mask.shape[1] // 2] = 200  # the centre survives the evaluation crop
         Image.fromarray(mask).save(val)
-    assert main("ade20k", ["--checkpoint", str(run), "--synthetic", "--out", str(tmp_path / "eval2"), "--num-images",
-                           "3", "--runs", "1", "--top-n", "3", "--k", "2", "--fraction", "0.2"]) == 2
+    assert (
+        main(
+            "ade20k",
+            [
+                "--checkpoint",
+                str(run),
+                "--synthetic",
+                "--out",
+                str(tmp_path / "eval2"),
+                "--num-images",
+                "3",
+                "--runs",
+                "1",
+                "--top-n",
+                "3",
+                "--k",
+                "2",
+                "--fraction",
+                "0.2",
+            ],
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert any(str(m) in err for m in masks) and "exceed" in err and "Traceback" not in err
 
 
 def _eval_argv(run: Path, out: Path, *extra: str) -> list[str]:
-    return ["--checkpoint", str(run), "--synthetic", "--out", str(out), "--num-images", "3", "--runs", "1",
-            "--top-n", "3", "--k", "2", *extra]
+    return [
+        "--checkpoint",
+        str(run),
+        "--synthetic",
+        "--out",
+        str(out),
+        "--num-images",
+        "3",
+        "--runs",
+        "1",
+        "--top-n",
+        "3",
+        "--k",
+        "2",
+        *extra,
+    ]
 
 
 def test_eval_nan_model_is_an_error(cub_run, tmp_path, monkeypatch, capsys):
@@ -206,6 +322,7 @@ def test_eval_out_that_cannot_be_created(cub_run, tmp_path, capsys):
 @pytest.mark.parametrize("error,status", [(KeyboardInterrupt, 130), (ValueError("corrupt checkpoint x"), 2)])
 def test_eval_interrupted_or_unloadable(cub_run, tmp_path, monkeypatch, capsys, error, status):
     """Ctrl-C: exit 130 saying where finished results are kept; a checkpoint load error: one line, exit 2."""
+
     def fail(*args, **kw):
         raise error
 
@@ -240,8 +357,10 @@ def test_ade_object_presence_cache_is_keyed_by_dataset(tmp_path, monkeypatch):
     np.testing.assert_array_equal(protocol.ade_object_presence(b, cache), second)
 
 
-@pytest.mark.parametrize("damage,message", [("small", "mask is 10x10"), ("rgb", "one-channel"),
-                                            ("label", "label 250 exceeds the 150 objects")])
+@pytest.mark.parametrize(
+    "damage,message",
+    [("small", "mask is 10x10"), ("rgb", "one-channel"), ("label", "label 250 exceeds the 150 objects")],
+)
 def test_ade_training_masks_are_validated(tmp_path, damage, message):
     ds = _ade(tmp_path, 0)
     path = ds.mask_paths[int(np.flatnonzero(ds.is_train)[0])]
@@ -285,8 +404,22 @@ def test_eval_cli_rejects_bad_options(cub_run, tmp_path, capsys):
 
 
 def test_delib_demo_end_to_end_and_reuse(tmp_path):
-    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo",
-           "--out", str(tmp_path), "--epochs", "1", "--num-images", "4", "--explain-images", "2", "--crop", "64"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from delib_jax.cli import main; raise SystemExit(main())",
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--num-images",
+        "4",
+        "--explain-images",
+        "2",
+        "--crop",
+        "64",
+    ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "explain" / "index.html").is_file()
@@ -300,8 +433,15 @@ def test_delib_demo_end_to_end_and_reuse(tmp_path):
 
 @pytest.mark.parametrize("flag", [["--crop", "500"], ["--epochs", "0"]])
 def test_delib_demo_refuses_impossible_options(tmp_path, flag):
-    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo", "--out",
-           str(tmp_path / "d"), *flag]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from delib_jax.cli import main; raise SystemExit(main())",
+        "demo",
+        "--out",
+        str(tmp_path / "d"),
+        *flag,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert flag[0] in done.stderr
@@ -323,8 +463,16 @@ def test_eval_reads_a_tfds_build_of_the_run_data_with_the_same_results(cub_run, 
 
 
 def test_delib_demo_data_dir_that_is_neither_a_release_nor_a_build(tmp_path):
-    cmd = [sys.executable, "-c", "from delib_jax.cli import main; raise SystemExit(main())", "demo", "--out",
-           str(tmp_path / "d"), "--data-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from delib_jax.cli import main; raise SystemExit(main())",
+        "demo",
+        "--out",
+        str(tmp_path / "d"),
+        "--data-dir",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "not a CUB-200-2011 release" in done.stderr and "nor a TFDS build" in done.stderr
@@ -348,10 +496,12 @@ def test_eval_normalising_on_the_device_gives_the_host_normalised_results(cub_ru
     monkeypatch.setattr(protocol, "eval_pipeline", spy)
     on_device = protocol.evaluate_cub(model, config, dataset, protocol.FULL, options)
     assert seen and not any(seen)  # every batch of the protocol came as uint8
-    monkeypatch.setattr(protocol, "eval_pipeline", lambda source, **kw: pipeline.eval_pipeline(
-        source, **{**kw, "normalize": True}))
+    monkeypatch.setattr(
+        protocol, "eval_pipeline", lambda source, **kw: pipeline.eval_pipeline(source, **{**kw, "normalize": True})
+    )
     on_host = protocol.evaluate_cub(model, config, dataset, protocol.FULL, options)
     assert on_device["insecurities"] == on_host["insecurities"] > 0
     for key in ("precision", "recall", "random_precision"):
-        np.testing.assert_allclose(np.asarray(on_device[key], float), np.asarray(on_host[key], float), rtol=1e-5,
-                                   atol=1e-7, equal_nan=True)
+        np.testing.assert_allclose(
+            np.asarray(on_device[key], float), np.asarray(on_host[key], float), rtol=1e-5, atol=1e-7, equal_nan=True
+        )

@@ -40,8 +40,9 @@ def setup():
 
 def test_explanation_matches_its_parts(setup):
     model, _, images, explanations = setup
-    attr = attribute_images(model, images, method="gradient_hessian", score="hardness", top_n=5,
-                            difficulty_channels="positive")  # explain()'s default difficulty map
+    attr = attribute_images(
+        model, images, method="gradient_hessian", score="hardness", top_n=5, difficulty_channels="positive"
+    )  # explain()'s default difficulty map
     cam = grad_cam(model.classifier, model.features(images))
     found = find_insecurities(
         attr.class_maps, attr.difficulty_map, attr.classes, image_size=(48, 48), k=3, coverage=0.1, max_insecurities=3

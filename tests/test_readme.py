@@ -34,8 +34,17 @@ def readme_library_code() -> str:
 
 def _tiny_vgg_spec():
     def head(d, c, *, rngs):
-        return models.PoolMLPHead(d, c, hidden=(32, 32), pooled_size=(7, 7), pool_window=2, pool_stride=2,
-                                  dropout=0.5, dropout_before=(1, 2), rngs=rngs)
+        return models.PoolMLPHead(
+            d,
+            c,
+            hidden=(32, 32),
+            pooled_size=(7, 7),
+            pool_window=2,
+            pool_stride=2,
+            dropout=0.5,
+            dropout_before=(1, 2),
+            rngs=rngs,
+        )
 
     return models.ArchSpec(lambda **kw: backbones.VGG(TINY_VGG, batch_norm=False, **kw), head, 32)
 

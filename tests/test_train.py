@@ -382,8 +382,10 @@ def test_each_loss_trains_only_its_own_predictor(hardness):
 
 # ------------------------------------------------------------------------------------------------- full disk
 
-_ORBAX_FULL = ("RESOURCE_EXHAUSTED: Error writing \"params\" in OCDBT database at local file \"{path}\": "
-               "Failed to write 113690 bytes to file 4: No space left on device [os_error_code='28']")
+_ORBAX_FULL = (
+    'RESOURCE_EXHAUSTED: Error writing "params" in OCDBT database at local file "{path}": '
+    "Failed to write 113690 bytes to file 4: No space left on device [os_error_code='28']"
+)
 
 
 def _full_disk_at(monkeypatch, step, which="latest", error=None):
@@ -433,8 +435,24 @@ def test_full_disk_before_the_first_checkpoint_says_to_run_again(tiny_cub, tmp_p
     from delib_jax.train.cli import main
 
     run = tmp_path / "run"
-    argv = ["--synthetic", "--data-dir", str(tiny_cub.parent), "--out", str(run), "--no-progress", "--steps", "2",
-            "--batch-size", "4", "--crop", "32", "--checkpoint-every", "2", "--threads", "2"]
+    argv = [
+        "--synthetic",
+        "--data-dir",
+        str(tiny_cub.parent),
+        "--out",
+        str(run),
+        "--no-progress",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--crop",
+        "32",
+        "--checkpoint-every",
+        "2",
+        "--threads",
+        "2",
+    ]
     with monkeypatch.context() as m:
         _full_disk_at(m, 2, error=OSError(errno.ENOSPC, "No space left on device"))
         assert main("cub", argv) == 2
@@ -458,20 +476,48 @@ def test_real_full_disk_in_the_command(tiny_cub, tmp_path):
     if not _mount_tmpfs(disk, "6m"):
         pytest.skip("cannot mount a tmpfs here")
     try:
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the second command reuses the compilations
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }  # the second command reuses the compilations
         run = disk / "run"
-        cmd = [sys.executable, "-m", "train.cub", "--synthetic", "--data-dir", str(tiny_cub.parent), "--out", str(run),
-               "--steps", "4", "--batch-size", "4", "--crop", "32", "--checkpoint-every", "2", "--no-progress",
-               "--threads", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "train.cub",
+            "--synthetic",
+            "--data-dir",
+            str(tiny_cub.parent),
+            "--out",
+            str(run),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--crop",
+            "32",
+            "--checkpoint-every",
+            "2",
+            "--no-progress",
+            "--threads",
+            "2",
+        ]
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, out.stderr[-3000:]
         errors = [line for line in out.stderr.splitlines() if not line.startswith(("step ", "data: "))]
         assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
         assert errors[0].startswith(f"error: no space left on the disk of {run}") and "--resume" in errors[0]
         subprocess.run(["mount", "-o", "remount,size=40m", str(disk)], check=True)
-        again = subprocess.run([sys.executable, "-m", "train.cub", "--out", str(run), "--resume", "--no-progress"],
-                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        again = subprocess.run(
+            [sys.executable, "-m", "train.cub", "--out", str(run), "--resume", "--no-progress"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert again.returncode == 0 and "done: 4 steps" in again.stdout, again.stderr[-3000:]
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
@@ -485,8 +531,12 @@ def test_damaged_latest_metadata_is_one_line_on_resume(tiny_cub, tmp_path):
         fit(tmp_path / "run", config, progress=False, on_step=_kill_at(4))
     meta = next((tmp_path / "run" / "checkpoints" / "latest" / "3").rglob("meta*/metadata"))
     good = meta.read_text()
-    for bad, match in [({"step": 2**80}, "field 'step'"), ({"step": 3, "best": "x"}, "field 'best'"),
-                       ({"step": 3, "best": {"accuracy": 0.5, "loss": 1.0, "step": 99}}, "out of range"), ([], "JSON")]:
+    for bad, match in [
+        ({"step": 2**80}, "field 'step'"),
+        ({"step": 3, "best": "x"}, "field 'best'"),
+        ({"step": 3, "best": {"accuracy": 0.5, "loss": 1.0, "step": 99}}, "out of range"),
+        ([], "JSON"),
+    ]:
         meta.write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=match) as e:
             fit(tmp_path / "run", resume=True, progress=False)

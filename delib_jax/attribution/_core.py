@@ -220,6 +220,7 @@ def _integrated(classifier, hardness_head, a, a_s, base, base_s, opts: Options):
         zero = jnp.zeros((a.shape[0], p_out, a.shape[1] * a.shape[2]), x.dtype)
         total, _ = jax.lax.scan(step, zero, (jnp.asarray(alphas), jnp.asarray(weights)))
         if opts.difficulty_channels == "positive" and i == len(groups) - 1:  # the group holding the difficulty
+
             def grad_step(acc, aw, head=head, phi=phi, x0=x0, delta=delta):
                 return acc + aw[1] * _difficulty_grad(head, phi, x0 + aw[0] * delta), None
 
@@ -272,8 +273,13 @@ def _attribute(classifier, hardness_head, a, a_s, base, base_s, opts: Options) -
     if residual is not None and opts.top_n is not None:
         residual = jnp.take_along_axis(residual, index, axis=1)
     return Attribution(
-        maps=pick(maps), first_order=pick(first), second_order=pick(second), classes=classes, probs=probs,
-        score=score, residual=residual,
+        maps=pick(maps),
+        first_order=pick(first),
+        second_order=pick(second),
+        classes=classes,
+        probs=probs,
+        score=score,
+        residual=residual,
     )
 
 
@@ -333,8 +339,13 @@ def attribute(
         if hardness_head is None:
             raise ValueError("score='hardness' needs a hardness_head (or choose score='hesitancy' or 'entropy')")
         hardness_head = inference_view(hardness_head)
-        a_s = a if hardness_features is None else _check_features(
-            "hardness_features", hardness_features, getattr(hardness_head, "in_channels", None)).astype(a.dtype)
+        a_s = (
+            a
+            if hardness_features is None
+            else _check_features(
+                "hardness_features", hardness_features, getattr(hardness_head, "in_channels", None)
+            ).astype(a.dtype)
+        )
         if a_s.shape[:3] != a.shape[:3]:
             raise ValueError(f"hardness_features {a_s.shape} must share (B, H, W) with features {a.shape}")
     else:
@@ -346,8 +357,11 @@ def attribute(
             raise ValueError(f"baseline {base.shape} must have the shape of features {a.shape}")
         base = base.astype(a.dtype)
         if a_s is not None:
-            base_s = jnp.zeros_like(a_s) if hardness_baseline is None else _check_features(
-                "hardness_baseline", hardness_baseline, a_s.shape[-1]).astype(a_s.dtype)
+            base_s = (
+                jnp.zeros_like(a_s)
+                if hardness_baseline is None
+                else _check_features("hardness_baseline", hardness_baseline, a_s.shape[-1]).astype(a_s.dtype)
+            )
     if not jit:
         return _attribute(classifier, hardness_head, a, a_s, base, base_s, opts)
     classifier_structure, classifier_leaves = split_leaves(classifier)

@@ -62,8 +62,9 @@ def grad_cam(classifier: nnx.Module, features: Array, target: Array | str | None
         return _compiled(structure, "predicted")(leaves, a, None)[:, 0]
     classes = jnp.asarray(target)
     if classes.ndim not in (1, 2) or classes.shape[0] != b or not jnp.issubdtype(classes.dtype, jnp.integer):
-        raise ValueError(f"target must hold integer class indices of shape ({b},) or ({b}, K), got "
-                         f"{classes.dtype} {classes.shape}")
+        raise ValueError(
+            f"target must hold integer class indices of shape ({b},) or ({b}, K), got {classes.dtype} {classes.shape}"
+        )
     if not isinstance(classes, jax.core.Tracer):
         c = getattr(head, "out_features", None)
         bad = np.asarray(classes) < 0 if c is None else (np.asarray(classes) < 0) | (np.asarray(classes) >= c)

@@ -55,8 +55,9 @@ def tangent_interactions(output: Output, z: Array, u: Array, rows: Array, target
     return pairwise_terms(output, z, u[:, rows], u, targets)
 
 
-def reverse_interactions(g: Callable[[Array], Array], x: Array, rows: Array, targets: Array, *,
-                         chunk_size: int | None = None) -> Array:
+def reverse_interactions(
+    g: Callable[[Array], Array], x: Array, rows: Array, targets: Array, *, chunk_size: int | None = None
+) -> Array:
     """(B, N, R, L) by one Hessian-vector product per explained output and row: (H_t E_r)_m . x_m."""
     b, h, w, _ = x.shape
     cts = cotangents(targets, jax.eval_shape(g, x).shape[-1], x.dtype)
@@ -70,8 +71,9 @@ def reverse_interactions(g: Callable[[Array], Array], x: Array, rows: Array, tar
     return jnp.transpose(values, (2, 1, 0, 3))
 
 
-def forward_interactions(g: Callable[[Array], Array], x: Array, rows: Array, targets: Array, *,
-                         chunk_size: int | None = None) -> Array:
+def forward_interactions(
+    g: Callable[[Array], Array], x: Array, rows: Array, targets: Array, *, chunk_size: int | None = None
+) -> Array:
     """(B, N, R, L) by nested forward-mode derivatives D^2 g[E_r, E_m] over every (r, m) pair."""
     b, h, w, _ = x.shape
     mask = lambda i: x * (jnp.arange(h * w) == i).reshape(1, h, w, 1).astype(x.dtype)
@@ -91,8 +93,7 @@ def _map_rows(fn, rows: Array, chunk_size: int | None) -> Array:
     return jax.lax.map(fn, rows, batch_size=chunk_size)
 
 
-def _interactions(f_leaves, h_leaves, images, targets, rows, *, f_struct, h_struct, output, top_n, order,
-                  chunk_size):
+def _interactions(f_leaves, h_leaves, images, targets, rows, *, f_struct, h_struct, output, top_n, order, chunk_size):
     features, head = rebuild(f_struct, f_leaves), rebuild(h_struct, h_leaves)
     x = features(images)
     g = lambda y: output(head(y))
@@ -109,8 +110,9 @@ def _interactions(f_leaves, h_leaves, images, targets, rows, *, f_struct, h_stru
     return Interactions(values=inter, targets=targets, rows=rows, outputs=values)
 
 
-_interactions_jit = jax.jit(_interactions, static_argnames=("f_struct", "h_struct", "output", "top_n", "order",
-                                                            "chunk_size"))
+_interactions_jit = jax.jit(
+    _interactions, static_argnames=("f_struct", "h_struct", "output", "top_n", "order", "chunk_size")
+)
 
 
 def _check_rows(locations, num_locations: int) -> Array:
@@ -120,8 +122,10 @@ def _check_rows(locations, num_locations: int) -> Array:
     if not np.issubdtype(rows.dtype, np.integer) or rows.size == 0:
         raise ValueError(f"locations must be flat integer indices into the H x W grid, got {np.asarray(locations)}")
     if rows.min() < 0 or rows.max() >= num_locations:
-        raise ValueError(f"locations must lie in [0, {num_locations}) (flat indices into the H x W grid), got "
-                         f"{rows.min()}..{rows.max()}")
+        raise ValueError(
+            f"locations must lie in [0, {num_locations}) (flat indices into the H x W grid), got "
+            f"{rows.min()}..{rows.max()}"
+        )
     return jnp.asarray(rows, jnp.int32)
 
 
@@ -135,8 +139,10 @@ def _check_targets(targets, batch: int, num_outputs: int):
         return targets, None
     given = np.asarray(targets)
     if given.ndim != 2 or given.shape[0] != batch or not np.issubdtype(given.dtype, np.integer):
-        raise ValueError(f"targets must be an int or integer indices of shape (B, N) with B = {batch}, got "
-                         f"{given.dtype} {given.shape}")
+        raise ValueError(
+            f"targets must be an int or integer indices of shape (B, N) with B = {batch}, got "
+            f"{given.dtype} {given.shape}"
+        )
     if given.size and (given.min() < 0 or given.max() >= num_outputs):
         raise ValueError(f"targets must lie in [0, {num_outputs}), got values {given.min()}..{given.max()}")
     return None, jnp.asarray(given, jnp.int32)
@@ -175,14 +181,27 @@ def interaction_maps(
         raise ValueError(f"order must be 'auto', 'tangent', 'forward' or 'reverse', got {order!r}")
     head_module = rebuild(h_struct, h_leaves)
     if order == "tangent" and not hasattr(head_module, "tangents"):
-        raise ValueError(f"order='tangent' needs a head with logit tangents (a PoolMLPHead), got "
-                         f"{type(head_module).__name__}; use order='reverse' or 'forward'")
+        raise ValueError(
+            f"order='tangent' needs a head with logit tangents (a PoolMLPHead), got "
+            f"{type(head_module).__name__}; use order='reverse' or 'forward'"
+        )
     if order == "auto":
         n = num_outputs if targets is None else (top_n or given.shape[1])
         order = "tangent" if hasattr(head_module, "tangents") else ("reverse" if n < h * w else "forward")
     fn = _interactions_jit if jit else _interactions
-    return fn(f_leaves, h_leaves, images, given, rows, f_struct=f_struct, h_struct=h_struct, output=out,
-              top_n=top_n, order=order, chunk_size=chunk_size)
+    return fn(
+        f_leaves,
+        h_leaves,
+        images,
+        given,
+        rows,
+        f_struct=f_struct,
+        h_struct=h_struct,
+        output=out,
+        top_n=top_n,
+        order=order,
+        chunk_size=chunk_size,
+    )
 
 
 def _model_interactions(leaves, images, rows, *, structure, score):
@@ -199,15 +218,17 @@ def _model_interactions(leaves, images, rows, *, structure, score):
     output = deliberative_output(score)
     values = output(z)
     targets = jnp.broadcast_to(jnp.arange(values.shape[-1]), values.shape)
-    return Interactions(values=tangent_interactions(output, z, u, rows, targets), targets=targets, rows=rows,
-                        outputs=values)
+    return Interactions(
+        values=tangent_interactions(output, z, u, rows, targets), targets=targets, rows=rows, outputs=values
+    )
 
 
 _model_interactions_jit = jax.jit(_model_interactions, static_argnames=("structure", "score"))
 
 
-def make_model_interactions_fn(model, *, score: str = "hardness",
-                                locations: Sequence[int] | Array | None = None) -> Callable[[Array], Interactions]:
+def make_model_interactions_fn(
+    model, *, score: str = "hardness", locations: Sequence[int] | Array | None = None
+) -> Callable[[Array], Interactions]:
     """A compiled images -> `Interactions` function for a `DeliberativeModel` (split once; for many batches).
     Arguments as `model_interaction_maps`; later changes to the model are not seen."""
     deliberative_output(score)  # validates the name
@@ -228,8 +249,9 @@ def make_model_interactions_fn(model, *, score: str = "hardness",
     return interactions_fn
 
 
-def model_interaction_maps(model, images: Array, *, score: str = "hardness",
-                           locations: Sequence[int] | Array | None = None) -> Interactions:
+def model_interaction_maps(
+    model, images: Array, *, score: str = "hardness", locations: Sequence[int] | Array | None = None
+) -> Interactions:
     """Interaction maps at A of all P = C + 1 outputs of a `DeliberativeModel` (C class probabilities, then the
     difficulty ``score``), from the logit tangents of its heads: values (B, C + 1, R, L). For 'hardness' the
     difficulty's interactions are in the hardness predictor's own features (A, or A_s of a separate network)."""

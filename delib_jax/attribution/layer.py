@@ -133,8 +133,10 @@ def resolve_order(order: str, head, second: str | None, num_locations: int, num_
     """The differentiation order 'auto' stands for (see the module docstring)."""
     if order != "auto":
         if order == "tangent" and not hasattr(head, "tangents"):
-            raise ValueError(f"order='tangent' needs a head with logit tangents (a PoolMLPHead), got "
-                             f"{type(head).__name__}; use order='forward' or 'reverse'")
+            raise ValueError(
+                f"order='tangent' needs a head with logit tangents (a PoolMLPHead), got "
+                f"{type(head).__name__}; use order='forward' or 'reverse'"
+            )
         return order
     if hasattr(head, "tangents"):
         return "tangent"
@@ -148,8 +150,17 @@ def _take(terms: Array, targets: Array) -> Array:
     return jnp.take_along_axis(terms, targets[:, :, None], axis=1)
 
 
-def first_and_second(head, output: Output, x: Array, v: Array, targets: Array, *, second: str | None, order: str,
-                     chunk_size: int | None = None) -> tuple[Array, Array | None]:
+def first_and_second(
+    head,
+    output: Output,
+    x: Array,
+    v: Array,
+    targets: Array,
+    *,
+    second: str | None,
+    order: str,
+    chunk_size: int | None = None,
+) -> tuple[Array, Array | None]:
     """first, second (B, N, L) of output(head(.)) at X along V for the targets (B, N), by ``order`` (not 'auto';
     second: None, 'diagonal' or 'cross'; without Eq. 2's 1/2)."""
     g = lambda y: output(head(y))
@@ -189,8 +200,9 @@ def _layer(f_leaves, h_leaves, images, targets, baseline, key, *, f_struct, h_st
         alphas, weights = (jnp.asarray(q, x.dtype) for q in quadrature(opts.steps, opts.quadrature))
 
         def step(acc, aw):
-            f, _ = first_and_second(head, output, x0 + aw[0] * v, v, targets, second=None, order=order,
-                                    chunk_size=opts.chunk_size)
+            f, _ = first_and_second(
+                head, output, x0 + aw[0] * v, v, targets, second=None, order=order, chunk_size=opts.chunk_size
+            )
             return acc + aw[1] * f, None
 
         first, _ = jax.lax.scan(step, jnp.zeros((b, n, h * w), x.dtype), (alphas, weights))
@@ -198,14 +210,16 @@ def _layer(f_leaves, h_leaves, images, targets, baseline, key, *, f_struct, h_st
         delta = jnp.take_along_axis(values - g(x0), targets, axis=1)
         residual = jnp.sum(first, axis=-1) - delta
     elif opts.method == "gradient_hessian" and opts.second_order == "estimate":
-        first, second, stderr = probe_diagonal(g, x, x, targets, probes=opts.probes, key=key,
-                                               chunk_size=opts.chunk_size)
+        first, second, stderr = probe_diagonal(
+            g, x, x, targets, probes=opts.probes, key=key, chunk_size=opts.chunk_size
+        )
         second, stderr = 0.5 * second, 0.5 * stderr
     else:
         sec = opts.second_order if opts.method == "gradient_hessian" else None
         order = resolve_order(opts.order, head, sec, h * w, n)
-        first, second = first_and_second(head, output, x, x, targets, second=sec, order=order,
-                                         chunk_size=opts.chunk_size)
+        first, second = first_and_second(
+            head, output, x, x, targets, second=sec, order=order, chunk_size=opts.chunk_size
+        )
         second = jnp.zeros_like(first) if second is None else 0.5 * second
     grid = lambda t: None if t is None else t.reshape(b, n, h, w)
     first, second, stderr = grid(first), grid(second), grid(stderr)
@@ -213,8 +227,15 @@ def _layer(f_leaves, h_leaves, images, targets, baseline, key, *, f_struct, h_st
         size = images.shape[1:3]
         first, second = upsample_maps(first, size), upsample_maps(second, size)
         stderr = None if stderr is None else upsample_maps(stderr, size)
-    return LayerAttribution(maps=first + second, first_order=first, second_order=second, targets=targets,
-                            outputs=values, stderr=stderr, residual=residual)
+    return LayerAttribution(
+        maps=first + second,
+        first_order=first,
+        second_order=second,
+        targets=targets,
+        outputs=values,
+        stderr=stderr,
+        residual=residual,
+    )
 
 
 _layer_jit = jax.jit(_layer, static_argnames=("f_struct", "h_struct", "opts"))
@@ -237,8 +258,10 @@ def _check_targets(targets, batch: int, num_outputs: int) -> Array | None:
         return None
     given = np.asarray(targets)
     if given.ndim != 2 or given.shape[0] != batch or not np.issubdtype(given.dtype, np.integer):
-        raise ValueError(f"targets must be an int or integer indices of shape (B, N) with B = {batch}, got "
-                         f"{given.dtype} {given.shape}")
+        raise ValueError(
+            f"targets must be an int or integer indices of shape (B, N) with B = {batch}, got "
+            f"{given.dtype} {given.shape}"
+        )
     if given.size and (given.min() < 0 or given.max() >= num_outputs):
         raise ValueError(f"targets must lie in [0, {num_outputs}), got values {given.min()}..{given.max()}")
     return jnp.asarray(given, jnp.int32)
@@ -257,8 +280,10 @@ def make_layer_attribution_fn(
     once; the fast way to explain many batches). Arguments as `layer_attribution`; an int ``targets`` (top N) is
     fixed here, explicit target indices (B, N) are given per call. Later changes to the modules are not seen."""
     if targets is not None and (not isinstance(targets, int) or isinstance(targets, bool)):
-        raise ValueError(f"targets here is None or an int N (the top N outputs), got {type(targets).__name__}: give "
-                         "explicit indices per call")
+        raise ValueError(
+            f"targets here is None or an int N (the top N outputs), got {type(targets).__name__}: give "
+            "explicit indices per call"
+        )
     opts = LayerOptions(output=explained_output(output), top_n=targets, **options).check()
     f_struct, f_leaves = pure(features)
     h_struct, h_leaves = pure(head)
@@ -335,7 +360,18 @@ def layer_attribution(
     """
     top_n = targets if isinstance(targets, int) and not isinstance(targets, bool) else None
     fn = make_layer_attribution_fn(
-        features, head, targets=top_n, output=output, jit=jit, method=method, second_order=second_order, order=order,
-        probes=probes, steps=steps, quadrature=quadrature, chunk_size=chunk_size, upsample=upsample,
+        features,
+        head,
+        targets=top_n,
+        output=output,
+        jit=jit,
+        method=method,
+        second_order=second_order,
+        order=order,
+        probes=probes,
+        steps=steps,
+        quadrature=quadrature,
+        chunk_size=chunk_size,
+        upsample=upsample,
     )
     return fn(images, None if top_n is not None else targets, baseline, key)

@@ -92,8 +92,9 @@ def explained_output(spec: str | Output | Callable[[Array], Array] = "probs") ->
         return spec
     if isinstance(spec, str):
         if spec not in OUTPUTS:
-            raise ValueError(f"unknown output {spec!r}; choose one of {', '.join(OUTPUTS)} or pass a function of the "
-                             "logits")
+            raise ValueError(
+                f"unknown output {spec!r}; choose one of {', '.join(OUTPUTS)} or pass a function of the logits"
+            )
         return OUTPUTS[spec]
     if callable(spec):
         return Output(getattr(spec, "__name__", "custom"), spec)

@@ -50,8 +50,7 @@ def _vgg_steps(net: backbones.VGG) -> list[tuple[tuple[str, ...], Step]]:
 
 
 def _resnet_steps(net: backbones.ResNet) -> list[tuple[tuple[str, ...], Step]]:
-    steps = [((), lambda x: jax.nn.relu(net.bn1(net.conv1(x)))),
-             (("stem",), lambda x: _layers.max_pool(x, 3, 2, 1))]
+    steps = [((), lambda x: jax.nn.relu(net.bn1(net.conv1(x)))), (("stem",), lambda x: _layers.max_pool(x, 3, 2, 1))]
     for s, stage in enumerate(net.layers):
         for i, block in enumerate(stage):
             names = (f"layer{s + 1}.{i}",) + ((f"layer{s + 1}",) if i == len(stage) - 1 else ())
@@ -89,8 +88,10 @@ def _steps(backbone: nnx.Module) -> list[tuple[tuple[str, ...], Step]]:
     for kind, steps in _STEPS.items():
         if isinstance(backbone, kind):
             return steps(backbone)
-    raise ValueError(f"split_model knows the shipped backbones (VGG, ResNet, AlexNet, SmallCNN), not "
-                     f"{type(backbone).__name__}: pass your own features and head callables instead")
+    raise ValueError(
+        f"split_model knows the shipped backbones (VGG, ResNet, AlexNet, SmallCNN), not "
+        f"{type(backbone).__name__}: pass your own features and head callables instead"
+    )
 
 
 def stage_names(model) -> tuple[str, ...]:
@@ -134,8 +135,9 @@ class StageHead(nnx.Module):
     """X -> logits (B, C) (and the hardness logit as column C when built with one): the rest of the backbone, then
     the class head (and the hardness predictor)."""
 
-    def __init__(self, backbone: nnx.Module, start: int, classifier: nnx.Module, *, hardness_head=None,
-                 hardness_network=None):
+    def __init__(
+        self, backbone: nnx.Module, start: int, classifier: nnx.Module, *, hardness_head=None, hardness_network=None
+    ):
         self.backbone = backbone
         self.start = start
         self.classifier = classifier
@@ -148,8 +150,9 @@ class StageHead(nnx.Module):
         if self.hardness_head is not None:
             z = jnp.concatenate([z, self.hardness_head(a)], axis=-1)
         elif self.hardness_network is not None:  # only at the image: its own backbone reads the pixels
-            z = jnp.concatenate([z, self.hardness_network.head(self.hardness_network.backbone(x).astype(
-                jnp.float32))], axis=-1)
+            z = jnp.concatenate(
+                [z, self.hardness_network.head(self.hardness_network.backbone(x).astype(jnp.float32))], axis=-1
+            )
         return z
 
 
@@ -165,8 +168,10 @@ def split_model(model, stage: str = "A", *, hardness: bool = False) -> tuple[Sta
             kwargs["hardness_head"] = model.hardness_head
         elif model.hardness_network is not None:
             if stage != "image":
-                raise ValueError("this model's hardness predictor is a separate network with its own features: "
-                                 "split it at 'image', or use hardness=False")
+                raise ValueError(
+                    "this model's hardness predictor is a separate network with its own features: "
+                    "split it at 'image', or use hardness=False"
+                )
             kwargs["hardness_network"] = model.hardness_network
         else:
             raise ValueError("hardness=True needs a model with a hardness predictor (created with hardness='none')")

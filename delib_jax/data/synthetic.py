@@ -122,8 +122,9 @@ def make_bird_classes(
     names = list(REGIONS)
     for start in range(0, num_classes, family_size):
         members = range(start, min(start + family_size, num_classes))
-        family = tuple(sorted(rng.choice(names, size=int(rng.integers(shared[0], shared[1] + 1)),
-                                         replace=False).tolist()))
+        family = tuple(
+            sorted(rng.choice(names, size=int(rng.integers(shared[0], shared[1] + 1)), replace=False).tolist())
+        )
         base = {g: str(rng.choice(_choices(g))) for g in DRAWN_GROUPS}
         for c in members:
             values = {g: str(rng.choice(_choices(g))) for g in DRAWN_GROUPS}

@@ -18,7 +18,17 @@ from delib_jax.evaluation.metrics import (
 )
 
 __all__ = [
-    "COVERAGES", "ade_ambiguity_strength", "ade_object_frequency", "coverage_counts", "cub_ambiguity_strength",
-    "curve_area", "infidelity", "mask_iou", "perturbation_curves", "pixel_ranks", "point_precision_recall",
-    "random_maps", "select_ground_truth",
+    "COVERAGES",
+    "ade_ambiguity_strength",
+    "ade_object_frequency",
+    "coverage_counts",
+    "cub_ambiguity_strength",
+    "curve_area",
+    "infidelity",
+    "mask_iou",
+    "perturbation_curves",
+    "pixel_ranks",
+    "point_precision_recall",
+    "random_maps",
+    "select_ground_truth",
 ]

@@ -85,8 +85,10 @@ def _check(x, maps, targets, baseline):
     if targets.ndim == 1:
         targets = np.repeat(targets[:, None], maps.shape[1], axis=1)
     if targets.shape != maps.shape[:2] or not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"targets must be integer output indices (B,) or (B, M) = {maps.shape[:2]}, got "
-                         f"{targets.dtype} {targets.shape}")
+        raise ValueError(
+            f"targets must be integer output indices (B,) or (B, M) = {maps.shape[:2]}, got "
+            f"{targets.dtype} {targets.shape}"
+        )
     if baseline is None:
         baseline = jnp.zeros_like(x)
     baseline = jnp.broadcast_to(jnp.asarray(baseline, x.dtype), x.shape)
@@ -118,8 +120,18 @@ def perturbation_curves(
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     x, maps, targets, baseline = _check(x, maps, targets, baseline)
     structure, leaves = pure(head)
-    return _curves_jit(leaves, x, maps, targets, baseline, jnp.asarray(mode == "deletion"), structure=structure,
-                       output=explained_output(output), steps=steps, batch_size=batch_size)
+    return _curves_jit(
+        leaves,
+        x,
+        maps,
+        targets,
+        baseline,
+        jnp.asarray(mode == "deletion"),
+        structure=structure,
+        output=explained_output(output),
+        steps=steps,
+        batch_size=batch_size,
+    )
 
 
 def curve_area(curves: Array) -> Array:
@@ -128,13 +140,30 @@ def curve_area(curves: Array) -> Array:
     return (jnp.sum(curves, axis=-1) - 0.5 * (curves[..., 0] + curves[..., -1])) / (curves.shape[-1] - 1)
 
 
-def _infidelity(leaves, x, maps, targets, baseline, key, subset, scale, normalize, *, structure, output: Output,
-                samples: int, batch_size: int):
+def _infidelity(
+    leaves,
+    x,
+    maps,
+    targets,
+    baseline,
+    key,
+    subset,
+    scale,
+    normalize,
+    *,
+    structure,
+    output: Output,
+    samples: int,
+    batch_size: int,
+):
     head = rebuild(structure, leaves)
     b, h, w, d = x.shape
     flat = _flat_maps(maps, (h, w))  # (B, M, L)
-    weights = jnp.where(subset, jax.random.bernoulli(key, jnp.clip(scale, 0, 1), (b, samples, h * w)).astype(x.dtype),
-                        scale * jax.random.normal(key, (b, samples, h * w), x.dtype))
+    weights = jnp.where(
+        subset,
+        jax.random.bernoulli(key, jnp.clip(scale, 0, 1), (b, samples, h * w)).astype(x.dtype),
+        scale * jax.random.normal(key, (b, samples, h * w), x.dtype),
+    )
     delta = x - baseline
 
     def one(idx):  # f(x - I) of sample s of image i, every output (P,)
@@ -184,6 +213,18 @@ def infidelity(
     x, maps, targets, baseline = _check(x, maps, targets, baseline)
     structure, leaves = pure(head)
     key = jax.random.key(0) if key is None else key
-    return _infidelity_jit(leaves, x, maps, targets, baseline, key, jnp.asarray(perturbation == "subset"),
-                           jnp.asarray(scale, x.dtype), jnp.asarray(normalize), structure=structure,
-                           output=explained_output(output), samples=samples, batch_size=batch_size)
+    return _infidelity_jit(
+        leaves,
+        x,
+        maps,
+        targets,
+        baseline,
+        key,
+        jnp.asarray(perturbation == "subset"),
+        jnp.asarray(scale, x.dtype),
+        jnp.asarray(normalize),
+        structure=structure,
+        output=explained_output(output),
+        samples=samples,
+        batch_size=batch_size,
+    )

@@ -36,9 +36,12 @@ from delib_jax.evaluation.faithfulness import curve_area, infidelity, perturbati
 
 METHODS = ("gradient", "gradient_hessian", "gradient_hessian_cross", "integrated_gradients", "grad_cam", "random")
 LABELS = {
-    "gradient": "Gradient", "gradient_hessian": "Gradient-Hessian (diagonal)",
-    "gradient_hessian_cross": "Gradient-Hessian (cross)", "integrated_gradients": "Int. grad.",
-    "grad_cam": "Grad-CAM", "random": "Random",
+    "gradient": "Gradient",
+    "gradient_hessian": "Gradient-Hessian (diagonal)",
+    "gradient_hessian_cross": "Gradient-Hessian (cross)",
+    "integrated_gradients": "Int. grad.",
+    "grad_cam": "Grad-CAM",
+    "random": "Random",
 }
 LEVELS = ("A", "pixels")
 METRICS = ("deletion_auc", "insertion_auc", "infidelity_subset", "infidelity_gaussian")
@@ -64,20 +67,25 @@ class FaithfulnessOptions:
     def check(self) -> FaithfulnessOptions:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}" if unknown else
-                             "give at least one method")
+            raise ValueError(
+                f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+                if unknown
+                else "give at least one method"
+            )
         bad = [lv for lv in self.levels if lv not in LEVELS]
         if bad or not self.levels:
-            raise ValueError(f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}" if bad else
-                             "give at least one level")
+            raise ValueError(
+                f"unknown level {bad[0]!r}; choose from {', '.join(LEVELS)}" if bad else "give at least one level"
+            )
         for name, low in (("num_images", 1), ("steps", 1), ("samples", 2), ("ig_steps", 1), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
         return self
 
 
-def method_maps(model, a: jax.Array, targets: jax.Array, methods: Sequence[str], *, key: jax.Array,
-                ig_steps: int = 50) -> jax.Array:
+def method_maps(
+    model, a: jax.Array, targets: jax.Array, methods: Sequence[str], *, key: jax.Array, ig_steps: int = 50
+) -> jax.Array:
     """(B, M, H, W) maps of the predicted classes ``targets`` (B,) at A (B, H, W, D), one per method."""
     t = targets[:, None]
     maps = []
@@ -88,8 +96,9 @@ def method_maps(model, a: jax.Array, targets: jax.Array, methods: Sequence[str],
             second = "cross" if m.endswith("cross") else "diagonal"
             r = layer_attribution(None, model.classifier, a, targets=t, second_order=second).maps[:, 0]
         elif m == "integrated_gradients":
-            r = layer_attribution(None, model.classifier, a, targets=t, method="integrated_gradients",
-                                  steps=ig_steps).maps[:, 0]
+            r = layer_attribution(
+                None, model.classifier, a, targets=t, method="integrated_gradients", steps=ig_steps
+            ).maps[:, 0]
         elif m == "grad_cam":
             r = grad_cam(model.classifier, a, targets)
         else:
@@ -102,19 +111,30 @@ def _scores(head, x, maps, targets, options: FaithfulnessOptions, key) -> dict[s
     """Per image and map: curves (B, M, T + 1) and the four metrics (B, M) of one level."""
     out = {}
     for mode in ("deletion", "insertion"):
-        curves = perturbation_curves(head, x, maps, targets, mode=mode, steps=options.steps,
-                                     batch_size=options.batch_size * 8)
+        curves = perturbation_curves(
+            head, x, maps, targets, mode=mode, steps=options.steps, batch_size=options.batch_size * 8
+        )
         out[f"{mode}_curve"] = np.asarray(curves)
         out[f"{mode}_auc"] = np.asarray(curve_area(curves))
     for perturbation in ("subset", "gaussian"):
-        out[f"infidelity_{perturbation}"] = np.asarray(infidelity(
-            head, x, maps, targets, perturbation=perturbation, samples=options.samples, key=key,
-            batch_size=options.batch_size * 8))
+        out[f"infidelity_{perturbation}"] = np.asarray(
+            infidelity(
+                head,
+                x,
+                maps,
+                targets,
+                perturbation=perturbation,
+                samples=options.samples,
+                key=key,
+                batch_size=options.batch_size * 8,
+            )
+        )
     return out
 
 
-def evaluate_batches(model, batches, options: FaithfulnessOptions, *, total: int | None = None,
-                     partial: Path | None = None) -> dict:
+def evaluate_batches(
+    model, batches, options: FaithfulnessOptions, *, total: int | None = None, partial: Path | None = None
+) -> dict:
     """{level: {metric or curve name: (N, M[, T + 1]) per image}} over image batches (B, H, W, 3) normalised.
 
     With ``partial`` (a folder) each batch's scores are saved there as ``batch-IIIII.npz`` once computed, and read
@@ -210,8 +230,10 @@ def summarize(per_image: dict, methods: Sequence[str]) -> dict:
             row = {}
             for metric in METRICS:
                 v = values[metric][:, j]
-                row[metric] = {"mean": float(np.mean(v)),
-                               "se": float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else None}
+                row[metric] = {
+                    "mean": float(np.mean(v)),
+                    "se": float(np.std(v, ddof=1) / math.sqrt(n)) if n > 1 else None,
+                }
             for curve in ("deletion_curve", "insertion_curve"):
                 row[curve] = np.mean(values[curve][:, j], axis=0).tolist()
             out[level][m] = row
@@ -220,13 +242,20 @@ def summarize(per_image: dict, methods: Sequence[str]) -> dict:
 
 def markdown_table(summary: dict, images: int) -> str:
     """One table per level: methods x (deletion AUC, insertion AUC, infidelity subset / gaussian), mean (s.e.)."""
-    lines = [f"Faithfulness on {images} test images (explained output: the predicted class's probability); "
-             "mean (standard error) over images", ""]
+    lines = [
+        f"Faithfulness on {images} test images (explained output: the predicted class's probability); "
+        "mean (standard error) over images",
+        "",
+    ]
     for level, rows in summary.items():
         where = "layer A (locations of the feature grid)" if level == "A" else "the pixels (maps upsampled)"
-        lines += [f"At {where}:", "",
-                  "| Method | Deletion AUC (lower better) | Insertion AUC (higher better) | Infidelity, subsets "
-                  "(lower better) | Infidelity, gaussian (lower better) |", "|---|---|---|---|---|"]
+        lines += [
+            f"At {where}:",
+            "",
+            "| Method | Deletion AUC (lower better) | Insertion AUC (higher better) | Infidelity, subsets "
+            "(lower better) | Infidelity, gaussian (lower better) |",
+            "|---|---|---|---|---|",
+        ]
         for m, row in rows.items():
             cells = []
             for metric in METRICS:
@@ -244,8 +273,13 @@ def _plot(path: Path, rows: dict, curve: str, steps: int, level: str) -> Path:
     series = [(LABELS[m], x, np.asarray(row[curve])) for m, row in rows.items()]
     mode = curve.split("_")[0]
     where = "A's locations" if level == "A" else "pixels"
-    return plot_curves(path, series, xlabel=f"{where} {'removed' if mode == 'deletion' else 'inserted'} (%)",
-                       ylabel="probability of the predicted class (%)", title=f"{mode.capitalize()} at {level}")
+    return plot_curves(
+        path,
+        series,
+        xlabel=f"{where} {'removed' if mode == 'deletion' else 'inserted'} (%)",
+        ylabel="probability of the predicted class (%)",
+        title=f"{mode.capitalize()} at {level}",
+    )
 
 
 def _weights_stamp(checkpoint: Path) -> list:
@@ -273,19 +307,29 @@ def _test_images(config, data_dir: Path, options: FaithfulnessOptions):
         ds, make = load_ade20k(data_dir), ade20k_source
         names = ds.scene_names
     if list(names) != list(config.class_names):
-        raise UsageError(f"the dataset at {data_dir} does not have the run's {config.num_classes} classes in its "
-                         "order: evaluate on the dataset the run was trained on")
+        raise UsageError(
+            f"the dataset at {data_dir} does not have the run's {config.num_classes} classes in its "
+            "order: evaluate on the dataset the run was trained on"
+        )
     test = make(ds, "test")
     n = min(options.num_images, len(test))
     chosen = np.sort(np.random.default_rng(options.seed).choice(len(test), n, replace=False))
     source = make(ds, indices=test.indices[chosen])
-    pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization)
+    pipe = eval_pipeline(
+        source, batch_size=options.batch_size, resize=config.resize, crop=config.crop, stats=config.normalization
+    )
     return n, (batch["image"] for batch in pipe)
 
 
-def run(checkpoint: Path, data_dir: Path | None, out: Path, options: FaithfulnessOptions, *,
-        synthetic: bool = False, progress: Callable[[str], None] = print) -> dict:
+def run(
+    checkpoint: Path,
+    data_dir: Path | None,
+    out: Path,
+    options: FaithfulnessOptions,
+    *,
+    synthetic: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict:
     """Evaluate one run; write OUT/results.json, OUT/table.md and the curve plots; return the summary."""
     from delib_jax.checkpoint import load_model, load_run_config
 
@@ -293,8 +337,10 @@ def run(checkpoint: Path, data_dir: Path | None, out: Path, options: Faithfulnes
     config = load_run_config(checkpoint)
     if data_dir is None:
         if not synthetic:
-            raise UsageError("give --data-dir with the run's dataset, or --synthetic for the synthetic dataset the "
-                             "run was trained on")
+            raise UsageError(
+                "give --data-dir with the run's dataset, or --synthetic for the synthetic dataset the "
+                "run was trained on"
+            )
         if not config.synthetic or not config.data_dir:
             raise UsageError(f"{checkpoint} was not trained on a synthetic dataset: give --data-dir")
         data_dir = Path(config.data_dir)
@@ -304,17 +350,32 @@ def run(checkpoint: Path, data_dir: Path | None, out: Path, options: Faithfulnes
         raise UsageError(f"cannot create --out {out}: {e.strerror or e}; choose another folder") from None
     model, config = load_model(checkpoint)
     n, batches = _test_images(config, data_dir, options)
-    identity = {"checkpoint": str(Path(checkpoint).absolute()), "weights": _weights_stamp(checkpoint),
-                "data_dir": str(Path(data_dir).absolute()), "images": n, "options": asdict(options)}
+    identity = {
+        "checkpoint": str(Path(checkpoint).absolute()),
+        "weights": _weights_stamp(checkpoint),
+        "data_dir": str(Path(data_dir).absolute()),
+        "images": n,
+        "options": asdict(options),
+    }
     partial = _partial_folder(out, identity, progress)
     progress(f"explaining {n} test images of {data_dir} with {', '.join(options.methods)}")
     per_image = evaluate_batches(model, batches, options, total=math.ceil(n / options.batch_size), partial=partial)
     summary = summarize(per_image, options.methods)
     (out / "table.md").write_text(markdown_table(summary, n))
-    plots = [_plot(out / f"{curve.split('_')[0]}_{level}.png", rows, curve, options.steps, level).name
-             for level, rows in summary.items() for curve in ("deletion_curve", "insertion_curve")]
-    result = {"checkpoint": str(checkpoint), "data_dir": str(data_dir), "images": n, "options": asdict(options),
-              "explained_output": "softmax probability of the predicted class", "levels": summary, "plots": plots}
+    plots = [
+        _plot(out / f"{curve.split('_')[0]}_{level}.png", rows, curve, options.steps, level).name
+        for level, rows in summary.items()
+        for curve in ("deletion_curve", "insertion_curve")
+    ]
+    result = {
+        "checkpoint": str(checkpoint),
+        "data_dir": str(data_dir),
+        "images": n,
+        "options": asdict(options),
+        "explained_output": "softmax probability of the predicted class",
+        "levels": summary,
+        "plots": plots,
+    }
     _write_json(out / "results.json", result)
     return result
 
@@ -323,18 +384,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m eval.faithfulness",
         description="Compare attribution methods by faithfulness (deletion / insertion curves and their areas, "
-                    "infidelity) at layer A and at the pixels, against random maps; writes results.json, table.md "
-                    "and plots.",
+        "infidelity) at layer A and at the pixels, against random maps; writes results.json, table.md "
+        "and plots.",
         epilog="example: python -m eval.faithfulness --checkpoint runs/cub --synthetic --out runs/cub/faithfulness",
     )
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a trained run directory")
     p.add_argument("--data-dir", help="the run's dataset folder (CUB_200_2011 / ADEChallengeData2016)")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic dataset the run was trained on")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                   help=f"attribution methods to compare (default all: {' '.join(METHODS)})")
-    p.add_argument("--levels", nargs="+", default=list(LEVELS), metavar="LEVEL",
-                   help="where locations are removed / inserted: A (the feature grid) and/or pixels (default both)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"attribution methods to compare (default all: {' '.join(METHODS)})",
+    )
+    p.add_argument(
+        "--levels",
+        nargs="+",
+        default=list(LEVELS),
+        metavar="LEVEL",
+        help="where locations are removed / inserted: A (the feature grid) and/or pixels (default both)",
+    )
     p.add_argument("--num-images", type=int, default=32, help="test images, a seeded sample (default 32)")
     p.add_argument("--steps", type=int, default=20, help="curve points beyond the start (default 20)")
     p.add_argument("--samples", type=int, default=32, help="infidelity perturbations per image (default 32)")
@@ -353,19 +424,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.checkpoint).is_dir():
             raise UsageError(f"checkpoint run directory not found: {args.checkpoint}")
         options = FaithfulnessOptions(
-            methods=tuple(dict.fromkeys(args.methods)), levels=tuple(dict.fromkeys(args.levels)),
-            num_images=args.num_images, steps=args.steps, samples=args.samples, ig_steps=args.ig_steps,
-            batch_size=args.batch_size, seed=args.seed,
+            methods=tuple(dict.fromkeys(args.methods)),
+            levels=tuple(dict.fromkeys(args.levels)),
+            num_images=args.num_images,
+            steps=args.steps,
+            samples=args.samples,
+            ig_steps=args.ig_steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
         options.check()
-        summary = run(Path(args.checkpoint), Path(args.data_dir) if args.data_dir else None, Path(args.out), options,
-                      synthetic=args.synthetic, progress=lambda m: print(m, file=sys.stderr))
+        summary = run(
+            Path(args.checkpoint),
+            Path(args.data_dir) if args.data_dir else None,
+            Path(args.out),
+            options,
+            synthetic=args.synthetic,
+            progress=lambda m: print(m, file=sys.stderr),
+        )
     except (UsageError, ValueError, OSError, DatasetError) as e:  # incl. load_model's errors for corrupt runs
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished batches are kept in {Path(args.out) / 'partial'}; the same command "
-              "continues", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished batches are kept in {Path(args.out) / 'partial'}; the same command continues",
+            file=sys.stderr,
+        )
         return 130
     print((Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/results.json, table.md and {', '.join(summary['plots'])}")

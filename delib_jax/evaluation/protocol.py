@@ -68,11 +68,17 @@ class Setting:
 
 FULL = Setting("Hardness + gradient-Hessian")
 ABLATIONS: dict[str, list[Setting]] = {
-    "scores": [Setting("Hesitancy score", score="hesitancy"), Setting("Entropy score", score="entropy"),
-               Setting("Hardness score")],
-    "attributions": [Setting("Gradient", method="gradient"),
-                     Setting("Gradient w/o m^s", method="gradient", use_difficulty=False),
-                     Setting("Int. grad.", method="integrated_gradients"), Setting("Gradient-Hessian")],
+    "scores": [
+        Setting("Hesitancy score", score="hesitancy"),
+        Setting("Entropy score", score="entropy"),
+        Setting("Hardness score"),
+    ],
+    "attributions": [
+        Setting("Gradient", method="gradient"),
+        Setting("Gradient w/o m^s", method="gradient", use_difficulty=False),
+        Setting("Int. grad.", method="integrated_gradients"),
+        Setting("Gradient-Hessian"),
+    ],
 }
 
 
@@ -128,8 +134,13 @@ class Curves:
 def _options(setting: Setting, options: EvalOptions, num_classes: int) -> Options:
     top_n = min(options.top_n, num_classes)
     extra = {"steps": options.ig_steps} if setting.method == "integrated_gradients" else {}
-    return Options(method=setting.method, score=setting.score, top_n=top_n,
-                   difficulty_channels=options.difficulty_channels, **extra).check(num_classes)
+    return Options(
+        method=setting.method,
+        score=setting.score,
+        top_n=top_n,
+        difficulty_channels=options.difficulty_channels,
+        **extra,
+    ).check(num_classes)
 
 
 def _padded(batch: dict, size: int) -> tuple[dict, np.ndarray]:
@@ -139,8 +150,11 @@ def _padded(batch: dict, size: int) -> tuple[dict, np.ndarray]:
     rows = np.arange(size) < n
     if n == size:
         return batch, rows
-    pad = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)])
-           for k, v in batch.items() if isinstance(v, np.ndarray) and v.ndim and len(v) == n}
+    pad = {
+        k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)])
+        for k, v in batch.items()
+        if isinstance(v, np.ndarray) and v.ndim and len(v) == n
+    }
     return {**batch, **pad}, rows
 
 
@@ -163,8 +177,14 @@ def hardest_images(model, config: RunConfig, source, score: str, num_images: int
     """Positions (in ``source``) of the ``num_images`` test images of largest difficulty ``score``, hardest first."""
     structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
     step = _rank_step(structure, score, config.normalization)
-    pipe = eval_pipeline(source, batch_size=batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization, normalize=False)
+    pipe = eval_pipeline(
+        source,
+        batch_size=batch_size,
+        resize=config.resize,
+        crop=config.crop,
+        stats=config.normalization,
+        normalize=False,
+    )
     scores, flags, rows = [], [], []
     for batch in tqdm(pipe, desc=f"ranking test images by {score}", leave=False, unit="batch"):
         batch, real = _padded(batch, batch_size)
@@ -173,8 +193,10 @@ def hardest_images(model, config: RunConfig, source, score: str, num_images: int
         flags.append(finite)
         rows.append(real)
     if not all(bool(f) for f in flags):
-        raise NonFiniteOutputs("the model's outputs are not finite (NaN or inf logits on the test images; a "
-                               "diverged training run): retrain it, e.g. with a lower --lr")
+        raise NonFiniteOutputs(
+            "the model's outputs are not finite (NaN or inf logits on the test images; a "
+            "diverged training run): retrain it, e.g. with a lower --lr"
+        )
     scores = np.concatenate([np.asarray(s)[r] for s, r in zip(scores, rows)])
     return np.argsort(-scores, kind="stable")[: min(num_images, len(scores))]
 
@@ -203,15 +225,17 @@ def _insecurity_maps(model, images, rows, setting: Setting, opts: Options, k: in
 
 
 @functools.lru_cache(maxsize=16)
-def _cub_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int,
-              stats: Normalization) -> Callable:
+def _cub_step(
+    structure: Structure, setting: Setting, opts: Options, k: int, runs: int, stats: Normalization
+) -> Callable:
     """One compiled batch of the CUB protocol: uint8 images normalised with ``stats`` -> maps -> insecurities ->
     precision / recall / keypoint-AUC sums at every coverage, for the method and ``runs`` random baselines; only these
     small sums leave the device."""
 
     def step(leaves, images, parts, visible, rows, truth, counts, key):
-        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), model_input(images, stats), rows,
-                                                             setting, opts, k)
+        valid, pairs, amaps, grid, finite = _insecurity_maps(
+            structure.merge(leaves), model_input(images, stats), rows, setting, opts, k
+        )
         b, q = valid.shape
         maps = amaps.reshape(b * q, *amaps.shape[2:])  # (M, H, W), M = B Q
         points = jnp.repeat(parts, q, axis=0)  # (M, K, 2): each insecurity's image keypoints
@@ -236,8 +260,10 @@ def _cub_step(structure: Structure, setting: Setting, opts: Options, k: int, run
 def _check_maps(results: list[dict], setting: Setting) -> list[dict]:
     results = jax.device_get(results)
     if not all(bool(r["finite"]) for r in results):
-        raise NonFiniteOutputs(f"the {setting.method} attribution maps are not finite (NaN or inf; the model's "
-                               "gradients overflow): retrain it, e.g. with a lower --lr")
+        raise NonFiniteOutputs(
+            f"the {setting.method} attribution maps are not finite (NaN or inf; the model's "
+            "gradients overflow): retrain it, e.g. with a lower --lr"
+        )
     return results
 
 
@@ -246,20 +272,43 @@ def _hardest_batches(model, config: RunConfig, dataset, make_source, setting: Se
     test = make_source(dataset, "test")
     chosen = hardest_images(model, config, test, setting.score, options.num_images, options.batch_size)
     source = make_source(dataset, indices=test.indices[chosen])
-    pipe = eval_pipeline(source, batch_size=options.batch_size, resize=config.resize, crop=config.crop,
-                         stats=config.normalization, normalize=False)  # uint8: normalised by the compiled step
-    batches = (_padded(batch, options.batch_size)
-               for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch"))
+    pipe = eval_pipeline(
+        source,
+        batch_size=options.batch_size,
+        resize=config.resize,
+        crop=config.crop,
+        stats=config.normalization,
+        normalize=False,
+    )  # uint8: normalised by the compiled step
+    batches = (
+        _padded(batch, options.batch_size)
+        for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch")
+    )
     return len(chosen), batches
 
 
-def _protocol_sums(model, config: RunConfig, dataset, make_source, setting: Setting, options: EvalOptions,
-                   make_step: Callable, truth: np.ndarray, inputs: Callable[[dict], tuple]) -> tuple[int, list[dict]]:
+def _protocol_sums(
+    model,
+    config: RunConfig,
+    dataset,
+    make_source,
+    setting: Setting,
+    options: EvalOptions,
+    make_step: Callable,
+    truth: np.ndarray,
+    inputs: Callable[[dict], tuple],
+) -> tuple[int, list[dict]]:
     """The compiled protocol step (``make_step``: `_cub_step` or `_ade_step`) over the padded batches of the hardest
     test images; ``inputs(batch)`` gives the step's per-batch arrays. Returns (images, per-batch sums on the host)."""
     structure, leaves = split_leaves(inference_view(model))  # eval mode; the caller's model keeps its own
-    step = make_step(structure, setting, _options(setting, options, config.num_classes), options.k, options.runs,
-                     config.normalization)
+    step = make_step(
+        structure,
+        setting,
+        _options(setting, options, config.num_classes),
+        options.k,
+        options.runs,
+        config.normalization,
+    )
     n_images, batches = _hardest_batches(model, config, dataset, make_source, setting, options)
     counts = jnp.asarray(coverage_counts(config.crop * config.crop))
     truth = jnp.asarray(truth)
@@ -272,16 +321,18 @@ def _protocol_sums(model, config: RunConfig, dataset, make_source, setting: Sett
     return n_images, _check_maps(results, setting)
 
 
-def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: EvalOptions,
-                 truth: np.ndarray | None = None) -> dict:
+def evaluate_cub(
+    model, config: RunConfig, dataset, setting: Setting, options: EvalOptions, truth: np.ndarray | None = None
+) -> dict:
     """Precision and recall curves of one setting on CUB-format data (and the random baseline).
 
     Each batch is one compiled step with fixed shapes (the last batch padded): insecurities, their metrics and the
     random baselines are computed on the device and only per-coverage sums come back, once, at the end."""
     options = options.check()
     if truth is None:
-        strength = gt.cub_ambiguity_strength(dataset.class_attributes, dataset.attribute_names, dataset.part_names,
-                                             divergence=options.divergence)
+        strength = gt.cub_ambiguity_strength(
+            dataset.class_attributes, dataset.attribute_names, dataset.part_names, divergence=options.divergence
+        )
         truth = gt.select_ground_truth(strength, options.fraction or 0.2)
     n_images, results = _protocol_sums(
         model, config, dataset, cub_source, setting, options, _cub_step, truth,
@@ -298,12 +349,19 @@ def evaluate_cub(model, config: RunConfig, dataset, setting: Setting, options: E
     n_ins = int(sum(int(r["insecurities"]) for r in results))
     mean_auc = [float(s / n) if n else None for s, n in auc]
     return {
-        "setting": dataclasses.asdict(setting), "metric": "precision", "images": n_images,
-        "insecurities": n_ins, "coverage": COVERAGES.tolist(),
-        "precision": prec.mean.tolist(), "recall": rec.mean.tolist(),
-        "random_precision": [c[0].mean.tolist() for c in rand], "random_recall": [c[1].mean.tolist() for c in rand],
-        "keypoint_auc": mean_auc[0], "random_keypoint_auc": mean_auc[1:],
-        "ground_truth_fraction": options.fraction or 0.2, "divergence": options.divergence,
+        "setting": dataclasses.asdict(setting),
+        "metric": "precision",
+        "images": n_images,
+        "insecurities": n_ins,
+        "coverage": COVERAGES.tolist(),
+        "precision": prec.mean.tolist(),
+        "recall": rec.mean.tolist(),
+        "random_precision": [c[0].mean.tolist() for c in rand],
+        "random_recall": [c[1].mean.tolist() for c in rand],
+        "keypoint_auc": mean_auc[0],
+        "random_keypoint_auc": mean_auc[1:],
+        "ground_truth_fraction": options.fraction or 0.2,
+        "divergence": options.divergence,
     }
 
 
@@ -313,8 +371,11 @@ def _training_labels(dataset, i: int, num_objects: int) -> np.ndarray:
     the file."""
     values = np.unique(read_mask(dataset, i))
     if values[-1] > num_objects:
-        raise fail(dataset.mask_paths[i], f"label {values[-1]} exceeds the {num_objects} objects of the object list "
-                              "(objectInfo150): fix the mask or the object list")
+        raise fail(
+            dataset.mask_paths[i],
+            f"label {values[-1]} exceeds the {num_objects} objects of the object list "
+            "(objectInfo150): fix the mask or the object list",
+        )
     return values
 
 
@@ -338,8 +399,9 @@ def _cached_presence(cache: Path, key: str, shape: tuple[int, int]) -> np.ndarra
     return present if present.shape == shape and present.dtype == bool else None
 
 
-def ade_object_presence(dataset, cache: Path | None = None,
-                        progress: Callable[[str], None] | None = None) -> np.ndarray:
+def ade_object_presence(
+    dataset, cache: Path | None = None, progress: Callable[[str], None] | None = None
+) -> np.ndarray:
     """(N_train, O) bool: which of the objects each training image contains.
 
     Read once and cached as ``cache`` (.npy) with the dataset's key beside it (``cache`` with suffix .key); a cache of
@@ -367,8 +429,9 @@ def ade_object_presence(dataset, cache: Path | None = None,
     return present
 
 
-def ade_ground_truth(dataset, options: EvalOptions, cache: Path | None = None,
-                     progress: Callable[[str], None] | None = None) -> np.ndarray:
+def ade_ground_truth(
+    dataset, options: EvalOptions, cache: Path | None = None, progress: Callable[[str], None] | None = None
+) -> np.ndarray:
     """(C, C, O) bool ground truth of ADE20K-format data (phi from the training split)."""
     present = ade_object_presence(dataset, cache, progress)
     phi = gt.ade_object_frequency(dataset.labels[dataset.is_train], present, len(dataset.scene_names))
@@ -376,15 +439,17 @@ def ade_ground_truth(dataset, options: EvalOptions, cache: Path | None = None,
 
 
 @functools.lru_cache(maxsize=16)
-def _ade_step(structure: Structure, setting: Setting, opts: Options, k: int, runs: int,
-              stats: Normalization) -> Callable:
+def _ade_step(
+    structure: Structure, setting: Setting, opts: Options, k: int, runs: int, stats: Normalization
+) -> Callable:
     """One compiled batch of the ADE20K protocol (uint8 images normalised with ``stats``): IoU sums at every coverage
     for the method and ``runs`` random baselines (insecurities taken 16 at a time: each ranks every pixel against 150
     objects)."""
 
     def step(leaves, images, segmentation, rows, truth, counts, key):
-        valid, pairs, amaps, grid, finite = _insecurity_maps(structure.merge(leaves), model_input(images, stats), rows,
-                                                             setting, opts, k)
+        valid, pairs, amaps, grid, finite = _insecurity_maps(
+            structure.merge(leaves), model_input(images, stats), rows, setting, opts, k
+        )
         b, q = valid.shape
         maps = amaps.reshape(b * q, *amaps.shape[2:])
         seg = jnp.repeat(segmentation, q, axis=0)  # (M, H, W)
@@ -392,8 +457,9 @@ def _ade_step(structure: Structure, setting: Setting, opts: Options, k: int, run
         weight = valid.reshape(-1)
 
         def sums(m):
-            iou = jax.lax.map(lambda x: mask_iou(x[0][None], x[1][None], x[2][None], counts)[0], (m, seg, cand),
-                              batch_size=16)  # (M, R)
+            iou = jax.lax.map(
+                lambda x: mask_iou(x[0][None], x[1][None], x[2][None], counts)[0], (m, seg, cand), batch_size=16
+            )  # (M, R)
             return _masked_sums(iou, jnp.ones(iou.shape, bool), weight)
 
         keys = jax.random.split(key, runs)
@@ -403,8 +469,9 @@ def _ade_step(structure: Structure, setting: Setting, opts: Options, k: int, run
     return jax.jit(step)
 
 
-def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options: EvalOptions,
-                    truth: np.ndarray) -> dict:
+def evaluate_ade20k(
+    model, config: RunConfig, dataset, setting: Setting, options: EvalOptions, truth: np.ndarray
+) -> dict:
     """IoU curve of one setting on ADE20K-format data (and the random baseline); compiled per batch as
     `evaluate_cub`."""
     options = options.check()
@@ -413,8 +480,10 @@ def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options
     def check_labels(batch):
         above = np.flatnonzero(batch["mask"].max(axis=(1, 2)) > num_objects)
         if len(above):
-            raise fail(dataset.mask_paths[batch["index"][above[0]]],
-                       f"labels exceed the {num_objects} objects of the object list (objectInfo150): fix the mask")
+            raise fail(
+                dataset.mask_paths[batch["index"][above[0]]],
+                f"labels exceed the {num_objects} objects of the object list (objectInfo150): fix the mask",
+            )
         return batch["image"], batch["mask"].astype(np.int32)
 
     n_images, results = _protocol_sums(model, config, dataset, ade20k_source, setting, options, _ade_step, truth,
@@ -426,7 +495,12 @@ def evaluate_ade20k(model, config: RunConfig, dataset, setting: Setting, options
             curves.add_sums(*sums)
     n_ins = int(sum(int(r["insecurities"]) for r in results))
     return {
-        "setting": dataclasses.asdict(setting), "metric": "iou", "images": n_images, "insecurities": n_ins,
-        "coverage": COVERAGES.tolist(), "iou": iou.mean.tolist(), "random_iou": [c.mean.tolist() for c in rand],
+        "setting": dataclasses.asdict(setting),
+        "metric": "iou",
+        "images": n_images,
+        "insecurities": n_ins,
+        "coverage": COVERAGES.tolist(),
+        "iou": iou.mean.tolist(),
+        "random_iou": [c.mean.tolist() for c in rand],
         "ground_truth_fraction": options.fraction or 0.01,
     }

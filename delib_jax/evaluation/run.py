@@ -36,26 +36,42 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m eval.{dataset}",
         description=f"Evaluate deliberative explanations on {DATASETS[dataset]} ({metric} at coverage 1%..90%), "
-                    "against a random baseline; writes results.json, table.md and plots.",
+        "against a random baseline; writes results.json, table.md and plots.",
         epilog=f"example: python -m eval.{dataset} --checkpoint runs/{dataset} --synthetic --out runs/{dataset}/eval",
     )
-    p.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN_DIR",
-                   help="trained run directories (each one run; give several seeds for mean (std))")
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        required=True,
+        metavar="RUN_DIR",
+        help="trained run directories (each one run; give several seeds for mean (std))",
+    )
     p.add_argument("--data-dir", help=f"the dataset folder ({DATASETS[dataset]} or its parent), or a TFDS build of it")
     p.add_argument("--synthetic", action="store_true", help="use the synthetic dataset the run was trained on")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--ablation", choices=["scores", "attributions", "archs"],
-                   help="the paper's grids: difficulty scores, attribution functions, or one row per checkpoint")
+    p.add_argument(
+        "--ablation",
+        choices=["scores", "attributions", "archs"],
+        help="the paper's grids: difficulty scores, attribution functions, or one row per checkpoint",
+    )
     p.add_argument("--runs", type=int, default=3, help="random-baseline seeds (default 3)")
     p.add_argument("--num-images", type=int, default=100, help="hardest test images explained (default 100)")
     p.add_argument("--top-n", type=int, default=5)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--fraction", type=float, help="ground-truth fraction (default 0.2 CUB, 0.01 ADE20K)")
     if dataset == "cub":
-        p.add_argument("--divergence", choices=["kl", "js"], default="kl",
-                       help="attribute similarity: symmetric KL (paper) or 2x Jensen-Shannon (authors' code)")
-    p.add_argument("--difficulty-channels", choices=["positive", "signed"], default="positive",
-                   help="difficulty map from channels that increase difficulty (authors', default) or all")
+        p.add_argument(
+            "--divergence",
+            choices=["kl", "js"],
+            default="kl",
+            help="attribute similarity: symmetric KL (paper) or 2x Jensen-Shannon (authors' code)",
+        )
+    p.add_argument(
+        "--difficulty-channels",
+        choices=["positive", "signed"],
+        default="positive",
+        help="difficulty map from channels that increase difficulty (authors', default) or all",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -110,12 +126,16 @@ def unique_runs(checkpoints: Sequence[Path]) -> list[Path]:
 def _check_classes(ckpt: Path, class_names: Sequence[str], names: Sequence[str], data_dir: Path) -> None:
     """UsageError unless the dataset's classes (CUB classes / ADE20K scenes) are the run's, in the same order."""
     if len(class_names) != len(names):
-        raise UsageError(f"{ckpt} has {len(class_names)} classes but the dataset at {data_dir} has {len(names)}: "
-                         "evaluate on the dataset the run was trained on")
+        raise UsageError(
+            f"{ckpt} has {len(class_names)} classes but the dataset at {data_dir} has {len(names)}: "
+            "evaluate on the dataset the run was trained on"
+        )
     for i, (trained, found) in enumerate(zip(class_names, names)):
         if trained != found:
-            raise UsageError(f"{ckpt} was trained on other classes than the dataset at {data_dir}: class {i} is "
-                             f"{trained!r} in the run but {found!r} in the dataset")
+            raise UsageError(
+                f"{ckpt} was trained on other classes than the dataset at {data_dir}: class {i} is "
+                f"{trained!r} in the run but {found!r} in the dataset"
+            )
 
 
 def _cache_problem(result, metric: str) -> str | None:
@@ -155,12 +175,22 @@ def _read_cached(path: Path, metric: str) -> dict | None:
 
 
 def _no_insecurities(ckpt: Path, row: str, result: dict) -> str:
-    return (f"no insecurities for {row} of {ckpt} in its {result['images']} hardest test images (no two top classes "
-            "have positive attribution at one location; common for an undertrained model): that table row is empty")
+    return (
+        f"no insecurities for {row} of {ckpt} in its {result['images']} hardest test images (no two top classes "
+        "have positive attribution at one location; common for an undertrained model): that table row is empty"
+    )
 
 
-def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, out: Path, *,
-             ablation: str | None = None, options: EvalOptions | None = None, progress=print) -> dict:
+def evaluate(
+    dataset: str,
+    checkpoints: Sequence[Path],
+    data_dir: Path | None,
+    out: Path,
+    *,
+    ablation: str | None = None,
+    options: EvalOptions | None = None,
+    progress=print,
+) -> dict:
     """Evaluate every (checkpoint, row) pair; write OUT/results.json, OUT/table.md and plots; return the results."""
     from delib_jax.checkpoint import load_model, load_run_config
     from delib_jax.evaluation import protocol
@@ -181,8 +211,10 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     for c, cfg in zip(checkpoints, configs):
         _check_classes(c, cfg.class_names, names, data_dir)
         if options.k > min(options.top_n, cfg.num_classes):
-            raise UsageError(f"--k {options.k} needs at least {options.k} class maps, but {c} has "
-                             f"{cfg.num_classes} classes: lower --k")
+            raise UsageError(
+                f"--k {options.k} needs at least {options.k} class maps, but {c} has "
+                f"{cfg.num_classes} classes: lower --k"
+            )
     settings = ABLATIONS.get(ablation, [FULL]) if ablation != "archs" else [FULL]
     partial = out / "partial"
     try:
@@ -233,24 +265,50 @@ def evaluate(dataset: str, checkpoints: Sequence[Path], data_dir: Path | None, o
     (out / "table.md").write_text(table)
     plots = []
     if dataset == "cub":
-        pr = [(n, nanmean([r["recall"] for r in rs], 0), nanmean([r["precision"] for r in rs], 0))
-              for n, rs in results.items()]
-        pr.append(("Random", nanmean([c for r in baseline for c in r["random_recall"]], 0),
-                   nanmean(random_runs, 0)))
-        plots.append(plot_curves(out / "precision_recall.png", pr, xlabel="recall (%)", ylabel="precision (%)",
-                                 title="Insecurities vs part ambiguity (coverage 1%..90%)"))
+        pr = [
+            (n, nanmean([r["recall"] for r in rs], 0), nanmean([r["precision"] for r in rs], 0))
+            for n, rs in results.items()
+        ]
+        pr.append(("Random", nanmean([c for r in baseline for c in r["random_recall"]], 0), nanmean(random_runs, 0)))
+        plots.append(
+            plot_curves(
+                out / "precision_recall.png",
+                pr,
+                xlabel="recall (%)",
+                ylabel="precision (%)",
+                title="Insecurities vs part ambiguity (coverage 1%..90%)",
+            )
+        )
         cov = [(n, COVERAGES, y) for n, _, y in pr]
-        plots.append(plot_curves(out / "precision_coverage.png", cov, xlabel="coverage (%)",
-                                 ylabel="precision (%)", title="Precision by coverage"))
+        plots.append(
+            plot_curves(
+                out / "precision_coverage.png",
+                cov,
+                xlabel="coverage (%)",
+                ylabel="precision (%)",
+                title="Precision by coverage",
+            )
+        )
     else:
         iou = [(n, COVERAGES, nanmean([r["iou"] for r in rs], 0)) for n, rs in results.items()]
         iou.append(("Random", COVERAGES, nanmean(random_runs, 0)))
-        plots.append(plot_curves(out / "iou.png", iou, xlabel="coverage (%)", ylabel="IoU (%)",
-                                 title="Insecurities vs ambiguous objects"))
-    summary = {"dataset": dataset, "data_dir": str(data_dir), "ablation": ablation, "options": options.__dict__,
-               "table": {n: s for n, s in rows}, "results": results, "plots": [p.name for p in plots],
-               "notes": notes}
+        plots.append(
+            plot_curves(
+                out / "iou.png", iou, xlabel="coverage (%)", ylabel="IoU (%)", title="Insecurities vs ambiguous objects"
+            )
+        )
+    summary = {
+        "dataset": dataset,
+        "data_dir": str(data_dir),
+        "ablation": ablation,
+        "options": options.__dict__,
+        "table": {n: s for n, s in rows},
+        "results": results,
+        "plots": [p.name for p in plots],
+        "notes": notes,
+    }
     if dataset == "cub":  # mean keypoint AUC per row (0.5: the maps do not rank ambiguous parts first)
+
         def mean(values):
             values = [v for v in values if v is not None]
             return float(np.mean(values)) if values else None
@@ -272,25 +330,41 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
             if not Path(c).is_dir():
                 raise UsageError(f"checkpoint run directory not found: {c}")
         if args.data_dir is None and not args.synthetic:
-            raise UsageError(f"give --data-dir with the {DATASETS[dataset]} folder, or --synthetic to evaluate on "
-                             "the synthetic dataset the run was trained on")
+            raise UsageError(
+                f"give --data-dir with the {DATASETS[dataset]} folder, or --synthetic to evaluate on "
+                "the synthetic dataset the run was trained on"
+            )
         if args.num_images < 1 or args.runs < 1 or args.batch_size < 1:
             raise UsageError("--num-images, --runs and --batch-size must be >= 1")
         options = EvalOptions(
-            num_images=args.num_images, top_n=args.top_n, k=args.k, fraction=args.fraction,
-            divergence=getattr(args, "divergence", "kl"), runs=args.runs, batch_size=args.batch_size,
-            difficulty_channels=args.difficulty_channels, seed=args.seed,
+            num_images=args.num_images,
+            top_n=args.top_n,
+            k=args.k,
+            fraction=args.fraction,
+            divergence=getattr(args, "divergence", "kl"),
+            runs=args.runs,
+            batch_size=args.batch_size,
+            difficulty_channels=args.difficulty_channels,
+            seed=args.seed,
         )
         options.check()
-        summary = evaluate(dataset, [Path(c) for c in args.checkpoint],
-                           Path(args.data_dir) if args.data_dir else None, Path(args.out), ablation=args.ablation,
-                           options=options, progress=lambda m: print(m, file=sys.stderr))
+        summary = evaluate(
+            dataset,
+            [Path(c) for c in args.checkpoint],
+            Path(args.data_dir) if args.data_dir else None,
+            Path(args.out),
+            ablation=args.ablation,
+            options=options,
+            progress=lambda m: print(m, file=sys.stderr),
+        )
     except (UsageError, ValueError, OSError, DatasetError) as e:  # incl. load_model's errors for corrupt runs
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished results are kept in {Path(args.out) / 'partial'}; the same command resumes",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted: finished results are kept in {Path(args.out) / 'partial'}; the same command resumes",
+            file=sys.stderr,
+        )
         return 130
     print((Path(args.out) / "table.md").read_text())
     if "keypoint_auc" in summary:
@@ -298,4 +372,3 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         print(f"keypoint AUC (ground-truth ambiguous keypoints ranked above others; 0.5 = chance): {aucs}")
     print(f"wrote {args.out}/results.json, table.md and {', '.join(summary['plots'])}")
     return 0
-

@@ -42,16 +42,21 @@ def summarize(curves: Sequence[Sequence[float]]) -> dict:
 def markdown_table(rows: Sequence[tuple[str, dict]], *, metric: str) -> str:
     """rows: (name, summarize(...)) -> a markdown table: coverage 10% .. 50% and Avg., 'mean (std)'."""
     head = "| Methods | " + " | ".join(f"{int(c * 100)}%" for c in TABLE_COVERAGES) + " | Avg. | runs |"
-    lines = [f"{metric} (%) at the coverage of each insecurity, mean (std) over runs", "", head,
-             "|---" * (len(TABLE_COVERAGES) + 3) + "|"]
+    lines = [
+        f"{metric} (%) at the coverage of each insecurity, mean (std) over runs",
+        "",
+        head,
+        "|---" * (len(TABLE_COVERAGES) + 3) + "|",
+    ]
     for name, s in rows:
         cells = [("–" if np.isnan(m) else f"{m:.2f} ({d:.2f})") for m, d in zip(s["mean"], s["std"])]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {s['runs']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(path: str | Path, series: Sequence[tuple[str, np.ndarray, np.ndarray]], *, xlabel: str,
-                ylabel: str, title: str) -> Path:
+def plot_curves(
+    path: str | Path, series: Sequence[tuple[str, np.ndarray, np.ndarray]], *, xlabel: str, ylabel: str, title: str
+) -> Path:
     """One PNG with a line per (label, x, y); y in [0, 1] shown in %."""
     import matplotlib
 

@@ -36,13 +36,31 @@ class ArchSpec:
 
 
 def _vgg_head(d, c, *, rngs):
-    return PoolMLPHead(d, c, hidden=(4096, 4096), pooled_size=(7, 7), pool_window=2, pool_stride=2,
-                       dropout=0.5, dropout_before=(1, 2), rngs=rngs)
+    return PoolMLPHead(
+        d,
+        c,
+        hidden=(4096, 4096),
+        pooled_size=(7, 7),
+        pool_window=2,
+        pool_stride=2,
+        dropout=0.5,
+        dropout_before=(1, 2),
+        rngs=rngs,
+    )
 
 
 def _alexnet_head(d, c, *, rngs):
-    return PoolMLPHead(d, c, hidden=(4096, 4096), pooled_size=(6, 6), pool_window=3, pool_stride=2,
-                       dropout=0.5, dropout_before=(0, 1), rngs=rngs)
+    return PoolMLPHead(
+        d,
+        c,
+        hidden=(4096, 4096),
+        pooled_size=(6, 6),
+        pool_window=3,
+        pool_stride=2,
+        dropout=0.5,
+        dropout_before=(0, 1),
+        rngs=rngs,
+    )
 
 
 def _linear_head(d, c, *, rngs):
@@ -162,9 +180,24 @@ def predict(model: DeliberativeModel, images: jax.Array) -> Outputs:
 
 
 __all__ = [
-    "ARCHS", "ArchSpec", "DeliberativeModel", "HardnessNetwork", "Outputs", "PRECISIONS", "PoolMLPHead",
-    "Structure", "count_params", "create_model", "fold_batch_norm", "hardness_head", "inference_model",
-    "inference_view", "load_torchvision", "set_precision",
-    "make_predict_fn", "predict",
-    "read_state_dict", "split_leaves",
+    "ARCHS",
+    "ArchSpec",
+    "DeliberativeModel",
+    "HardnessNetwork",
+    "Outputs",
+    "PRECISIONS",
+    "PoolMLPHead",
+    "Structure",
+    "count_params",
+    "create_model",
+    "fold_batch_norm",
+    "hardness_head",
+    "inference_model",
+    "inference_view",
+    "load_torchvision",
+    "set_precision",
+    "make_predict_fn",
+    "predict",
+    "read_state_dict",
+    "split_leaves",
 ]

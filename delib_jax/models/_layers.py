@@ -45,9 +45,7 @@ def batch_norm(features: int, *, dtype=None, rngs: nnx.Rngs) -> nnx.BatchNorm:
 
 def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
     """torch.nn.MaxPool2d (floor mode; padding counts as -inf). x: (B, H, W, D)."""
-    return nnx.max_pool(
-        x, (window, window), strides=(stride, stride), padding=((padding, padding), (padding, padding))
-    )
+    return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=((padding, padding), (padding, padding)))
 
 
 def pool_output_size(size: int, window: int, stride: int, padding: int) -> int:

@@ -24,9 +24,7 @@ class VGG(nnx.Module):
         self.config = tuple(config)
         channels = [c for c in self.config if c != "M"]
         ins = [3, *channels[:-1]]
-        self.convs = nnx.List(
-            [_layers.conv(i, o, 3, padding=1, dtype=dtype, rngs=rngs) for i, o in zip(ins, channels)]
-        )
+        self.convs = nnx.List([_layers.conv(i, o, 3, padding=1, dtype=dtype, rngs=rngs) for i, o in zip(ins, channels)])
         self.norms = nnx.List([_layers.batch_norm(o, dtype=dtype, rngs=rngs) for o in channels]) if batch_norm else None
         self.out_channels = channels[-1]
 
@@ -119,8 +117,9 @@ class SmallCNN(nnx.Module):
     """A small conv-BN-ReLU network for tests and the synthetic datasets; a 2x2 max pool follows each of the first
     ``pools`` convolutions, so A is at stride 2**pools (default: after all but the last)."""
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128, 128), *, pools: int | None = None, dtype=None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, widths: Sequence[int] = (32, 64, 128, 128), *, pools: int | None = None, dtype=None, rngs: nnx.Rngs
+    ):
         ins = [3, *widths[:-1]]
         self.convs = nnx.List([_layers.conv(i, o, 3, padding=1, dtype=dtype, rngs=rngs) for i, o in zip(ins, widths)])
         self.norms = nnx.List([_layers.batch_norm(o, dtype=dtype, rngs=rngs) for o in widths])

@@ -51,9 +51,7 @@ class PoolMLPHead(nnx.Module):
         self.dropout_before = tuple(dropout_before)
         flat = in_channels * (1 if pooled_size is None else pooled_size[0] * pooled_size[1])
         sizes = [flat, *hidden, out_features]
-        self.linears = nnx.List(
-            [nnx.Linear(sizes[i], sizes[i + 1], rngs=rngs) for i in range(len(sizes) - 1)]
-        )
+        self.linears = nnx.List([nnx.Linear(sizes[i], sizes[i + 1], rngs=rngs) for i in range(len(sizes) - 1)])
         self.norms = nnx.List([_layers.batch_norm(h, rngs=rngs) for h in hidden]) if batch_norm else None
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
@@ -219,6 +217,10 @@ def _rows_are_locations(u: jax.Array, h: int, w: int) -> jax.Array:
 def hardness_head(in_channels: int, *, hidden: int = 512, dropout: float = 0.0, rngs: nnx.Rngs) -> PoolMLPHead:
     """The default jointly trained hardness predictor on A: global average pool, Linear, ReLU, Linear -> 1 logit."""
     return PoolMLPHead(
-        in_channels, 1, hidden=(hidden,) if hidden else (), dropout=dropout,
-        dropout_before=(1,) if hidden and dropout else (), rngs=rngs,
+        in_channels,
+        1,
+        hidden=(hidden,) if hidden else (),
+        dropout=dropout,
+        dropout_before=(1,) if hidden and dropout else (),
+        rngs=rngs,
     )

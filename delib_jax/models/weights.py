@@ -122,7 +122,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         raise ValueError(f"weights file {path}: expected a state dict (a mapping of names to tensors)")
     # Checkpoints saved from DataParallel prefix every key with 'module.'.
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -232,6 +232,7 @@ def _torch_shape(kind: str, target: tuple) -> tuple:
 
 def _report(arch: str, missing, unexpected, misshaped, classifier_output: bool = True, limit: int = 8) -> str:
     """One line naming the mismatching keys (a CLI prints it as its error)."""
+
     def part(name, items):
         if not items:
             return ""
@@ -241,5 +242,10 @@ def _report(arch: str, missing, unexpected, misshaped, classifier_output: bool =
     hint = "is this a torchvision state dict of that architecture (--arch)?"
     if classifier_output:
         hint += " For a different number of classes pass classifier_output=False."
-    return (f"weights do not match torchvision's {arch}" + part("missing keys", missing)
-            + part("unexpected keys", unexpected) + part("mis-shaped keys", misshaped) + f" ({hint})")
+    return (
+        f"weights do not match torchvision's {arch}"
+        + part("missing keys", missing)
+        + part("unexpected keys", unexpected)
+        + part("mis-shaped keys", misshaped)
+        + f" ({hint})"
+    )

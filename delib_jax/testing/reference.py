@@ -46,7 +46,6 @@ def brute_force_terms(g: Callable, a: np.ndarray, second: str = "diagonal") -> t
     return np.stack(firsts), np.stack(seconds)
 
 
-
 def full_hessian_terms(g: Callable, a: np.ndarray) -> dict[str, np.ndarray]:
     """Every term from the full Jacobian and Hessian of g: (1, H, W, D) -> (1, P) of each image at A (small inputs).
 

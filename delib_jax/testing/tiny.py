@@ -31,8 +31,14 @@ def randomise(module: nnx.Module, seed: int, dtype=jnp.float32, scale: float = 0
     state = nnx.state(module)
     leaves, tree = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [(jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5) if x.ndim == 1 else
-            jax.random.normal(k, x.shape, jnp.float32) * scale).astype(dtype) for k, x in zip(keys, leaves)]
+    new = [
+        (
+            jax.random.uniform(k, x.shape, jnp.float32, 0.5, 1.5)
+            if x.ndim == 1
+            else jax.random.normal(k, x.shape, jnp.float32) * scale
+        ).astype(dtype)
+        for k, x in zip(keys, leaves)
+    ]
     nnx.update(module, jax.tree.unflatten(tree, new))
     module.eval()
     return module

@@ -61,18 +61,27 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = p.add_argument_group("data and run")
-    data.add_argument("--data-dir", type=Path, help=f"the {info['folder']} folder (or its parent), or a TFDS build "
-                      "of it (python -m delib_jax.data.tfds build)")
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"the {info['folder']} folder (or its parent), or a TFDS build "
+        "of it (python -m delib_jax.data.tfds build)",
+    )
     data.add_argument("--synthetic", action="store_true",
                       help=f"train on {info['synthetic']}, generated into --data-dir (default OUT/synthetic_data) "
                            "if absent")  # fmt: skip
     data.add_argument("--out", type=Path, help="run directory (required)")
     data.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    data.add_argument("--threads", type=int, default=4,
-                      help="image decoding threads (default 4; in each --workers process if any)")
-    data.add_argument("--workers", type=int, default=0,
-                      help="image decoding processes for the training input (default 0: threads only); on many "
-                           "cores, processes escape the interpreter lock that caps threads near 2,200 images/s")
+    data.add_argument(
+        "--threads", type=int, default=4, help="image decoding threads (default 4; in each --workers process if any)"
+    )
+    data.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="image decoding processes for the training input (default 0: threads only); on many "
+        "cores, processes escape the interpreter lock that caps threads near 2,200 images/s",
+    )
     data.add_argument("--no-progress", action="store_true", help="no progress bar")
     model = p.add_argument_group("model")
     model.add_argument("--arch", choices=tuple(ARCHS), help="backbone (default: small with --synthetic, else resnet50)")
@@ -93,8 +102,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     opt.add_argument("--momentum", type=float)
     opt.add_argument("--weight-decay", type=float)
     opt.add_argument("--crop", type=int, help="input side (default 224; 128 for small)")
-    opt.add_argument("--resize", type=int, help="test-time shorter side before the centre crop (default 256; 146 "
-                     "small; crop * 256/224 when only --crop is given)")
+    opt.add_argument(
+        "--resize",
+        type=int,
+        help="test-time shorter side before the centre crop (default 256; 146 "
+        "small; crop * 256/224 when only --crop is given)",
+    )
     opt.add_argument("--seed", type=int, help="initialisation, validation split, shuffling, augmentation (default 0)")
     opt.add_argument("--val-fraction", type=float, help="training images held out for validation (default 0.1)")
     opt.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; 50 for small)")
@@ -261,8 +274,9 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
         if stored.synthetic:
             ensure_synthetic(dataset, Path(stored.data_dir))
         init_distributed(args)
-        summary = fit(args.out, resume=True, progress=not args.no_progress, num_threads=args.threads,
-                      num_workers=args.workers)
+        summary = fit(
+            args.out, resume=True, progress=not args.no_progress, num_threads=args.threads, num_workers=args.workers
+        )
     else:
         if (args.out / "config.json").exists():
             raise UsageError(f"{args.out} already holds a run: add --resume to continue it or choose another --out")
@@ -272,8 +286,9 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
             raise UsageError(f"--data-dir {args.data_dir} does not exist. " + missing_data_message(dataset))
         config = make_config(dataset, args)
         init_distributed(args)
-        summary = fit(args.out, config, progress=not args.no_progress, num_threads=args.threads,
-                      num_workers=args.workers)
+        summary = fit(
+            args.out, config, progress=not args.no_progress, num_threads=args.threads, num_workers=args.workers
+        )
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation accuracy "
         f"{summary['val_accuracy']:.4f} (step {summary['best_step']}); test accuracy {summary['test_accuracy']:.4f}; "
