@@ -124,9 +124,32 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+# how the files the job writes at the top of OUT begin (`delib_jax.report.render_index`, `finish`'s JSON)
+OWN_FILES = {"index.html": "<!DOCTYPE html>\n<html lang='en'><head>", "insecurities.json": '{\n "model": '}
+
+
+def check_own_files(out: Path) -> None:
+    """`JobError` if OUT holds an index.html or insecurities.json that the job did not write (it would replace
+    them): a user's own page is never overwritten."""
+    for name, start in OWN_FILES.items():
+        path = out / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            with open(path, "rb") as f:
+                ours = path.is_file() and not path.is_symlink() and f.read(len(start)) == start.encode()
+        except OSError:
+            ours = False
+        if not ours:
+            raise JobError(f"{path} was not written by delib explain and would be replaced: move it or choose "
+                           "another --out")  # fmt: skip
+
+
 def prepare_folder(out: Path, manifest: dict[str, Any], *, figures: bool) -> Path:
-    """Check (or write) the manifest, make OUT/explanations (and OUT/figures), remove a killed run's temporary
-    files; returns the explanations folder. `JobError` for a foreign folder or a planted link."""
+    """Refuse files of OUT the job did not write (`check_own_files`), check (or write) the manifest, make
+    OUT/explanations (and OUT/figures), remove a killed run's temporary files; returns the explanations folder.
+    `JobError` for a foreign folder or file or a planted link."""
+    check_own_files(out)
     try:
         check_manifest(out, manifest)
         directory = st.safe_dir(out, st.DIRECTORY)
