@@ -8,9 +8,10 @@ Stages: reader processes decode, resize, crop and normalise files straight into 
 (`delib_jax._reader`), several batches ahead; the main thread puts each batch on the devices (sharded over all local
 devices) and dispatches the compiled explanation without waiting for it, so the next batch is on its way while one
 computes; a writer thread fetches finished batches, packs them into the compact store (`delib_jax.store`) and hands
-figures, when asked for, to a pool of processes. Every batch has one shape (the last one padded), so there is one
-compilation per run, which the persistent compilation cache (`delib_jax._xla.compilation_cache`) keeps for the
-next run.
+figures, when asked for, to a pool of processes. Each stage is a unit of `delib_jax.job` (the folder and the resume
+plan, the reader stage, the device step, the writer stage and its figures); `_run` below wires them. Every batch
+has one shape (the last one padded), so there is one compilation per run, which the persistent compilation cache
+(`delib_jax._xla.compilation_cache`) keeps for the next run.
 
 The output folder is safe to reuse: a lock refuses a second job on the same folder (per process share), resume
 skips the files whose explanation is recorded (re-explaining any whose size or modification time changed), another
