@@ -90,7 +90,7 @@ def _core_fn(model, batch: int, crop: int, explain_options: dict):
     import jax
 
     from delib_jax import explanation as ex
-    from delib_jax.stream import _compact_fn
+    from delib_jax.job.device import compact_fn as _compact_fn
 
     mesh = ex.batch_mesh()
     fn, _ = ex.make_explain_fn(model, mesh=mesh, **explain_options)
@@ -115,7 +115,8 @@ def _core_fn(model, batch: int, crop: int, explain_options: dict):
 def _writer_rate(host: dict, names, count: int, crop: int) -> float:
     """The writer stage alone on ``count`` images (the records and shards of one batch's host outputs repeated)."""
     from delib_jax import store as st
-    from delib_jax.stream import _host_lists, _record
+    from delib_jax.job.writing import host_lists as _host_lists
+    from delib_jax.job.writing import make_record as _record
 
     arrays = {k: v for k, v in host.items() if k != "finite"}
     n = len(arrays["probs"])
@@ -138,7 +139,7 @@ def _writer_rate(host: dict, names, count: int, crop: int) -> float:
 def _figure_rate(host: dict, names, files, config, count: int = 8) -> float:
     """Figures drawn per second by one core (decode the source again, draw, write the PNG)."""
     from delib_jax import store as st
-    from delib_jax.stream import _render_figure
+    from delib_jax.job.writing import render_figure as _render_figure
 
     arrays = {k: v for k, v in host.items() if k not in ("finite", "mask_bits")}
     arrays["masks"] = st.unpack_bits(host["mask_bits"], (config.crop, config.crop))

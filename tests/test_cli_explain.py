@@ -462,3 +462,30 @@ def test_bfloat16_backbone_is_recorded_in_the_manifest(workspace, capsys, tmp_pa
     assert data["settings"]["precision"] == "bfloat16" and len(data["images"]) == 1
     code, err = _run([*argv[:-1], "float32"], capsys)  # the same folder with other maps: refused, one line
     assert code == 2 and "precision" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_delib_explain_is_one_line_and_leaks_nothing(workspace, tmp_path):
+    """SIGINT to the whole process group (as a terminal sends it) while reader and figure processes run: exit 130,
+    one line, no traceback, no "resource_tracker: ... leaked semaphore objects" from the pools' queues."""
+    import signal
+    import time
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for j in range(30):
+        for name in ("rgb.jpg", "grey.png", "cmyk.jpg"):
+            (images / f"{j}_{name}").write_bytes((workspace / "images" / name).read_bytes())
+    out = tmp_path / "out"
+    argv = ["explain", images, "--checkpoint", workspace / "run", "--out", out, "--batch-size", "1", "--workers", "1"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    script = "from delib_jax.cli import console; console()"
+    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, argv)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not len(list((out / "figures").glob("*.png"))) >= 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("delib explain: interrupted"), err
+    assert "Traceback" not in err and "leaked" not in err and "resource_tracker" not in err, err

@@ -333,3 +333,21 @@ def test_ctrl_c_is_one_line_keeps_finished_work_and_leaves_no_process(setup, tmp
     assert kept and all((out / r["figure"]).is_file() for r in kept)
     summary = _job(model, config, copies, out, figures=True, figure_workers=1)
     assert summary.resumed == len(kept) and summary.resumed + summary.explained == 21
+
+
+def test_a_page_the_job_did_not_write_is_refused_and_kept(setup, tmp_path):
+    """A user's own index.html (or insecurities.json) in the output folder: one line, the file untouched; the
+    job's own files are replaced by the next run."""
+    _, model, config, files = setup
+    for name in ("index.html", "insecurities.json"):
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("<html>my own page</html>")
+        with pytest.raises(JobError, match=f"{name} was not written by delib explain"):
+            _job(model, config, files[:2], out)
+        assert (out / name).read_text() == "<html>my own page</html>"
+        (out / name).unlink()
+        _job(model, config, files[:2], out)
+        page = (out / "index.html").read_text()
+        _job(model, config, files[:3], out)  # the job's own files: replaced
+        assert (out / "index.html").read_text() != page and (out / "insecurities.json").is_file()

@@ -108,3 +108,15 @@ def test_one_step_synthetic_run_end_to_end(tmp_path):
     assert "done: 1 steps" in again.stdout
     assert main("cub", common + ["--steps", "1"]) == 2
     assert main("cub", ["--out", str(run), "--resume", "--lr", "0.1"]) == 2
+
+
+@pytest.mark.slow
+def test_a_bad_weights_file_is_the_first_and_only_line(tmp_path):
+    """The error comes before anything else the command would print (the dataset's line, torch's warnings)."""
+    make_cub(tmp_path / "data", classes=3, images_per_class=4, size=40)
+    (tmp_path / "bad.pth").write_bytes(b"this is not a torch file")
+    out = _run("train.cub", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--arch", "small",
+               "--steps", "1", "--batch-size", "4", "--weights", str(tmp_path / "bad.pth"))  # fmt: skip
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: weights file") and "bad.pth" in lines[0]

@@ -136,9 +136,13 @@ def _read(path: Path, suffix: str) -> object:
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
+    import warnings
+
     import torch
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # a damaged file: torch's warnings would come before our one-line error
+        warnings.simplefilter("ignore")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -280,6 +280,10 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
     else:
         if (args.out / "config.json").exists():
             raise UsageError(f"{args.out} already holds a run: add --resume to continue it or choose another --out")
+        if args.weights is not None:  # a bad file: its one-line error before anything else is printed or made
+            from delib_jax.models import read_state_dict
+
+            read_state_dict(args.weights)
         if args.synthetic:
             args.data_dir = ensure_synthetic(dataset, args.data_dir or args.out / "synthetic_data")
         elif not Path(args.data_dir).exists():

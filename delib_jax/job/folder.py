@@ -1,0 +1,235 @@
+"""The job's output folder: errors and options, the lock, the manifest check, input fingerprints, the resume plan."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delib_jax import store as st
+
+
+class JobError(Exception):
+    """A job that cannot go on (folder locked or foreign, disk full, a model with NaN outputs): one line."""
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """How the job runs (not what it computes: that is ``explain_options``, see `explain_files`).
+
+    batch_size: images per device step, over all local devices; workers: reader processes (None: one per core but
+    one; 0: threads in this process); prefetch: batches decoded ahead; shard_size / shard_seconds: a shard is
+    written when it holds this many images or is this old (what a kill can lose); figures: a PNG per image, drawn by
+    ``figure_workers`` processes (None: one per core but one); share: (index, count) of this process among
+    ``count`` processes that split the files (None: ``jax.process_index()``, ``jax.process_count()``);
+    json_limit: also write OUT/insecurities.json (every explanation in one JSON file) up to this many images;
+    report_limit: index.html lists the hardest this many images.
+    """
+
+    batch_size: int = 32
+    workers: int | None = None
+    prefetch: int = 2
+    shard_size: int = 256
+    shard_seconds: float = 10.0
+    figures: bool = False
+    figure_workers: int | None = None
+    share: tuple[int, int] | None = None
+    json_limit: int = 1000
+    report_limit: int = 1000
+    progress: bool = True
+
+
+@dataclass
+class JobSummary:
+    """What a job did: images explained now and before (resumed), skipped files with reasons, where it wrote."""
+
+    out: Path
+    total: int
+    explained: int
+    resumed: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    compile_s: float = 0.0
+    run_s: float = 0.0
+    bytes_written: int = 0
+    json_written: bool = False
+
+
+def lock_folder(out: Path, process: int):
+    """An exclusive lock on OUT for this process share (released when the returned file is closed or the process
+    dies); `JobError` naming the folder if another job holds it."""
+    path = out / f".lock-{process:05d}"
+    if path.is_symlink():
+        raise JobError(f"{path} is a symbolic link: refusing to use it (remove it)")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise JobError(
+            f"another delib explain (pid {pid}) is writing to {out}; wait for it or choose another --out"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def weights_digest(leaves: Sequence[Any]) -> str:
+    """A hash of a model's weights: a run folder retrained in place gives another digest."""
+    import jax
+
+    crc, shapes = 0, []
+    for leaf in leaves:
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+            continue  # random-number state: no part of what an eval-mode model computes
+        a = np.ascontiguousarray(np.asarray(leaf))
+        shapes.append((a.shape, a.dtype.str))
+        crc = zlib.crc32(memoryview(a).cast("B"), crc)  # ~1 GB/s: a ResNet50 in 0.1 s
+    return f"{crc:08x}-{hashlib.blake2b(str(shapes).encode(), digest_size=8).hexdigest()}"
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Write OUT/manifest.json, or check that the one there describes the same model and settings."""
+    from delib_jax.explanation import write_json
+
+    manifest = json.loads(json.dumps(manifest))  # as it reads back
+    previous = st.read_manifest(out)
+    if previous is None:
+        st._no_follow(out / st.MANIFEST, out)
+        write_json(out / st.MANIFEST, manifest)
+        return
+    if previous != manifest:
+        fields = ", ".join(_differences(previous, manifest)[:4])
+        raise JobError(
+            f"{out} holds explanations made with another model or other settings (differing: {fields}); "
+            "choose another --out or empty that folder"
+        )
+
+
+# how the files the job writes at the top of OUT begin (`delib_jax.report.render_index`, `finish`'s JSON)
+OWN_FILES = {"index.html": "<!DOCTYPE html>\n<html lang='en'><head>", "insecurities.json": '{\n "model": '}
+
+
+def check_own_files(out: Path) -> None:
+    """`JobError` if OUT holds an index.html or insecurities.json that the job did not write (it would replace
+    them): a user's own page is never overwritten."""
+    for name, start in OWN_FILES.items():
+        path = out / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            with open(path, "rb") as f:
+                ours = path.is_file() and not path.is_symlink() and f.read(len(start)) == start.encode()
+        except OSError:
+            ours = False
+        if not ours:
+            raise JobError(f"{path} was not written by delib explain and would be replaced: move it or choose "
+                           "another --out")  # fmt: skip
+
+
+def prepare_folder(out: Path, manifest: dict[str, Any], *, figures: bool) -> Path:
+    """Refuse files of OUT the job did not write (`check_own_files`), check (or write) the manifest, make
+    OUT/explanations (and OUT/figures), remove a killed run's temporary files; returns the explanations folder.
+    `JobError` for a foreign folder or file or a planted link."""
+    check_own_files(out)
+    try:
+        check_manifest(out, manifest)
+        directory = st.safe_dir(out, st.DIRECTORY)
+        if figures:
+            st.safe_dir(out, "figures")
+    except st.StoreError as e:
+        raise JobError(str(e)) from None
+    st.remove_temporaries(out, directory, out / "figures")
+    return directory
+
+
+def fingerprint(path: Path) -> list[int]:
+    """[size, modification time in ns]: an input replaced under the same path is explained again."""
+    s = path.stat()
+    return [int(s.st_size), int(s.st_mtime_ns)]
+
+
+def inputs_outside(files: Sequence[Path], out: Path) -> list[Path]:
+    """``files`` less those inside the output folder (its figures are not inputs)."""
+    root = out.resolve()
+    return [f for f in files if root not in f.resolve().parents]
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@dataclass
+class ResumePlan:
+    """This share's inputs (ordinal, path), their fingerprints (None: unreadable), what is left to do, what an
+    earlier run finished (``resumed`` images, ``skipped`` (source, reason)) and the next shard number."""
+
+    mine: list[tuple[int, Path]]
+    stats: dict[int, list[int] | None]
+    todo: list[tuple[int, Path]]
+    resumed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    next_seq: int = 0
+
+    @property
+    def kept(self) -> int:
+        """Records an earlier run left that stay (explained or skipped)."""
+        return self.resumed + len(self.skipped)
+
+
+def _still_valid(r: dict, *, ordinal: dict[str, int], stats, directory: Path, out: Path, figures: bool) -> bool:
+    """Whether an earlier run's record stays: its input is among this run's with the same fingerprint, and its
+    shard (and, with figures, its figure) is on disk."""
+    i = ordinal.get(r["source"])
+    if i is None or stats[i] != r["stat"]:
+        return False  # not among this run's inputs, or the file changed since
+    if "skipped" in r:
+        return True
+    if not (directory / r["shard"]).is_file():
+        return False
+    figure = r.get("figure")
+    return not figures or (isinstance(figure, str) and (out / figure).is_file())
+
+
+def plan_resume(
+    out: Path, directory: Path, files: Sequence[Path], share: tuple[int, int], *, figures: bool,
+    report: Callable[[str], None],
+) -> ResumePlan:  # fmt: skip
+    """The inputs of process ``share[0]`` of ``share[1]`` (every count-th file), less those an earlier run in
+    ``out`` finished (read through `store.open_index`, which drops stale or damaged records)."""
+    import functools
+
+    p, count = share
+    mine = [(i, Path(f)) for i, f in enumerate(files) if i % count == p]
+    stats: dict[int, list[int] | None] = {}
+    for i, f in mine:
+        try:
+            stats[i] = fingerprint(f)
+        except OSError:
+            stats[i] = None
+    ordinal = {str(f): i for i, f in mine}
+    keep = functools.partial(_still_valid, ordinal=ordinal, stats=stats, directory=directory, out=out,
+                             figures=figures)  # fmt: skip
+    kept, seq = st.open_index(directory, p, keep=keep, report=report)
+    return ResumePlan(
+        mine=mine, stats=stats, todo=[(i, f) for i, f in mine if str(f) not in kept],
+        resumed=sum(1 for r in kept.values() if "skipped" not in r),
+        skipped=[(r["source"], r["skipped"]) for r in kept.values() if "skipped" in r], next_seq=seq,
+    )  # fmt: skip
