@@ -138,22 +138,27 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write OUT/manifest.json, or check that the one there describes the same model and settings."""
+def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
+    """Write OUT/manifest.json (with a new run id), or check that the one there describes the same model and
+    settings; returns the folder's run id."""
     from delib_jax.explanation import write_json
 
     manifest = json.loads(json.dumps(manifest))  # as it reads back
     previous = st.read_manifest(out)
     if previous is None:
         st._no_follow(out / st.MANIFEST, out)
-        write_json(out / st.MANIFEST, manifest)
-        return
+        run = st.new_run_id()
+        write_json(out / st.MANIFEST, {**manifest, "run": run})
+        return run
+    run = previous.pop("run", None)
     if previous != manifest:
         fields = ", ".join(_differences(previous, manifest)[:4])
         raise JobError(
             f"{out} holds explanations made with another model or other settings (differing: {fields}); "
             "choose another --out or empty that folder"
         )
+    st.layout({**previous, "run": run}, out / st.MANIFEST)  # a damaged run id or settings: one line
+    return run
 
 
 def fingerprint(path: Path) -> list[int]:
@@ -322,7 +327,7 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
 
     t_start = time.perf_counter()
     try:
-        check_manifest(out, manifest)
+        run = check_manifest(out, manifest)
         directory = st.safe_dir(out, st.DIRECTORY)
         if options.figures:
             st.safe_dir(out, "figures")
@@ -352,11 +357,10 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
         figure = r.get("figure")
         return not options.figures or (isinstance(figure, str) and (out / figure).is_file())
 
-    kept, seq = st.open_index(directory, p, keep=keep, report=report)
-    todo = [(i, f) for i, f in mine if str(f) not in kept]
-    resumed = sum(1 for r in kept.values() if "skipped" not in r)
-    skipped = [(r["source"], r["skipped"]) for r in kept.values() if "skipped" in r]
-    if kept:
+    done = st.open_index(directory, p, keep=keep, report=report)
+    todo = [(i, f) for i, f in mine if str(f) not in done]
+    resumed, skipped = done.explained, list(done.skipped)
+    if len(done):
         before = f" ({len(skipped)} skipped)" if skipped else ""
         report(f"resuming: {resumed} images already explained{before} in {out}, {len(todo)} to go")
 
@@ -367,8 +371,8 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
         n = _reader.default_workers() if options.figure_workers is None else options.figure_workers
         if n > 0:
             pool = _reader.start_pool(n)
-    writer = st.ShardWriter(directory, p, options.shard_size, next_seq=seq,
-                            image_size=(config.crop, config.crop))  # fmt: skip
+    writer = st.ShardWriter(directory, p, options.shard_size, next_seq=done.next_seq,
+                            image_size=(config.crop, config.crop), run=run)  # fmt: skip
     pending_figures: dict[str, Future] = {}
 
     stopping = threading.Event()  # Ctrl-C: keep what is finished, drop the rest (it is redone on resume)
