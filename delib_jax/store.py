@@ -480,12 +480,15 @@ class _Shards:
         return shard
 
 
-def _check(r: Mapping[str, Any], shards: _Shards) -> Shard:
-    """The shard ``r`` may be served from; `StoreDamage` naming the shard (or the record's problem) otherwise."""
+def _check(r: Mapping[str, Any], shards: _Shards, where: tuple[Path, int] | None = None) -> Shard:
+    """The shard ``r`` may be served from; `StoreDamage` naming the shard (damaged, foreign, or not the content the
+    record names) or ``where`` the record is (index file, line) for a problem of the record alone."""
     shard = shards.get(r["shard"])
     problem = shard.problem(r)
     if problem is not None:
-        raise StoreDamage(shard.path, problem)
+        if r["digest"] != shard.digest or where is None:
+            raise StoreDamage(shard.path, problem)
+        raise StoreDamage(where[0], f"line {where[1]}: {shard.path.name}: {problem}")
     return shard
 
 
@@ -536,7 +539,7 @@ def load_explanations(
                 damage(StoreDamage(path, f"line {lineno}: a second record for {r['source']!r}"))
                 continue
             try:
-                checked = _check(r, shards)
+                checked = _check(r, shards, (path, lineno))
                 if checked is not shard:
                     arrays, shard = checked.arrays(), checked
             except StoreDamage as e:
