@@ -84,6 +84,9 @@ class StoreDamage(StoreError):
         self.path, self.problem = Path(path), problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
+
 
 def index_name(process: int) -> str:
     return f"index-{process:05d}.jsonl"
@@ -541,7 +544,11 @@ def load_explanations(
             try:
                 checked = _check(r, shards, (path, lineno))
                 if checked is not shard:
-                    arrays, shard = checked.arrays(), checked
+                    try:
+                        arrays, shard = checked.arrays(), checked
+                    except StoreDamage as e:
+                        shards.damaged[r["shard"]] = e  # reported once per record, inflated once
+                        raise
             except StoreDamage as e:
                 damage(e)
                 continue
@@ -842,7 +849,7 @@ def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n
         return verdict
     directory = out / DIRECTORY
     shards = _Shards(directory, lay, keep=1)
-    seen: dict[int, str] = {}  # source hash -> where its first record is
+    seen: set[int] = set()  # hashes of the sources read, not their records
     used: set[str] = set()
     whole: dict[str, list] = {}  # shard name -> [problem, records]
     inflated: set[str] = set()
@@ -855,9 +862,9 @@ def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n
                 continue
             h = source_hash(r["source"])
             if h in seen:
-                verdict.problems.append(f"{where}: a second record for {r['source']!r} (the first: {seen[h]})")
+                verdict.problems.append(f"{where}: a second record for {r['source']!r}")
                 continue
-            seen[h] = where
+            seen.add(h)
             if "skipped" in r:
                 verdict.skipped += 1
                 continue

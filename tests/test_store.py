@@ -286,3 +286,53 @@ def test_docs_page_code_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "explanation-store.md", "exec"), namespace)  # noqa: S102
+
+
+@pytest.mark.slow
+def test_resume_re_explains_damaged_and_foreign_results(tmp_path):
+    """A real job's folder with a shard from another folder, a truncated shard, a duplicated and a torn line: the
+    same call reports one line per file, re-explains those images only, and gives the uninterrupted results."""
+    from flax import nnx
+    from PIL import Image
+    from test_stream import OPTIONS, _config, _same
+
+    from delib_jax.checkpoint import build_model
+    from delib_jax.stream import JobOptions, explain_files
+
+    config = _config()
+    model = build_model(config, rngs=nnx.Rngs(3))
+    model.eval()
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(7):
+        files.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (50 + 3 * i, 60, 3), dtype=np.uint8)).save(files[-1])
+    messages: list[str] = []
+
+    def job(out, inputs):
+        options = JobOptions(batch_size=2, workers=0, progress=False, shard_size=2)
+        return explain_files(model, config, inputs, out, options=options, report=messages.append, **OPTIONS)
+
+    out, other = tmp_path / "out", tmp_path / "other"
+    job(out, files)
+    expected = list(delib_jax.load_explanations(out))
+    job(other, files[:2])  # the same first two images, another run
+    shards = _shards(out)
+    assert len(shards) == 4
+    shutil.copy(_shards(other)[0], shards[0])  # images 0, 1: foreign
+    shards[2].write_bytes(shards[2].read_bytes()[:300])  # images 4, 5: truncated
+    lines = _lines(out)
+    _write_lines(out, [*lines, lines[3], '{"i": 2, "sou'])
+    assert main(["verify", str(out)]) == 1
+    messages.clear()
+    summary = job(out, files)
+    assert summary.resumed == 3 and summary.explained == 4, messages
+    assert any("shard-00000-000000" in m and "another run" in m for m in messages), messages
+    assert any("shard-00000-000002" in m and "again" in m for m in messages), messages
+    assert any("dropped 6 record(s)" in m for m in messages), messages
+    resumed = list(delib_jax.load_explanations(out))
+    assert sorted(e.source for e in resumed) == sorted(e.source for e in expected)
+    by_source = {e.source: e for e in resumed}
+    for e in expected:
+        _same(by_source[e.source], e)
+    assert st.verify_folder(out).problems == []
