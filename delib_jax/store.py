@@ -243,17 +243,20 @@ def layout(manifest: Mapping[str, Any], path: str | Path = MANIFEST) -> Layout:
 
 
 def _depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
-    stack, deepest = [(value, 1)], 0
-    while stack:
-        item, d = stack.pop()
-        deepest = max(deepest, d)
-        if d > limit:
-            return d
-        if isinstance(item, dict):
-            stack.extend((v, d + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, d + 1) for v in item)
-    return deepest
+    """How deeply lists and dicts nest in ``value`` (a scalar: 0, ``[1]``: 1; counting stops past ``limit``)."""
+    level, depth = [value], 0
+    while level and depth <= limit:
+        below = []
+        for item in level:
+            if isinstance(item, dict):
+                below.extend(v for v in item.values() if isinstance(v, (dict, list)))
+            elif isinstance(item, list):
+                below.extend(v for v in item if isinstance(v, (dict, list)))
+            else:
+                continue
+        depth += any(isinstance(item, (dict, list)) for item in level)
+        level = below
+    return depth
 
 
 def _is_int(v: Any) -> bool:
@@ -270,7 +273,7 @@ def _record(line: str) -> dict[str, Any] | None:
         r = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(r, dict) or _depth(r) > 4 or not isinstance(r.get("source"), str) or not _is_int(r.get("i")):
+    if not isinstance(r, dict) or _depth(r) > 3 or not isinstance(r.get("source"), str) or not _is_int(r.get("i")):
         return None
     if not _stat_ok(r.get("stat")):
         return None
@@ -283,7 +286,7 @@ def _record(line: str) -> dict[str, Any] | None:
             q["strength"], q["coverage"], q["threshold"]))]  # fmt: skip
         ok = isinstance(r["shard"], str) and _SHARD.fullmatch(r["shard"]) and _is_int(r["row"])
         ok = ok and isinstance(r["digest"], str) and _DIGEST.fullmatch(r["digest"])
-        ok = ok and all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)
+        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
         ok = ok and all(_is_int(q[k]) for q in r["insecurities"] for k in ("a", "b"))
     except (KeyError, TypeError):
         return None
@@ -338,7 +341,7 @@ def _header(data: memoryview, path: Path) -> tuple[dict[str, Any], int]:
         header = json.loads(bytes(data[8 : 8 + size]))
     except (ValueError, RecursionError):
         raise StoreDamage(path, "its header is not JSON: damaged or not a shard") from None
-    if not isinstance(header, dict) or _depth(header) > 4:
+    if not isinstance(header, dict) or _depth(header) > 3:
         raise StoreDamage(path, "its header is not a safetensors header")
     return header, 8 + size
 

@@ -53,13 +53,14 @@ def synthetic_folder(
                 "input": {"resize": crop, "crop": crop, "mean": [0.5] * 3, "std": [0.25] * 3}, "figures": False,
                 "class_names": NAMES, **({"run": run} if run else {})}  # fmt: skip
     (out / st.MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    rows = synthetic_rows(images, crop=crop, seed=seed)
     writer = st.ShardWriter(directory, 0, shard_size, image_size=(crop, crop), **({"run": run} if run else {}))
-    for start in range(0, images, shard_size):
-        part = {k: v[start : start + shard_size] for k, v in rows.items()}
+    parts = []
+    for start in range(0, images, shard_size):  # a shard at a time: 100,000 images in little memory
+        part = synthetic_rows(min(shard_size, images - start), crop=crop, seed=seed * 1_000_003 + start)
+        parts.append({k: v.copy() for k, v in part.items()})
         lists = _host_lists(part)
         records = [_record(start + j, f"{prefix}/img_{start + j:06d}.jpg", [1000 + start + j, 7], lists, j, NAMES,
                            None) for j in range(len(part["probs"]))]  # fmt: skip
         writer.add(part, records)
     writer.flush(final=True)
-    return rows
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
