@@ -196,6 +196,30 @@ def read_manifest(out: str | Path) -> dict[str, Any] | None:
     return data
 
 
+def create_manifest(out: str | Path, manifest: Mapping[str, Any]) -> bool:
+    """Write OUT/manifest.json only if there is none, atomically also against other processes doing the same (so
+    that every process of a run gets one run id): True if this call wrote it."""
+    path = Path(out) / MANIFEST
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, allow_nan=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        try:
+            os.link(tmp, path)  # fails if the file exists: the first writer wins
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Layout:
     """What the manifest says every shard row holds: C classes, T maps (+1), Q insecurities, masks of crop x crop."""
@@ -908,6 +932,6 @@ def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n
 
 __all__ = [
     "DIRECTORY", "FORMAT", "MANIFEST", "Resume", "Shard", "ShardWriter", "StoreDamage", "StoreError", "Verdict",
-    "index_files", "load_explanations", "new_run_id", "open_index", "pack_bits", "read_manifest", "read_records",
-    "read_shard", "unpack_bits", "verify_folder",
+    "create_manifest", "index_files", "load_explanations", "new_run_id", "open_index", "pack_bits", "read_manifest",
+    "read_records", "read_shard", "unpack_bits", "verify_folder",
 ]  # fmt: skip

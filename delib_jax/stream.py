@@ -139,17 +139,16 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
-    """Write OUT/manifest.json (with a new run id), or check that the one there describes the same model and
-    settings; returns the folder's run id."""
-    from delib_jax.explanation import write_json
-
+    """Write OUT/manifest.json (with a new run id; the first of several processes wins), or check that the one
+    there describes the same model and settings; returns the folder's run id."""
     manifest = json.loads(json.dumps(manifest))  # as it reads back
     previous = st.read_manifest(out)
     if previous is None:
         st._no_follow(out / st.MANIFEST, out)
         run = st.new_run_id()
-        write_json(out / st.MANIFEST, {**manifest, "run": run})
-        return run
+        if st.create_manifest(out, {**manifest, "run": run}):
+            return run
+        previous = st.read_manifest(out) or {}  # another process of this run wrote it first
     run = previous.pop("run", None)
     if previous != manifest:
         fields = ", ".join(_differences(previous, manifest)[:4])

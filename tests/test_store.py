@@ -336,3 +336,12 @@ def test_resume_re_explains_damaged_and_foreign_results(tmp_path):
     for e in expected:
         _same(by_source[e.source], e)
     assert st.verify_folder(out).problems == []
+
+
+def test_the_first_process_writes_the_manifest(tmp_path):
+    """Several processes of one run starting in a new folder: one manifest, one run id for all of them."""
+    first = {"format": st.FORMAT, "run": st.new_run_id()}
+    assert st.create_manifest(tmp_path, first)
+    assert not st.create_manifest(tmp_path, {**first, "run": st.new_run_id()})
+    assert json.loads((tmp_path / st.MANIFEST).read_text()) == first
+    assert [p.name for p in tmp_path.iterdir()] == [st.MANIFEST]  # no temporary left
