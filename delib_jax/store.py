@@ -325,6 +325,14 @@ def iter_index(path: Path) -> Iterator[tuple[dict[str, Any] | None, str]]:
                 yield _record(line), line
 
 
+def _index_lines(path: Path) -> Iterator[tuple[dict[str, Any] | None, str]]:
+    """`iter_index`, an unreadable file as `StoreDamage`."""
+    try:
+        yield from iter_index(path)
+    except OSError as e:
+        raise StoreDamage(path, f"cannot be read ({e.strerror or e})") from None
+
+
 def index_files(out: str | Path) -> list[Path]:
     """OUT/explanations/index-*.jsonl of every process, in process order."""
     d = Path(out) / DIRECTORY
@@ -558,7 +566,7 @@ def load_explanations(
             on_damage(e)
 
     for path in index_files(out):
-        for lineno, (r, _) in enumerate(iter_index(path), 1):
+        for lineno, (r, _) in enumerate(_index_lines(path), 1):
             if r is None:
                 damage(StoreDamage(path, f"line {lineno} is not a record (torn or damaged)"))
                 continue
@@ -855,6 +863,14 @@ def stored_bytes(out: str | Path) -> int:
                                                                        p.name.startswith("shard-")))  # fmt: skip
 
 
+def _readable_lines(path: Path, problems: list[str]) -> Iterator[tuple[dict[str, Any] | None, str]]:
+    """`iter_index`, an unreadable file added to ``problems``."""
+    try:
+        yield from iter_index(path)
+    except OSError as e:
+        problems.append(f"{path}: cannot be read ({e.strerror or e})")
+
+
 def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n: None) -> Verdict:
     """Check a whole output folder without a model: the manifest, every index line, every shard (header, dtypes,
     shapes, byte ranges, run, rows, digest, masks), every record against its shard, no image twice. ``progress``
@@ -881,7 +897,7 @@ def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n
     whole: dict[str, list] = {}  # shard name -> [problem, records]
     inflated: set[str] = set()
     for path in index_files(out):
-        for lineno, (r, line) in enumerate(iter_index(path), 1):
+        for lineno, (r, line) in enumerate(_readable_lines(path, verdict.problems), 1):
             progress(len(line.encode("utf-8", "surrogateescape")))
             where = f"{path}: line {lineno}"
             if r is None:

@@ -345,3 +345,10 @@ def test_the_first_process_writes_the_manifest(tmp_path):
     assert not st.create_manifest(tmp_path, {**first, "run": st.new_run_id()})
     assert json.loads((tmp_path / st.MANIFEST).read_text()) == first
     assert [p.name for p in tmp_path.iterdir()] == [st.MANIFEST]  # no temporary left
+
+
+def test_unreadable_index_is_damage_naming_it(folder):
+    out, _ = folder
+    (out / INDEX).unlink()
+    (out / INDEX).mkdir()  # a folder where the index should be: reading fails whoever runs the test
+    _damage(out, "index-00000.jsonl: cannot be read")
