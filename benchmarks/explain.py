@@ -121,11 +121,13 @@ def _writer_rate(host: dict, names, count: int, crop: int) -> float:
     arrays = {k: v for k, v in host.items() if k != "finite"}
     n = len(arrays["probs"])
     with tempfile.TemporaryDirectory() as d:
-        warm = st.ShardWriter(Path(d), 1, 256, image_size=(crop, crop))  # first touches of memory and files
+        warm = st.ShardWriter(
+            Path(d), 1, 256, image_size=(crop, crop), run=st.new_run_id()
+        )  # first touches of memory and files
         lists = _host_lists(host)
         warm.add(arrays, [_record(j, f"/w/{j}.jpg", [1, 1], lists, j, names, None) for j in range(n)])
         warm.flush()
-        writer = st.ShardWriter(Path(d), 0, 256, image_size=(crop, crop))
+        writer = st.ShardWriter(Path(d), 0, 256, image_size=(crop, crop), run=st.new_run_id())
         t = time.perf_counter()
         for start in range(0, count, n):
             lists = _host_lists(host)

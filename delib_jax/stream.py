@@ -132,7 +132,7 @@ def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: 
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    directory = prepare_folder(out, manifest, figures=options.figures)
+    directory, run = prepare_folder(out, manifest, figures=options.figures)
     plan = plan_resume(out, directory, files, share, figures=options.figures, report=report)
     if plan.kept:
         before = f" ({len(plan.skipped)} skipped)" if plan.skipped else ""
@@ -148,7 +148,7 @@ def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: 
                               examples, report, channel.stopping)  # fmt: skip
             figures.pool = _reader.start_pool(n) if n > 0 else None
         shards = st.ShardWriter(directory, share[0], options.shard_size, next_seq=plan.next_seq,
-                                image_size=(config.crop, config.crop),
+                                image_size=(config.crop, config.crop), run=run,
                                 ready=figures.ready if figures else None)  # fmt: skip
         writer = WriterStage(shards, manifest["class_names"], plan.stats, report, figures,
                              shard_seconds=options.shard_seconds, on_done=bar.update)  # fmt: skip

@@ -47,14 +47,22 @@ def _host(n: int, *, q: int = 2, size: int = 8, finite: bool = True) -> dict[str
 # ------------------------------------------------------------------------------------------------ resume plan
 
 
+def _manifest(version: int) -> dict:
+    from delib_jax.testing.store import NAMES, SETTINGS
+
+    return {"format": st.FORMAT, "model": {"arch": "small", "v": version}, "settings": SETTINGS,
+            "input": {"resize": 32, "crop": 32, "mean": [0.5] * 3, "std": [0.25] * 3}, "figures": False,
+            "class_names": NAMES}  # fmt: skip
+
+
 def test_resume_plan_takes_this_share_and_leaves_out_what_is_finished(tmp_path):
     files = _images(tmp_path / "in", 5)
     out = tmp_path / "out"
     out.mkdir()
-    directory = prepare_folder(out, {"format": st.FORMAT, "x": 1}, figures=False)
+    directory, run = prepare_folder(out, _manifest(1), figures=False)
     plan = plan_resume(out, directory, files, (1, 2), figures=False, report=print)
     assert [i for i, _ in plan.mine] == [1, 3] and plan.todo == plan.mine and plan.kept == 0
-    writer = st.ShardWriter(directory, 1, 4)
+    writer = st.ShardWriter(directory, 1, 4, run=run)
     writer.skip({"i": 1, "source": str(files[1]), "stat": plan.stats[1], "skipped": "unreadable"})
     writer.flush(final=True)
     plan = plan_resume(out, directory, files, (1, 2), figures=False, report=print)
@@ -64,7 +72,7 @@ def test_resume_plan_takes_this_share_and_leaves_out_what_is_finished(tmp_path):
     plan = plan_resume(out, directory, files, (1, 2), figures=False, report=messages.append)
     assert [i for i, _ in plan.todo] == [1, 3] and plan.kept == 0 and "dropped 1 record" in messages[0]
     with pytest.raises(JobError, match="another model or other settings"):
-        prepare_folder(out, {"format": st.FORMAT, "x": 2}, figures=False)
+        prepare_folder(out, _manifest(2), figures=False)
 
 
 # ------------------------------------------------------------------------------------------------ reader stage
@@ -119,7 +127,7 @@ def test_device_step_times_the_first_call_only():
 def _stage(tmp_path, **kw):
     directory = tmp_path / "explanations"
     directory.mkdir(exist_ok=True)
-    shards = st.ShardWriter(directory, 0, 2, image_size=(8, 8))
+    shards = st.ShardWriter(directory, 0, 2, image_size=(8, 8), run=st.new_run_id())
     done = []
     stage = WriterStage(shards, NAMES, {0: [1, 1], 1: [2, 2], 2: [3, 3]}, lambda m: None, on_done=done.append, **kw)
     return stage, done
@@ -140,7 +148,8 @@ def test_writer_stage_records_skips_and_flushes(tmp_path):
     records = list(st.read_records(tmp_path, skipped=True))
     assert [r["source"] for r in records] == ["a.png", "x.png", "c.png", "d.png"]
     assert records[0]["prediction_name"] in NAMES and records[0]["row"] == 0 and records[2]["row"] == 1
-    arrays = st.read_shard(tmp_path / "explanations" / records[0]["shard"])
+    layout = st.Layout(run=stage.shards.run, classes=3, top=3, insecurities=2, crop=8)
+    arrays = st.read_shard(tmp_path / "explanations" / records[0]["shard"], layout).arrays()
     np.testing.assert_array_equal(arrays["probs"], _host(3)["probs"][[0, 2]])
 
 

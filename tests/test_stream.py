@@ -87,7 +87,7 @@ def test_streamed_outputs_equal_explain_bit_for_bit(setup, tmp_path):
         assert [c for c, _ in r["top"]] == [int(c) for c in e.classes]
     skipped = [r for r in st.read_records(tmp_path / "out", skipped=True) if "skipped" in r]
     assert len(skipped) == 1 and "broken.jpg" in skipped[0]["skipped"]
-    assert len(list((tmp_path / "out" / "explanations").glob("shard-*.npz"))) == 2  # 7 images, 4 per shard
+    assert len(list((tmp_path / "out" / "explanations").glob("shard-*.safetensors"))) == 2  # 7 images, 4 per shard
     assert list(delib_jax.load_explanations(tmp_path / "out", sources=[str(good[2])]))[0].source == str(good[2])
 
 
@@ -219,20 +219,20 @@ def test_the_folder_is_safe(setup, tmp_path):
 def test_full_disk_is_one_error_and_the_same_call_resumes(setup, tmp_path, monkeypatch):
     _, model, config, files = setup
     out = tmp_path / "out"
-    savez = np.savez
+    encode = st.encode_shard
     calls = [0]
 
     def full(*args, **kw):
         calls[0] += 1
         if calls[0] > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return savez(*args, **kw)
+        return encode(*args, **kw)
 
-    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr(st, "encode_shard", full)
     with pytest.raises(JobError, match=r"the disk holding .* is full: free about \d+ MB"):
         _job(model, config, files, out, shard_size=2)
     assert not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(np, "savez", savez)
+    monkeypatch.setattr(st, "encode_shard", encode)
     summary = _job(model, config, files, out, shard_size=2)
     assert summary.resumed == 3 and summary.resumed + summary.explained == 7  # the first shard (one batch) kept
 

@@ -106,22 +106,26 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def check_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Write OUT/manifest.json, or check that the one there describes the same model and settings."""
-    from delib_jax.explanation import write_json
-
+def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
+    """Write OUT/manifest.json (with a new run id; the first of several processes wins), or check that the one
+    there describes the same model and settings; returns the folder's run id."""
     manifest = json.loads(json.dumps(manifest))  # as it reads back
     previous = st.read_manifest(out)
     if previous is None:
         st._no_follow(out / st.MANIFEST, out)
-        write_json(out / st.MANIFEST, manifest)
-        return
+        run = st.new_run_id()
+        if st.create_manifest(out, {**manifest, "run": run}):
+            return run
+        previous = st.read_manifest(out) or {}  # another process of this run wrote it first
+    run = previous.pop("run", None)
     if previous != manifest:
         fields = ", ".join(_differences(previous, manifest)[:4])
         raise JobError(
             f"{out} holds explanations made with another model or other settings (differing: {fields}); "
             "choose another --out or empty that folder"
         )
+    st.layout({**previous, "run": run}, out / st.MANIFEST)  # a damaged run id or settings: one line
+    return run
 
 
 # how the files the job writes at the top of OUT begin (`delib_jax.report.render_index`, `finish`'s JSON)
@@ -145,20 +149,21 @@ def check_own_files(out: Path) -> None:
                            "another --out")  # fmt: skip
 
 
-def prepare_folder(out: Path, manifest: dict[str, Any], *, figures: bool) -> Path:
+def prepare_folder(out: Path, manifest: dict[str, Any], *, figures: bool) -> tuple[Path, str]:
     """Refuse files of OUT the job did not write (`check_own_files`), check (or write) the manifest, make
-    OUT/explanations (and OUT/figures), remove a killed run's temporary files; returns the explanations folder.
+    OUT/explanations (and OUT/figures), remove a killed run's temporary files; returns the explanations folder and
+    the folder's run id (what every stored row is bound to).
     `JobError` for a foreign folder or file or a planted link."""
     check_own_files(out)
     try:
-        check_manifest(out, manifest)
+        run = check_manifest(out, manifest)
         directory = st.safe_dir(out, st.DIRECTORY)
         if figures:
             st.safe_dir(out, "figures")
     except st.StoreError as e:
         raise JobError(str(e)) from None
     st.remove_temporaries(out, directory, out / "figures")
-    return directory
+    return directory, run
 
 
 def fingerprint(path: Path) -> list[int]:
@@ -227,9 +232,8 @@ def plan_resume(
     ordinal = {str(f): i for i, f in mine}
     keep = functools.partial(_still_valid, ordinal=ordinal, stats=stats, directory=directory, out=out,
                              figures=figures)  # fmt: skip
-    kept, seq = st.open_index(directory, p, keep=keep, report=report)
+    done = st.open_index(directory, p, keep=keep, report=report)
     return ResumePlan(
-        mine=mine, stats=stats, todo=[(i, f) for i, f in mine if str(f) not in kept],
-        resumed=sum(1 for r in kept.values() if "skipped" not in r),
-        skipped=[(r["source"], r["skipped"]) for r in kept.values() if "skipped" in r], next_seq=seq,
+        mine=mine, stats=stats, todo=[(i, f) for i, f in mine if str(f) not in done],
+        resumed=done.explained, skipped=list(done.skipped), next_seq=done.next_seq,
     )  # fmt: skip
