@@ -59,7 +59,8 @@ class JobOptions:
     written when it holds this many images or is this old (what a kill can lose); figures: a PNG per image, drawn by
     ``figure_workers`` processes (None: one per core but one); share: (index, count) of this process among
     ``count`` processes that split the files (None: ``jax.process_index()``, ``jax.process_count()``);
-    json_limit: also write OUT/insecurities.json (every explanation in one JSON file) up to this many images;
+    json: also write OUT/insecurities.json (every explanation in one JSON file, maps included) up to ``json_limit``
+    images;
     report_limit: index.html lists the hardest this many images.
     """
 
@@ -71,6 +72,7 @@ class JobOptions:
     figures: bool = False
     figure_workers: int | None = None
     share: tuple[int, int] | None = None
+    json: bool = False
     json_limit: int = 1000
     report_limit: int = 1000
     progress: bool = True
@@ -273,13 +275,16 @@ def explain_files(
       options: `JobOptions`; model_id: what identifies the model in the manifest (e.g. checkpoint and which);
       examples: class index -> example image for the figures.
       explain_options: as for `delib_jax.explanation.make_explain_fn` (method, score, top_n, k, coverage, ...).
-    Raises `JobError` (one line) for a locked or foreign folder, a full disk or a model with NaN/inf outputs.
+    Raises `JobError` (one line) for a locked or foreign folder, a full disk or a model with NaN/inf outputs, and
+    ValueError (nothing written) when the model and ``config`` disagree (`delib_jax.checkpoint.check_model_config`).
     """
     import jax
 
     from delib_jax import explanation as ex
+    from delib_jax.checkpoint import check_model_config
     from delib_jax.models import split_leaves
 
+    check_model_config(model, config)  # a model of another run: one line, before anything is compiled or written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p, count = options.share or (jax.process_index(), jax.process_count())
@@ -561,8 +566,8 @@ def _disk_full(out: Path, remaining: int, writer: st.ShardWriter) -> JobError:
 
 
 def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary: JobSummary, report) -> None:
-    """index.html (the hardest ``report_limit`` images, with a count of the rest) and, for small runs,
-    insecurities.json (every explanation, the same content as `Explanation.to_json`)."""
+    """index.html (the hardest ``report_limit`` images, with a count of the rest) and, when asked (``json``) for
+    small runs, insecurities.json (every explanation, the same content as `Explanation.to_json`)."""
     from delib_jax.explanation import write_json
     from delib_jax.report import write_report
 
@@ -587,7 +592,9 @@ def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary:
         "(delib_jax.load_explanations)."
     )  # fmt: skip
     write_report(out, rows, [r.get("figure") for r in chosen], settings=shown, note=note)
-    if total <= options.json_limit:
+    if not options.json:
+        (out / "insecurities.json").unlink(missing_ok=True)  # an earlier run's: it no longer describes the folder
+    elif total <= options.json_limit:
         images = []
         figures = {r["source"]: r.get("figure") for r in st.read_records(out)}
         for e in st.load_explanations(out):
