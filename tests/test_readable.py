@@ -212,3 +212,20 @@ def test_heat_maps_use_a_perceptually_uniform_colour_map():
     out = heatmap_overlay(np.zeros((4, 16, 3), np.uint8), ramp, alpha=1.0)
     expected = (colormaps["viridis"](ramp)[..., :3] * 255).astype(np.uint8)
     np.testing.assert_allclose(out.astype(int), expected.astype(int), atol=2)
+
+
+def test_report_rows_read_as_shares_and_say_when_nothing_competes(explanations):
+    from delib_jax.report import render_index
+
+    e = _figure_explanation(explanations)
+    page = render_index([e])
+    assert f"{e.shares[0]:.0%} of the ambiguity" in page and "strength" not in page
+    record = {  # an index record: the top-N probabilities, no maps
+        "source": "a.jpg", "prediction_name": "x", "confidence": 0.99, "difficulty": 0.1, "score": "hardness",
+        "top": [[0, 0.99], [1, 0.004], [2, 0.003]],
+        "insecurities": [{"a": 0, "b": 1, "name_a": "x", "name_b": "y", "strength": 2.7e-13, "coverage": 0.1}],
+    }  # fmt: skip
+    page = render_index([record])
+    assert "nothing competes" in page and "e-13" not in page
+    record["top"][1][1] = 0.3
+    assert "nothing competes" not in render_index([record])
