@@ -296,7 +296,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from delib_jax.checkpoint import check_model_config, load_model
     from delib_jax.explanation import preprocess, read_image
     from delib_jax.report import write_human_study
-    from delib_jax.store import load_explanations
+    from delib_jax.store import load_explanations, read_records
     from delib_jax.stream import JobError, JobOptions, explain_files
 
     def report(message: str) -> None:
@@ -337,6 +337,11 @@ def _run_explain(args: argparse.Namespace) -> int:
             threshold=args.threshold, max_insecurities=args.max_insecurities,
             difficulty_channels=args.difficulty_channels, precision=args.precision,
         )  # fmt: skip
+    except KeyboardInterrupt:  # the job kept every finished image: say how many, and how to go on
+        kept = sum(1 for _ in read_records(out)) if out.is_dir() else 0
+        print(f"delib explain: interrupted; {kept} images explained are kept in {out}: run the same command again "
+              "to continue", file=sys.stderr, flush=True)  # fmt: skip
+        return 130
     except JobError as e:
         raise UsageError(str(e)) from None
     except ValueError as e:  # options the explanation refuses

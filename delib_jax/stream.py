@@ -400,9 +400,9 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
         return kept
 
     writer.ready = figures_ready if options.figures else None
-    from tqdm import tqdm
+    from delib_jax.progress import progress_bar
 
-    bar = tqdm(total=len(todo), unit="img", desc="explain", disable=None if options.progress else True)
+    bar = progress_bar(total=len(todo), unit="img", desc="explain", disable=not options.progress)
     free: queue.Queue[int] = queue.Queue()
     for s in range(slots):
         free.put(s)
