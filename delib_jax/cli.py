@@ -158,8 +158,10 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         "--examples",
         metavar="JSON",
         help="JSON object: class name (or index) -> example image path (relative to the JSON file); "
-        "shown next to each insecurity",
+        "shown next to each insecurity (default: the training image the model finds most typical of each class, "
+        "chosen once per run and kept in RUN_DIR/class_examples/, when the training data is reachable)",
     )
+    p.add_argument("--no-examples", action="store_true", help="no example images in the figures")
     p.add_argument(
         "--study",
         action="store_true",
@@ -294,6 +296,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     from delib_jax import _xla
     from delib_jax.checkpoint import check_model_config, load_model
+    from delib_jax.class_examples import class_examples
     from delib_jax.explanation import preprocess, read_image
     from delib_jax.report import write_human_study
     from delib_jax.store import load_explanations, read_records
@@ -313,7 +316,12 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint}: {e}") from None
     if args.k > (config.num_classes if args.top_n is None else min(args.top_n, config.num_classes)):
         raise UsageError(f"--k ({args.k}) exceeds the classes considered (the model has {config.num_classes})")
-    examples = _read_examples(args.examples, config.class_names)
+    if args.examples:
+        examples = _read_examples(args.examples, config.class_names)
+    elif args.no_examples or args.no_figures:
+        examples = {}
+    else:  # the training split's most typical image of each class, chosen once per run (delib_jax.class_examples)
+        examples = class_examples(args.checkpoint, model, config, which=args.which, report=report)
 
     missing: list[Path] = []
     files = image_files(args.inputs, report, missing)
