@@ -7,7 +7,8 @@ gives the highest probability of c, i.e. the training image the model finds most
 run and checkpoint (at most ``PER_CLASS`` x C images through the model, with a progress bar) and kept in
 RUN_DIR/class_examples/ as 160 px JPEG thumbnails with an ``examples.json`` that says for which checkpoint they
 were chosen; a later call reads them from there. When the training data is not reachable (config.json records no
-data folder, or it is gone) there are no examples: the figures then have no example row.
+data folder, silently, or it is gone, said in one line) there are no examples: the figures then have no example
+row.
 """
 
 from __future__ import annotations
@@ -115,9 +116,10 @@ def class_examples(
     cached = cached_examples(folder, key)
     if cached is not None:
         return cached
-    if not config.data_dir or not Path(config.data_dir).exists():
-        report(f"no class examples: the training data ({config.data_dir or 'not recorded in config.json'}) is not "
-               "reachable; give --examples")  # fmt: skip
+    if not config.data_dir:  # a run that records no data folder: nothing to look for, nothing to say
+        return {}
+    if not Path(config.data_dir).exists():
+        report(f"no class examples: the training data ({config.data_dir}) is not reachable; give --examples")
         return {}
     try:
         ds = load_dataset(config.dataset, config.data_dir)

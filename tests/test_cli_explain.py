@@ -457,7 +457,7 @@ def test_hostile_examples_json_is_one_clear_line(tmp_path, content, match):
 def test_bfloat16_backbone_is_recorded_in_the_manifest(workspace, capsys, tmp_path):
     out = tmp_path / "bf16"
     argv = ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", workspace / "run", "--out", out,
-            "--no-figures", "--precision", "bfloat16", "--json"]  # fmt: skip
+            "--no-figures", "--json", "--precision", "bfloat16"]  # fmt: skip
     code, err = _run(argv, capsys)
     assert code == 0, err
     data = json.loads((out / "insecurities.json").read_text())
