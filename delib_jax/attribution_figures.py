@@ -65,7 +65,7 @@ def attribution_overlay(
     else:
         lo, hi = float(heat.min()), float(heat.max())
         unit = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        colored = colormaps["jet" if cmap == "bwr" else cmap](unit)[..., :3] * 255.0
+        colored = colormaps["viridis" if cmap == "bwr" else cmap](unit)[..., :3] * 255.0
         weight = alpha
     return np.clip((1 - weight) * image + weight * colored, 0, 255).astype(np.uint8)
 

@@ -287,6 +287,20 @@ def min_crop(arch: str) -> int:
     return lo
 
 
+def check_model_config(model: DeliberativeModel, config: RunConfig) -> None:
+    """Raise ValueError (one line) unless ``model`` is the model ``config`` describes: the same number of classes
+    (one name per output) and architecture (whose backbone `RunConfig` already checked accepts ``config.crop``)."""
+    problems = []
+    if model.num_classes != config.num_classes:
+        problems.append(f"the model has {model.num_classes} classes, the run configuration {config.num_classes}")
+    arch = getattr(model, "arch", config.arch)
+    if arch != config.arch:
+        problems.append(f"the model is a {arch}, the run configuration a {config.arch}")
+    if problems:
+        raise ValueError("model and run configuration disagree: " + "; ".join(problems) + " (load both with "
+                         "delib_jax.checkpoint.load_model from one run folder)")  # fmt: skip
+
+
 def save_run_config(run_dir: str | Path, config: RunConfig) -> Path:
     """Write ``RUN_DIR/config.json`` (creating ``run_dir``) atomically; returns its path."""
     run_dir = Path(run_dir)
@@ -555,6 +569,6 @@ def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[Deliberat
 
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "CheckpointError", "RunCheckpoints", "RunConfig",
-    "abstract_savable", "build_model", "crop_fits", "from_savable", "load_model", "load_run_config", "min_crop",
-    "save_run_config", "to_savable",
+    "abstract_savable", "build_model", "check_model_config", "crop_fits", "from_savable", "load_model",
+    "load_run_config", "min_crop", "save_run_config", "to_savable",
 ]  # fmt: skip

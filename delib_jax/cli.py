@@ -80,10 +80,11 @@ the network hesitated between two classes, ranked by strength).
 
 Writes OUT/explanations/ (a JSON Lines index with one small record per image, and binary shards with the maps and
 masks: read them with delib_jax.load_explanations), OUT/figures/*.png (a figure per image), OUT/index.html (an
-offline report of the hardest images, sortable by difficulty and prediction) and, up to --json-limit images,
-OUT/insecurities.json (every explanation in one file). Images are resized and centre-cropped as the run was
-evaluated. Unreadable files are reported and skipped. Finished images are recorded every few seconds: run the same
-command again after a crash or kill and it resumes where it stopped (files changed since are explained again).
+offline report of the hardest images, sortable by difficulty and prediction) and, with --json and up to
+--json-limit images, OUT/insecurities.json (every explanation in one file, maps included). Images are resized and
+centre-cropped as the run was evaluated. Unreadable files are reported and skipped. Finished images are recorded
+every few seconds: run the same command again after a crash or kill and it resumes where it stopped (files changed
+since are explained again).
 
 example:
   delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/ --coverage 10%
@@ -157,8 +158,10 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         "--examples",
         metavar="JSON",
         help="JSON object: class name (or index) -> example image path (relative to the JSON file); "
-        "shown next to each insecurity",
+        "shown next to each insecurity (default: the training image the model finds most typical of each class, "
+        "chosen once per run and kept in RUN_DIR/class_examples/, when the training data is reachable)",
     )
+    p.add_argument("--no-examples", action="store_true", help="no example images in the figures")
     p.add_argument(
         "--study",
         action="store_true",
@@ -175,8 +178,12 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         "~/.cache/delib_jax/xla)",
     )  # fmt: skip
     p.add_argument(
+        "--json", action="store_true",
+        help="also write OUT/insecurities.json: every explanation in one file, maps included (~60 KB per image)",
+    )  # fmt: skip
+    p.add_argument(
         "--json-limit", type=int, default=1000, metavar="N",
-        help="also write OUT/insecurities.json (every explanation in one file) up to N images (default: 1000)",
+        help="with --json, write insecurities.json only up to N images (default: 1000)",
     )  # fmt: skip
     p.add_argument(
         "--report-limit", type=int, default=1000, metavar="N",
@@ -288,10 +295,11 @@ def _run_explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from delib_jax import _xla
-    from delib_jax.checkpoint import load_model
+    from delib_jax.checkpoint import check_model_config, load_model
+    from delib_jax.class_examples import class_examples
     from delib_jax.explanation import preprocess, read_image
     from delib_jax.report import write_human_study
-    from delib_jax.store import load_explanations
+    from delib_jax.store import load_explanations, read_records
     from delib_jax.stream import JobError, JobOptions, explain_files
 
     def report(message: str) -> None:
@@ -302,9 +310,18 @@ def _run_explain(args: argparse.Namespace) -> int:
         model, config = load_model(args.checkpoint, which=args.which)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"cannot load a model from {args.checkpoint}: {e}") from None
+    try:
+        check_model_config(model, config)
+    except ValueError as e:
+        raise UsageError(f"{args.checkpoint}: {e}") from None
     if args.k > (config.num_classes if args.top_n is None else min(args.top_n, config.num_classes)):
         raise UsageError(f"--k ({args.k}) exceeds the classes considered (the model has {config.num_classes})")
-    examples = _read_examples(args.examples, config.class_names)
+    if args.examples:
+        examples = _read_examples(args.examples, config.class_names)
+    elif args.no_examples or args.no_figures:
+        examples = {}
+    else:  # the training split's most typical image of each class, chosen once per run (delib_jax.class_examples)
+        examples = class_examples(args.checkpoint, model, config, which=args.which, report=report)
 
     missing: list[Path] = []
     files = image_files(args.inputs, report, missing)
@@ -316,8 +333,8 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"no image files in {given} (looked for {', '.join(_IMAGE_HINT)}, ... recursively)")
     out = make_out_dir(args.out)
     options = JobOptions(
-        batch_size=args.batch_size, workers=args.workers, figures=not args.no_figures, json_limit=args.json_limit,
-        report_limit=args.report_limit,
+        batch_size=args.batch_size, workers=args.workers, figures=not args.no_figures, json=args.json,
+        json_limit=args.json_limit, report_limit=args.report_limit,
     )  # fmt: skip
     model_id = {"checkpoint": str(Path(args.checkpoint).resolve()), "which": args.which}
     try:
@@ -328,6 +345,11 @@ def _run_explain(args: argparse.Namespace) -> int:
             threshold=args.threshold, max_insecurities=args.max_insecurities,
             difficulty_channels=args.difficulty_channels, precision=args.precision,
         )  # fmt: skip
+    except KeyboardInterrupt:  # the job kept every finished image: say how many, and how to go on
+        kept = sum(1 for _ in read_records(out)) if out.is_dir() else 0
+        print(f"delib explain: interrupted; {kept} images explained are kept in {out}: run the same command again "
+              "to continue", file=sys.stderr, flush=True)  # fmt: skip
+        return 130
     except JobError as e:
         raise UsageError(str(e)) from None
     except ValueError as e:  # options the explanation refuses

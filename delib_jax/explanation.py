@@ -47,9 +47,9 @@ def _static(**kw):
 class Insecurity:
     """One insecurity: a region of the image where the network hesitated between classes a and b.
 
-    mask: (H_img, W_img) bool; strength: mean ambiguity over the mask (see `delib_jax.insecurity`); coverage: fraction
-    of the image in the mask; threshold: the T applied to the ambiguity map; a, b: class indices; name_a, name_b:
-    their names.
+    mask: (H_img, W_img) bool; strength: mean ambiguity over the mask, raw (attribution products, see
+    `delib_jax.insecurity`; `Explanation.shares` is the readable one); coverage: fraction of the image in the mask;
+    threshold: the T applied to the ambiguity map; a, b: class indices; name_a, name_b: their names.
     """
 
     mask: np.ndarray
@@ -101,7 +101,8 @@ class Explanation:
 
     probs: (C,) class probabilities; difficulty: the difficulty score s in [0, 1]; classes: (N,) the classes with a
     map (the top-N predictions, most probable first); maps: (N + 1, H, W) attribution maps of those classes, then the
-    difficulty map; grad_cam: (H, W) Grad-CAM of the prediction; insecurities: ranked by strength.
+    difficulty map; grad_cam: (H, W) Grad-CAM of the prediction; insecurities: ranked by strength (read them with
+    `shares`, the share of the image's ambiguity in each region, and `negligible` / `competing`).
     Static: prediction (class index), prediction_name, class_names (names of ``classes``), score ('hardness',
     'entropy' or 'hesitancy'), method (attribution method), image_size (H_img, W_img), source (file or None).
     """
@@ -135,6 +136,29 @@ class Explanation:
         """(H, W)."""
         return self.maps[-1]
 
+    @functools.cached_property
+    def shares(self) -> tuple[float | None, ...]:
+        """Per insecurity, the share of the image's ambiguity in its region, in [0, 1]: the readable strength
+        (`delib_jax.insecurity.ambiguity_shares`; ``strength`` keeps the raw value). Computed once, from the maps
+        (None for a pair without maps, which only a hand-made explanation has)."""
+        where = {int(c): j for j, c in enumerate(self.classes)}
+        mapped = [q for q in self.insecurities if q.a in where and q.b in where]  # always all, but for hand-made ones
+        slots = np.asarray([[where[q.a], where[q.b]] for q in mapped], np.int64).reshape(-1, 2)
+        masks = np.asarray([q.mask for q in mapped], bool).reshape(-1, *self.image_size)
+        found = dict(zip(map(id, mapped), insec.ambiguity_shares(self.class_maps, self.difficulty_map, slots, masks)))
+        return tuple(float(found[id(q)]) if id(q) in found else None for q in self.insecurities)
+
+    @property
+    def negligible(self) -> tuple[bool, ...]:
+        """Per insecurity, whether its classes do not really compete (`delib_jax.insecurity.is_negligible`: the
+        less probable of the two below `delib_jax.insecurity.NEGLIGIBLE_PROBABILITY`)."""
+        return tuple(insec.is_negligible(self.probs[q.a], self.probs[q.b]) for q in self.insecurities)
+
+    @property
+    def competing(self) -> tuple[Insecurity, ...]:
+        """The insecurities that are not negligible (empty: no two classes really compete in this image)."""
+        return tuple(q for q, low in zip(self.insecurities, self.negligible) if not low)
+
     def is_finite(self) -> bool:
         """Whether every value is finite: a model with NaN/inf weights (a diverged training) gives NaN everywhere."""
         values = [self.probs, self.difficulty, self.maps, self.grad_cam]
@@ -161,7 +185,10 @@ class Explanation:
             "probs": np.asarray(self.probs, np.float32).tolist(),
             "maps": np.asarray(self.maps, np.float32).tolist(),
             "grad_cam": np.asarray(self.grad_cam, np.float32).tolist(),
-            "insecurities": [q.to_json(mask_path=p) for q, p in zip(self.insecurities, paths)],
+            "insecurities": [
+                {**q.to_json(mask_path=p), "share": share, "negligible": low}
+                for q, p, share, low in zip(self.insecurities, paths, self.shares, self.negligible)
+            ],
         }
 
     @classmethod
@@ -486,6 +513,11 @@ def explain(
       mesh: shard the batch over a device mesh (see `batch_mesh`).
       attribution_options: further `delib_jax.attribution.Options` (second_order, abs_second, steps, ...).
     """
+    if class_names is not None and len(class_names) != model.num_classes:  # before anything is compiled
+        raise ValueError(
+            f"{len(class_names)} class names for a model of {model.num_classes} classes: give the names of the run "
+            "the model was trained in (delib_jax.checkpoint.load_model returns both)"
+        )
     fn, settings = make_explain_fn(
         model, method=method, score=score, top_n=top_n, k=k, coverage=coverage, threshold=threshold,
         max_insecurities=max_insecurities, positive=positive, combine=combine, mesh=mesh, **attribution_options,

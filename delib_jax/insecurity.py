@@ -327,3 +327,49 @@ __all__ = [
     "threshold_mask",
     "upsample",
 ]
+
+
+# ------------------------------------------------------------------------------------------------ readable strength
+
+#: An insecurity is negligible when the less probable of its two classes has a probability below this: the model
+#: does not really hesitate between them (a photo predicted at p = 0.99 leaves under 1% to every other class).
+NEGLIGIBLE_PROBABILITY = 0.01
+
+
+def is_negligible(p_a: float, p_b: float, *, limit: float = NEGLIGIBLE_PROBABILITY) -> bool:
+    """Whether the pair of classes with probabilities p_a, p_b does not really compete: min(p_a, p_b) < ``limit``."""
+    return bool(min(float(p_a), float(p_b)) < limit)
+
+
+def _upsampled_sum(values: np.ndarray, image_size: tuple[int, int], mask: np.ndarray | None = None) -> float:
+    """Sum of the bilinear upsampling (as `upsample`) of (H, W) ``values`` to ``image_size``, over ``mask`` or all."""
+    up = np.asarray(upsample(jnp.asarray(values, jnp.float32), tuple(image_size)), np.float64)
+    return float(up.sum() if mask is None else up[np.asarray(mask, bool)].sum())
+
+
+def ambiguity_shares(
+    class_maps: np.ndarray, difficulty_map: np.ndarray, slots: np.ndarray, masks: np.ndarray
+) -> np.ndarray:
+    """The share of the image's ambiguity that lies in each insecurity's region, in [0, 1] (the readable strength).
+
+    Ambiguity is Eq. 1 with f the product of the three maps clamped at 0. The share of pair (a, b) is its ambiguity
+    summed over its region divided by the ambiguity of every pair of the N classes summed over the whole image (both
+    upsampled to the image as the masks were). At a fixed coverage it ranks the pairs of an image as the raw strength
+    does; unlike the raw value (attribution products, 1e-13 to 1e-3) it reads the same on every image.
+
+    class_maps (N, H, W), difficulty_map (H, W), slots (Q, 2) positions of a and b among the N maps, masks
+    (Q, H_img, W_img) bool -> (Q,) float64; all zeros when the image holds no ambiguity at all.
+    """
+    m = np.maximum(np.asarray(class_maps, np.float64), 0.0)
+    s = np.maximum(np.asarray(difficulty_map, np.float64), 0.0)
+    masks = np.asarray(masks, bool)
+    slots = np.asarray(slots, np.int64).reshape(-1, 2)
+    if len(slots) == 0:
+        return np.zeros(0)
+    size = tuple(masks.shape[-2:])
+    # sum over pairs a < b of m_a m_b = ((sum m)^2 - sum m^2) / 2, and the upsampling is linear
+    total = _upsampled_sum(s * (m.sum(0) ** 2 - (m**2).sum(0)) / 2, size)
+    if not total > 0:
+        return np.zeros(len(slots))
+    inside = [_upsampled_sum(m[a] * m[b] * s, size, mask) for (a, b), mask in zip(slots, masks)]
+    return np.clip(np.asarray(inside) / total, 0.0, 1.0)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from delib_jax.explanation import Explanation, atomic_write, write_json
+from delib_jax.insecurity import NEGLIGIBLE_PROBABILITY, is_negligible
 from delib_jax.visualize import find_example, load_example, mask_overlay, printable
 
 _STYLE = """
@@ -70,6 +71,12 @@ def _href(path: str) -> str:
 def summary(explanation: Explanation | Mapping[str, Any]) -> dict[str, Any]:
     """The fields the index shows, from an `Explanation` or its `Explanation.to_json` dict."""
     data = explanation.to_json() if isinstance(explanation, Explanation) else explanation
+    # an index record holds the top-N probabilities as [class, p] pairs, an Explanation's JSON all of them
+    probs = {int(c): float(p) for c, p in data["top"]} if "top" in data else dict(enumerate(data.get("probs", [])))
+
+    def negligible(q) -> bool:
+        return bool(q.get("negligible", is_negligible(probs.get(q.get("a"), 0.0), probs.get(q.get("b"), 0.0))))
+
     return {
         "source": data.get("source"),
         "prediction_name": data["prediction_name"],
@@ -78,10 +85,21 @@ def summary(explanation: Explanation | Mapping[str, Any]) -> dict[str, Any]:
         "score": data["score"],
         "insecurities": [
             {"name_a": q["name_a"], "name_b": q["name_b"], "strength": float(q["strength"]),
-             "coverage": float(q["coverage"])}
+             "coverage": float(q["coverage"]), "share": q.get("share"), "negligible": negligible(q)}
             for q in data["insecurities"]
         ],
     }  # fmt: skip
+
+
+def _insecurity_item(q: Mapping[str, Any]) -> str:
+    """One insecurity of the index: its classes, its share of the image's ambiguity when known, its coverage."""
+    share = "" if q.get("share") is None else f"{q['share']:.0%} of the ambiguity, "
+    cls = " class='muted'" if q["negligible"] else ""
+    note = " negligible" if q["negligible"] else ""
+    return (
+        f"<li{cls}>{_e(q['name_a'])} <span class='muted'>vs</span> {_e(q['name_b'])} "
+        f"<span class='muted num'>({share}covers {q['coverage']:.0%}{note})</span></li>"
+    )
 
 
 def render_index(
@@ -109,14 +127,11 @@ def render_index(
             if figure
             else '<span class="muted">no figure</span>'
         )
-        insecurities = (
-            "".join(
-                f"<li>{_e(q['name_a'])} <span class='muted'>vs</span> {_e(q['name_b'])} "
-                f"<span class='muted num'>(strength {q['strength']:.3g}, {q['coverage']:.0%})</span></li>"
-                for q in s["insecurities"]
+        insecurities = "".join(_insecurity_item(q) for q in s["insecurities"]) or "<li class='muted'>none</li>"
+        if s["insecurities"] and all(q["negligible"] for q in s["insecurities"]):
+            insecurities = (
+                f"<li class='muted'>nothing competes (every other class below {NEGLIGIBLE_PROBABILITY:.0%})</li>"
             )
-            or "<li class='muted'>none</li>"
-        )
         rows.append(
             f'<tr data-index="{i}" data-difficulty="{s["difficulty"]:.6g}" '
             f'data-prediction="{_e(s["prediction_name"])}">'

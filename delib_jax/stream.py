@@ -72,13 +72,16 @@ def explain_files(
       options: `JobOptions`; model_id: what identifies the model in the manifest (e.g. checkpoint and which);
       examples: class index -> example image for the figures.
       explain_options: as for `delib_jax.explanation.make_explain_fn` (method, score, top_n, k, coverage, ...).
-    Raises `JobError` (one line) for a locked or foreign folder, a full disk or a model with NaN/inf outputs.
+    Raises `JobError` (one line) for a locked or foreign folder, a full disk or a model with NaN/inf outputs, and
+    ValueError (nothing written) when the model and ``config`` disagree (`delib_jax.checkpoint.check_model_config`).
     """
     import jax
 
     from delib_jax import explanation as ex
+    from delib_jax.checkpoint import check_model_config
     from delib_jax.models import split_leaves
 
+    check_model_config(model, config)  # a model of another run: one line, before anything is compiled or written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     share = options.share or (jax.process_index(), jax.process_count())
@@ -129,7 +132,7 @@ def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: 
          step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report) -> JobSummary:  # fmt: skip
     """The stages wired: the reader decodes ahead, the device step is dispatched per batch, the writer thread
     fetches and stores; Ctrl-C or a failure keeps what the writer finished and drops the rest."""
-    from tqdm import tqdm
+    from delib_jax.progress import progress_bar
 
     t_start = time.perf_counter()
     directory, run = prepare_folder(out, manifest, figures=options.figures)
@@ -140,7 +143,7 @@ def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: 
 
     channel = Channel(slots=len(reader.arrays))
     figures = thread = None
-    bar = tqdm(total=len(plan.todo), unit="img", desc="explain", disable=None if options.progress else True)
+    bar = progress_bar(total=len(plan.todo), unit="img", desc="explain", disable=not options.progress)
     try:
         if options.figures:
             n = _reader.default_workers() if options.figure_workers is None else options.figure_workers
@@ -192,8 +195,8 @@ def _disk_full(out: Path, remaining: int, writer: st.ShardWriter) -> JobError:
 
 
 def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary: JobSummary, report) -> None:
-    """index.html (the hardest ``report_limit`` images, with a count of the rest) and, for small runs,
-    insecurities.json (every explanation, the same content as `Explanation.to_json`)."""
+    """index.html (the hardest ``report_limit`` images, with a count of the rest) and, when asked (``json``) for
+    small runs, insecurities.json (every explanation, the same content as `Explanation.to_json`)."""
     from delib_jax.explanation import write_json
     from delib_jax.report import write_report
 
@@ -218,7 +221,9 @@ def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary:
         "(delib_jax.load_explanations)."
     )  # fmt: skip
     write_report(out, rows, [r.get("figure") for r in chosen], settings=shown, note=note)
-    if total <= options.json_limit:
+    if not options.json:
+        (out / "insecurities.json").unlink(missing_ok=True)  # an earlier run's: it no longer describes the folder
+    elif total <= options.json_limit:
         images = []
         figures = {r["source"]: r.get("figure") for r in st.read_records(out)}
         for e in st.load_explanations(out):

@@ -2,10 +2,11 @@
 
     save_figure(explanation, pixels, "out/bird.png", examples={17: "train/017/a.jpg", ...})
 
-Top row: the input with its prediction and difficulty, Grad-CAM of the prediction, then each insecurity: the image
-dimmed outside the insecurity's region, the region outlined, titled with its class pair, strength and coverage.
-Bottom row: the top-N class probabilities, the difficulty attribution map, and under each insecurity an example
-image of class a and of class b when ``examples`` (class index or name -> image path or (H, W, 3) uint8) has them.
+The input with its prediction and difficulty, the top-N class probabilities, Grad-CAM of the prediction, the
+difficulty attribution map, then each insecurity that is not negligible: the image dimmed outside the insecurity's
+region, the region outlined, titled with its class pair, its share of the image's ambiguity and its coverage. When
+``examples`` (class index or name -> image path or (H, W, 3) uint8) has some, a second row shows under each
+insecurity an example image of class a and of class b (and the top classes and difficulty map move there).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from delib_jax.explanation import Explanation, Insecurity, atomic_write, read_image
+from delib_jax.insecurity import NEGLIGIBLE_PROBABILITY
 
 ExampleImage = str | Path | np.ndarray
 COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
@@ -35,8 +37,9 @@ def _unit(values: np.ndarray) -> np.ndarray:
     return np.zeros_like(values) if hi <= lo else (values - lo) / (hi - lo)
 
 
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """A heat map (H, W) (any resolution, rescaled to [0, 1]) blended over an (H_img, W_img, 3) uint8 image."""
+def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.5, cmap: str = "viridis") -> np.ndarray:
+    """A heat map (H, W) (any resolution, rescaled to [0, 1]) blended over an (H_img, W_img, 3) uint8 image, in a
+    perceptually uniform colour map (viridis: brightness grows with the value, also in grey)."""
     from matplotlib import colormaps
 
     heat = _unit(resize_map(heat, image.shape[:2]))
@@ -86,19 +89,23 @@ def printable(text) -> str:
 _PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
 
 
-def _short(name: str, width: int) -> str:
-    """A class name cut to ``width`` characters (textwrap.shorten drops names without spaces entirely)."""
-    name = printable(name).replace("_", " ")
-    return name if len(name) <= width else name[: width - 1] + "…"
+def words(name) -> str:
+    """A class name as words: '_' read as a space (CUB's 'Scissor_tailed_Flycatcher'), printable."""
+    return " ".join(printable(name).replace("_", " ").split())
 
 
-def _wrap(text: str, width: int = 24) -> str:
-    text = printable(text)
-    return "\n".join(textwrap.wrap(text, width)[:2]) or text
+def wrap_name(name, width: int = 22) -> str:
+    """A class name on lines of about ``width`` characters, broken only between words (a single word longer than
+    ``width`` stays whole unless it is longer than twice that, which no word of a language is)."""
+    text = words(name)
+    lines = textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=True)
+    lines = [part for line in lines for part in (textwrap.wrap(line, 2 * width) if len(line) > 2 * width else [line])]
+    return "\n".join(lines) or text
 
 
-def _title(q: int, item: Insecurity) -> str:
-    return f"{q + 1}. {_wrap(item.name_a)}\nvs {_wrap(item.name_b)}\nstrength {item.strength:.3g} · {item.coverage:.0%}"
+def _title(q: int, item: Insecurity, share: float | None) -> str:
+    strength = "" if share is None else f"{share:.0%} of the ambiguity · "
+    return f"{q + 1}. {wrap_name(item.name_a)}\nvs {wrap_name(item.name_b)}\n{strength}covers {item.coverage:.0%}"
 
 
 def _show(ax, image, title=None, color=None):
@@ -125,12 +132,25 @@ def explanation_figure(
 
     image: (H_img, W_img, 3) uint8, the network input before normalisation (what the masks align with).
     examples: class index or name -> example image (path or uint8 array), for the examples of classes a and b.
-    Names are drawn as plain text, whatever they hold ('$' signs, backslashes, undecodable bytes).
+    Only the insecurities that are not negligible (`Explanation.competing`) are drawn; an image without any says that
+    nothing competes. Names wrap between words and every text lies inside the canvas (constrained layout); maps use
+    the perceptually uniform viridis colour map. Names are drawn as plain text, whatever they hold ('$' signs,
+    backslashes, undecodable bytes).
     """
     import matplotlib
 
     with matplotlib.rc_context(_PLAIN_TEXT):
         return _figure(explanation, image, examples=examples, max_insecurities=max_insecurities, dpi=dpi)
+
+
+def _bars(ax, e: Explanation) -> None:
+    """The top-N class probabilities, names wrapped between words (the layout makes room for them)."""
+    probs = e.probs[e.classes]
+    ax.barh(np.arange(len(probs))[::-1], probs, color="#4363d8")
+    ax.set_yticks(np.arange(len(probs))[::-1], [wrap_name(n, 18) for n in e.class_names], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("top classes", fontsize=8)
 
 
 def _figure(explanation: Explanation, image: np.ndarray, *, examples, max_insecurities, dpi):
@@ -142,61 +162,65 @@ def _figure(explanation: Explanation, image: np.ndarray, *, examples, max_insecu
         raise ValueError(f"image must be (H, W, 3) uint8, got shape {image.shape}")
     if tuple(image.shape[:2]) != tuple(explanation.image_size):
         raise ValueError(f"image is {image.shape[:2]}, the explanation was computed at {explanation.image_size}")
-    items = list(explanation.insecurities[:max_insecurities])
-    cols = 2 + max(1, len(items))
-    fig = Figure(figsize=(2.3 * cols, 5.2), dpi=dpi)
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, cols, height_ratios=(1.25, 1), hspace=0.45, wspace=0.15)
-
     e = explanation
+    shares = dict(zip(map(id, e.insecurities), e.shares))
+    quiet = len(e.insecurities) - len(e.competing)
+    items = list(e.competing[:max_insecurities])
+    pairs = [[find_example(examples, q.a, q.name_a), find_example(examples, q.b, q.name_b)] for q in items]
+    with_examples = any(x is not None for pair in pairs for x in pair)
+    # Without examples one row: input, top classes, Grad-CAM, difficulty, then the insecurities. With examples two:
+    # input, Grad-CAM and the insecurities above; top classes, difficulty and each insecurity's examples below.
+    panels = max(1, len(items))
+    cols = 2 + panels if with_examples else 4 + panels
+    titles = [_title(q, item, shares.get(id(item))) for q, item in enumerate(items)]
+    lines = max([t.count("\n") + 1 for t in titles] + [wrap_name(e.prediction_name).count("\n") + 2])
+    row = 2.5 + 0.22 * lines  # an image panel and its title, in inches
+    height = row + 2.4 if with_examples else row
+    fig = Figure(figsize=(2.3 * cols, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    ratios = (row, 2.4) if with_examples else None
+    grid = fig.add_gridspec(2 if with_examples else 1, cols, height_ratios=ratios)
+    top = 2 if with_examples else 4
     _show(
         fig.add_subplot(grid[0, 0]),
         image,
-        f"{_wrap(e.prediction_name)}\np = {e.confidence:.2f} · {printable(e.score)} {float(e.difficulty):.2f}",
+        f"{wrap_name(e.prediction_name)}\np = {e.confidence:.2f} · {printable(e.score)} {float(e.difficulty):.2f}",
     )
-    _show(fig.add_subplot(grid[0, 1]), heatmap_overlay(image, e.grad_cam), "Grad-CAM\nof the prediction")
-
-    ax = fig.add_subplot(grid[1, 0])
-    probs = e.probs[e.classes]
-    labels = [_short(n, 18) for n in e.class_names]
-    ax.barh(np.arange(len(probs))[::-1], probs, color="#4363d8")
-    ax.set_yticks(np.arange(len(probs))[::-1], labels, fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.set_title("top classes", fontsize=8)
+    bars = fig.add_subplot(grid[1, 0] if with_examples else grid[0, 1])
+    _bars(bars, e)
+    _show(fig.add_subplot(grid[0, 1 if with_examples else 2]), heatmap_overlay(image, e.grad_cam),
+          "Grad-CAM\nof the prediction")  # fmt: skip
     _show(
-        fig.add_subplot(grid[1, 1]),
+        fig.add_subplot(grid[1, 1] if with_examples else grid[0, 3]),
         heatmap_overlay(image, np.maximum(e.difficulty_map, 0)),
         f"difficulty attribution\n({printable(e.method)})",
     )
-
     if not items:
-        ax = fig.add_subplot(grid[0, 2])
+        ax = fig.add_subplot(grid[0, top])
         ax.axis("off")
-        ax.text(
-            0.5,
-            0.5,
-            "no insecurity:\nno two classes compete\nwhere the image is difficult",
-            ha="center",
-            va="center",
-            fontsize=8,
-        )
-    for q, item in enumerate(items):
+        if e.insecurities:
+            text = (f"nothing competes:\nevery other class has\np < {NEGLIGIBLE_PROBABILITY:.0%}\n"
+                    f"({quiet} negligible\ninsecurities)")  # fmt: skip
+        else:
+            text = "no insecurity:\nno two classes compete\nwhere the image is difficult"
+        ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8)
+    for q, (item, pair) in enumerate(zip(items, pairs)):
         color = COLORS[q % len(COLORS)]
-        ax = fig.add_subplot(grid[0, 2 + q])
-        _show(ax, mask_overlay(image, item.mask), _title(q, item), color)
+        ax = fig.add_subplot(grid[0, top + q])
+        _show(ax, mask_overlay(image, item.mask), titles[q], color)
         if item.mask.any():
             ax.contour(item.mask.astype(np.float32), levels=[0.5], colors=[color], linewidths=1.2)
-        pair = [find_example(examples, item.a, item.name_a), find_example(examples, item.b, item.name_b)]
-        if any(p is not None for p in pair):
-            sub = grid[1, 2 + q].subgridspec(1, 2, wspace=0.05)
+        if with_examples and any(p is not None for p in pair):
+            sub = grid[1, top + q].subgridspec(1, 2)
             for j, (example, name) in enumerate(zip(pair, (item.name_a, item.name_b))):
                 ax = fig.add_subplot(sub[0, j])
                 if example is None:
                     ax.axis("off")
                     continue
-                _show(ax, load_example(example), _short(name, 13), color)
-    fig.subplots_adjust(left=0.08, right=0.99, top=0.86, bottom=0.04)
+                _show(ax, load_example(example), wrap_name(name, 12), color)
+    if quiet and items:
+        fig.suptitle(f"{quiet} negligible insecurities not drawn (a class with p < {NEGLIGIBLE_PROBABILITY:.0%})",
+                     fontsize=7, color="#777")  # fmt: skip
     return fig
 
 
@@ -229,5 +253,5 @@ def save_figure(explanation: Explanation, image: np.ndarray, path: str | Path, *
 
 __all__ = [
     "explanation_figure", "figure_name", "figure_png", "find_example", "heatmap_overlay", "load_example",
-    "mask_overlay", "printable", "resize_map", "save_figure",
+    "mask_overlay", "printable", "resize_map", "save_figure", "words", "wrap_name",
 ]  # fmt: skip

@@ -57,6 +57,7 @@ def test_explain_end_to_end(workspace, capsys):
         [
             "explain",
             workspace / "images",
+            "--json",
             "--checkpoint",
             workspace / "run",
             "--out",
@@ -102,7 +103,7 @@ def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys)
     one = workspace / "one"
     files = [workspace / "images" / n for n in ("rgb.jpg", "grey.png", "sixteen.png", "cmyk.jpg")]
     files.append(workspace / "images" / "sub" / "rgba.png")
-    args = ["explain", *files, "--checkpoint", workspace / "run", "--batch-size", "3", "--no-figures"]
+    args = ["explain", *files, "--checkpoint", workspace / "run", "--batch-size", "3", "--no-figures", "--json"]
     code, err = _run([*args, "--out", one], capsys)
     assert code == 0, err
     two = workspace / "two"
@@ -235,7 +236,7 @@ def _explain_two_images(workspace, tmp_path, capsys):
     """Explain rgb.jpg and grey.png into tmp_path/out (no figures); (out, images folder, the command's arguments)."""
     out = tmp_path / "out"
     images = workspace / "images"
-    base = ["explain", "--checkpoint", workspace / "run", "--out", out, "--batch-size", "2", "--no-figures"]
+    base = ["explain", "--checkpoint", workspace / "run", "--out", out, "--batch-size", "2", "--no-figures", "--json"]
     code, _ = _run([*base, images / "rgb.jpg", images / "grey.png"], capsys)
     assert code == 0
     return out, images, base
@@ -352,6 +353,7 @@ def test_missing_repeated_nan_and_odd_inputs(workspace, capsys, tmp_path):
     out = tmp_path / "out"
     argv = [
         "explain",
+        "--json",
         images / "rgb.jpg",
         images / "rgb.jpg",
         images,
@@ -455,7 +457,7 @@ def test_hostile_examples_json_is_one_clear_line(tmp_path, content, match):
 def test_bfloat16_backbone_is_recorded_in_the_manifest(workspace, capsys, tmp_path):
     out = tmp_path / "bf16"
     argv = ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", workspace / "run", "--out", out,
-            "--no-figures", "--precision", "bfloat16"]  # fmt: skip
+            "--no-figures", "--json", "--precision", "bfloat16"]  # fmt: skip
     code, err = _run(argv, capsys)
     assert code == 0, err
     data = json.loads((out / "insecurities.json").read_text())

@@ -1,5 +1,6 @@
 """HTML report (lists every image, escapes class names, sortable) and the human-study export (Fig. 5)."""
 
+import dataclasses
 import html.parser
 import json
 import os
@@ -131,6 +132,7 @@ def test_figures_draw_any_class_name_as_plain_text(name, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys.modules[__name__], "NAMES", [name] * 6)
     e = make_explanation(0, source=os.fsdecode(b"/data/\xff" + "鳥".encode() * 80 + b".jpg"))
+    e = dataclasses.replace(e, probs=np.full(6, 1 / 6, np.float32))  # classes that compete: the insecurity is drawn
     image = np.zeros((16, 16, 3), np.uint8)
     path = save_figure(e, image, tmp_path / "figure.png", examples={0: image, 2: image})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

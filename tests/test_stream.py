@@ -163,7 +163,7 @@ def test_kill_at_any_point_then_the_same_command_gives_the_uninterrupted_outputs
     assert done.returncode == -9, done.stderr  # killed
     before = list(st.read_records(out, skipped=True))
     assert 0 < len(before) < 8
-    summary = _job(model, config, files, out, batch_size=1, shard_size=2)
+    summary = _job(model, config, files, out, batch_size=1, shard_size=2, json=True)
     assert summary.resumed == sum("skipped" not in r for r in before)
     reference = tmp_path / "reference"
     _job(model, config, files, reference, batch_size=1, shard_size=2)
@@ -177,6 +177,20 @@ def test_kill_at_any_point_then_the_same_command_gives_the_uninterrupted_outputs
     named = {r["shard"] for r in st.read_records(out)}
     assert {p.name for p in (out / "explanations").glob("shard-*")} == named  # no orphan shard
     assert json.loads((out / "insecurities.json").read_text())["images"]
+
+
+def test_json_only_when_asked(setup, tmp_path):
+    """insecurities.json (the maps as decimal text, ~60 KB per image) only with json=True; the store always."""
+    _, model, config, files = setup
+    out = tmp_path / "out"
+    summary = _job(model, config, files[:3], out)
+    assert not summary.json_written and not (out / "insecurities.json").exists()
+    assert (out / "index.html").is_file() and len(list(st.read_records(out))) == 3
+    summary = _job(model, config, files[:3], out, json=True)
+    data = json.loads((out / "insecurities.json").read_text())
+    assert summary.json_written and len(data["images"]) == 3
+    _job(model, config, files[:3], out)  # asked no more: the file, no longer kept up to date, goes
+    assert not (out / "insecurities.json").exists()
 
 
 def test_the_folder_is_safe(setup, tmp_path):
@@ -240,7 +254,7 @@ def test_full_disk_is_one_error_and_the_same_call_resumes(setup, tmp_path, monke
 def test_report_and_json_limits(setup, tmp_path):
     _, model, config, files = setup
     out = tmp_path / "out"
-    summary = _job(model, config, files, out, report_limit=2, json_limit=3)
+    summary = _job(model, config, files, out, report_limit=2, json=True, json_limit=3)
     assert not summary.json_written and not (out / "insecurities.json").exists()
     page = (out / "index.html").read_text()
     assert page.count("<tr data-index=") == 2 and "The 2 hardest of 7 images" in page

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from delib_jax.checkpoint import RunConfig, load_model, load_run_config
+from delib_jax.checkpoint import RunCheckpoints, RunConfig, load_model, load_run_config
 from delib_jax.data import load_cub
 from delib_jax.data.synthetic import make_cub
 from delib_jax.train import (
@@ -546,3 +546,24 @@ def test_damaged_latest_metadata_is_one_line_on_resume(tiny_cub, tmp_path):
         fit(tmp_path / "run", resume=True, progress=False)
     meta.write_text(good)
     fit(tmp_path / "run", resume=True, progress=False)
+
+
+def _interrupt_at(k):
+    def hook(step, state):
+        if step == k:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def test_ctrl_c_saves_the_current_step_and_resume_says_where_it_goes_on(tiny_cub, tmp_path, capsys):
+    """Ctrl-C after step 4 (checkpoints every 3): step 4 is saved, not lost, and --resume continues from it."""
+    config = _config(tiny_cub)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path / "run", config, progress=False, on_step=_interrupt_at(4))
+    assert "interrupted after step 4: saved; --resume continues from step 4" in capsys.readouterr().err
+    with RunCheckpoints(tmp_path / "run", create=False) as ckpt:
+        assert ckpt.step("latest") == 4
+    summary = fit(tmp_path / "run", resume=True, progress=False)
+    assert f"resuming {tmp_path / 'run'} from step 4 of 6" in capsys.readouterr().err
+    assert summary["steps"] == 6

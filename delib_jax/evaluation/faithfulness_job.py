@@ -29,10 +29,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from delib_jax.attribution import grad_cam, layer_attribution, split_model
 from delib_jax.evaluation.faithfulness import curve_area, infidelity, perturbation_curves
+from delib_jax.progress import progress_bar
 
 METHODS = ("gradient", "gradient_hessian", "gradient_hessian_cross", "integrated_gradients", "grad_cam", "random")
 LABELS = {
@@ -145,7 +145,7 @@ def evaluate_batches(
     forward = jax.jit(lambda x: (lambda a: (a, model.classifier(a)))(model.backbone(x).astype(jnp.float32)))
     key = jax.random.key(options.seed)
     results: dict[str, dict[str, list]] = {level: {} for level in options.levels}
-    for i, images in enumerate(tqdm(batches, desc="faithfulness", total=total, unit="batch", leave=False)):
+    for i, images in enumerate(progress_bar(batches, desc="faithfulness", total=total, unit="batch", leave=False)):
         key, k_maps, k_a, k_px = jax.random.split(key, 4)
         saved = None if partial is None else _load_batch(partial / f"batch-{i:05d}.npz", options.levels)
         if saved is None:

@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from delib_jax.attribution import Options, _attribute_from_images
 from delib_jax.checkpoint import RunConfig
@@ -41,6 +40,7 @@ from delib_jax.evaluation.metrics import (
 )
 from delib_jax.insecurity import ambiguity_maps, candidate_pairs, pair_indices, product, upsample
 from delib_jax.models import Structure, inference_view, split_leaves
+from delib_jax.progress import progress_bar
 
 
 class NonFiniteOutputs(ValueError):
@@ -186,7 +186,7 @@ def hardest_images(model, config: RunConfig, source, score: str, num_images: int
         normalize=False,
     )
     scores, flags, rows = [], [], []
-    for batch in tqdm(pipe, desc=f"ranking test images by {score}", leave=False, unit="batch"):
+    for batch in progress_bar(pipe, desc=f"ranking test images by {score}", leave=False, unit="batch"):
         batch, real = _padded(batch, batch_size)
         s, finite = step(leaves, jnp.asarray(batch["image"]))  # dispatched; read back once at the end
         scores.append(s)
@@ -282,7 +282,7 @@ def _hardest_batches(model, config: RunConfig, dataset, make_source, setting: Se
     )  # uint8: normalised by the compiled step
     batches = (
         _padded(batch, options.batch_size)
-        for batch in tqdm(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch")
+        for batch in progress_bar(pipe, desc=f"evaluating {setting.name}", leave=False, unit="batch")
     )
     return len(chosen), batches
 
@@ -416,7 +416,7 @@ def ade_object_presence(
         if progress is not None:
             progress(f"rebuilding {cache}: it was made from another dataset (or is damaged)")
     present = np.zeros((len(train), num_objects), bool)
-    for row, i in enumerate(tqdm(train, desc="object frequencies (training masks)", leave=False, unit="mask")):
+    for row, i in enumerate(progress_bar(train, desc="object frequencies (training masks)", leave=False, unit="mask")):
         values = _training_labels(dataset, i, num_objects)
         values = values[values >= 1]
         present[row, values - 1] = True

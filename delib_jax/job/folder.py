@@ -30,7 +30,8 @@ class JobOptions:
     written when it holds this many images or is this old (what a kill can lose); figures: a PNG per image, drawn by
     ``figure_workers`` processes (None: one per core but one); share: (index, count) of this process among
     ``count`` processes that split the files (None: ``jax.process_index()``, ``jax.process_count()``);
-    json_limit: also write OUT/insecurities.json (every explanation in one JSON file) up to this many images;
+    json: also write OUT/insecurities.json (every explanation in one JSON file, maps included) up to ``json_limit``
+    images;
     report_limit: index.html lists the hardest this many images.
     """
 
@@ -42,6 +43,7 @@ class JobOptions:
     figures: bool = False
     figure_workers: int | None = None
     share: tuple[int, int] | None = None
+    json: bool = False
     json_limit: int = 1000
     report_limit: int = 1000
     progress: bool = True

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from delib_jax.checkpoint import (
     CHECKPOINT_DIR,
@@ -42,6 +42,7 @@ from delib_jax.checkpoint import (
 )
 from delib_jax.data import load_dataset
 from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
+from delib_jax.progress import progress_bar
 from delib_jax.train.loop import TrainState, compile_steps, create_train_state, make_mesh, replicated, shard_batch
 
 
@@ -407,20 +408,24 @@ def _fit(
         if restoring:
             state, meta = restore_train_state(ckpt, state, mesh)
             start, best = int(meta["step"]), meta.get("best")
+        if resume and lead:
+            where = f"from step {start} of {n_steps}" if restoring else "from step 0 (no checkpoint was saved yet)"
+            print(f"resuming {run_dir} {where}", file=sys.stderr, flush=True)
         best_step = ckpt.step("best")
         if best_step is not None and best_step > start:  # saved after the latest checkpoint: redone below
             ckpt.best.delete(best_step)
         log = MetricsLog(run_dir / METRICS_FILE, keep_until=start if resume else None, enabled=lead)
-        bar = tqdm(total=n_steps, initial=start, unit="step", disable=not progress or not lead, dynamic_ncols=True)
+        bar = progress_bar(total=n_steps, initial=start, unit="step", desc="train", disable=not progress or not lead)
         window: list[dict] = []
         t_window = time.perf_counter()
         # the iterator ends at the last step and is closed on any exit: decoding processes leave nothing behind
         batches = train_pipe.iterate(start_step=start, stop_step=n_steps)
+        trained = ((state, None), start)  # one store per step: a Ctrl-C leaves the state and its step consistent
         try:
             for step, batch in enumerate(batches, start=start):
-                state, metrics = step_fn(state, shard_batch(batch, mesh))
+                trained = (step_fn(state, shard_batch(batch, mesh)), step + 1)
+                (state, metrics), done = trained
                 window.append(metrics)
-                done = step + 1
                 bar.update(1)
                 where = dict(step=done, steps_per_epoch=steps_per_epoch, ckpt=ckpt)
                 # windows also end at checkpoints, so a resumed run logs exactly what an uninterrupted one does
@@ -453,6 +458,9 @@ def _fit(
                     )  # fmt: skip
                 if on_step is not None:
                     on_step(done, state)
+        except KeyboardInterrupt:
+            _save_interrupted(ckpt, trained, best=best, steps_per_epoch=steps_per_epoch, lead=lead)
+            raise
         finally:
             getattr(batches, "close", lambda: None)()
         bar.close()
@@ -464,6 +472,23 @@ def _fit(
         "steps": n_steps, "best_step": best["step"], "val_accuracy": best["accuracy"],
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
     }  # fmt: skip
+
+
+def _save_interrupted(ckpt: RunCheckpoints, trained: tuple, *, best, steps_per_epoch: int, lead: bool) -> None:
+    """Ctrl-C: save the training state of the last finished step as 'latest' (unless saved already or not finite)
+    and say from which step ``--resume`` continues."""
+    (state, _), done = trained
+    saved = ckpt.step("latest") or 0
+    if done > saved and bool(_all_finite((state.params, state.model_state))):
+        ckpt.save(
+            "latest", done, params=state.params, model_state=state.model_state, opt_state=state.opt_state,
+            meta={"best": best, "epoch": done / steps_per_epoch},
+        )  # fmt: skip
+        ckpt.wait()
+        saved = done
+    if lead:
+        print(f"\ninterrupted after step {done}: saved; --resume continues from step {saved}", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def _mean(window: list[dict]) -> dict[str, float]:
