@@ -58,6 +58,7 @@ MODELS = {  # name -> (model factory, input size, whole compiled attribution com
     "resnet50": (lambda: create_model("resnet50", 3, hardness_hidden=8, rngs=nnx.Rngs(0)), 32, False),
     "vgg16_bn": (_vgg16_bn_trunk, 32, False),
 }
+LARGE = {"resnet50", "vgg16_bn"}  # the real backbones: in the slow tier
 
 
 def _images(size, batch=2, seed=0, dtype=np.float32):
@@ -68,7 +69,7 @@ def _batch_norms(module):
     return [n for _, n in nnx.iter_graph(module) if isinstance(n, nnx.BatchNorm)]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in sorted(MODELS)])
 def test_folded_model_gives_the_same_outputs_and_maps(name):
     make, size, whole = MODELS[name]
     model = _random_batch_norms(make())

@@ -125,6 +125,7 @@ def test_bad_options():
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow  # full-size models, in JAX and in PyTorch
 @pytest.mark.parametrize("arch,size", [("vgg16", 112), ("vgg16_bn", 112), ("alexnet", 224), ("resnet50", 64)])
 def test_torchvision_import_gives_same_logits(arch, size, tmp_path):
     from delib_jax.testing import torch_models
