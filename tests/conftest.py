@@ -18,12 +18,12 @@ settings.load_profile("explore" if os.environ.get("DELIB_HYPOTHESIS") == "explor
 
 
 # The suite must write nothing into the working tree (tests write into tmp_path): the repository is listed when the
-# session starts and again when it ends, and any new, removed or changed path fails the run, named.
+# session starts and again when it ends, and any new or removed path fails the run, named.
 import pytest  # noqa: E402
 from worktree_guard import changes, snapshot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-_TREE = pytest.StashKey[dict]()
+_TREE = pytest.StashKey[set]()
 
 
 def pytest_sessionstart(session):
