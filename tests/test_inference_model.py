@@ -102,6 +102,7 @@ def test_folded_model_gives_the_same_outputs_and_maps(name):
     assert all(np.array_equal(x, y) for x, y in zip(before, after))
 
 
+@pytest.mark.slow  # whole compiled explanations compared
 def test_folding_is_exact_in_float64():
     with jax.enable_x64(True):
         model = create_model("small", 3, hardness_hidden=8, rngs=nnx.Rngs(3))
@@ -140,6 +141,7 @@ def test_explain_fn_leaves_the_model_as_it_is():
     assert not model.backbone.norms[0].use_running_average
 
 
+@pytest.mark.slow  # whole compiled explanations compared
 def test_explain_fn_normalises_uint8_pixels_on_the_device_as_the_host_would():
     from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, normalize
 
@@ -160,6 +162,7 @@ def test_bad_precision_is_one_clear_error():
         inference_model(model, precision="float16")
 
 
+@pytest.mark.slow  # whole compiled explanations compared
 def test_bfloat16_backbone_keeps_the_attribution_in_float32():
     model = _random_batch_norms(create_model("small", 4, rngs=nnx.Rngs(0)))
     images = _images(32)

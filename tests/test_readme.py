@@ -166,7 +166,7 @@ def run_page(path: Path, root: Path, namespace: dict) -> dict:
 
 
 # pages whose blocks compile many programs (tens of seconds on 2 cores): in the slow tier
-SLOW_PAGES = {"docs/research-api.md"}
+SLOW_PAGES = {"README.md", "docs/research-api.md"}
 
 
 @pytest.mark.parametrize(
