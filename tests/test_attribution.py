@@ -160,6 +160,7 @@ def test_cross_location_variant_matches_full_hessian_and_sums_to_quadratic_form(
         np.testing.assert_allclose(2 * got.second_order.sum(axis=(2, 3)), dd, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_taylor_identity_on_exactly_quadratic_output():
     """For quadratic g the Taylor series stops at second order, so at every location l (E_l = a_l e_l):
     expanded at the reference point A - E_l:  first + 1/2 second = g(A) - g(A with a_l = 0)  (exactly);
@@ -296,6 +297,7 @@ def test_batched_equals_per_image_jit_equals_eager_and_permutation():
     np.testing.assert_allclose(permuted.maps, full.maps[perm], rtol=1e-5, atol=tol)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_options_top_n_positive_abs_and_second_order_on_difficulty():
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
     full = attribute(clf, a, hardness_head=hard)
@@ -336,6 +338,7 @@ def test_hand_computed_gradient_maps():
     np.testing.assert_allclose(r.maps[0, 2, 0], -expected_class0, rtol=1e-6)  # hesitancy = 1 - p_0 (p_0 is max)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_grad_cam_on_linear_head_is_class_weighted_activation():
     head = _head("gap_bn")
     lin = PoolMLPHead(D, C, rngs=nnx.Rngs(1))
@@ -348,6 +351,7 @@ def test_grad_cam_on_linear_head_is_class_weighted_activation():
     assert grad_cam(head, a).shape == (2, 4, 5)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_attribute_images_equals_features_then_attribute():
     model = create_model("small", 6, hardness="network", rngs=nnx.Rngs(0))
     model.eval()
@@ -397,6 +401,7 @@ def test_mismatched_hardness_features():
 
 @pytest.mark.parametrize("method", ["gradient", "gradient_hessian", "integrated_gradients"])
 @pytest.mark.parametrize("score", ["hardness", "entropy"])
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_positive_channel_difficulty_map(method, score):
     """The authors' difficulty map: sum_d a_d max(ds/da_d, 0), by hand from jax.grad; class maps unchanged."""
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
@@ -498,6 +503,7 @@ def _train_mode_head():
     return head
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_heads_run_in_eval_mode_and_keep_their_own_mode():
     """attribute / grad_cam / make_attribute_fn on modules left in train mode: eval-mode results (running
     statistics, no dropout), the running statistics untouched, and the caller's modules still in train mode."""

@@ -58,7 +58,6 @@ MODELS = {  # name -> (model factory, input size, whole compiled attribution com
     "resnet50": (lambda: create_model("resnet50", 3, hardness_hidden=8, rngs=nnx.Rngs(0)), 32, False),
     "vgg16_bn": (_vgg16_bn_trunk, 32, False),
 }
-LARGE = {"resnet50", "vgg16_bn"}  # the real backbones: in the slow tier
 
 
 def _images(size, batch=2, seed=0, dtype=np.float32):
@@ -69,7 +68,8 @@ def _batch_norms(module):
     return [n for _, n in nnx.iter_graph(module) if isinstance(n, nnx.BatchNorm)]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in sorted(MODELS)])
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_folded_model_gives_the_same_outputs_and_maps(name):
     make, size, whole = MODELS[name]
     model = _random_batch_norms(make())
@@ -132,6 +132,7 @@ def test_train_mode_model_is_folded_with_running_statistics_and_keeps_its_mode()
     np.testing.assert_allclose(got.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_explain_fn_leaves_the_model_as_it_is():
     model = create_model("small", 3, rngs=nnx.Rngs(0))
     model.train()
@@ -178,6 +179,7 @@ def test_bfloat16_backbone_keeps_the_attribution_in_float32():
     assert make_explain_fn(model, precision="bfloat16")[0](images).attribution.maps.dtype == jnp.float32
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_nan_and_inf_images_name_their_batch_entries_unless_the_check_is_off():
     model = create_model("small", 3, rngs=nnx.Rngs(0))
     images = np.array(_images(32, batch=4))

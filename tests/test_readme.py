@@ -165,17 +165,10 @@ def run_page(path: Path, root: Path, namespace: dict) -> dict:
     return namespace
 
 
-# pages whose blocks compile many programs (tens of seconds on 2 cores): in the slow tier
-SLOW_PAGES = {"README.md", "docs/research-api.md"}
-
-
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, id=_name(p), marks=[pytest.mark.slow] if _name(p) in SLOW_PAGES else [])
-        for p in _pages_with(("python", "py"))
-    ],
-)
+# Slow: the stand-ins (a run, a narrow VGG16 and its weights file) and the programs a page compiles took 28 s of
+# CPU and more per page on the 2-core CPU; the shell, link and install checks below are the fast tier's.
+@pytest.mark.slow
+@pytest.mark.parametrize("page", [pytest.param(p, id=_name(p)) for p in _pages_with(("python", "py"))])
 def test_python_blocks_run(page, stand_ins):
     root, namespace = stand_ins
     namespace = run_page(page, root, namespace)

@@ -54,6 +54,7 @@ def test_hardness_bce_minimiser_is_one_minus_p():
     np.testing.assert_allclose(jax.nn.sigmoid(z), 1.0 - p, atol=1e-4)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_joint_loss_values_and_stop_gradients():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     labels = jnp.array([0, 2])
@@ -360,6 +361,7 @@ def test_sharded_step_equals_single_device_step(hardness):
 
 
 @pytest.mark.parametrize("hardness", ["head", "network"])
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_each_loss_trains_only_its_own_predictor(hardness):
     """The classifier loss reaches no hardness parameter, the hardness loss no classifier (backbone, class head)."""
     from delib_jax.checkpoint import build_model
