@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 # Tests run on the CPU, in float32 unless a test asks for float64 explicitly.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,3 +15,35 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile("explore" if os.environ.get("DELIB_HYPOTHESIS") == "explore" else "repeatable")
+
+
+# The suite must write nothing into the working tree (tests write into tmp_path): the repository is listed when the
+# session starts and again when it ends, and any new or removed path fails the run, named.
+import pytest  # noqa: E402
+from worktree_guard import changes, snapshot  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+_TREE = pytest.StashKey[set]()
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_TREE] = snapshot(REPO)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = session.config.stash.get(_TREE, None)
+    if before is None:
+        return
+    lines = changes(before, snapshot(REPO))
+    if lines:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"the test suite wrote into the working tree {REPO} (tests write into tmp_path):\n  " + "\n  ".join(
+            lines
+        )
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_sep("=", "working tree changed", red=True)
+            reporter.write_line(message)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -67,6 +67,7 @@ def _rel_err(x, ref):
 
 @pytest.mark.parametrize("head_name", sorted(HEADS))
 @pytest.mark.parametrize("score", ["hardness", "entropy", "hesitancy"])
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_both_paths_match_brute_force_hessians_float64(head_name, score):
     with jax.enable_x64(True):
         clf = _head(head_name, dtype=jnp.float64)
@@ -82,6 +83,7 @@ def test_both_paths_match_brute_force_hessians_float64(head_name, score):
 
 
 @pytest.mark.parametrize("head_name", ["maxpool_adaptive", "overlap_pool"])
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_both_paths_match_brute_force_float32(head_name):
     clf = _head(head_name)
     hard = _head("gap_bn", out=1, seed=1)
@@ -98,6 +100,7 @@ def test_both_paths_match_brute_force_float32(head_name):
 
 
 @pytest.mark.parametrize("shape, pooled", [((2, 4, 6, D), (2, 3)), ((2, 4, 6, D), (2, 2)), ((1, 6, 6, D), (3, 3))])
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_fast_path_when_pool_windows_tile_the_features(shape, pooled):
     """VGG at 224 px: 2x2/2 windows tile A, so the fast path keeps (cell, offset) rows and reorders at the end."""
     with jax.enable_x64(True):
@@ -128,6 +131,7 @@ class SmoothHead(nnx.Module):
         return self.lin2(x) * 2.0
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_generic_path_on_smooth_head_matches_brute_force():
     with jax.enable_x64(True):
         clf = _randomise(SmoothHead(D, C, rngs=nnx.Rngs(0)), 3, jnp.float64)
@@ -140,6 +144,7 @@ def test_generic_path_on_smooth_head_matches_brute_force():
             attribute(clf, a, score="entropy", path="fast")
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_cross_location_variant_matches_full_hessian_and_sums_to_quadratic_form():
     with jax.enable_x64(True):
         clf = _head("maxpool_adaptive", dtype=jnp.float64)
@@ -155,6 +160,7 @@ def test_cross_location_variant_matches_full_hessian_and_sums_to_quadratic_form(
         np.testing.assert_allclose(2 * got.second_order.sum(axis=(2, 3)), dd, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_taylor_identity_on_exactly_quadratic_output():
     """For quadratic g the Taylor series stops at second order, so at every location l (E_l = a_l e_l):
     expanded at the reference point A - E_l:  first + 1/2 second = g(A) - g(A with a_l = 0)  (exactly);
@@ -183,6 +189,7 @@ def test_taylor_identity_on_exactly_quadratic_output():
         assert np.abs(np.asarray(second)).max() > 0.1  # a genuinely curved case
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_integrated_gradients_completeness_improves_with_steps():
     clf = _head("maxpool_adaptive")
     hard = _head("gap_bn", out=1, seed=1)
@@ -206,6 +213,7 @@ def _delta(clf, hard, a):
     return jnp.concatenate([phi_c(clf(a)) - phi_c(clf(0 * a)), phi_h(hard(a)) - phi_h(hard(0 * a))], axis=1)
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_integrated_gradients_quadrature_rules_and_baseline():
     clf, a = _head("gap_bn"), _features()
     base = 0.5 * a
@@ -219,6 +227,7 @@ def test_integrated_gradients_quadrature_rules_and_baseline():
         assert float(np.abs(r.residual).max()) < 2e-2 * float(np.abs(delta).max())
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_against_pytorch_autograd_on_same_weights():
     torch = pytest.importorskip("torch")
     torch.set_default_dtype(torch.float64)
@@ -271,6 +280,7 @@ def test_against_pytorch_autograd_on_same_weights():
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_batched_equals_per_image_jit_equals_eager_and_permutation():
     clf = _head("overlap_pool")
     hard = _head("gap_bn", out=1, seed=1)
@@ -287,6 +297,7 @@ def test_batched_equals_per_image_jit_equals_eager_and_permutation():
     np.testing.assert_allclose(permuted.maps, full.maps[perm], rtol=1e-5, atol=tol)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_options_top_n_positive_abs_and_second_order_on_difficulty():
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
     full = attribute(clf, a, hardness_head=hard)
@@ -327,6 +338,7 @@ def test_hand_computed_gradient_maps():
     np.testing.assert_allclose(r.maps[0, 2, 0], -expected_class0, rtol=1e-6)  # hesitancy = 1 - p_0 (p_0 is max)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_grad_cam_on_linear_head_is_class_weighted_activation():
     head = _head("gap_bn")
     lin = PoolMLPHead(D, C, rngs=nnx.Rngs(1))
@@ -339,6 +351,7 @@ def test_grad_cam_on_linear_head_is_class_weighted_activation():
     assert grad_cam(head, a).shape == (2, 4, 5)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_attribute_images_equals_features_then_attribute():
     model = create_model("small", 6, hardness="network", rngs=nnx.Rngs(0))
     model.eval()
@@ -388,6 +401,7 @@ def test_mismatched_hardness_features():
 
 @pytest.mark.parametrize("method", ["gradient", "gradient_hessian", "integrated_gradients"])
 @pytest.mark.parametrize("score", ["hardness", "entropy"])
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_positive_channel_difficulty_map(method, score):
     """The authors' difficulty map: sum_d a_d max(ds/da_d, 0), by hand from jax.grad; class maps unchanged."""
     clf, hard, a = _head("maxpool_adaptive"), _head("gap_bn", 1, 1), _features()
@@ -413,6 +427,7 @@ def test_positive_channel_difficulty_map(method, score):
     assert not np.allclose(pos.first_order[:, -1], signed.first_order[:, -1])
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_generic_path_chunking_over_locations_changes_nothing():
     clf, hard, a = _head("overlap_pool"), _head("gap_bn", 1, 1), _features()
     whole = attribute(clf, a, hardness_head=hard, path="generic")
@@ -420,6 +435,7 @@ def test_generic_path_chunking_over_locations_changes_nothing():
     np.testing.assert_allclose(chunked.maps, whole.maps, rtol=1e-5, atol=1e-5 * float(np.abs(whole.maps).max()))
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_bfloat16_backbone_keeps_float32_attribution_arithmetic():
     x = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
     m32 = create_model("small", 6, rngs=nnx.Rngs(0))
@@ -433,6 +449,7 @@ def test_bfloat16_backbone_keeps_float32_attribution_arithmetic():
 
 
 @pytest.mark.parametrize("score", ["entropy", "hesitancy"])
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_confident_prediction_gives_finite_maps_equal_to_float64(score):
     """Logits about (50, 0, -50): p_2 ~ 1e-44 underflows in float32; the entropy's second derivative divided by an
     underflowed p^2 (NaN maps) before the scores were taken from the logits. The true maps are ~1e-19 and below;
@@ -465,6 +482,7 @@ class CountingHead(SmoothHead):
         return super().__call__(a)
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_attribute_and_grad_cam_compile_once_per_head_structure():
     """Repeated calls, on other weights of the same structure too, reuse one compiled function (re-wrapping the head
     in nnx.jit on every call cost ~0.25 s of tracing with the VGG16 head)."""
@@ -485,6 +503,7 @@ def _train_mode_head():
     return head
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_heads_run_in_eval_mode_and_keep_their_own_mode():
     """attribute / grad_cam / make_attribute_fn on modules left in train mode: eval-mode results (running
     statistics, no dropout), the running statistics untouched, and the caller's modules still in train mode."""
@@ -508,6 +527,7 @@ def test_heads_run_in_eval_mode_and_keep_their_own_mode():
     assert model.backbone.norms[0].use_running_average is False
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_grad_cam_of_every_class_in_one_call_equals_per_class_maps():
     head = _head("maxpool_adaptive")
     a = _features((3, 4, 5, D))
@@ -531,6 +551,7 @@ def test_grad_cam_of_every_class_in_one_call_equals_per_class_maps():
             grad_cam(head, a, bad)
 
 
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_float64_integrated_gradients_and_grad_cam_stay_float64():
     """Under x64: quadrature nodes and weights in float64 (float32 ones capped completeness at ~2e-8), and Grad-CAM
     of float64 features computed in float64."""
@@ -580,6 +601,7 @@ def test_one_difficulty_channels_default_everywhere():
 
 
 @pytest.mark.parametrize("head_name", sorted(HEADS))
+@pytest.mark.slow  # brute-force references or many compiled variants
 def test_tangent_layouts_give_the_same_maps(head_name):
     clf, hard = _head(head_name), _head("gap_bn", out=1, seed=1)
     a = _features()

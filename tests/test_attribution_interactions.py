@@ -28,6 +28,8 @@ from delib_jax.models import PoolMLPHead, create_model
 from delib_jax.testing.reference import full_hessian_terms
 from delib_jax.testing.tiny import TinySmoothCNN, randomise
 
+pytestmark = pytest.mark.slow  # full Hessians in float64 against the closed forms
+
 
 def _images(shape, seed=0, dtype=np.float64):
     return jnp.asarray(np.random.RandomState(seed).randn(*shape).astype(dtype))

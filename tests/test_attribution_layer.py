@@ -22,6 +22,8 @@ from delib_jax.models import PoolMLPHead, create_model
 from delib_jax.testing.reference import brute_force_terms, full_hessian_terms
 from delib_jax.testing.tiny import TinySmoothCNN, randomise
 
+pytestmark = pytest.mark.slow  # float64 brute-force and full Hessians, many programs compiled per test (20-40 s each)
+
 
 def _randomise(module, seed, dtype=jnp.float64, scale=0.7):
     return randomise(module, seed, dtype, scale)

@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks.attribution import main
 
+pytestmark = pytest.mark.slow  # each test runs a benchmark's main (models compiled and timed)
+
 
 def test_attribution_benchmark_json(capsys):
     assert (

@@ -51,6 +51,7 @@ def _run(argv, capsys):
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_explain_end_to_end(workspace, capsys):
     out = workspace / "out"
     code, err = _run(
@@ -98,6 +99,7 @@ def test_explain_end_to_end(workspace, capsys):
     assert not leftovers and not list(out.rglob("*.tmp"))  # no temp files left (the lock file stays, empty of work)
 
 
+@pytest.mark.slow
 def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys):
     """A fresh process with two host devices: batches are sharded and padded (5 images, batch 3 -> 4)."""
     one = workspace / "one"
@@ -129,6 +131,7 @@ def test_sharded_over_two_devices_gives_the_same_explanations(workspace, capsys)
         assert [(q["a"], q["b"]) for q in x["insecurities"]] == [(q["a"], q["b"]) for q in y["insecurities"]]
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_nothing_explained_exits_1(workspace, capsys):
     code, err = _run(
         [
@@ -188,6 +191,7 @@ def test_usage(capsys):
     assert main([]) == 2
 
 
+@pytest.mark.slow
 def test_examples_and_human_study(workspace, capsys):
     examples = workspace / "examples.json"
     images = workspace / "images"
@@ -245,6 +249,7 @@ def _explain_two_images(workspace, tmp_path, capsys):
 INDEX = Path("explanations") / "index-00000.jsonl"
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_redoing_finished_images(workspace, capsys, tmp_path):
     out, images, base = _explain_two_images(workspace, tmp_path, capsys)
     lines = (out / INDEX).read_text().splitlines()
@@ -268,6 +273,7 @@ def _single_line_error(code, err, *needles):
     assert len(lines) == 1 and all(n in lines[0] for n in needles), err
 
 
+@pytest.mark.slow
 def test_diverged_model_stops_before_recording_nan(workspace, capsys, tmp_path):
     """NaN weights (a diverged training): one line, exit 2, and the index keeps no NaN record to replay."""
     config = RunConfig(arch="small", num_classes=4, class_names=NAMES, crop=48, resize=56, dataset="cub")
@@ -286,6 +292,7 @@ def test_diverged_model_stops_before_recording_nan(workspace, capsys, tmp_path):
     assert not (out / "insecurities.json").exists()
 
 
+@pytest.mark.slow
 def test_damaged_index_lines_are_dropped_and_redone(workspace, capsys, tmp_path):
     out, images, base = _explain_two_images(workspace, tmp_path, capsys)
     first, second = (out / INDEX).read_text().splitlines()
@@ -341,6 +348,7 @@ def test_out_that_cannot_be_created_exits_2(workspace, capsys, tmp_path):
     _single_line_error(code, err, "--out", "afile", "is a file")
 
 
+@pytest.mark.slow
 def test_missing_repeated_nan_and_odd_inputs(workspace, capsys, tmp_path):
     """Missing paths are counted (all missing: exit 2), a file given twice is explained once, a NaN float image is
     skipped, a sliver of an image is explained with a note, a large image without Pillow's multi-line warning."""
@@ -383,6 +391,7 @@ def test_missing_repeated_nan_and_odd_inputs(workspace, capsys, tmp_path):
     assert "explained 6 of 10 images (4 skipped)" in err
 
 
+@pytest.mark.slow
 def test_python_dash_m(tmp_path):
     for command in ("explain", "demo"):
         done = subprocess.run([sys.executable, "-m", "delib_jax.cli", command, "--help"], capture_output=True,
@@ -409,6 +418,7 @@ def test_demo_explains_what_blocks_it_in_demo_terms(capsys, tmp_path):
     _single_line_error(code, err, "--out", "afile is a file")
 
 
+@pytest.mark.slow
 def test_exit_process_flushes_and_leaves_with_the_status():
     """Ctrl-C (130) leaves through os._exit, after flushing what was printed; other statuses through sys.exit."""
     import subprocess
@@ -420,6 +430,7 @@ def test_exit_process_flushes_and_leaves_with_the_status():
         assert (done.returncode, done.stdout) == (status, "bye")
 
 
+@pytest.mark.slow
 def test_output_folder_inside_the_input_folder_is_not_read(workspace, capsys, tmp_path):
     """The figures the first run wrote under images/out are not inputs of the second run (same count, resumed)."""
     images = tmp_path / "images"
@@ -454,6 +465,7 @@ def test_hostile_examples_json_is_one_clear_line(tmp_path, content, match):
     assert "\n" not in str(e.value) and len(str(e.value)) < 400
 
 
+@pytest.mark.slow
 def test_bfloat16_backbone_is_recorded_in_the_manifest(workspace, capsys, tmp_path):
     out = tmp_path / "bf16"
     argv = ["explain", workspace / "images" / "rgb.jpg", "--checkpoint", workspace / "run", "--out", out,

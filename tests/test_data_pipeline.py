@@ -92,6 +92,7 @@ def test_epochs_reshuffle_and_cover_the_split(cub):
     assert all(b["image"].shape[1:] == (32, 32, 3) for b in batches)
 
 
+@pytest.mark.slow  # grain worker processes, each importing the pipeline
 def test_worker_processes_give_the_same_batches_and_resume(cub):
     """Decoding in grain worker processes (spawned) changes nothing: the same batches in the same order, from any
     step, as threads of this process."""

@@ -21,6 +21,8 @@ from delib_jax.data.tfds import build, build_path
 from delib_jax.data.tfds.__main__ import main
 from delib_jax.evaluation import protocol
 
+pytestmark = pytest.mark.slow  # TFDS builds of the generated datasets, written and read back
+
 ROOT = Path(__file__).resolve().parents[1]
 RESIZE = 32  # below the synthetic images' shorter sides (48 x 0.7..1): every image is resized
 

@@ -91,6 +91,7 @@ probabilities = st.integers(2, 4).flatmap(
 @given(probabilities)
 @example(np.array([1.0, 1e-20, 0.0], np.float32))
 @example(np.array([1.0, 1e-38, 1e-45], np.float32))
+@pytest.mark.slow  # hypothesis property runs of Hessians
 def test_scores_of_probabilities_have_finite_first_and_second_derivatives(p):
     for fn in (hesitancy, entropy):
         assert _finite(*_prob_derivatives(fn, jnp.asarray(p))), fn.__name__
@@ -106,6 +107,7 @@ logit_vectors = st.integers(2, 4).flatmap(lambda c: arrays(np.float32, c, elemen
 @example(np.array([20.0, 0.0, -1e3], np.float32))
 @example(np.array([2.841797e-13, 0.0], np.float32))  # probabilities tie in float32, not in float64 (hypothesis)
 @example(np.array([-7.6e-44, 0.0], np.float32))  # a subnormal logit: 0 to XLA's float32 (hypothesis)
+@pytest.mark.slow  # hypothesis property runs of Hessians
 def test_attributed_outputs_have_finite_derivatives_for_any_logits(z):
     """What attribution differentiates: [softmax(z), s(z)] for each score (and the hardness sigmoid): first and
     second derivatives finite, and equal to float64's on the logits as float32 arithmetic sees them (XLA flushes

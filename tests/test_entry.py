@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a subprocess per command, each importing JAX
+
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE = "import sys; from delib_jax._entry import delib; sys.exit(delib())"  # what the installed script runs
 

@@ -14,6 +14,8 @@ from delib_jax.data.transforms import CUB_STATS
 from delib_jax.evaluation.faithfulness_job import LABELS, METHODS, main
 from delib_jax.train.run import fit
 
+pytestmark = pytest.mark.slow  # a training run, then the faithfulness job end to end
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -21,6 +21,7 @@ def _maps(b, m, h, w, seed=1):
     return jnp.asarray(np.random.RandomState(seed).randn(b, m, h, w).astype(np.float32))
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_curves_equal_a_loop_over_images_maps_and_steps():
     head = randomise(PoolMLPHead(D, C, hidden=(5,), rngs=nnx.Rngs(0)), 0)
     x, maps = _x(), _maps(2, 3, 3, 4)
@@ -43,6 +44,7 @@ def test_curves_equal_a_loop_over_images_maps_and_steps():
     np.testing.assert_allclose(got[:, :, -1], np.take_along_axis(np.asarray(full), targets, 1), rtol=1e-5)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_linear_head_gradient_times_input_is_the_ideal_deletion_order_and_has_zero_infidelity():
     """Logit of a GAP + linear head: z_t = sum_l w_t . x_l / L + b, so c_l = w_t . x_l / L (gradient x input) is each
     location's exact contribution: deleting in its order lowers z fastest, and f(x) - f(x - I) = I^T c exactly."""
@@ -70,6 +72,7 @@ def test_linear_head_gradient_times_input_is_the_ideal_deletion_order_and_has_ze
         assert np.all(infid[:, 1] > 1e-4) and np.all(infid[:, 2] > 1e-4)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_infidelity_equals_its_definition_over_the_same_perturbations():
     head = randomise(PoolMLPHead(D, C, hidden=(5,), rngs=nnx.Rngs(2)), 2)
     x, maps = _x((2, 3, 3, D), seed=4), _maps(2, 2, 3, 3, seed=5)
@@ -107,6 +110,7 @@ def test_infidelity_equals_its_definition_over_the_same_perturbations():
                     np.testing.assert_allclose(got[i, j], np.mean((a - d) ** 2), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_maps_on_a_coarser_grid_are_upsampled_and_areas():
     head = randomise(PoolMLPHead(D, C, rngs=nnx.Rngs(3)), 3)
     x, coarse = _x((1, 4, 4, D), seed=6), _maps(1, 2, 2, 2, seed=7)

@@ -148,6 +148,7 @@ def test_points_outside_the_ambiguous_region_are_never_inside():
     assert float(p[0, 0]) == 0.0 and float(r[0, 0]) == 0.0 and bool(has_p[0, 0])
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_random_maps_cover_requested_sizes():
     m = random_maps(jax.random.key(0), (3, 32, 32), (4, 4))
     assert m.shape == (3, 32, 32)

@@ -21,6 +21,8 @@ from delib_jax.evaluation import protocol
 from delib_jax.evaluation.run import main
 from delib_jax.train.run import fit
 
+pytestmark = pytest.mark.slow  # training runs, then the evaluation jobs and `delib demo` end to end
+
 
 def _train(tmp: Path, dataset: str) -> Path:
     if dataset == "cub":

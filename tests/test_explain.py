@@ -104,6 +104,7 @@ def test_rle(shape, fill):
     assert encode_mask(np.array([[True, True, False]]))["counts"] == [0, 2, 1]
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_explain_options_and_errors(setup):
     model, _, images, _ = setup
     found = explain(

@@ -69,6 +69,7 @@ def _batch_norms(module):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_folded_model_gives_the_same_outputs_and_maps(name):
     make, size, whole = MODELS[name]
     model = _random_batch_norms(make())
@@ -101,6 +102,7 @@ def test_folded_model_gives_the_same_outputs_and_maps(name):
     assert all(np.array_equal(x, y) for x, y in zip(before, after))
 
 
+@pytest.mark.slow  # whole compiled explanations compared
 def test_folding_is_exact_in_float64():
     with jax.enable_x64(True):
         model = create_model("small", 3, hardness_hidden=8, rngs=nnx.Rngs(3))
@@ -130,6 +132,7 @@ def test_train_mode_model_is_folded_with_running_statistics_and_keeps_its_mode()
     np.testing.assert_allclose(got.logits, ref.logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_explain_fn_leaves_the_model_as_it_is():
     model = create_model("small", 3, rngs=nnx.Rngs(0))
     model.train()
@@ -139,6 +142,7 @@ def test_explain_fn_leaves_the_model_as_it_is():
     assert not model.backbone.norms[0].use_running_average
 
 
+@pytest.mark.slow  # whole compiled explanations compared
 def test_explain_fn_normalises_uint8_pixels_on_the_device_as_the_host_would():
     from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, normalize
 
@@ -159,6 +163,7 @@ def test_bad_precision_is_one_clear_error():
         inference_model(model, precision="float16")
 
 
+@pytest.mark.slow  # whole compiled explanations compared
 def test_bfloat16_backbone_keeps_the_attribution_in_float32():
     model = _random_batch_norms(create_model("small", 4, rngs=nnx.Rngs(0)))
     images = _images(32)
@@ -174,6 +179,7 @@ def test_bfloat16_backbone_keeps_the_attribution_in_float32():
     assert make_explain_fn(model, precision="bfloat16")[0](images).attribution.maps.dtype == jnp.float32
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_nan_and_inf_images_name_their_batch_entries_unless_the_check_is_off():
     model = create_model("small", 3, rngs=nnx.Rngs(0))
     images = np.array(_images(32, batch=4))

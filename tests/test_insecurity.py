@@ -60,6 +60,7 @@ def test_planted_pairs_masks_and_ranking(option):
     np.testing.assert_allclose(out.ambiguity[0, 1], 2.0 * X + 0.5 * Y)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_candidates_with_k3_include_every_pair_present():
     class_maps, _ = planted()
     np.testing.assert_array_equal(candidate_pairs(class_maps, k=2), [[True, False, True]])  # (0,1), (0,2), (1,2)
@@ -87,6 +88,7 @@ def test_upsampling_places_masks_on_the_image():
     assert not mask[:7].any() and not mask[:, 8:].any()
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_coverage_gives_the_requested_fraction():
     rng = np.random.default_rng(0)
     class_maps = rng.uniform(0.1, 1.0, (2, 4, 7, 7)).astype(np.float32)
@@ -166,6 +168,7 @@ def test_pluggable_combine():
     np.testing.assert_allclose(minimum.strength[0, :2], [1.0, 1.0])
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_batched_equals_per_image_and_chunking_does_not_matter():
     rng = np.random.default_rng(1)
     class_maps = rng.normal(size=(3, 5, 6, 6)).astype(np.float32)

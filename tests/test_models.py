@@ -93,6 +93,7 @@ def test_bad_images_give_one_clear_error(images, match):
         predict(model, images)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_models_are_created_ready_for_inference():
     """create_model returns eval mode: calls use the running batch-norm statistics and never change them; predict
     and make_predict_fn give eval-mode outputs for a model switched to train mode, and leave it in train mode."""
@@ -125,6 +126,7 @@ def test_bad_options():
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow  # full-size models, in JAX and in PyTorch
 @pytest.mark.parametrize("arch,size", [("vgg16", 112), ("vgg16_bn", 112), ("alexnet", 224), ("resnet50", 64)])
 def test_torchvision_import_gives_same_logits(arch, size, tmp_path):
     from delib_jax.testing import torch_models
@@ -154,6 +156,7 @@ def _alexnet_state():
     return torch_models.state_dict_numpy(torch_models.build("alexnet", num_classes=10))
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_weight_errors_name_missing_unexpected_and_misshaped_keys():
     sd = _alexnet_state()
     sd.pop("features.3.weight")
@@ -169,6 +172,7 @@ def test_weight_errors_name_missing_unexpected_and_misshaped_keys():
     assert "\n" not in msg  # one line: the training CLIs print it as their error
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_imagenet_head_dropped_for_other_class_counts(tmp_path):
     from safetensors.numpy import save_file
 
@@ -210,6 +214,7 @@ def test_garbage_weights_file_is_one_value_error_naming_it(tmp_path, name):
         read_state_dict(tmp_path / "list.pth")
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_small_cnn_stride_follows_its_pools():
     from delib_jax.models.backbones import SmallCNN
 

@@ -2,12 +2,15 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from delib_jax.evaluation.metrics import coverage_counts, pixel_ranks
 from delib_jax.explanation import decode_mask, encode_mask
+
+pytestmark = pytest.mark.slow  # hypothesis property runs
 
 shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
 

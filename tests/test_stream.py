@@ -20,6 +20,8 @@ from delib_jax.checkpoint import RunConfig, build_model
 from delib_jax.explanation import preprocess, read_image
 from delib_jax.stream import JobError, JobOptions, explain_files, lock_folder
 
+pytestmark = pytest.mark.slow  # the streaming job end to end, several runs killed in subprocesses
+
 NAMES = ["sparrow", "wren", "tern", "finch"]
 OPTIONS = {"top_n": 4, "k": 3, "max_insecurities": 3}
 

@@ -54,6 +54,7 @@ def test_hardness_bce_minimiser_is_one_minus_p():
     np.testing.assert_allclose(jax.nn.sigmoid(z), 1.0 - p, atol=1e-4)
 
 
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_joint_loss_values_and_stop_gradients():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     labels = jnp.array([0, 2])
@@ -100,6 +101,7 @@ def tiny_cub(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------------------------------- steps
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(tiny_cub):
     config = _config(tiny_cub, steps=8, warmup_steps=0, schedule="step", lr=2e-3)
     mesh = make_mesh()
@@ -115,6 +117,7 @@ def test_a_few_steps_lower_the_loss(tiny_cub):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_uint8_batches_train_as_their_host_normalised_floats(tiny_cub):
     """The steps normalise uint8 images on the device with the run's statistics: the same update and evaluation sums
     as the float32 batch normalised on the host (what the pipelines gave before)."""
@@ -173,6 +176,7 @@ def _leaves(model) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(keys_as_data)]
 
 
+@pytest.mark.slow
 def test_decoding_processes_train_the_same_model(tiny_cub, tmp_path, capsys):
     """--workers: the training input decoded by grain worker processes gives the same run (the same batches); a
     negative count is one clear error."""
@@ -190,6 +194,7 @@ def test_decoding_processes_train_the_same_model(tiny_cub, tmp_path, capsys):
     assert "--workers must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cub, tmp_path):
     config = _config(tiny_cub)
     final = {}
@@ -227,6 +232,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tiny_cub, tmp_path):
     np.testing.assert_array_equal(out.hardness_logit, expected.hardness_logit)
 
 
+@pytest.mark.slow
 def test_resume_rejects_other_config_and_new_run_over_old(tiny_cub, tmp_path):
     config = _config(tiny_cub, steps=1, checkpoint_every=1, eval_every=1)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
@@ -238,6 +244,7 @@ def test_resume_rejects_other_config_and_new_run_over_old(tiny_cub, tmp_path):
         fit(tmp_path / "run", _config(tiny_cub, steps=1, checkpoint_every=1, eval_every=1, lr=0.5), resume=True)
 
 
+@pytest.mark.slow
 def test_class_without_training_images_is_refused(tiny_cub, tmp_path):
     shutil.copytree(tiny_cub.parent, tmp_path / "copy")  # attributes.txt sits beside the CUB_200_2011 folder
     data = tmp_path / "copy" / tiny_cub.name
@@ -251,6 +258,7 @@ def test_class_without_training_images_is_refused(tiny_cub, tmp_path):
         load_splits("cub", data, val_fraction=0.1, seed=0)
 
 
+@pytest.mark.slow
 def test_empty_test_split_is_named_with_its_cause(tiny_cub, tmp_path):
     shutil.copytree(tiny_cub.parent, tmp_path / "copy")
     data = tmp_path / "copy" / tiny_cub.name
@@ -273,6 +281,7 @@ def _diverging(data_dir, **kw) -> RunConfig:
     return _config(data_dir, optimizer="sgd", schedule="step", lr=1000.0, eval_every=1, **kw)
 
 
+@pytest.mark.slow
 def test_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tiny_cub, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"diverged at epoch 2 step 6 \(validation loss inf\); the last finite "
                                                r"checkpoint \(step 5\) is kept .*lower --lr"):  # fmt: skip
@@ -289,6 +298,7 @@ def test_nan_validation_loss_is_never_the_best():
     assert _is_better({"accuracy": 0.5, "loss": 5.0}, {"accuracy": 0.5, "loss": 6.0})
 
 
+@pytest.mark.slow
 def test_failed_first_start_leaves_nothing_that_blocks_a_retry(tiny_cub, tmp_path):
     run = tmp_path / "run"
     np.savez(tmp_path / "w.npz", foo=np.zeros(3))
@@ -339,6 +349,7 @@ _SHARDED = textwrap.dedent(
 
 
 @pytest.mark.parametrize("hardness", ["head"])
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step(hardness):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
@@ -350,6 +361,7 @@ def test_sharded_step_equals_single_device_step(hardness):
 
 
 @pytest.mark.parametrize("hardness", ["head", "network"])
+@pytest.mark.slow  # several seconds of CPU (measured 3-24 s on the 2-core CPU)
 def test_each_loss_trains_only_its_own_predictor(hardness):
     """The classifier loss reaches no hardness parameter, the hardness loss no classifier (backbone, class head)."""
     from delib_jax.checkpoint import build_model
@@ -402,6 +414,7 @@ def _full_disk_at(monkeypatch, step, which="latest", error=None):
     monkeypatch.setattr(RunCheckpoints, "save", failing)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_the_retry_resumes_exactly(tiny_cub, tmp_path, monkeypatch):
     """A checkpoint save that finds the disk full: DiskFull naming the folder, the free space and the space needed,
     and --resume; the checkpoints before it stay, and resuming (space freed) reaches the uninterrupted run's state."""
@@ -427,6 +440,7 @@ def test_full_disk_is_one_line_and_the_retry_resumes_exactly(tiny_cub, tmp_path,
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_full_disk_before_the_first_checkpoint_says_to_run_again(tiny_cub, tmp_path, monkeypatch, capsys):
     """Nothing to resume yet: the start is undone and the message says to run the same command again (a metrics
     record that cannot be written counts as a full disk too); the CLI prints it as one line, exit 2."""
@@ -469,6 +483,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a small tmpfs (Linux, root)")
+@pytest.mark.slow
 def test_real_full_disk_in_the_command(tiny_cub, tmp_path):
     """On a 6 MB tmpfs the step-4 checkpoints do not fit (orbax's RESOURCE_EXHAUSTED from tensorstore threads): one
     line, no traceback from orbax's threads; after the disk grows, the suggested command finishes the run."""
@@ -523,6 +538,7 @@ def test_real_full_disk_in_the_command(tiny_cub, tmp_path):
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_damaged_latest_metadata_is_one_line_on_resume(tiny_cub, tmp_path):
     from delib_jax.checkpoint import CheckpointError
 

@@ -23,6 +23,7 @@ def _run(*args, timeout=300, cache: Path | None = None):
     )
 
 
+@pytest.mark.slow
 def test_without_data_dir_says_how_to_point_at_cub():
     out = _run("train.cub")
     assert out.returncode == 2
@@ -76,6 +77,7 @@ def test_ade20k_without_data_dir(capsys):
     assert "ADEChallengeData2016" in err and "--synthetic" in err
 
 
+@pytest.mark.slow
 def test_one_step_synthetic_run_end_to_end(tmp_path):
     data = tmp_path / "data"
     make_cub(data, classes=3, images_per_class=8, size=48)  # a tiny synthetic release already present: reused

@@ -16,7 +16,8 @@ from delib_jax.data.cub import (
     attribute_groups,
     load_cub,
 )
-from delib_jax.data.sources import DataSource, TfdsBuild, find_source, find_tfds_builds, load_dataset
+from delib_jax.data.loading import load_dataset
+from delib_jax.data.sources import DataSource, TfdsBuild, find_source, find_tfds_builds
 from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, Normalization, Plan
 
 __all__ = [

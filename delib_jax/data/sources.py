@@ -1,24 +1,20 @@
-"""One loader for both forms of a dataset: the official release folder, or a TFDS build of it (`delib_jax.data.tfds`).
-
-    ds = load_dataset("cub", "/data/CUB_200_2011")          # the release (or its parent)
-    ds = load_dataset("cub", "/data/tfds")                   # python -m delib_jax.data.tfds build cub ... --data-dir
-    train = cub_source(ds, "train")                          # the same pipelines read either
+"""Which form of a dataset a folder holds: the official release folder, or a TFDS build of it (`delib_jax.data.tfds`).
 
 Detection only looks at files (``images.txt`` / ``sceneCategories.txt`` of a release, ``dataset_info.json`` of a
-build); TFDS is imported only to read a build.
+build) and imports no TFDS; `delib_jax.data.loading.load_dataset` reads what was found. The TFDS package imports this
+module (the build names and `TfdsBuild`), never the reverse.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from delib_jax.data._text import DatasetError, fail
-from delib_jax.data.ade20k import Ade20kDataset, find_ade20k_root, load_ade20k
-from delib_jax.data.cub import CubDataset, find_cub_root, load_cub
+from delib_jax.data.ade20k import find_ade20k_root
+from delib_jax.data.cub import find_cub_root
 
 BUILDER_NAMES: dict[str, str] = {"cub": "delib_cub", "ade20k": "delib_ade20k"}
 TITLES: dict[str, str] = {"cub": "CUB-200-2011", "ade20k": "ADE20K (ADEChallengeData2016)"}
@@ -107,25 +103,4 @@ def find_source(dataset: str, path: str | Path) -> DataSource:
     )
 
 
-def load_dataset(
-    dataset: str, path: str | Path, *, report: Callable[[str], None] | None = None
-) -> CubDataset | Ade20kDataset:
-    """Read ``dataset`` ('cub' or 'ade20k') from a release folder or a TFDS build, whichever ``path`` holds.
-
-    Both give the same `CubDataset` / `Ade20kDataset` (same examples, order and indices; a TFDS build's images are
-    read from its records). ``report`` receives one line saying which form was found.
-
-    Raises:
-      DatasetError: as `find_source`, or the reader's error for a missing or malformed file.
-    """
-    source = find_source(dataset, path)
-    if report is not None:
-        report(source.describe())
-    if source.kind == "tfds":
-        from delib_jax.data import tfds
-
-        return tfds.load(source.build.path)
-    return load_cub(path) if dataset == "cub" else load_ade20k(path)
-
-
-__all__ = ["BUILDER_NAMES", "DataSource", "TfdsBuild", "find_source", "find_tfds_builds", "load_dataset"]
+__all__ = ["BUILDER_NAMES", "DataSource", "TfdsBuild", "find_source", "find_tfds_builds"]

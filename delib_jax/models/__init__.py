@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models import backbones
-from delib_jax.models._inference import PRECISIONS, fold_batch_norm, inference_model, set_precision
+from delib_jax.models._inference import PRECISIONS, fold_batch_norm, inference_model, inference_view, set_precision
 from delib_jax.models.deliberative import DeliberativeModel, HardnessNetwork, Outputs
 from delib_jax.models.heads import PoolMLPHead, hardness_head
 from delib_jax.models.weights import load_torchvision, read_state_dict
@@ -116,13 +116,6 @@ def create_model(
     model = DeliberativeModel(backbone, classifier, arch=arch, **kwargs)
     model.eval()
     return model
-
-
-def inference_view(module: nnx.Module) -> nnx.Module:
-    """``module`` in eval mode (running batch-norm statistics, no dropout), sharing its arrays; ``module`` itself
-    keeps its mode. What every inference entry point runs, so that a model or head left in train mode neither
-    computes with batch statistics nor has its running statistics overwritten."""
-    return nnx.view(module, deterministic=True, use_running_average=True, raise_if_not_found=False)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -56,6 +56,13 @@ def _fold_backbone(backbone: nnx.Module) -> None:
     # other backbones (AlexNet, VGG16 without batch norm, user modules) have nothing to fold and run as they are
 
 
+def inference_view(module: nnx.Module) -> nnx.Module:
+    """``module`` in eval mode (running batch-norm statistics, no dropout), sharing its arrays; ``module`` itself
+    keeps its mode. What every inference entry point runs, so that a model or head left in train mode neither
+    computes with batch statistics nor has its running statistics overwritten."""
+    return nnx.view(module, deterministic=True, use_running_average=True, raise_if_not_found=False)
+
+
 def _backbones(model: nnx.Module) -> list[nnx.Module]:
     found = [model.backbone]
     if getattr(model, "hardness_network", None) is not None:
@@ -66,8 +73,6 @@ def _backbones(model: nnx.Module) -> list[nnx.Module]:
 def fold_batch_norm(model: nnx.Module) -> nnx.Module:
     """An eval-mode copy of a `DeliberativeModel` whose backbone convolutions absorb their batch norms (which become
     identities). Equal to the model in eval mode within rounding; ``model`` itself (and its mode) is left unchanged."""
-    from delib_jax.models import inference_view
-
     copy = nnx.merge(*nnx.split(inference_view(model)))  # new module objects over the same (immutable) arrays
     for backbone in _backbones(copy):
         _fold_backbone(backbone)
@@ -97,8 +102,6 @@ def inference_model(model: nnx.Module, *, fold: bool = True, precision: str | No
     """What the compiled inference functions run: an eval-mode copy of ``model`` with batch norm folded (``fold``)
     and, with ``precision`` ('float32' or 'bfloat16'; None keeps the model's own), the backbone's compute dtype set.
     ``model`` is left as it is."""
-    from delib_jax.models import inference_view
-
     if precision is not None:
         check_precision(precision)
     copy = fold_batch_norm(model) if fold else nnx.merge(*nnx.split(inference_view(model)))

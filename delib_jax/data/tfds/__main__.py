@@ -117,6 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from delib_jax.cli import exit_process
+    from delib_jax._entry import exit_process
 
     exit_process(main())
