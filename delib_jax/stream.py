@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from delib_jax import _reader
+from delib_jax import _multihost, _reader
 from delib_jax import store as st
 
 
@@ -328,7 +328,13 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
             st.safe_dir(out, "figures")
     except st.StoreError as e:
         raise JobError(str(e)) from None
-    st.remove_temporaries(out, directory, out / "figures")
+    synced = options.share is None and count > 1  # processes of jax.distributed: one removes what a killed run left
+    if synced:
+        _multihost.barrier("delib explain: manifest checked")
+    if not synced or p == 0:
+        st.remove_temporaries(out, directory, out / "figures")
+    if synced:
+        _multihost.barrier("delib explain: leftovers removed")
 
     files = [Path(f) for f in files]
     mine = [(i, f) for i, f in enumerate(files) if i % count == p]
@@ -544,6 +550,10 @@ def _run(out, p, count, config, files, options, manifest, explain_fn, names, rea
         out=out, total=len(mine), explained=explained[0], resumed=resumed, skipped=skipped,
         compile_s=compile_s[0], run_s=time.perf_counter() - t_start, bytes_written=writer.bytes_written,
     )  # fmt: skip
+    if synced:  # the report covers every process's explanations: process 0 writes it once all are done
+        _multihost.barrier("delib explain: all written")
+        if p != 0:
+            return summary
     finish(out, manifest, options, summary, report)
     return summary
 
