@@ -12,17 +12,18 @@ collectives), on GPUs/TPUs through the accelerators' own links. See docs/several
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from delib_jax._command import UsageError
 
 
 def add_flags(parser: argparse.ArgumentParser, what: str = "the work") -> None:
     """Add the multi-host flags to ``parser`` (their own group); ``what`` says how the processes share."""
-    group = parser.add_argument_group(
-        "several processes (jax.distributed; omit for one process)",
-        f"Start the same command once per process (on one or several hosts), each with its own --process-id; "
-        f"{what}. See docs/several-processes.md.",
+    text = (
+        f"Start the same command once per process (on one or several hosts), each with its own --process-id; {what}. "
+        "See docs/several-processes.md."
     )
+    group = parser.add_argument_group("several processes (jax.distributed; omit for one process)", textwrap.fill(text))
     group.add_argument("--coordinator-address", metavar="HOST:PORT",
                        help="where process 0 listens for the others (a free port on process 0's host)")  # fmt: skip
     group.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")

@@ -4,7 +4,9 @@ A pipeline is a pure function of ``(source, config, step)``: batch ``step`` hold
 ``[j * B, (j + 1) * B)`` of epoch ``e``'s order (``e, j = divmod(step, steps_per_epoch)``; the order is a permutation
 drawn from ``(seed, e)`` when shuffling), and each example's augmentation is drawn from ``(seed, e, dataset index)``.
 So the same seed gives the same batches in the same order whatever the number of threads, and
-``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped.
+``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped. With
+``shard=(k, n)`` a pipeline yields only rows ``[k B / n, (k + 1) B / n)`` of each of those batches: the n processes of
+a multi-process run each decode their own rows of the same global batches.
 
 The examples' images (and masks) are files, or the records of a TFDS build (`delib_jax.data.load_dataset` reads
 either form; ``Source.records``): the same batches either way, for the same examples and seed.
