@@ -44,9 +44,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-            "DELIB_COMPILATION_CACHE": "off"}  # fmt: skip
+def _env(cache: Path | None = None) -> dict[str, str]:
+    """One CPU device per process; ``cache``: a persistent compilation cache shared by the commands of these tests
+    (compiling is most of a short run's time; process 0 writes it, every process reads it)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "DELIB_COMPILATION_CACHE": str(cache) if cache else "off"}  # fmt: skip
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
 
 
 def _multihost(n: int) -> list[list[str]]:
@@ -55,8 +60,9 @@ def _multihost(n: int) -> list[list[str]]:
     return [["--coordinator-address", address, "--num-processes", str(n), "--process-id", str(i)] for i in range(n)]
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(argv: list[str], cache: Path | None = None) -> subprocess.Popen:
+    env = _env(cache)
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[str]:
@@ -78,9 +84,9 @@ def _kill(procs: list[subprocess.Popen]) -> None:
             p.communicate()
 
 
-def _run_all(commands: list[list[str]]) -> list[str]:
+def _run_all(commands: list[list[str]], cache: Path | None = None) -> list[str]:
     """Run the commands at once; assert that each exits 0."""
-    procs = [_start(c) for c in commands]
+    procs = [_start(c, cache) for c in commands]
     outputs = _finish(procs)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
@@ -117,7 +123,7 @@ def runs(tmp_path_factory):
     make_cub(root / "data", classes=4, images_per_class=8, size=64)
     one, two = root / "one", root / "two"
     flags = _multihost(2)
-    _run_all([_train(root / "data", one), *(_train(root / "data", two, f) for f in flags)])
+    _run_all([_train(root / "data", one), *(_train(root / "data", two, f) for f in flags)], root / "cache")
     return root
 
 
@@ -172,7 +178,7 @@ def test_two_training_processes_resume_after_both_are_killed(runs, tmp_path):
     try:
         for flags, r in zip(_multihost(2), ready):
             argv = _train(runs / "data", killed, flags)[3:]
-            procs.append(_start([sys.executable, "-c", _PAUSED, "2", str(r), *argv]))
+            procs.append(_start([sys.executable, "-c", _PAUSED, "2", str(r), *argv], runs / "cache"))
         deadline = time.monotonic() + TIMEOUT
         while not all(r.exists() for r in ready):
             assert time.monotonic() < deadline, "the processes did not reach step 2"
@@ -188,7 +194,7 @@ def test_two_training_processes_resume_after_both_are_killed(runs, tmp_path):
     assert [p.name for p in (killed / "checkpoints" / "latest").iterdir()] == ["2"]
     assert max(m["step"] for m in _metrics(killed)) == 2
 
-    _run_all([_train(runs / "data", killed, ["--resume", *f]) for f in _multihost(2)])
+    _run_all([_train(runs / "data", killed, ["--resume", *f]) for f in _multihost(2)], runs / "cache")
     for a, b in zip(_state(runs / "two"), _state(killed), strict=True):
         np.testing.assert_array_equal(a, b)
     assert _metrics(killed) == _metrics(runs / "two")
@@ -198,9 +204,9 @@ def test_two_training_processes_resume_after_both_are_killed(runs, tmp_path):
 def test_two_explaining_processes_write_what_one_does(runs, tmp_path):
     images = runs / "data" / "CUB_200_2011" / "images"
     one, two = tmp_path / "one", tmp_path / "two"
-    outputs = _run_all([_explain(runs / "one", images, one),
-                        *(_explain(runs / "one", images, two, f) for f in _multihost(2))])  # fmt: skip
-    assert "process 1 of 2: explained 16 of 16 images" in outputs[2]
+    _run_all([_explain(runs / "one", images, one)], runs / "cache")  # compiles once for all three processes
+    outputs = _run_all([_explain(runs / "one", images, two, f) for f in _multihost(2)], runs / "cache")
+    assert "process 1 of 2: explained 16 of 16 images" in outputs[1]
     assert sorted(p.name for p in (two / "explanations").glob("index-*.jsonl")) == ["index-00000.jsonl",
                                                                                      "index-00001.jsonl"]  # fmt: skip
 
