@@ -412,7 +412,7 @@ def _fit(
         state = create_train_state(config, total_steps=n_steps, mesh=mesh)
         barrier("delib_jax: run checked")  # every process found no run here (`fit`) before process 0 writes one
         if lead:
-            save_run_config(run_dir, config)
+            prepare_run(run_dir, config, resume=False)
 
     with RunCheckpoints(run_dir) as ckpt:
         restoring = resume and ckpt.step("latest") is not None
