@@ -254,6 +254,7 @@ def test_no_flags_no_distributed_runtime():
     assert init_distributed(_flags()) is False
 
 
+@pytest.mark.slow
 def test_explain_refuses_incomplete_flags_in_one_line(tmp_path):
     (tmp_path / "run").mkdir()
     out = subprocess.run(
