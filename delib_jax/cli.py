@@ -19,6 +19,7 @@ from pathlib import Path
 from delib_jax import demo, verify
 from delib_jax._command import Command, UsageError, check_out_dir, make_out_dir
 from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
+from delib_jax._multihost import add_flags, init_distributed
 
 COMMANDS: dict[str, Command] = {}
 
@@ -189,6 +190,8 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         "--report-limit", type=int, default=1000, metavar="N",
         help="index.html lists the N hardest images (default: 1000)",
     )  # fmt: skip
+    add_flags(p, "process I explains every N-th file from the I-th on and writes its own index and shards into the "
+                 "shared --out, process 0 also the report")  # fmt: skip
 
 
 def _check_explain_args(args: argparse.Namespace) -> None:
@@ -306,6 +309,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         tqdm.write(f"delib explain: {message}", file=sys.stderr)
 
     _xla.compilation_cache(args.compilation_cache)
+    init_distributed(args)
     try:
         model, config = load_model(args.checkpoint, which=args.which)
     except (FileNotFoundError, ValueError) as e:
@@ -358,10 +362,17 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot write to {out}: {e.strerror or e}") from None
     total = len(files) + len(missing)
     done = summary.explained + summary.resumed
+    if args.num_processes is not None and args.num_processes > 1:  # this process's share of the files
+        total, share = summary.total, f"process {args.process_id} of {args.num_processes}: "
+        if not total:
+            report(f"{share}no files in this share ({len(files) + len(missing)} files)")
+            return 0
+    else:
+        share = ""
     if not done:
         report(f"nothing could be explained ({len(summary.skipped)} unreadable or missing of {total} files)")
         return 1
-    if args.study:
+    if args.study and not args.process_id:  # one study, by process 0, of every process's explanations
         choices = min(5, config.num_classes)
 
         def pairs():
@@ -377,7 +388,7 @@ def _run_explain(args: argparse.Namespace) -> int:
             f"human study: {count} questions of {choices} choices in {out / 'study'}"
             + ("" if count else f" (each needs {choices} classes with an example image)")
         )
-    print(f"explained {done} of {total} images ({len(summary.skipped)} skipped) -> {out}", file=sys.stderr)
+    print(f"{share}explained {done} of {total} images ({len(summary.skipped)} skipped) -> {out}", file=sys.stderr)
     return 0
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from delib_jax import _reader
+from delib_jax import _multihost, _reader
 from delib_jax import store as st
 from delib_jax.job.device import DeviceStep
 from delib_jax.job.folder import (
@@ -114,6 +114,10 @@ def explain_files(
         }  # fmt: skip
         summary = _run(out, share, config, [Path(f) for f in files], options, manifest, DeviceStep(explain_fn),
                        reader, examples or {}, report)  # fmt: skip
+        if _synced(options, share):  # the report covers every process's explanations: process 0, once all are done
+            _multihost.barrier("delib explain: all written")
+            if share[0] != 0:
+                return summary
         finish(out, manifest, options, summary, report)
         return summary
     except BaseException:
@@ -128,6 +132,12 @@ def explain_files(
         lock.close()
 
 
+def _synced(options: JobOptions, share: tuple[int, int]) -> bool:
+    """Whether this job is one of several jax.distributed processes (their shares implicit: they wait for each
+    other where one of them acts for all)."""
+    return options.share is None and share[1] > 1
+
+
 def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: JobOptions, manifest: dict,
          step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report) -> JobSummary:  # fmt: skip
     """The stages wired: the reader decodes ahead, the device step is dispatched per batch, the writer thread
@@ -135,7 +145,9 @@ def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: 
     from delib_jax.progress import progress_bar
 
     t_start = time.perf_counter()
-    directory, run = prepare_folder(out, manifest, figures=options.figures)
+    synced = _synced(options, share)
+    directory, run = prepare_folder(out, manifest, figures=options.figures,
+                                    sync=_multihost.barrier if synced else None, first=share[0] == 0)  # fmt: skip
     plan = plan_resume(out, directory, files, share, figures=options.figures, report=report)
     if plan.kept:
         before = f" ({len(plan.skipped)} skipped)" if plan.skipped else ""

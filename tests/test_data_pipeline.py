@@ -282,3 +282,29 @@ def test_iterate_stops_at_stop_step(cub):
     assert list(p.iterate(start_step=3, stop_step=3)) == []
     with pytest.raises(ValueError, match="stop_step 7 outside"):
         p.iterate(stop_step=7)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_shards_are_the_rows_of_the_global_batch(cub, train):
+    """n processes with shard (k, n) decode together exactly the global batches; a share of a partial last batch may
+    be empty, with the keys, dtypes and trailing shapes of a full one."""
+    make = (lambda **kw: _train(cub, **kw)) if train else (
+        lambda **kw: eval_pipeline(cub_source(cub, "train"), batch_size=4, crop=32, resize=36, num_threads=1, **kw)
+    )  # fmt: skip
+    whole = list(make())
+    shards = [list(make(shard=(k, 2))) for k in range(2)]
+    assert [len(b["label"]) for b in whole][:3] == [4, 4, 1]  # 9 images: the third batch is partial
+    assert [len(b["label"]) for b in shards[1]][:3] == [2, 2, 0]
+    for full, first, second in zip(whole, *shards, strict=True):
+        assert full.keys() == first.keys() == second.keys()
+        for k in full:
+            assert full[k].dtype == first[k].dtype == second[k].dtype
+            assert full[k].shape[1:] == second[k].shape[1:]
+            np.testing.assert_array_equal(full[k], np.concatenate([first[k], second[k]]))
+
+
+def test_shard_must_divide_the_batch(cub):
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        _train(cub, shard=(2, 2))
+    with pytest.raises(ValueError, match="shard 0 of 2 is not a shard of batches of 3"):
+        _train(cub, batch_size=3, shard=(0, 2))

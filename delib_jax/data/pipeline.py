@@ -4,7 +4,9 @@ A pipeline is a pure function of ``(source, config, step)``: batch ``step`` hold
 ``[j * B, (j + 1) * B)`` of epoch ``e``'s order (``e, j = divmod(step, steps_per_epoch)``; the order is a permutation
 drawn from ``(seed, e)`` when shuffling), and each example's augmentation is drawn from ``(seed, e, dataset index)``.
 So the same seed gives the same batches in the same order whatever the number of threads, and
-``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped.
+``pipeline.iterate(start_step=s)`` resumes exactly where a run that had consumed ``s`` batches stopped. With
+``shard=(k, n)`` a pipeline yields only rows ``[k B / n, (k + 1) B / n)`` of each of those batches: the n processes of
+a multi-process run each decode their own rows of the same global batches.
 
 The examples' images (and masks) are files, or the records of a TFDS build (`delib_jax.data.load_dataset` reads
 either form; ``Source.records``): the same batches either way, for the same examples and seed.
@@ -158,6 +160,9 @@ class PipelineConfig:
         of copying batches between processes. The batches are the same either way.
       normalize: images as float32 normalised with ``stats`` on the host; False: uint8 pixels, to be normalised on the
         device (`transforms.model_input`).
+      shard: (k, n): this pipeline yields rows [k B / n, (k + 1) B / n) of each batch of B (process k of n, each
+        decoding only its rows of the global batch); B must be a multiple of n. A partial last batch leaves fewer
+        rows, perhaps none, to the last shards.
     """
 
     batch_size: int
@@ -173,6 +178,7 @@ class PipelineConfig:
     prefetch: int = 4
     normalize: bool = True
     num_workers: int = 0
+    shard: tuple[int, int] = (0, 1)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -185,6 +191,9 @@ class PipelineConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not self.train and self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+        k, n = self.shard
+        if not 0 <= k < n or self.batch_size % n:
+            raise ValueError(f"shard {k} of {n} is not a shard of batches of {self.batch_size}")
 
 
 def decode_image(path: str) -> Image.Image:
@@ -331,7 +340,10 @@ class Pipeline:
             raise IndexError(f"step {step} outside [0, {self.num_steps})")
         epoch, j = self.position(step)
         b = self.config.batch_size
-        positions = self.epoch_order(epoch)[j * b : (j + 1) * b]
+        k, n = self.config.shard
+        positions = self.epoch_order(epoch)[j * b : (j + 1) * b][k * b // n : (k + 1) * b // n]
+        if len(positions) == 0:
+            return self._empty_batch()
         examples = [
             load_example(
                 self.source,
@@ -344,6 +356,22 @@ class Pipeline:
             for p in positions
         ]
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def _empty_batch(self) -> dict[str, np.ndarray]:
+        """A batch of no rows with the keys, dtypes and trailing shapes of this pipeline's batches (a shard's share
+        of a partial last batch can be empty)."""
+        c, src = self.config.crop, self.source
+        out = {
+            "image": np.zeros((0, c, c, 3), np.float32 if self.config.normalize else np.uint8),
+            "label": np.zeros(0, np.int64),
+            "index": np.zeros(0, np.int64),
+        }
+        if src.parts is not None:
+            out["parts"] = np.zeros((0, *src.parts.shape[1:]), np.float32)
+            out["part_visible"] = np.zeros((0, src.parts.shape[1]), bool)
+        if src.mask_paths is not None:
+            out["mask"] = np.zeros((0, c, c), np.uint8)
+        return out
 
     def iterate(self, *, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Batches ``start_step, start_step + 1, ...`` (up to ``stop_step`` exclusive, else to the end), decoded by
@@ -418,13 +446,14 @@ def train_pipeline(
     prefetch: int = 4,
     normalize: bool = True,
     num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Pipeline:
     """Training batches: reshuffled each epoch, RandomResizedCrop(crop) + horizontal flip (uint8 pixels unless
-    ``normalize``)."""
+    ``normalize``); ``shard`` (k, n): only rows [k B / n, (k + 1) B / n) of each batch (`PipelineConfig.shard`)."""
     config = PipelineConfig(
         batch_size=batch_size, train=True, crop=crop, stats=stats, seed=seed, num_epochs=num_epochs,
         drop_remainder=drop_remainder, num_threads=num_threads, prefetch=prefetch, normalize=normalize,
-        num_workers=num_workers,
+        num_workers=num_workers, shard=shard,
     )  # fmt: skip
     return Pipeline(source, config)
 
@@ -440,13 +469,14 @@ def eval_pipeline(
     prefetch: int = 4,
     normalize: bool = True,
     num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Pipeline:
     """Evaluation batches: one epoch in source order, Resize(resize) + CenterCrop(crop), last batch kept (uint8
-    pixels unless ``normalize``)."""
+    pixels unless ``normalize``); ``shard`` (k, n): only rows [k B / n, (k + 1) B / n) of each batch."""
     config = PipelineConfig(
         batch_size=batch_size, train=False, resize=resize, crop=crop, stats=stats, num_epochs=1,
         drop_remainder=False, num_threads=num_threads, prefetch=prefetch, normalize=normalize,
-        num_workers=num_workers,
+        num_workers=num_workers, shard=shard,
     )  # fmt: skip
     return Pipeline(source, config)
 

@@ -151,10 +151,14 @@ def check_own_files(out: Path) -> None:
                            "another --out")  # fmt: skip
 
 
-def prepare_folder(out: Path, manifest: dict[str, Any], *, figures: bool) -> tuple[Path, str]:
+def prepare_folder(
+    out: Path, manifest: dict[str, Any], *, figures: bool, sync: Callable[[str], None] | None = None, first: bool = True
+) -> tuple[Path, str]:
     """Refuse files of OUT the job did not write (`check_own_files`), check (or write) the manifest, make
     OUT/explanations (and OUT/figures), remove a killed run's temporary files; returns the explanations folder and
-    the folder's run id (what every stored row is bound to).
+    the folder's run id (what every stored row is bound to). Several processes of one job pass ``sync`` (a barrier
+    named by its argument) and ``first`` (process 0): only the first removes leftovers, while the others wait, so
+    that no process deletes a file another one is writing.
     `JobError` for a foreign folder or file or a planted link."""
     check_own_files(out)
     try:
@@ -164,7 +168,12 @@ def prepare_folder(out: Path, manifest: dict[str, Any], *, figures: bool) -> tup
             st.safe_dir(out, "figures")
     except st.StoreError as e:
         raise JobError(str(e)) from None
-    st.remove_temporaries(out, directory, out / "figures")
+    if sync is not None:
+        sync("delib explain: manifest checked")
+    if first:
+        st.remove_temporaries(out, directory, out / "figures")
+    if sync is not None:
+        sync("delib explain: leftovers removed")
     return directory, run
 
 

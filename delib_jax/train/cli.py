@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from delib_jax._command import UsageError
+from delib_jax._multihost import add_flags, init_distributed
 from delib_jax.models import ARCHS
 
 DATASETS = {
@@ -41,10 +43,6 @@ TRAINING_FLAGS = (
     "arch", "hardness", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_steps", "batch_size",
     "epochs", "steps", "crop", "resize", "checkpoint_every", "eval_every", "val_fraction", "seed", "weights",
 )  # fmt: skip
-
-
-class UsageError(Exception):
-    """A problem with what was asked, reported as one line and exit status 2."""
 
 
 def build_parser(dataset: str) -> argparse.ArgumentParser:
@@ -112,10 +110,12 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     opt.add_argument("--val-fraction", type=float, help="training images held out for validation (default 0.1)")
     opt.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500; 50 for small)")
     opt.add_argument("--eval-every", type=int, help="steps between validations (default: every epoch)")
-    dist = p.add_argument_group("multi-host (jax.distributed; omit on one machine)")
-    dist.add_argument("--coordinator-address", help="host:port of process 0")
-    dist.add_argument("--num-processes", type=int)
-    dist.add_argument("--process-id", type=int)
+    add_flags(
+        p,
+        "each process decodes its own rows of every global batch (--batch-size is the total over all processes), "
+        "process 0 writes config.json and metrics.jsonl, all write the checkpoints together: give every process "
+        "the same --data-dir and --out, on storage they share",
+    )
     return p
 
 
@@ -183,7 +183,7 @@ def ensure_synthetic(dataset: str, data_dir: Path) -> Path:
     marker = "images.txt" if dataset == "cub" else "sceneCategories.txt"
     if (data_dir / folder / marker).is_file():
         return data_dir
-    if data_dir.exists() and any(data_dir.iterdir()):
+    if _holds_other_data(dataset, data_dir):
         raise UsageError(f"{data_dir} exists but holds no synthetic {folder}: choose an empty or new --data-dir")
     partial = data_dir.with_name(data_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -194,6 +194,30 @@ def ensure_synthetic(dataset: str, data_dir: Path) -> Path:
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     partial.rename(data_dir)
     return data_dir
+
+
+def _synthetic_once(dataset: str, data_dir: Path) -> Path:
+    """`ensure_synthetic` by process 0 while the other processes (if any) wait; they check the folder as process 0
+    does, so that a folder it refuses stops them too."""
+    import jax
+
+    from delib_jax._multihost import barrier
+
+    if jax.process_index() == 0:
+        ensure_synthetic(dataset, data_dir)
+    elif _holds_other_data(dataset, data_dir):
+        raise UsageError(f"{data_dir} exists but holds no synthetic {DATASETS[dataset]['folder']}: choose an empty or "
+                         "new --data-dir")  # fmt: skip
+    barrier("delib_jax: synthetic data ready")
+    return data_dir
+
+
+def _holds_other_data(dataset: str, data_dir: Path) -> bool:
+    """Whether ``data_dir`` holds something other than the synthetic dataset (which `ensure_synthetic` refuses)."""
+    marker = "images.txt" if dataset == "cub" else "sceneCategories.txt"
+    if (data_dir / DATASETS[dataset]["folder"] / marker).is_file():
+        return False
+    return data_dir.exists() and any(data_dir.iterdir())
 
 
 def make_config(dataset: str, args: argparse.Namespace):
@@ -238,18 +262,6 @@ def check_resume_flags(args: argparse.Namespace, stored) -> None:
         raise UsageError("--resume continues the run as configured; drop or fix " + ", ".join(conflicts))
 
 
-def init_distributed(args: argparse.Namespace) -> None:
-    """``jax.distributed.initialize`` when (and only when) the multi-host flags are given, all three of them."""
-    flags = (args.coordinator_address, args.num_processes, args.process_id)
-    if all(f is None for f in flags):
-        return
-    if any(f is None for f in flags):
-        raise UsageError("multi-host needs all of --coordinator-address, --num-processes and --process-id")
-    import jax
-
-    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-
-
 def run(dataset: str, argv: Sequence[str] | None) -> int:
     args = build_parser(dataset).parse_args(argv)
     _positive(args)
@@ -271,9 +283,9 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
                              "to start one")  # fmt: skip
         stored = load_run_config(args.out)
         check_resume_flags(args, stored)
-        if stored.synthetic:
-            ensure_synthetic(dataset, Path(stored.data_dir))
         init_distributed(args)
+        if stored.synthetic:
+            _synthetic_once(dataset, Path(stored.data_dir))
         summary = fit(
             args.out, resume=True, progress=not args.no_progress, num_threads=args.threads, num_workers=args.workers
         )
@@ -284,12 +296,12 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
             from delib_jax.models import read_state_dict
 
             read_state_dict(args.weights)
-        if args.synthetic:
-            args.data_dir = ensure_synthetic(dataset, args.data_dir or args.out / "synthetic_data")
-        elif not Path(args.data_dir).exists():
+        if not args.synthetic and not Path(args.data_dir).exists():
             raise UsageError(f"--data-dir {args.data_dir} does not exist. " + missing_data_message(dataset))
-        config = make_config(dataset, args)
         init_distributed(args)
+        if args.synthetic:
+            args.data_dir = _synthetic_once(dataset, args.data_dir or args.out / "synthetic_data")
+        config = make_config(dataset, args)
         summary = fit(
             args.out, config, progress=not args.no_progress, num_threads=args.threads, num_workers=args.workers
         )

@@ -1,9 +1,11 @@
 """The training step as pure functions: `create_train_state`, `train_step`, `eval_step`.
 
-Data parallelism (`make_mesh`, `shard_batch`): a 1-D ``Mesh`` over all devices with axis ``'data'``; batches are
-sharded along it, the train state is replicated, and XLA inserts the gradient all-reduce. One CPU device is the same
-code path with a mesh of one. Multi-host: the mesh spans every process's devices and each process contributes its
-rows of the global batch (`shard_batch`).
+Data parallelism (`make_mesh`, `shard_batch`, `replicate`): a 1-D ``Mesh`` over all devices with axis ``'data'``;
+batches are sharded along it, the train state is replicated, and XLA inserts the gradient all-reduce. One CPU device
+is the same code path with a mesh of one. Several processes (``jax.distributed``): the mesh spans every process's
+devices, process k holds rows [k B / n, (k + 1) B / n) of each global batch of B rows (`process_share`; its input
+pipeline decodes only those, `shard_batch` assembles the global array) and a copy of the replicated state on each of
+its devices (`replicate`: ``jax.device_put`` accepts only shardings whose devices are all this process's).
 
     state = create_train_state(config, total_steps=1000, mesh=mesh)
     step_fn, eval_fn = compile_steps(mesh)
@@ -134,7 +136,7 @@ def create_train_state(
         graphdef=graphdef, eval_graphdef=eval_graphdef, tx=tx,
     )  # fmt: skip
     if mesh is not None:
-        state = jax.device_put(state, replicated(mesh))
+        state = replicate(state, mesh)
     return state
 
 
@@ -211,22 +213,48 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def process_share() -> tuple[int, int]:
+    """(k, n): this process's index and the number of processes; process k holds rows [k B / n, (k + 1) B / n) of
+    every global batch of B rows."""
+    return jax.process_index(), jax.process_count()
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` (host or single-device values, the same in every process) as global arrays replicated over ``mesh``.
+
+    With one process this is ``jax.device_put``; with several, each process places its own copy on its own devices
+    (``jax.make_array_from_callback``), as ``jax.device_put`` refuses devices of other processes. PRNG key leaves
+    stay keys."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def leaf(x):
+        if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(leaf(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(leaf, tree)
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, keys: tuple[str, ...] = ("image", "label")) -> dict:
     """Global arrays of ``batch``'s ``keys``, split along axis 0 over the mesh's 'data' axis.
 
-    Every process passes the same global batch (B, ...); process k contributes rows [k B / n, (k + 1) B / n).
-    ValueError if B is not a multiple of the number of devices.
+    ``batch`` holds this process's rows of the global batch (`process_share`: B / n rows of B; with one process, the
+    whole batch); the global arrays have n times its rows. ValueError if the global batch size is not a multiple of
+    the number of devices.
     """
     n_dev = mesh.devices.size
     sharding = batch_sharding(mesh)
-    n_proc, k = jax.process_count(), jax.process_index()
+    n_proc = jax.process_count()
     out = {}
     for key in keys:
         x = np.asarray(batch[key])
-        if x.shape[0] % n_dev:
-            raise ValueError(f"batch size {x.shape[0]} is not a multiple of the {n_dev} devices")
-        rows = x.shape[0] // n_proc
-        out[key] = jax.make_array_from_process_local_data(sharding, x[k * rows : (k + 1) * rows], x.shape)
+        total = x.shape[0] * n_proc
+        if total % n_dev:
+            raise ValueError(f"batch size {total} is not a multiple of the {n_dev} devices")
+        out[key] = jax.make_array_from_process_local_data(sharding, x, (total, *x.shape[1:]))
     return out
 
 
@@ -247,5 +275,6 @@ def compile_steps(
 
 __all__ = [
     "DATA_AXIS", "TrainState", "batch_sharding", "compile_steps", "create_train_state", "eval_step", "forward",
-    "learning_rate_schedule", "make_mesh", "make_optimizer", "replicated", "shard_batch", "train_step",
+    "learning_rate_schedule", "make_mesh", "make_optimizer", "process_share", "replicate", "replicated", "shard_batch",
+    "train_step",
 ]  # fmt: skip

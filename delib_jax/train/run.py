@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from delib_jax._multihost import barrier
 from delib_jax.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -43,7 +44,16 @@ from delib_jax.checkpoint import (
 from delib_jax.data import load_dataset
 from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
 from delib_jax.progress import progress_bar
-from delib_jax.train.loop import TrainState, compile_steps, create_train_state, make_mesh, replicated, shard_batch
+from delib_jax.train.loop import (
+    TrainState,
+    compile_steps,
+    create_train_state,
+    make_mesh,
+    process_share,
+    replicate,
+    replicated,
+    shard_batch,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +110,10 @@ def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
 def evaluate(eval_fn: Callable, state: TrainState, pipeline: Pipeline, mesh) -> dict[str, float]:
     """Accuracy, mean cross-entropy and hardness loss of ``state``'s eval-mode model over one pass of ``pipeline``.
 
-    Batches are padded to the pipeline's batch size (one compiled shape; padding rows are masked out).
+    Batches are padded to the pipeline's batch size (one compiled shape; padding rows are masked out). With several
+    processes, each pipeline yields its process's rows (`PipelineConfig.shard`), padded to its share of the batch.
     """
-    b = pipeline.config.batch_size
+    b = pipeline.config.batch_size // pipeline.config.shard[1]
     totals: dict[str, Any] = {}
     for batch in pipeline.iterate():
         n = len(batch["label"])
@@ -374,10 +385,11 @@ def _fit(
     if config.batch_size % mesh.devices.size:
         raise ValueError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
     stats = config.normalization
+    share = process_share()  # each process decodes its own rows of every global batch
     # uint8 batches, normalised on the device by the compiled steps (a quarter of the bytes, less host CPU)
     train_pipe = train_pipeline(
         splits.train, batch_size=config.batch_size, seed=config.seed, num_epochs=None, crop=config.crop, stats=stats,
-        num_threads=num_threads, normalize=False, num_workers=num_workers,
+        num_threads=num_threads, normalize=False, num_workers=num_workers, shard=share,
     )  # fmt: skip
     evals = {
         name: eval_pipeline(
@@ -388,6 +400,7 @@ def _fit(
             stats=stats,
             num_threads=num_threads,
             normalize=False,
+            shard=share,
         )  # fmt: skip
         for name, src in (("val", splits.val), ("test", splits.test))
     }
@@ -395,10 +408,12 @@ def _fit(
     n_steps = total_steps(config, steps_per_epoch)
     eval_every = config.eval_every or steps_per_epoch
     step_fn, eval_fn = compile_steps(mesh, pixel_stats=stats)
-    lead = jax.process_index() == 0
+    lead = share[0] == 0
     if not resume:  # the ImageNet weights are read before anything is written
         state = create_train_state(config, total_steps=n_steps, mesh=mesh)
-        prepare_run(run_dir, config, resume=False)
+        barrier("delib_jax: run checked")  # every process found no run here (`fit`) before process 0 writes one
+        if lead:
+            prepare_run(run_dir, config, resume=False)
 
     with RunCheckpoints(run_dir) as ckpt:
         restoring = resume and ckpt.step("latest") is not None
@@ -447,8 +462,9 @@ def _fit(
                     if _is_better(val, best):
                         best = {**val, "step": done}
                         ckpt.save("best", done, params=state.params, model_state=state.model_state, meta={"best": best})
-                    bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
-                              f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
+                    if lead:
+                        bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
+                                  f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
                 if done % config.checkpoint_every == 0 or done == n_steps:
                     if not bool(_all_finite((state.params, state.model_state))):  # never save a NaN model
                         _check_finite("non-finite parameters", None, **where)
@@ -516,7 +532,7 @@ def restore_train_state(ckpt: RunCheckpoints, like: TrainState, mesh) -> tuple[T
             f"checkpoint {ckpt.directory / 'latest'} has damaged metadata ({problem}): delete that folder to resume "
             "from the start, or start a new run"
         )
-    step = jax.device_put(np.int32(meta["step"]), replicated(mesh))
+    step = replicate(np.int32(meta["step"]), mesh)
     state = like.replace(step=step, params=r["params"], model_state=r["model_state"], opt_state=r["opt_state"])
     return state, meta
 
