@@ -97,9 +97,10 @@ class PathInteractions:
     values: (B, N, R, S) Gamma between row group r and column group s (channels and group members summed);
     attributions: (B, N, S) integrated gradients of the column groups; targets: (B, N); outputs: (B, P) at X;
     difference: (B, N) f(x) - f(x') (mean over the baselines for Expected Hessians);
-    residual: (B, N) values.sum((2, 3)) - difference, the quadrature error of the whole;
+    residual: (B, N) values.sum((2, 3)) - difference, the quadrature error of the whole where rows and columns each
+    cover every location once (every location, the grid's cells, a mask and its complement), else not a residual;
     row_residual: (B, N, R) values.sum(3) - IG of row group r (a completeness residual where the columns cover each
-    location once: every location, the grid's cells, a mask and its complement);
+    location once);
     ig_residual: (B, N) sum of IG over locations - difference, IG's own quadrature error;
     stderr: (B, N, R, S) standard error of the mean over baselines (Expected Hessians), else None."""
 
@@ -196,13 +197,15 @@ def path_terms(
     if chunk_size is None:
         values = jnp.sum(jax.vmap(node)((t, wt)), axis=0)
     else:
-        values = jax.lax.scan(lambda acc, tw: (acc + node(tw), None), 0.0, (t, wt))[0]
+        zero = jnp.zeros(jax.eval_shape(node, (t[0], wt[0])).shape, x.dtype)
+        values = jax.lax.scan(lambda acc, tw: (acc + node(tw), None), zero, (t, wt))[0]
     alphas, weights = (jnp.asarray(v, x.dtype) for v in quadrature(ig_nodes, "gauss_legendre", np.float64))
     ig_at = lambda a: _per_location(output_grads(g, base + a * delta, cts) * delta)
     if chunk_size is None:
         ig = jnp.einsum("k,knbl->nbl", weights, jax.vmap(ig_at)(alphas))
     else:
-        ig = jax.lax.scan(lambda acc, aw: (acc + aw[1] * ig_at(aw[0]), None), 0.0, (alphas, weights))[0]
+        zero = jnp.zeros(jax.eval_shape(ig_at, alphas[0]).shape, x.dtype)
+        ig = jax.lax.scan(lambda acc, aw: (acc + aw[1] * ig_at(aw[0]), None), zero, (alphas, weights))[0]
     return jnp.moveaxis(values, 0, 2), ig  # (N, B, R, S)
 
 
