@@ -115,7 +115,7 @@ def replace_relu(fn: Callable | nnx.Module, activation: Callable[[Array], Array]
     as they are, in their own mode). With ``require``, a ValueError where fn has no ReLU to replace."""
 
     def wrapped(*args):
-        closed = jax.make_jaxpr(fn)(*args)
+        closed = jax.make_jaxpr(lambda *a: fn(*a))(*args)  # a fresh function: never a cached trace of old weights
         count = [0]
         flat = jax.tree.leaves(args)
         outs = _eval(closed.jaxpr, closed.consts, flat, activation, count)
@@ -136,7 +136,7 @@ def softplus_surrogate(fn: Callable | nnx.Module, beta: float) -> Surrogate:
 
 def count_relus(fn: Callable | nnx.Module, *args) -> int:
     """How many ReLU applications the surrogate replaces in fn(*args)."""
-    closed = jax.make_jaxpr(fn)(*args)
+    closed = jax.make_jaxpr(lambda *a: fn(*a))(*args)
     count = [0]
     jax.eval_shape(lambda *a: _eval(closed.jaxpr, closed.consts, jax.tree.leaves(a), lambda x: x, count), *args)
     return count[0]
