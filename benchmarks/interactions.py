@@ -40,7 +40,7 @@ def _hvp_fn(fn, x, target: int):
 
 
 def _counted(fn, x, run_whole, products: int, repeats: int, target: int) -> dict:
-    forward = jax.jit(fn)
+    forward = jax.jit(lambda y: fn(y))
     hvp = _hvp_fn(fn, x, target)
     v = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
     forward_s, hvp_s, whole_s = _median_times([lambda: forward(x), lambda: hvp(x, v), run_whole], repeats)
