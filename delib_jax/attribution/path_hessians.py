@@ -331,7 +331,8 @@ def integrated_hessians(
     location indices (R,) or masks (R, H, W) (`grid_masks`); columns None: every location. beta: explain the softplus
     surrogate of sharpness beta (None: the model as it is). nodes: Gauss nodes of the -ln t rule (exact for
     polynomial paths of degree 2 nodes - 1); ig_nodes: Gauss-Legendre nodes of IG (default 2 nodes, at most 100).
-    chunk_size: rows at a time (and path nodes one by one). Returns `PathInteractions` (values (B, N, R, S), with residuals)."""
+    chunk_size: rows at a time (and path nodes one by one). Returns `PathInteractions` (values (B, N, R, S), with
+    residuals)."""
     ig_nodes = min(2 * nodes, 100) if ig_nodes is None else ig_nodes
     f_leaves, h_leaves, images, given, rows_m, cols_m, static, x_spec = _setup(
         features, head, images, output, targets, rows, columns, beta, nodes, ig_nodes, chunk_size
