@@ -243,7 +243,7 @@ def test_softplus_surrogate_is_the_softplus_network_on_the_same_weights():
     g = lambda f: jax.grad(lambda v: f(v)[:, 1].sum())(x)
     np.testing.assert_allclose(g(smooth), g(twin), rtol=1e-5, atol=1e-6)
     # no copy: the surrogate reads the module's weights as they are now
-    model.l2.bias.value = model.l2.bias.value + 1.0
+    model.l2.bias[...] = model.l2.bias[...] + 1.0
     np.testing.assert_allclose(smooth(x), twin(x) + 1.0, rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="no ReLU"):
         softplus_surrogate(jnp.tanh, 2.0)(x)
@@ -251,6 +251,7 @@ def test_softplus_surrogate_is_the_softplus_network_on_the_same_weights():
         softplus_surrogate(model, -1.0)
 
 
+@pytest.mark.slow
 def test_surrogate_of_a_shipped_backbone_converges_to_the_model():
     model = create_model("small", 5)
     features, head = split_model(model, "image")
@@ -326,6 +327,7 @@ def test_smoothhess_converges_to_the_closed_form_smoothed_hessian_as_one_over_sq
             assert np.mean(np.concatenate([v.ravel() for v in z]) < 3) > 0.97  # the stderr covers the error
 
 
+@pytest.mark.slow
 def test_smoothhess_plain_and_antithetic_estimators_agree_and_grow_no_bias():
     with jax.enable_x64(True):
         rng = np.random.RandomState(1)
