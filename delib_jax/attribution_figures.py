@@ -156,3 +156,53 @@ def save_interaction_figure(
     path = Path(path)
     interaction_figure(image, rows, location, **kw).savefig(path, format="png")
     return path
+
+
+def region_interaction_figure(
+    image: np.ndarray,
+    region: np.ndarray,
+    rows: np.ndarray,
+    *,
+    names: Sequence[str] = ("class a", "class b"),
+    title: str | None = None,
+    dpi: int = 100,
+):
+    """A matplotlib Figure: the image with a region (H, W) of the feature grid outlined (e.g. an insecurity's), then
+    for each class the region's interaction with every location (rows (K, H, W), e.g. `integrated_hessians` with
+    rows=[region]), each panel on its own colour scale named in its title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    image = _check_image(image)
+    rows = np.asarray(rows, np.float32)
+    region = np.asarray(region, bool)
+    if rows.ndim != 3 or len(rows) != len(names) or rows.shape[1:] != region.shape:
+        raise ValueError(
+            f"rows must be (K, H, W) with one map per name ({len(names)}) on the region's grid {region.shape}, "
+            f"got shape {rows.shape}"
+        )
+    outline = _resize(region.astype(np.float32), image.shape[:2], nearest=True)
+    fig = Figure(figsize=(2.6 * (1 + len(rows)), 3.3), dpi=dpi)
+    FigureCanvasAgg(fig)
+    panels = [(image, f"region ({int(region.sum())} of {region.size} cells)")]
+    for name, row in zip(names, rows):
+        scale = float(np.abs(row).max())
+        inside = float(row[region].sum())
+        panels.append(
+            (
+                attribution_overlay(image, row, scale=scale, nearest=True),
+                f"{_plain(name)}\nwith the rest {float(row.sum()) - inside:.3g}, within {inside:.3g}\n"
+                f"max |G| {scale:.2g}",
+            )
+        )
+    for k, (shown, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax.imshow(shown)
+        ax.contour(outline, levels=[0.5], colors="lime", linewidths=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label, fontsize=8)
+    default = "Integrated Hessians of the region with every location (red +, blue -)"
+    fig.suptitle(_plain(title) if title else default, fontsize=9)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.76, wspace=0.08)
+    return fig

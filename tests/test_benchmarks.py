@@ -181,8 +181,26 @@ def test_higher_order_benchmark_json(capsys):
 def test_pipeline_benchmark_compares_the_folder_with_its_tfds_builds(capsys):
     from benchmarks import pipeline
 
-    argv = ["--compare", "--synthetic", "--size", "40", "--images-per-class", "2", "--batch", "4", "--steps", "1",
-            "--rounds", "2", "--crop", "32", "--resize", "32", "--threads", "2"]  # fmt: skip
+    argv = [
+        "--compare",
+        "--synthetic",
+        "--size",
+        "40",
+        "--images-per-class",
+        "2",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--rounds",
+        "2",
+        "--crop",
+        "32",
+        "--resize",
+        "32",
+        "--threads",
+        "2",
+    ]
     assert pipeline.main(argv) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["source"] for r in records] == ["folder", "tfds-original", "tfds-resize32"]
@@ -236,3 +254,35 @@ def test_xla_flags_benchmark_json(capsys):
     assert all(
         out[k] > 0 for k in ("small_forward_s", "small_explain_s", "small_grad_cam_s", "small_grad_cam_2_classes_s")
     )
+
+
+@pytest.mark.slow
+def test_interactions_benchmark_json(capsys):
+    from benchmarks import interactions
+
+    assert (
+        interactions.main(
+            [
+                "--case",
+                "cnn",
+                "mlp",
+                "--size",
+                "8",
+                "--nodes",
+                "2",
+                "--features",
+                "4",
+                "--pe-samples",
+                "4",
+                "--repeats",
+                "1",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    cnn, mlp = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:])
+    assert cnn["products"] == 2 * 16 and cnn["shape"] == [1, 1, 16, 16]  # 2 nodes x 4 x 4 rows at conv2 at 8 px
+    assert cnn["whole_per_products"] == cnn["whole_s"] / (cnn["products"] * cnn["hvp_s"])
+    assert mlp["products"] == 2 * 4 and mlp["error"] >= 0
+    assert "path_explain_s" in mlp or isinstance(mlp.get("path_explain"), str)

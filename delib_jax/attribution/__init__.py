@@ -13,7 +13,9 @@ over locations). Heads and models run in eval mode whatever their own mode (whic
 
 For research, any split of any model (`layer_attribution`, `split_model`), down to the pixels (forward-over-reverse
 order), the random-sign estimate of the diagonal blocks, interaction maps between locations (`interaction_maps`,
-`model_interaction_maps`), the choice of the explained output (`explained_output`), SmoothGrad / VarGrad
+`model_interaction_maps`), Integrated / Expected Hessians along a path (`integrated_hessians`,
+`expected_hessians`), SmoothHess (`smooth_hessians`), softplus surrogates of ReLU networks (`softplus_surrogate`,
+`surrogate_gap`; docs/interactions.md), the choice of the explained output (`explained_output`), SmoothGrad / VarGrad
 (`noise_tunnel`) and upsampled maps (`upsample_maps`); figures in `delib_jax.attribution_figures`.
 """
 
@@ -43,11 +45,26 @@ from delib_jax.attribution.interactions import (
 )
 from delib_jax.attribution.layer import LayerAttribution, layer_attribution, make_layer_attribution_fn
 from delib_jax.attribution.outputs import Output, deliberative_output, explained_output
+from delib_jax.attribution.path_hessians import (
+    PathInteractions,
+    expected_hessians,
+    grid_masks,
+    integrated_hessians,
+    log_quadrature,
+)
 from delib_jax.attribution.probes import probe_diagonal
 from delib_jax.attribution.resize import upsample_maps
 from delib_jax.attribution.reverse import reverse_terms
 from delib_jax.attribution.smoothgrad import noise_tunnel
+from delib_jax.attribution.smoothhess import SmoothInteractions, smooth_hessians
 from delib_jax.attribution.stages import split_model, stage_names
+from delib_jax.attribution.surrogate import (
+    SurrogateGap,
+    count_relus,
+    replace_relu,
+    softplus_surrogate,
+    surrogate_gap,
+)
 from delib_jax.models import Structure, inference_model, split_leaves
 from delib_jax.models._layers import check_finite as check_finite_flags
 from delib_jax.models._layers import validate_images
@@ -136,22 +153,30 @@ def attribute_images(model, images, **options) -> Attribution:
 
 
 __all__ = [
-    "METHODS",
     "Attribution",
     "Interactions",
     "LayerAttribution",
+    "METHODS",
     "Options",
     "Output",
+    "PathInteractions",
+    "SmoothInteractions",
+    "SurrogateGap",
     "attribute",
     "attribute_images",
+    "count_relus",
     "deliberative_output",
+    "expected_hessians",
     "explained_output",
     "grad_cam",
     "gradient",
     "gradient_hessian",
+    "grid_masks",
     "integrated_gradients",
+    "integrated_hessians",
     "interaction_maps",
     "layer_attribution",
+    "log_quadrature",
     "make_attribute_fn",
     "make_layer_attribution_fn",
     "make_model_interactions_fn",
@@ -160,8 +185,12 @@ __all__ = [
     "output_functions",
     "probe_diagonal",
     "quadrature",
+    "replace_relu",
     "reverse_terms",
+    "smooth_hessians",
+    "softplus_surrogate",
     "split_model",
     "stage_names",
+    "surrogate_gap",
     "upsample_maps",
 ]

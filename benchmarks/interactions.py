@@ -1,0 +1,217 @@
+"""Cost of Integrated Hessians counted in Hessian-vector products, and against path-explain where installed.
+
+    python -m benchmarks.interactions --case cnn                       # small CNN, 32 px, full L x L at conv2 (16 x 16)
+    python -m benchmarks.interactions --case resnet50 --size 224       # ResNet50, pixel level, 7 x 7 regions, top 5
+    python -m benchmarks.interactions --case mlp                       # MLP, 64 features: against path-explain
+
+Prints one JSON line per case: forward_s (one jitted forward of the explained function, batch 1), hvp_s (one
+Hessian-vector product: jvp of the gradient of one output along one direction, batch 1), hvp_per_forward =
+hvp_s / forward_s, whole_s (the whole Integrated Hessians call, compiled), products = nodes x rows x outputs,
+whole_per_products = whole_s / (products x hvp_s) (what the vmapped whole costs against that many separate
+products; it includes the n x N gradients of the first-order term and of IG). For --case mlp also
+path_explain_s (PathExplainerTorch.interactions, use_expectation=False, --pe-samples samples) and the max error of
+each against a converged reference (64 nodes). Medians of --repeats runs after a warm-up; random weights; softplus
+surrogate of sharpness --beta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.attribution import _device, _median_times
+from delib_jax.attribution import grid_masks, integrated_hessians, softplus_surrogate, split_model
+from delib_jax.models import create_model
+
+CASES = ("cnn", "resnet50", "mlp")
+
+
+def _hvp_fn(fn, x, target: int):
+    """Jitted (x, v) -> H v of output ``target`` of fn (batch 1)."""
+    g = jax.grad(lambda y: jnp.sum(fn(y)[:, target]))
+    return jax.jit(lambda y, v: jax.jvp(g, (y,), (v,))[1])
+
+
+def _counted(fn, x, run_whole, products: int, repeats: int, target: int) -> dict:
+    forward = jax.jit(lambda y: fn(y))
+    hvp = _hvp_fn(fn, x, target)
+    v = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+    forward_s, hvp_s, whole_s = _median_times([lambda: forward(x), lambda: hvp(x, v), run_whole], repeats)
+    return {
+        "forward_s": forward_s,
+        "hvp_s": hvp_s,
+        "hvp_per_forward": hvp_s / forward_s,
+        "whole_s": whole_s,
+        "products": products,
+        "whole_per_products": whole_s / (products * hvp_s),
+    }
+
+
+def run_cnn(size: int, nodes: int, beta: float, repeats: int, stage: str = "conv2") -> dict:
+    model = create_model("small", 10, rngs=nnx.Rngs(0))
+    features, head = split_model(model, stage)
+    images = jax.random.normal(jax.random.key(0), (1, size, size, 3), jnp.float32)
+    x = features(images)
+    smooth = softplus_surrogate(head, beta)
+    fn = lambda y: jax.nn.softmax(smooth(y), -1)
+    whole = lambda: integrated_hessians(features, head, images, targets=1, beta=beta, nodes=nodes).values
+    rows = x.shape[1] * x.shape[2]
+    out = _counted(fn, x, whole, nodes * rows, repeats, 0)
+    r = integrated_hessians(features, head, images, targets=1, beta=beta, nodes=nodes)
+    return {
+        "case": "cnn",
+        "stage": stage,
+        "size": size,
+        "grid": list(x.shape[1:3]),
+        "nodes": nodes,
+        "rows": rows,
+        "outputs": 1,
+        "shape": list(r.values.shape),
+        "residual": float(jnp.abs(r.residual).max()),
+        **out,
+    }
+
+
+def run_resnet(size: int, nodes: int, beta: float, repeats: int, top: int, grid: int, chunk: int | None) -> dict:
+    model = create_model("resnet50", 200, rngs=nnx.Rngs(0))
+    _, head = split_model(model, "image")
+    images = jax.random.normal(jax.random.key(0), (1, size, size, 3), jnp.float32)
+    masks = grid_masks((size, size), (grid, grid))
+    smooth = softplus_surrogate(head, beta)
+    fn = lambda y: jax.nn.softmax(smooth(y), -1)
+
+    def whole():
+        return integrated_hessians(
+            None, head, images, targets=top, rows=masks, columns=masks, beta=beta, nodes=nodes, chunk_size=chunk
+        ).values
+
+    out = _counted(fn, images, whole, nodes * grid * grid * top, repeats, 0)
+    return {
+        "case": "resnet50",
+        "size": size,
+        "regions": grid * grid,
+        "nodes": nodes,
+        "outputs": top,
+        "chunk_size": chunk,
+        **out,
+    }
+
+
+def run_mlp(features: int, nodes: int, beta: float, repeats: int, pe_samples: int) -> dict:
+    """A 2-layer softplus MLP on ``features`` inputs: ours and path-explain on the same weights, full D x D."""
+    rng = np.random.RandomState(0)
+    hidden, classes = 128, 10
+    w = [
+        rng.randn(features, hidden) / np.sqrt(features),
+        rng.randn(hidden) * 0.1,
+        rng.randn(hidden, classes) / np.sqrt(hidden),
+        rng.randn(classes) * 0.1,
+    ]
+    w = [a.astype(np.float32) for a in w]
+    wj = [jnp.asarray(a) for a in w]
+    head = lambda x: jax.nn.relu(x.reshape(x.shape[0], -1) @ wj[0] + wj[1]) @ wj[2] + wj[3]
+    x = rng.randn(1, features).astype(np.float32)
+    xj = jnp.asarray(x).reshape(1, 1, features, 1)
+    target = 3
+    tg = jnp.asarray([[target]])
+
+    def ours(n):
+        return integrated_hessians(None, head, xj, targets=tg, output="logits", beta=beta, nodes=n)
+
+    smooth = softplus_surrogate(head, beta)
+    out = _counted(smooth, xj, lambda: ours(nodes).values, nodes * features, repeats, target)
+    ref = np.asarray(ours(64).values[0, 0])
+    result = {
+        "case": "mlp",
+        "features": features,
+        "nodes": nodes,
+        "rows": features,
+        "outputs": 1,
+        **out,
+        "error": float(np.abs(np.asarray(ours(nodes).values[0, 0]) - ref).max()),
+        "scale": float(np.abs(ref).max()),
+    }
+    from delib_jax.testing.path_explain import path_explainer_torch
+
+    explainer_cls, reason = path_explainer_torch()
+    if explainer_cls is None:
+        return {**result, "path_explain": reason}
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    lin1, lin2 = torch.nn.Linear(features, hidden), torch.nn.Linear(hidden, classes)
+    with torch.no_grad():
+        lin1.weight.copy_(torch.from_numpy(w[0].T.copy()))
+        lin1.bias.copy_(torch.from_numpy(w[1]))
+        lin2.weight.copy_(torch.from_numpy(w[2].T.copy()))
+        lin2.bias.copy_(torch.from_numpy(w[3]))
+    model = torch.nn.Sequential(lin1, torch.nn.Softplus(beta=beta), lin2).eval()
+    explainer = explainer_cls(model)
+
+    def pe():
+        xt = torch.from_numpy(x).requires_grad_(True)
+        return (
+            explainer.interactions(
+                xt,
+                torch.zeros(1, features),
+                num_samples=pe_samples,
+                use_expectation=False,
+                output_indices=torch.tensor([target]),
+                verbose=False,
+            )
+            .detach()
+            .numpy()[0]
+        )
+
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        got = pe()
+        times.append(time.perf_counter() - t)
+    pe_s = float(np.median(times))
+    return {
+        **result,
+        "path_explain_samples": pe_samples,
+        "path_explain_s": pe_s,
+        "path_explain_error": float(np.abs(got - ref).max()),
+        "speedup": pe_s / result["whole_s"],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.interactions", description=__doc__.splitlines()[0])
+    p.add_argument("--case", choices=CASES, nargs="+", default=["cnn", "mlp"])
+    p.add_argument("--size", type=int, default=None, help="image size (cnn: 32, resnet50: 224)")
+    p.add_argument("--nodes", type=int, default=8, help="Gauss nodes of the -ln t rule")
+    p.add_argument("--beta", type=float, default=10.0, help="softplus sharpness of the surrogate")
+    p.add_argument("--top", type=int, default=5, help="resnet50: explained classes")
+    p.add_argument("--grid", type=int, default=7, help="resnet50: regions per side")
+    p.add_argument("--chunk-size", type=int, default=None, help="resnet50: region rows at once")
+    p.add_argument("--features", type=int, default=64, help="mlp: input features")
+    p.add_argument("--pe-samples", type=int, default=400, help="mlp: path-explain's num_samples (sqrt(K) per loop)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="JSON lines only")
+    args = p.parse_args(argv)
+    if args.nodes < 1 or args.repeats < 1 or (args.size is not None and args.size < 8):
+        print("error: --nodes and --repeats must be positive, --size at least 8", file=sys.stderr)
+        return 2
+    for case in args.case:
+        if case == "cnn":
+            r = run_cnn(args.size or 32, args.nodes, args.beta, args.repeats)
+        elif case == "resnet50":
+            r = run_resnet(args.size or 224, args.nodes, args.beta, args.repeats, args.top, args.grid, args.chunk_size)
+        else:
+            r = run_mlp(args.features, args.nodes, args.beta, args.repeats, args.pe_samples)
+        print(json.dumps({**r, "device": _device()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
