@@ -487,8 +487,7 @@ def _save_interrupted(ckpt: RunCheckpoints, trained: tuple, *, best, steps_per_e
         ckpt.wait()
         saved = done
     if lead:
-        print(f"\ninterrupted after step {done}: saved; --resume continues from step {saved}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(f"\nstep {done} saved: --resume continues from step {saved}", file=sys.stderr, flush=True)
 
 
 def _mean(window: list[dict]) -> dict[str, float]:
