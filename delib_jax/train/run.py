@@ -487,7 +487,8 @@ def _save_interrupted(ckpt: RunCheckpoints, trained: tuple, *, best, steps_per_e
         ckpt.wait()
         saved = done
     if lead:
-        print(f"\nstep {done} saved: --resume continues from step {saved}", file=sys.stderr, flush=True)
+        what = "saved" if saved == done else "not saved (parameters not finite)"
+        print(f"\nstep {done} {what}: --resume continues from step {saved}", file=sys.stderr, flush=True)
 
 
 def _mean(window: list[dict]) -> dict[str, float]:
