@@ -144,7 +144,7 @@ def explain_stage(run_dir: Path, out: Path, count: int) -> Path:
     if ds.records is None:  # a release folder: its files go through the explanation job
         files = [ds.image_paths[i] for i in test.indices[chosen]]
         examples = {c: ds.image_paths[i] for c, i in first.items()}
-        options = JobOptions(batch_size=32, figures=True)
+        options = JobOptions(batch_size=32, figures=True, json=True)
         explain_files(model, config, files, target, options=options, model_id={"checkpoint": str(run_dir)},
                       examples=examples, report=lambda m: print(f"   {m}", file=sys.stderr),
                       method="gradient_hessian", score="hardness", top_n=5, k=3, coverage=0.1)  # fmt: skip

@@ -79,6 +79,7 @@ class LineProgress:
         self.file = file
         self.postfix = ""
         self.t0 = self.last = time.monotonic()
+        self.printed = self.n
         self.closed = False
 
     def _out(self) -> TextIO:
@@ -88,7 +89,7 @@ class LineProgress:
         elapsed = time.monotonic() - self.t0
         line = progress_line(self.desc, self.n, self.total, self.unit, elapsed, self.postfix, self.start_n)
         print(line, file=self._out(), flush=True)
-        self.last = time.monotonic()
+        self.last, self.printed = time.monotonic(), self.n
 
     def update(self, n: int = 1) -> None:
         self.n += int(n)
@@ -104,7 +105,7 @@ class LineProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n > self.start_n:
+            if self.n != self.printed:  # the last line, unless it was printed already
                 self._print()
 
     def __iter__(self) -> Iterator:

@@ -130,7 +130,7 @@ def render_index(
         insecurities = "".join(_insecurity_item(q) for q in s["insecurities"]) or "<li class='muted'>none</li>"
         if s["insecurities"] and all(q["negligible"] for q in s["insecurities"]):
             insecurities = (
-                f"<li class='muted'>nothing competes (every other class below {NEGLIGIBLE_PROBABILITY:.0%})</li>"
+                f"<li class='muted'>nothing competes (in every pair one class below {NEGLIGIBLE_PROBABILITY:.0%})</li>"
             )
         rows.append(
             f'<tr data-index="{i}" data-difficulty="{s["difficulty"]:.6g}" '

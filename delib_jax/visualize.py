@@ -199,7 +199,7 @@ def _figure(explanation: Explanation, image: np.ndarray, *, examples, max_insecu
         ax = fig.add_subplot(grid[0, top])
         ax.axis("off")
         if e.insecurities:
-            text = (f"nothing competes:\nevery other class has\np < {NEGLIGIBLE_PROBABILITY:.0%}\n"
+            text = (f"nothing competes:\nin every pair one class\nhas p < {NEGLIGIBLE_PROBABILITY:.0%}\n"
                     f"({quiet} negligible\ninsecurities)")  # fmt: skip
         else:
             text = "no insecurity:\nno two classes compete\nwhere the image is difficult"

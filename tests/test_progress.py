@@ -23,10 +23,12 @@ def test_line_progress_prints_every_interval_and_at_the_end():
     assert out.getvalue() == ""  # not yet: the interval has not passed
     time.sleep(0.06)
     bar.update(1)
+    bar.update(1)  # within the interval: no line
+    bar.close()  # the last state, once
     bar.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("explain: 2/4 img (50%)") and "left" in lines[0]
-    assert re.match(r"explain: 2/4 img \(50%\), [\d.e+]+ img/s", lines[1])
+    assert re.match(r"explain: 3/4 img \(75%\), [\d.e+]+ img/s", lines[1])
 
 
 def test_without_a_terminal_the_bar_is_a_line_printer(capsys):

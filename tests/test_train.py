@@ -577,7 +577,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_says_where_it_goes_on(tiny_cub
     config = _config(tiny_cub)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "run", config, progress=False, on_step=_interrupt_at(4))
-    assert "interrupted after step 4: saved; --resume continues from step 4" in capsys.readouterr().err
+    assert "step 4 saved: --resume continues from step 4" in capsys.readouterr().err
     with RunCheckpoints(tmp_path / "run", create=False) as ckpt:
         assert ckpt.step("latest") == 4
     summary = fit(tmp_path / "run", resume=True, progress=False)

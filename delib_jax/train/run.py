@@ -330,7 +330,7 @@ def fit(
       run_dir: the run directory (layout in `delib_jax.checkpoint`).
       config: the run's configuration (optional on resume, where config.json is authoritative).
       resume: continue from the latest checkpoint (from step 0 if the run was killed before its first checkpoint).
-      progress: show a tqdm bar (loss, accuracy, images/s) on process 0.
+      progress: show a progress bar (loss, accuracy, images/s) on process 0; without a terminal a line every 30 s.
       log_every: steps between training-metric records (and progress-bar updates); records also end at checkpoints.
       num_threads: image decoding threads (in each decoding process, if any).
       num_workers: training-input decoding processes (`PipelineConfig.num_workers`; 0: threads only).
@@ -503,8 +503,8 @@ def _save_interrupted(ckpt: RunCheckpoints, trained: tuple, *, best, steps_per_e
         ckpt.wait()
         saved = done
     if lead:
-        print(f"\ninterrupted after step {done}: saved; --resume continues from step {saved}", file=sys.stderr,
-              flush=True)  # fmt: skip
+        what = "saved" if saved == done else "not saved (parameters not finite)"
+        print(f"\nstep {done} {what}: --resume continues from step {saved}", file=sys.stderr, flush=True)
 
 
 def _mean(window: list[dict]) -> dict[str, float]:
