@@ -69,8 +69,17 @@ def _name(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
+# Pages whose python blocks need stand-ins of their own run in a dedicated test instead (named here).
+DEDICATED = {"docs/reading-explanations.md": "tests/test_docs_reading.py"}
+
+
 def _pages_with(languages: tuple[str, ...]) -> list[Path]:
-    return [p for p in PAGES if code_blocks(p, languages)]
+    return [p for p in PAGES if code_blocks(p, languages) and _name(p) not in DEDICATED]
+
+
+def test_pages_with_a_dedicated_test_are_run_there():
+    for page, test in DEDICATED.items():
+        assert Path(page).name in (ROOT / test).read_text(encoding="utf-8"), (page, test)
 
 
 def _tiny_vgg_spec():
