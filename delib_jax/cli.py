@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from delib_jax import demo, verify
+from delib_jax import demo, figures_command, verify
 from delib_jax._command import Command, UsageError, check_out_dir, make_out_dir
 from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
 
@@ -387,7 +387,7 @@ EXPLAIN = Command(
 
 # The subcommands, in the order `delib --help` lists them. A new one: a module that builds a `Command` (importing
 # `delib_jax._command`, never this module), added here.
-for _command in (EXPLAIN, demo.COMMAND, verify.COMMAND):
+for _command in (EXPLAIN, figures_command.COMMAND, demo.COMMAND, verify.COMMAND):
     register(_command)
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "check_out_dir", "main", "make_out_dir", "register"]
