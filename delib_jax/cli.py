@@ -79,8 +79,10 @@ Explain images with a trained model: per image the prediction, its difficulty, a
 the network hesitated between two classes, ranked by strength).
 
 Writes OUT/explanations/ (a JSON Lines index with one small record per image, and binary shards with the maps and
-masks: read them with delib_jax.load_explanations), OUT/figures/*.png (a figure per image), OUT/index.html (an
-offline report of the hardest images, sortable by difficulty and prediction) and, with --json and up to
+masks: read them with delib_jax.load_explanations), OUT/figures/*.png (a figure per image; with --no-figures,
+draw them later with delib figures OUT), OUT/index.html (an offline report of the hardest images with thumbnails
+in OUT/thumbs/, sortable by difficulty and prediction, and the skipped files), OUT/pairs.html (the class pairs the
+model hesitates between most over the whole run) and, with --json and up to
 --json-limit images, OUT/insecurities.json (every explanation in one file, maps included). Images are resized and
 centre-cropped as the run was evaluated. Unreadable files are reported and skipped. Finished images are recorded
 every few seconds: run the same command again after a crash or kill and it resumes where it stopped (files changed

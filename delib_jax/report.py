@@ -35,9 +35,13 @@ th.sort { cursor: pointer; color: #1a4fa0; user-select: none; }
 th.sort:after { content: " \\2195"; color: #999; }
 img.thumb { width: 420px; max-width: 45vw; border: 1px solid #ccc; }
 img.small { width: 96px; height: 96px; object-fit: cover; border: 1px solid #ccc; background: #eee; }
-td.path { word-break: break-all; max-width: 28em; }
-nav a { margin-right: 1em; }
-.examples img { margin: 0 4px 4px 0; }
+td.path { overflow-wrap: anywhere; max-width: 24em; }
+th { white-space: nowrap; }
+nav > * { margin-right: 1.2em; }
+td.examples { white-space: nowrap; }
+figure.example { display: inline-block; margin: 0 6px 4px 0; text-align: center; font-size: 0.8em; color: #777; }
+figure.example figcaption { max-width: 96px; overflow: hidden; text-overflow: ellipsis; }
+a.figure { display: block; font-size: 0.8em; }
 ol { margin: 0; padding-left: 1.2em; }
 .num { font-variant-numeric: tabular-nums; }
 .muted { color: #777; }
@@ -126,9 +130,14 @@ def summary(explanation: Explanation | Mapping[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _percent(share: float) -> str:
+    """A share as a percentage, a small one as "<1%" (never "0%" for a share that is not zero)."""
+    return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
+
+
 def _insecurity_item(q: Mapping[str, Any]) -> str:
     """One insecurity of the index: its classes, its share of the image's ambiguity when known, its coverage."""
-    share = "" if q.get("share") is None else f"{q['share']:.0%} of the ambiguity, "
+    share = "" if q.get("share") is None else f"{_percent(q['share'])} of the ambiguity, "
     cls = " class='muted'" if q["negligible"] else ""
     note = " negligible" if q["negligible"] else ""
     return (
@@ -190,7 +199,10 @@ def _picture(figure: str | None, thumb: str | None, name: str) -> str:
     figure itself scaled down (or a note that there is none)."""
     if thumb:
         img = f'<img class="small" loading="lazy" src="{_href(thumb)}" alt="{_e(name)}">'
-        return f'<a href="{_href(figure)}" title="the figure">{img}</a>' if figure else img
+        if figure:
+            link = _href(figure)
+            return f'<a href="{link}" title="the figure">{img}</a><a class="figure" href="{link}">figure</a>'
+        return img
     if figure:
         return (
             f'<a href="{_href(figure)}"><img class="thumb" loading="lazy" src="{_href(figure)}" '
@@ -366,8 +378,11 @@ def render_pairs(
             caption = f"{name}" + ("" if share is None else f" ({share:.0%})")
             thumb, figure = thumbs.get(source), figures.get(source)
             img = (f'<img class="small" loading="lazy" src="{_href(thumb)}" alt="{_e(name)}" title="{_e(caption)}">'
-                   if thumb else f"<span class='muted'>{_e(caption)}</span>")  # fmt: skip
-            cells.append(f'<a href="{_href(figure)}">{img}</a>' if figure and thumb else img)
+                   if thumb else "")  # fmt: skip
+            img = f'<a href="{_href(figure)}">{img}</a>' if figure and thumb else img
+            label = "" if share is None else _percent(share)
+            cells.append(f'<figure class="example">{img}<figcaption title="{_e(caption)}">{_e(label or name)}'
+                         "</figcaption></figure>")  # fmt: skip
         rows.append(
             f'<tr data-rank="{rank}" data-images="{p["images"]}" data-competition="{p["competition"]:.6g}" '
             f'data-pair="{_e(p["name_a"])} {_e(p["name_b"])}">'
@@ -385,8 +400,8 @@ def render_pairs(
         f"<p>{len(pairs)} pairs of classes compete in some of the {total} images{more}. A pair competes in an image "
         f"when it is one of its insecurities and both classes have probability at least {NEGLIGIBLE_PROBABILITY:.0%}"
         "; <i>competition</i> is the mean probability of the less probable class of the two, <i>covers</i> the "
-        "mean fraction of the image in the region; the examples are the images where the two compete most (in "
-        "brackets: the share of the image's ambiguity in the region). Click a column header to sort.</p>"
+        "mean fraction of the image in the region; the examples are the images where the two compete most, "
+        "each with the share of that image's ambiguity in the pair's region. Click a column header to sort.</p>"
         "<table id='pairs'><thead><tr>"
         "<th class='sort' data-key='rank' data-numeric='1' onclick='sortBy(\"rank\", true, \"pairs\")'>#</th>"
         "<th class='sort' data-key='pair' onclick='sortBy(\"pair\", false, \"pairs\")'>classes</th>"

@@ -309,10 +309,16 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
     pairs = pair_statistics(st.read_records(out))
     listed = pairs[:PAIRS_LISTED]
     wanted = {src for p in listed for _, _, src in p["examples"]}
-    shares = {}
-    for e in st.load_explanations(out, sources=sorted(wanted), skip_damaged=True, on_damage=lambda d: report(str(d))):
+    shares, image_shares = {}, {}  # the readable strengths (`Explanation.shares`) of the images the pages show
+    sources = sorted(wanted | {r["source"] for r in chosen})
+    for e in st.load_explanations(out, sources=sources, skip_damaged=True, on_damage=lambda d: report(str(d))):
+        image_shares[e.source] = e.shares
         for q, share in zip(e.insecurities, e.shares):
             shares.setdefault((e.source, min(q.a, q.b), max(q.a, q.b)), share)
+    for row in rows:
+        found = image_shares.get(row["source"])
+        if found is not None and len(found) == len(row["insecurities"]):
+            row["insecurities"] = [{**q, "share": share} for q, share in zip(row["insecurities"], found)]
     write_pairs(out, pairs, total=total, thumbs={s: thumb(s) for s in wanted}, figures=figures, shares=shares,
                 root=root, limit=PAIRS_LISTED, pages=PAGES)  # fmt: skip
     write_report(out, rows, [figures.get(r["source"]) for r in chosen], settings=shown, note=note,

@@ -117,6 +117,7 @@ def test_index_shows_thumbnails_relative_paths_and_skipped_files(run, tmp_path):
             assert thumb.format == "JPEG" and max(thumb.size) <= 128
     assert "birds/im1.png" in text and "more/im0.png" in text  # relative to the input folder
     assert "Skipped files" in text and "more/broken.jpg" in text
+    assert text.count("of the ambiguity") == sum(len(r["insecurities"]) for r in records)  # readable strengths
     assert "<b>finch" not in (out / "index.html").read_text()  # class names escaped
 
 
