@@ -30,6 +30,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     which.add_argument("--hardest", type=int, metavar="N", help="the N hardest images (default: every image)")
     which.add_argument("--images", nargs="+", metavar="PATH", help="these inputs (as given to delib explain)")
     p.add_argument("--no-examples", action="store_true", help="no example images of the classes in the figures")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="figure processes (default: one per core but one; 0: draw in this process)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,6 +94,9 @@ def _examples(manifest: dict, no_examples: bool, report) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from concurrent import futures
+
+    from delib_jax import _reader
     from delib_jax import store as st
     from delib_jax.job.folder import JobError, check_own_files, lock_folder
     from delib_jax.job.writing import figure_name, render_figure
@@ -106,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.hardest is not None and args.hardest < 1:
         raise UsageError(f"--hardest must be at least 1, got {args.hardest}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be at least 0, got {args.workers}")
     if not out.is_dir():
         raise UsageError(f"{out} is not a folder of delib explain")
     try:
@@ -134,23 +141,44 @@ def _run(args: argparse.Namespace) -> int:
             examples = _examples(manifest, args.no_examples, report)
         resize, crop = manifest["input"]["resize"], manifest["input"]["crop"]
         drawn = failed = 0
+        workers = _reader.default_workers() if args.workers is None else args.workers
+        pool = _reader.start_pool(workers) if workers > 0 and len(todo) > 1 else None
+        pending: dict = {}  # future -> (source, figure name); at most 2 per worker in flight (flat memory)
         bar = progress_bar(total=len(todo), unit="fig", desc="figures", disable=args.no_progress)
+
+        def settle(source: str, name: str, draw) -> None:
+            nonlocal drawn, failed
+            try:
+                draw()
+            except Exception as err:  # noqa: BLE001 -- one figure that cannot be drawn: said, the rest go on
+                report(f"no figure for {source}: {err}")
+                failed += 1
+            else:
+                record_figure(out, source, name)  # only once the PNG is on disk
+                drawn += 1
+            bar.update(1)
+
+        def wait(limit: int) -> None:
+            while len(pending) > limit:
+                finished, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                for f in finished:
+                    settle(*pending.pop(f), f.result)
+
         try:
-            sources = list(todo)
-            for e in st.load_explanations(out, sources=sources, skip_damaged=True,
+            for e in st.load_explanations(out, sources=list(todo), skip_damaged=True,
                                           on_damage=lambda d: report(f"skipping a damaged entry: {d}")):  # fmt: skip
                 r = todo[e.source]
                 name = figure_name(r["i"], r["source"])
-                try:
-                    render_figure(e, e.source, resize, crop, str(out / name), examples)
-                except Exception as err:  # noqa: BLE001 -- one figure that cannot be drawn: said, the rest go on
-                    report(f"no figure for {e.source}: {err}")
-                    failed += 1
+                job = (e, e.source, resize, crop, str(out / name), examples)
+                if pool is None:
+                    settle(e.source, name, lambda job=job: render_figure(*job))
                 else:
-                    record_figure(out, e.source, name)
-                    drawn += 1
-                bar.update(1)
+                    pending[pool.submit(render_figure, *job)] = (e.source, name)
+                    wait(2 * workers)
+            wait(0)
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
         write_pages(out, manifest, report=report)
     except KeyboardInterrupt:

@@ -141,10 +141,11 @@ def test_index_without_thumbnails_is_as_before():
     assert 'src="figures/a.png"' in page and "Skipped files" not in page and "<nav>" not in page
 
 
+@pytest.mark.slow
 def test_figures_later_are_added_resumed_and_kept(run, tmp_path, capsys):
     out = _copy(run[0], tmp_path)
     hardest = sorted(st.read_records(out), key=lambda r: (-r["difficulty"], r["i"]))
-    assert main(["figures", str(out), "--hardest", "2", "--no-progress"]) == 0
+    assert main(["figures", str(out), "--hardest", "2", "--no-progress", "--workers", "2"]) == 0  # in processes
     assert "drew 2 figures (0 already there" in capsys.readouterr().err
     figures = drawn_figures(out)
     assert set(figures) == {r["source"] for r in hardest[:2]}
@@ -157,14 +158,17 @@ def test_figures_later_are_added_resumed_and_kept(run, tmp_path, capsys):
     kept = {name: (out / name).stat().st_mtime_ns for name in figures.values()}
     # a killed run: a figure drawn but not recorded (redrawn), a recorded one whose PNG is gone (redrawn)
     (out / figures[hardest[0]["source"]]).unlink()
-    assert main(["figures", str(out), "--hardest", "3", "--no-progress"]) == 0
+    assert main(["figures", str(out), "--hardest", "3", "--no-progress", "--workers", "0"]) == 0
     assert "drew 2 figures (1 already there" in capsys.readouterr().err
     name = figures[hardest[1]["source"]]
     assert (out / name).stat().st_mtime_ns == kept[name]  # kept, not redrawn
     assert len(drawn_figures(out)) == 3
     # --images by path; an unknown one is one line
     other = hardest[5]["source"]
-    assert main(["figures", str(out), "--images", other, str(tmp_path / "nope.png"), "--no-progress"]) == 0
+    assert (
+        main(["figures", str(out), "--images", other, str(tmp_path / "nope.png"), "--no-progress", "--workers", "0"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "nope.png is not among the explained images" in err and other in drawn_figures(out)
 
@@ -179,7 +183,7 @@ def test_figures_skip_damaged_entries_with_one_line(run, tmp_path, capsys):
     k = next(n for n in explained[1:] if records[n]["shard"] == records[j]["shard"])
     records[j]["row"], records[k]["row"] = records[k]["row"], records[j]["row"]  # two entries that lie
     index.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert main(["figures", str(out), "--no-progress"]) == 0
+    assert main(["figures", str(out), "--no-progress", "--workers", "0"]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("skipping a damaged entry") == 2, err
     assert len(drawn_figures(out)) == 6
@@ -233,7 +237,7 @@ def selftest(page: Path) -> dict:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_pages_in_a_real_browser(run, tmp_path):
     out = _copy(run[0], tmp_path)
-    assert main(["figures", str(out), "--hardest", "3", "--no-progress"]) == 0
+    assert main(["figures", str(out), "--hardest", "3", "--no-progress", "--workers", "0"]) == 0
     for name, sorts in (("index.html", {"index", "prediction", "difficulty"}),
                         ("pairs.html", {"rank", "pair", "images", "competition"})):  # fmt: skip
         result = selftest(out / name)
