@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from delib_jax import demo, verify
+from delib_jax import demo, figures_command, verify
 from delib_jax._command import Command, UsageError, check_out_dir, make_out_dir
 from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
 from delib_jax._multihost import add_flags, init_distributed
@@ -80,8 +80,10 @@ Explain images with a trained model: per image the prediction, its difficulty, a
 the network hesitated between two classes, ranked by strength).
 
 Writes OUT/explanations/ (a JSON Lines index with one small record per image, and binary shards with the maps and
-masks: read them with delib_jax.load_explanations), OUT/figures/*.png (a figure per image), OUT/index.html (an
-offline report of the hardest images, sortable by difficulty and prediction) and, with --json and up to
+masks: read them with delib_jax.load_explanations), OUT/figures/*.png (a figure per image; with --no-figures,
+draw them later with delib figures OUT), OUT/index.html (an offline report of the hardest images with thumbnails
+in OUT/thumbs/, sortable by difficulty and prediction, and the skipped files), OUT/pairs.html (the class pairs the
+model hesitates between most over the whole run) and, with --json and up to
 --json-limit images, OUT/insecurities.json (every explanation in one file, maps included). Images are resized and
 centre-cropped as the run was evaluated. Unreadable files are reported and skipped. Finished images are recorded
 every few seconds: run the same command again after a crash or kill and it resumes where it stopped (files changed
@@ -398,7 +400,7 @@ EXPLAIN = Command(
 
 # The subcommands, in the order `delib --help` lists them. A new one: a module that builds a `Command` (importing
 # `delib_jax._command`, never this module), added here.
-for _command in (EXPLAIN, demo.COMMAND, verify.COMMAND):
+for _command in (EXPLAIN, figures_command.COMMAND, demo.COMMAND, verify.COMMAND):
     register(_command)
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "check_out_dir", "main", "make_out_dir", "register"]

@@ -207,37 +207,19 @@ def _disk_full(out: Path, remaining: int, writer: st.ShardWriter) -> JobError:
 
 
 def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary: JobSummary, report) -> None:
-    """index.html (the hardest ``report_limit`` images, with a count of the rest) and, when asked (``json``) for
-    small runs, insecurities.json (every explanation, the same content as `Explanation.to_json`)."""
+    """The report (`write_pages`) and, when asked (``json``) for small runs, insecurities.json (every explanation,
+    the same content as `Explanation.to_json`)."""
     from delib_jax.explanation import write_json
-    from delib_jax.report import write_report
 
     settings = manifest["settings"]
-    hardest: list = []
-    total = 0
-    if not any(True for _ in st.read_records(out)):
+    total = write_pages(out, manifest, report_limit=options.report_limit, report=report)
+    if not total:
         return  # nothing explained (yet): no report
-    for r in st.read_records(out):
-        total += 1
-        item = (r["difficulty"], -r["i"], r)
-        if len(hardest) < options.report_limit:
-            heapq.heappush(hardest, item)
-        else:
-            heapq.heappushpop(hardest, item)
-    chosen = [r for _, _, r in sorted(hardest, key=lambda t: (-t[0], -t[1]))]
-    shown = {k: settings[k] for k in ("method", "score", "k", "coverage", "threshold") if settings.get(k) is not None}
-    shown["top_n"] = settings.get("top_n") or "all"
-    rows = [{**r, "score": settings["score"]} for r in chosen]
-    note = None if total <= len(chosen) else (
-        f"The {len(chosen)} hardest of {total} images; all of them: explanations/index-*.jsonl "
-        "(delib_jax.load_explanations)."
-    )  # fmt: skip
-    write_report(out, rows, [r.get("figure") for r in chosen], settings=shown, note=note)
     if not options.json:
         (out / "insecurities.json").unlink(missing_ok=True)  # an earlier run's: it no longer describes the folder
     elif total <= options.json_limit:
         images = []
-        figures = {r["source"]: r.get("figure") for r in st.read_records(out)}
+        figures = drawn_figures(out)
         for e in st.load_explanations(out):
             images.append({**e.to_json(), "figure": figures.get(e.source)})
         skipped = [{"path": r["source"], "reason": r["skipped"]} for r in st.read_records(out, skipped=True)
@@ -255,7 +237,109 @@ def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary:
         )
 
 
+FIGURE_INDEX = "figures/index.jsonl"  # figures drawn later (`delib figures`): one {"source", "figure"} per line
+PAGES = (("index.html", "images"), ("pairs.html", "class pairs"))
+SKIPPED_LISTED = 1000  # index.html lists at most this many skipped inputs (and counts the rest)
+PAIRS_LISTED = 200  # pairs.html lists the most frequent this many class pairs
+
+
+def drawn_figures(out: Path) -> dict[str, str]:
+    """source -> figure path (relative to OUT) of every figure on disk: those the job drew (named in its records)
+    and those `delib figures` drew later (OUT/figures/index.jsonl, appended only once the PNG exists)."""
+    import json
+
+    found = {r["source"]: r["figure"] for r in st.read_records(out) if isinstance(r.get("figure"), str)}
+    path = out / FIGURE_INDEX
+    if path.is_file() and not path.is_symlink():
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line of a killed run
+                if (
+                    isinstance(item, dict)
+                    and isinstance(item.get("source"), str)
+                    and isinstance(item.get("figure"), str)
+                ):
+                    found[item["source"]] = item["figure"]
+    return {s: f for s, f in found.items() if _inside(out, f) and (out / f).is_file()}
+
+
+def _inside(out: Path, relative: str) -> bool:
+    """Whether ``relative`` names a file in OUT/figures (never a path that leaves the folder)."""
+    parts = Path(relative).parts
+    return len(parts) == 2 and parts[0] == "figures" and ".." not in parts
+
+
+def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1000, report=print) -> int:
+    """index.html (the hardest ``report_limit`` images with thumbnails and figures, the skipped inputs) and
+    pairs.html (the class pairs of the whole run, `delib_jax.report.pair_statistics`), from the stored index in
+    streaming passes; returns the number of explained images (0: nothing written)."""
+    from delib_jax.report import common_root, pair_statistics, write_pairs, write_report, write_thumbnail
+
+    settings = manifest["settings"]
+    resize, crop = manifest["input"]["resize"], manifest["input"]["crop"]
+    hardest: list = []
+    total = 0
+    for r in st.read_records(out):
+        total += 1
+        item = (r["difficulty"], -r["i"], r)
+        if len(hardest) < report_limit:
+            heapq.heappush(hardest, item)
+        else:
+            heapq.heappushpop(hardest, item)
+    if not total:
+        return 0
+    root = common_root(r["source"] for r in st.read_records(out, skipped=True))
+    skipped, skipped_total = [], 0
+    for r in st.read_records(out, skipped=True):
+        if "skipped" in r:
+            skipped_total += 1
+            if len(skipped) < SKIPPED_LISTED:
+                skipped.append((r["source"], r["skipped"]))
+    chosen = [r for _, _, r in sorted(hardest, key=lambda t: (-t[0], -t[1]))]
+    figures = drawn_figures(out)
+    thumbs = {}
+
+    def thumb(source: str) -> str | None:
+        if source not in thumbs:
+            try:
+                thumbs[source] = write_thumbnail(out, source, resize, crop)
+            except OSError as e:
+                report(f"no thumbnail for {source}: {e.strerror or e}")
+                thumbs[source] = None
+        return thumbs[source]
+
+    shown = {k: settings[k] for k in ("method", "score", "k", "coverage", "threshold") if settings.get(k) is not None}
+    shown["top_n"] = settings.get("top_n") or "all"
+    rows = [{**r, "score": settings["score"]} for r in chosen]
+    note = None if total <= len(chosen) else (
+        f"The {len(chosen)} hardest of {total} images; all of them: explanations/index-*.jsonl "
+        "(delib_jax.load_explanations)."
+    )  # fmt: skip
+    pairs = pair_statistics(st.read_records(out))
+    listed = pairs[:PAIRS_LISTED]
+    wanted = {src for p in listed for _, _, src in p["examples"]}
+    shares, image_shares = {}, {}  # the readable strengths (`Explanation.shares`) of the images the pages show
+    sources = sorted(wanted | {r["source"] for r in chosen})
+    for e in st.load_explanations(out, sources=sources, skip_damaged=True, on_damage=lambda d: report(str(d))):
+        image_shares[e.source] = e.shares
+        for q, share in zip(e.insecurities, e.shares):
+            shares.setdefault((e.source, min(q.a, q.b), max(q.a, q.b)), share)
+    for row in rows:
+        found = image_shares.get(row["source"])
+        if found is not None and len(found) == len(row["insecurities"]):
+            row["insecurities"] = [{**q, "share": share} for q, share in zip(row["insecurities"], found)]
+    write_pairs(out, pairs, total=total, thumbs={s: thumb(s) for s in wanted}, figures=figures, shares=shares,
+                root=root, limit=PAIRS_LISTED, pages=PAGES)  # fmt: skip
+    write_report(out, rows, [figures.get(r["source"]) for r in chosen], settings=shown, note=note,
+                 thumbs=[thumb(r["source"]) for r in chosen], root=root, skipped=skipped,
+                 skipped_total=skipped_total, pages=PAGES)  # fmt: skip
+    return total
+
+
 __all__ = [
-    "JobError", "JobOptions", "JobSummary", "check_manifest", "explain_files", "figure_name", "fingerprint", "finish",
-    "inputs_outside", "lock_folder", "weights_digest",
+    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "explain_files",
+    "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder", "weights_digest", "write_pages",
 ]  # fmt: skip

@@ -355,7 +355,7 @@ def test_a_page_the_job_did_not_write_is_refused_and_kept(setup, tmp_path):
     """A user's own index.html (or insecurities.json) in the output folder: one line, the file untouched; the
     job's own files are replaced by the next run."""
     _, model, config, files = setup
-    for name in ("index.html", "insecurities.json"):
+    for name in ("index.html", "pairs.html", "insecurities.json"):
         out = tmp_path / name
         out.mkdir()
         (out / name).write_text("<html>my own page</html>")

@@ -121,7 +121,11 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
         previous = st.read_manifest(out) or {}  # another process of this run wrote it first
     run = previous.pop("run", None)
     if previous != manifest:
-        fields = ", ".join(_differences(previous, manifest)[:4])
+        differing = _differences(previous, manifest)
+        fields = ", ".join(differing[:4])
+        if differing == ["figures"] and manifest.get("figures") and not previous.get("figures"):
+            raise JobError(f"{out} was explained with --no-figures: draw its figures with `delib figures {out}` "
+                           "(--hardest N or --images ...), or choose another --out")  # fmt: skip
         raise JobError(
             f"{out} holds explanations made with another model or other settings (differing: {fields}); "
             "choose another --out or empty that folder"
@@ -131,7 +135,11 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
 
 
 # how the files the job writes at the top of OUT begin (`delib_jax.report.render_index`, `finish`'s JSON)
-OWN_FILES = {"index.html": "<!DOCTYPE html>\n<html lang='en'><head>", "insecurities.json": '{\n "model": '}
+OWN_FILES = {
+    "index.html": "<!DOCTYPE html>\n<html lang='en'><head>",
+    "pairs.html": "<!DOCTYPE html>\n<html lang='en'><head>",
+    "insecurities.json": '{\n "model": ',
+}
 
 
 def check_own_files(out: Path) -> None:
