@@ -49,6 +49,7 @@ def _path_explain(model, x, base, targets, k):
     return out.detach().numpy()
 
 
+@pytest.mark.slow
 def test_integrated_hessians_equal_path_explain_within_its_quadrature_error():
     w = _weights()
     rng = np.random.RandomState(1)

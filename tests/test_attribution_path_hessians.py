@@ -200,6 +200,7 @@ def test_grid_masks_partition_the_image():
         grid_masks((4, 4), (5, 1))
 
 
+@pytest.mark.slow
 def test_bad_arguments_raise_one_clear_error():
     model = _tiny(0, jnp.float32)
     images = _images((1, 4, 4, 3), dtype=np.float32)

@@ -81,6 +81,7 @@ def test_load_errors(tmp_path):
         load_model(tmp_path, which="first")
 
 
+@pytest.mark.slow
 def test_save_restore_round_trip_gives_identical_logits(tmp_path):
     config = _config(hardness="head")
     save_run_config(tmp_path, config)

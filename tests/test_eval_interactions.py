@@ -57,6 +57,7 @@ def test_cli_writes_residuals_agreement_deletion_and_figures(run_dir, tmp_path):
     assert json.loads((out / "results.json").read_text())["residual_integrated"] == r["residual_integrated"]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "missing"), "--synthetic", "--out", str(tmp_path / "o")]) == 2
     assert main(["--checkpoint", str(run_dir), "--synthetic", "--out", str(tmp_path / "o"), "--pool", "2"]) == 2

@@ -572,6 +572,7 @@ def _interrupt_at(k):
     return hook
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_resume_says_where_it_goes_on(tiny_cub, tmp_path, capsys):
     """Ctrl-C after step 4 (checkpoints every 3): step 4 is saved, not lost, and --resume continues from it."""
     config = _config(tiny_cub)
