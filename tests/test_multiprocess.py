@@ -99,7 +99,7 @@ def _train(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
 
 def _explain(run: Path, images: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "delib_jax.cli", "explain", str(images), "--checkpoint", str(run), "--out", str(out),
-            "--no-figures", "--workers", "0", "--batch-size", "4", *extra]  # fmt: skip
+            "--no-figures", "--json", "--workers", "0", "--batch-size", "4", *extra]  # fmt: skip
 
 
 def _state(run: Path) -> list[np.ndarray]:
@@ -210,8 +210,9 @@ def test_two_explaining_processes_write_what_one_does(runs, tmp_path):
     assert sorted(p.name for p in (two / "explanations").glob("index-*.jsonl")) == ["index-00000.jsonl",
                                                                                      "index-00001.jsonl"]  # fmt: skip
 
-    def records(out: Path) -> dict[str, dict]:  # where a record's arrays lie (shard, row) differs by design
-        return {r["source"]: {k: v for k, v in r.items() if k not in ("shard", "row")} for r in read_records(out)}
+    def records(out: Path) -> dict[str, dict]:  # where a record's arrays lie (shard, row, its digest) differs by design
+        place = ("shard", "row", "digest")
+        return {r["source"]: {k: v for k, v in r.items() if k not in place} for r in read_records(out)}
 
     r1, r2 = records(one), records(two)
     assert len(r1) == 32 and r1 == r2
