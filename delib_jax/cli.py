@@ -235,18 +235,26 @@ def image_files(inputs: Iterable[str], report: Callable[[str], None], missing: l
         seen.add(key)
         return True
 
+    def walk(top: str):
+        """Image files under ``top``, in the order of sorted Paths (by parts): each folder's entries sorted and
+        folders entered where they sort, so that no list of all the files is ever made; hidden entries and
+        symbolic links to folders are not entered (as Path.rglob)."""
+        try:
+            entries = sorted(os.scandir(top), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                yield from walk(entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in extensions and entry.is_file():
+                yield entry.path
+
     def found(name: str):
         path = Path(name)
         if path.is_dir():
-            top = str(path)
-            names = []  # strings, not Path objects: sorted as Path sorts them (by parts)
-            for root, dirs, fs in os.walk(top):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                names.extend(os.path.join(root, f) for f in fs if not f.startswith(".")
-                             and os.path.splitext(f)[1].lower() in extensions
-                             and os.path.isfile(os.path.join(root, f)))  # fmt: skip
-            names.sort(key=lambda n: n.split(os.sep))
-            yield from (str(Path(n)) for n in names)
+            yield from walk(str(path))
         elif path.is_file():
             yield str(path)
         elif missing is not None:
