@@ -320,7 +320,8 @@ class ResumePlan:
         return self.resumed + len(self.skipped)
 
 
-def _still_valid(r: dict, *, ordinal: Ordinals, stats, directory: Path, out: Path, figures: bool) -> bool:
+def _still_valid(r: dict, *, ordinal: Ordinals, stats, shard_exists: Callable[[str], bool], out: Path,
+                 figures: bool) -> bool:  # fmt: skip
     """Whether an earlier run's record stays: its input is among this run's with the same fingerprint, and its
     shard (and, with figures, its figure) is on disk."""
     i = ordinal.get(r["source"])
@@ -328,7 +329,7 @@ def _still_valid(r: dict, *, ordinal: Ordinals, stats, directory: Path, out: Pat
         return False  # not among this run's inputs, or the file changed since
     if "skipped" in r:
         return True
-    if not (directory / r["shard"]).is_file():
+    if not shard_exists(r["shard"]):
         return False
     figure = r.get("figure")
     return not figures or (isinstance(figure, str) and (out / figure).is_file())
@@ -347,7 +348,8 @@ def plan_resume(
     files = files if isinstance(files, PathList) else PathList(files)
     ordinals = np.arange(p, len(files), count, dtype=np.int64)
     stats = Fingerprints(files, ordinals)
-    keep = functools.partial(_still_valid, ordinal=Ordinals(files, ordinals), stats=stats, directory=directory,
+    shard_exists = functools.lru_cache(maxsize=None)(lambda name: (directory / name).is_file())  # one stat a shard
+    keep = functools.partial(_still_valid, ordinal=Ordinals(files, ordinals), stats=stats, shard_exists=shard_exists,
                              out=out, figures=figures)  # fmt: skip
     done = st.open_index(directory, p, keep=keep, report=report)
     left = np.fromiter((str(files[i]) not in done for i in ordinals.tolist()), bool, len(ordinals))
