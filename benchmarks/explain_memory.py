@@ -12,6 +12,7 @@ until it reports "resuming" (the resume plan made, nothing left to do). Linux on
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,7 @@ def run(counts: list[int], figures: bool, batch: int = 64, timeout: float = 1500
             again = measure(tmp / "images", tmp / "out", figures, batch, timeout)
             rows.append({"images": n, "max_rss_mb": first["max_rss_mb"], "run_s": first["wall_s"],
                          "resume_s": again["resuming_s"], "resume_max_rss_mb": again["max_rss_mb"]})  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each count as it is measured
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     growth = rows[-1]["max_rss_mb"] / rows[0]["max_rss_mb"] - 1 if len(rows) > 1 else 0.0
