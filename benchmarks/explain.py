@@ -11,6 +11,11 @@ interleaved rounds, ratio_to_slowest = e2e / min(decode,
 core) (the goal: >= 0.85), writer_img_s (the writer stage alone: records, shards, index, on one core),
 figures_s_per_core (figures drawn by one process),
 bytes_per_image (the explanations folder), max_rss_mb (this process's peak). Random weights without --checkpoint.
+
+    python -m benchmarks.explain --memory --images 1000 10000 100000 [--figures]
+
+measures instead the peak memory of all the job's processes at each image count, and how soon a resume starts
+(`benchmarks.explain_memory`).
 """
 
 from __future__ import annotations
@@ -214,7 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50")
     p.add_argument("--checkpoint", help="a training run (default: random weights)")
     p.add_argument("--folder", help="explain the images of this folder instead of generated JPEGs")
-    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--images", type=int, nargs="+", default=[200], help="images (with --memory: several counts)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--crop", type=int, default=224)
@@ -224,7 +229,19 @@ def main(argv=None) -> int:
     p.add_argument("--figures", action="store_true", help="draw a figure per image too")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of decode, core and job (medians)")
     p.add_argument("--json", action="store_true", help="print one JSON line only")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory of the job's processes per image count instead (benchmarks/explain_memory.py)",
+    )
     args = p.parse_args(argv)
+    if args.memory:
+        from benchmarks import explain_memory
+
+        result = explain_memory.run(args.images, args.figures)
+        print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+        return 0
+    args.images = args.images[0]
     result = run(args)
     print(json.dumps(result) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in result.items()))
     return 0

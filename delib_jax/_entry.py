@@ -14,12 +14,48 @@ import importlib
 import os
 import signal
 import sys
+from collections.abc import Callable
+
+_ON_EXIT: dict[int, Callable[[], None]] = {}  # id(owner) -> cleanup, run before leaving with os._exit
+
+
+def on_exit(owner: object, cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` if the process leaves with `exit_process` (130) while ``owner`` (e.g. a process pool) lives;
+    forgotten when ``owner`` is collected."""
+    import weakref
+
+    key = id(owner)
+    _ON_EXIT[key] = cleanup
+    weakref.finalize(owner, _ON_EXIT.pop, key, None)
+
+
+def _release() -> None:
+    """Before os._exit: run the registered cleanups (stop process pools), then unlink this process's named
+    semaphores (those of the pools' queues), whose finalizers os._exit skips: otherwise the resource tracker warns
+    "There appear to be N leaked semaphore objects" once the pools' workers have gone."""
+    for cleanup in list(_ON_EXIT.values()):
+        try:
+            cleanup()
+        except Exception:  # noqa: BLE001, S110 -- leaving anyway: the next cleanup still runs
+            pass
+    _ON_EXIT.clear()
+    util, synchronize = sys.modules.get("multiprocessing.util"), sys.modules.get("multiprocessing.synchronize")
+    if util is None or synchronize is None or not getattr(util, "_finalizer_registry", None):
+        return
+    for finalizer in list(util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) is synchronize.SemLock._cleanup:
+            try:
+                finalizer()  # sem_unlink, and unregistered from the resource tracker
+            except Exception:  # noqa: BLE001, S110 -- leaving anyway
+                pass
 
 
 def exit_process(status: int) -> None:
     """``sys.exit(status)`` for the command-line entry points, but after Ctrl-C (130) leave at once: the interpreter's
-    shutdown can then crash (SIGSEGV, exit 139) in XLA work the interrupt cut short; all finished work is on disk."""
+    shutdown can then crash (SIGSEGV, exit 139) in XLA work the interrupt cut short; all finished work is on disk.
+    Process pools registered with `on_exit` are stopped and their semaphores released first."""
     if status == 130:
+        _release()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from delib_jax import _entry
 from delib_jax.data import transforms
 
 
@@ -125,12 +126,16 @@ def _exit_with(parent: int) -> None:
             os._exit(0)
 
 
-def _worker_init(initializer: Callable | None, initargs: tuple) -> None:
+def _worker_init(initializer: Callable | None, initargs: tuple, parent: int | None = None) -> None:
     """Workers ignore Ctrl-C (a terminal sends it to the whole process group): the caller stops them, and an
-    interrupt must print one line, not a traceback per worker. They leave as soon as the caller is gone (killed, or
-    left with os._exit): a pool's workers hold their own end of its task pipe and would otherwise wait forever."""
+    interrupt must print one line, not a traceback per worker. They leave as soon as the caller (``parent``, its
+    pid given by the caller: a worker that starts after the caller died must still see it gone) is gone (killed,
+    or left with os._exit): a pool's workers hold their own end of its task pipe and would otherwise wait forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    parent = os.getppid() if parent is None else parent
+    if os.getppid() != parent:
+        os._exit(0)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
 
@@ -139,7 +144,8 @@ def start_pool(workers: int, initializer: Callable | None = None, initargs: tupl
     """``workers`` processes started with 'spawn' (never forked from a process running JAX's threads), all of
     them launched now (not waited for: they start while the caller prepares its work)."""
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                               initargs=(initializer, initargs))  # fmt: skip
+                               initargs=(initializer, initargs, os.getpid()))  # fmt: skip
+    _entry.on_exit(pool, lambda: pool.shutdown(wait=False, cancel_futures=True))
     with _main_hidden():
         for _ in range(workers):
             pool.submit(_ready)

@@ -37,6 +37,7 @@ from delib_jax.job.folder import (
     JobError,
     JobOptions,
     JobSummary,
+    PathList,
     check_manifest,
     fingerprint,
     inputs_outside,
@@ -112,7 +113,8 @@ def explain_files(
             "figures": bool(options.figures),
             "class_names": [str(n) for n in config.class_names],
         }  # fmt: skip
-        summary = _run(out, share, config, [Path(f) for f in files], options, manifest, DeviceStep(explain_fn),
+        files = files if isinstance(files, PathList) else PathList(files)
+        summary = _run(out, share, config, files, options, manifest, DeviceStep(explain_fn),
                        reader, examples or {}, report)  # fmt: skip
         if _synced(options, share):  # the report covers every process's explanations: process 0, once all are done
             _multihost.barrier("delib explain: all written")
@@ -138,7 +140,7 @@ def _synced(options: JobOptions, share: tuple[int, int]) -> bool:
     return options.share is None and share[1] > 1
 
 
-def _run(out: Path, share: tuple[int, int], config, files: list[Path], options: JobOptions, manifest: dict,
+def _run(out: Path, share: tuple[int, int], config, files: PathList, options: JobOptions, manifest: dict,
          step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report) -> JobSummary:  # fmt: skip
     """The stages wired: the reader decodes ahead, the device step is dispatched per batch, the writer thread
     fetches and stores; Ctrl-C or a failure keeps what the writer finished and drops the rest."""

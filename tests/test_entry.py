@@ -54,3 +54,32 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(command, tmp_path):
         assert "interrupted" in lines[-1] and sum("interrupted" in line for line in lines) == 1, (moment, err[-2000:])
         interrupted += 1
     assert interrupted, f"every run ended before its interrupt (start-up {span:.2f} s)"
+
+
+POOL_THEN_IMPORT = """
+import sys, time
+from delib_jax import _reader
+
+def main():
+    pool = _reader.start_pool(2)
+    [f.result() for f in [pool.submit(_reader._ready) for _ in range(4)]]
+    print("ready", flush=True)
+    import slow_module  # the interrupt comes in here: os._exit with the pool open
+"""
+
+
+def test_ctrl_c_inside_an_import_leaks_no_semaphores(tmp_path):
+    """Ctrl-C while the main thread imports, with a process pool open (as in the job's first compile): one line,
+    130, and no "leaked semaphore objects" warning once the pool's workers are gone."""
+    (tmp_path / "pool_then_import.py").write_text(POOL_THEN_IMPORT)
+    (tmp_path / "slow_module.py").write_text("import time\ntime.sleep(60)\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    code = "from delib_jax._entry import run; run('pool_then_import:main', name='test')"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # stderr closes once the workers and the resource tracker are gone
+    assert proc.returncode == 130 and "test: interrupted" in err, err
+    assert "leaked" not in err, err

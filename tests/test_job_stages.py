@@ -1,6 +1,7 @@
 """The explanation job's stages one by one (`delib_jax.job`): the resume plan, the reader stage and its channel,
 the device step, the writer stage and its figures. The job as a whole: tests/test_stream.py."""
 
+import os
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -200,3 +201,25 @@ def test_figures_hold_records_back_until_drawn_and_drop_them_when_stopping(tmp_p
     figures.pending = {"a": Future()}
     figures.stopping.set()
     assert figures.ready(records[:1], block=True) == []  # interrupted: not waited for, dropped (redone on resume)
+
+
+def test_inputs_in_flat_memory_read_back_as_given(tmp_path):
+    """PathList keeps any path (non-UTF-8 bytes included) in one buffer; Items and Fingerprints index by ordinal."""
+    from delib_jax.job.folder import Fingerprints, Items, Ordinals, PathList, fingerprint
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes(b"x" * 3)
+    paths = [tmp_path / "a.png", odd, tmp_path / "gone.png", Path("relative/b.jpg")]
+    paths[0].write_bytes(b"x")
+    listed = PathList(paths)
+    assert list(listed) == paths and listed[1] == odd and listed[-1] == paths[-1] and len(listed) == 4
+    assert list(listed[1:3]) == paths[1:3] and list(PathList()) == []
+    ordinals = np.array([0, 1, 2], np.int64)
+    stats = Fingerprints(listed, ordinals)
+    assert stats[0] == fingerprint(paths[0]) and stats[1] == [3, odd.stat().st_mtime_ns] and stats[2] is None
+    with pytest.raises(KeyError):
+        stats[3]
+    items = Items(listed, ordinals[[0, 2]])
+    assert list(items) == [(0, paths[0]), (2, paths[2])] and items[1] == (2, paths[2]) and len(items[:1]) == 1
+    lookup = Ordinals(listed, ordinals)
+    assert [lookup.get(str(p)) for p in paths] == [0, 1, 2, None]

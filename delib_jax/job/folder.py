@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,17 +198,135 @@ def inputs_outside(files: Sequence[Path], out: Path) -> list[Path]:
     return [f for f in files if root not in f.resolve().parents]
 
 
+# ------------------------------------------------------------------------------------------------ inputs in flat memory
+
+
+class PathList(Sequence):
+    """Paths in flat memory: one buffer of their encoded bytes and an array of offsets (about the length of the path
+    plus 8 bytes each, instead of a Python object per path); reads back `Path` objects."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike] = ()):
+        blob, ends = bytearray(), array("q")
+        for p in paths:
+            blob += os.fsencode(p)
+            ends.append(len(blob))
+        self._blob = bytes(blob)
+        self._ends = np.frombuffer(ends, np.int64) if ends else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return PathList(self[j] for j in range(*i.indices(len(self))))
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = int(self._ends[i - 1]) if i else 0
+        return Path(os.fsdecode(self._blob[start : int(self._ends[i])]))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == Path(b) for a, b in
+                                                                               zip(self, other))  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PathList({len(self)} paths)"
+
+
+@dataclass(frozen=True)
+class Items(Sequence):
+    """(ordinal, path) pairs of ``files`` picked by an array of ordinals (8 bytes per item): this share's inputs,
+    what is left to do."""
+
+    files: Sequence[Path]
+    ordinals: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ordinals)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return Items(self.files, self.ordinals[k])
+        i = int(self.ordinals[k])
+        return i, Path(self.files[i])
+
+    def __iter__(self):
+        for i in self.ordinals.tolist():
+            yield i, Path(self.files[i])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Items):
+            return self.files is other.files and np.array_equal(self.ordinals, other.ordinals)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Fingerprints(Mapping):
+    """ordinal -> `fingerprint` (None: unreadable) of the inputs of one share, in one (count, 2) int64 array."""
+
+    def __init__(self, files: Sequence[Path], ordinals: np.ndarray):
+        self.ordinals = ordinals
+        self.values = np.full((len(ordinals), 2), -1, np.int64)
+        for k, i in enumerate(ordinals.tolist()):
+            try:
+                self.values[k] = fingerprint(Path(files[i]))
+            except OSError:
+                pass  # unreadable: -1 (a size is never negative)
+
+    def _position(self, i: int) -> int:
+        k = int(np.searchsorted(self.ordinals, i))
+        if k >= len(self.ordinals) or int(self.ordinals[k]) != i:
+            raise KeyError(i)
+        return k
+
+    def __getitem__(self, i: int) -> list[int] | None:
+        v = self.values[self._position(i)]
+        return None if v[0] < 0 else [int(v[0]), int(v[1])]
+
+    def __iter__(self):
+        return iter(self.ordinals.tolist())
+
+    def __len__(self) -> int:
+        return len(self.ordinals)
+
+
+class Ordinals:
+    """source (str) -> ordinal among ``files`` (None: not one of them), through a sorted array of 64-bit hashes of
+    the paths (16 bytes per input instead of a dict); a hash match is checked against the path itself."""
+
+    def __init__(self, files: Sequence[Path], ordinals: np.ndarray):
+        self.files = files
+        hashes = np.fromiter((st.source_hash(str(files[i])) for i in ordinals.tolist()), np.int64, len(ordinals))
+        order = np.argsort(hashes, kind="stable")
+        self.hashes, self.ordinals = hashes[order], ordinals[order]
+
+    def get(self, source: str) -> int | None:
+        h = st.source_hash(source)
+        k = int(np.searchsorted(self.hashes, h))
+        while k < len(self.hashes) and int(self.hashes[k]) == h:
+            i = int(self.ordinals[k])
+            if str(self.files[i]) == source:
+                return i
+            k += 1
+        return None
+
+
 # ------------------------------------------------------------------------------------------------ resume
 
 
 @dataclass
 class ResumePlan:
     """This share's inputs (ordinal, path), their fingerprints (None: unreadable), what is left to do, what an
-    earlier run finished (``resumed`` images, ``skipped`` (source, reason)) and the next shard number."""
+    earlier run finished (``resumed`` images, ``skipped`` (source, reason)) and the next shard number. Inputs and
+    what is left are `Items` (8 bytes per input), fingerprints `Fingerprints` (16 bytes per input)."""
 
-    mine: list[tuple[int, Path]]
-    stats: dict[int, list[int] | None]
-    todo: list[tuple[int, Path]]
+    mine: Items
+    stats: Fingerprints
+    todo: Items
     resumed: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     next_seq: int = 0
@@ -218,7 +337,8 @@ class ResumePlan:
         return self.resumed + len(self.skipped)
 
 
-def _still_valid(r: dict, *, ordinal: dict[str, int], stats, directory: Path, out: Path, figures: bool) -> bool:
+def _still_valid(r: dict, *, ordinal: Ordinals, stats, shard_exists: Callable[[str], bool], out: Path,
+                 figures: bool) -> bool:  # fmt: skip
     """Whether an earlier run's record stays: its input is among this run's with the same fingerprint, and its
     shard (and, with figures, its figure) is on disk."""
     i = ordinal.get(r["source"])
@@ -226,7 +346,7 @@ def _still_valid(r: dict, *, ordinal: dict[str, int], stats, directory: Path, ou
         return False  # not among this run's inputs, or the file changed since
     if "skipped" in r:
         return True
-    if not (directory / r["shard"]).is_file():
+    if not shard_exists(r["shard"]):
         return False
     figure = r.get("figure")
     return not figures or (isinstance(figure, str) and (out / figure).is_file())
@@ -237,22 +357,20 @@ def plan_resume(
     report: Callable[[str], None],
 ) -> ResumePlan:  # fmt: skip
     """The inputs of process ``share[0]`` of ``share[1]`` (every count-th file), less those an earlier run in
-    ``out`` finished (read through `store.open_index`, which drops stale or damaged records)."""
+    ``out`` finished (read through `store.open_index`, which drops stale or damaged records). Memory: a few
+    bytes per input (`Items`, `Fingerprints`, `Ordinals`, `store.Resume`), not Python objects."""
     import functools
 
     p, count = share
-    mine = [(i, Path(f)) for i, f in enumerate(files) if i % count == p]
-    stats: dict[int, list[int] | None] = {}
-    for i, f in mine:
-        try:
-            stats[i] = fingerprint(f)
-        except OSError:
-            stats[i] = None
-    ordinal = {str(f): i for i, f in mine}
-    keep = functools.partial(_still_valid, ordinal=ordinal, stats=stats, directory=directory, out=out,
-                             figures=figures)  # fmt: skip
+    files = files if isinstance(files, PathList) else PathList(files)
+    ordinals = np.arange(p, len(files), count, dtype=np.int64)
+    stats = Fingerprints(files, ordinals)
+    shard_exists = functools.lru_cache(maxsize=None)(lambda name: (directory / name).is_file())  # one stat a shard
+    keep = functools.partial(_still_valid, ordinal=Ordinals(files, ordinals), stats=stats, shard_exists=shard_exists,
+                             out=out, figures=figures)  # fmt: skip
     done = st.open_index(directory, p, keep=keep, report=report)
+    left = np.fromiter((str(files[i]) not in done for i in ordinals.tolist()), bool, len(ordinals))
     return ResumePlan(
-        mine=mine, stats=stats, todo=[(i, f) for i, f in mine if str(f) not in done],
+        mine=Items(files, ordinals), stats=stats, todo=Items(files, ordinals[left]),
         resumed=done.explained, skipped=list(done.skipped), next_seq=done.next_seq,
     )  # fmt: skip

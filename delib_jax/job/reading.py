@@ -123,21 +123,23 @@ def read_ahead(reader: _reader.Reader, todo: Sequence[tuple[int, Path]], ahead: 
     """The batches of ``todo`` decoded, in order: ``ahead`` batches are submitted before the first is waited for,
     and the next one is submitted as soon as one is handed back (it decodes while that one computes). Each slot
     is taken from ``channel`` and given back there by the writer."""
-    batches = batches_of(todo, reader.shape[0])
-    reading: deque[tuple[int, list]] = deque()
+    size = reader.shape[0]
+    count = -(-len(todo) // size)
+    reading: deque[tuple[int, list, list]] = deque()
     submitted = 0
 
-    def submit() -> None:
+    def submit() -> None:  # a batch's items are made when it is submitted: flat memory for any length of todo
         nonlocal submitted
         slot = channel.take_slot()
-        reading.append((slot, reader.submit(slot, [f for _, f in batches[submitted]])))
+        items = list(todo[submitted * size : (submitted + 1) * size])
+        reading.append((slot, items, reader.submit(slot, [f for _, f in items])))
         submitted += 1
 
-    for _ in range(min(ahead, len(batches))):
+    for _ in range(min(ahead, count)):
         submit()
-    for items in batches:
-        slot, futures = reading.popleft()
+    for _ in range(count):
+        slot, items, futures = reading.popleft()
         reports = [r for fut in futures for r in fut.result()]
-        if submitted < len(batches):
+        if submitted < count:
             submit()
         yield ReadBatch(slot, items, reports)
