@@ -321,6 +321,28 @@ def _test_images(config, data_dir: Path, options: FaithfulnessOptions):
     return n, (batch["image"] for batch in pipe)
 
 
+def data_and_out(checkpoint: Path, data_dir: Path | None, out: Path, *, synthetic: bool) -> Path:
+    """The run's test data folder (``data_dir``, or with ``synthetic`` the synthetic dataset the run was trained on)
+    and the output folder created; `UsageError` (one line) otherwise."""
+    from delib_jax.checkpoint import load_run_config
+
+    if data_dir is None:
+        if not synthetic:
+            raise UsageError(
+                "give --data-dir with the run's dataset, or --synthetic for the synthetic dataset the "
+                "run was trained on"
+            )
+        config = load_run_config(checkpoint)
+        if not config.synthetic or not config.data_dir:
+            raise UsageError(f"{checkpoint} was not trained on a synthetic dataset: give --data-dir")
+        data_dir = Path(config.data_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out {out}: {e.strerror or e}; choose another folder") from None
+    return data_dir
+
+
 def run(
     checkpoint: Path,
     data_dir: Path | None,
@@ -331,23 +353,10 @@ def run(
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate one run; write OUT/results.json, OUT/table.md and the curve plots; return the summary."""
-    from delib_jax.checkpoint import load_model, load_run_config
+    from delib_jax.checkpoint import load_model
 
     options = options.check()
-    config = load_run_config(checkpoint)
-    if data_dir is None:
-        if not synthetic:
-            raise UsageError(
-                "give --data-dir with the run's dataset, or --synthetic for the synthetic dataset the "
-                "run was trained on"
-            )
-        if not config.synthetic or not config.data_dir:
-            raise UsageError(f"{checkpoint} was not trained on a synthetic dataset: give --data-dir")
-        data_dir = Path(config.data_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create --out {out}: {e.strerror or e}; choose another folder") from None
+    data_dir = data_and_out(checkpoint, data_dir, out, synthetic=synthetic)
     model, config = load_model(checkpoint)
     n, batches = _test_images(config, data_dir, options)
     identity = {

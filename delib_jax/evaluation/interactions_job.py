@@ -43,6 +43,7 @@ from delib_jax.evaluation.faithfulness_job import (
     _test_images,
     _weights_stamp,
     _write_json,
+    data_and_out,
 )
 
 METHODS = ("integrated", "expected", "smoothhess")
@@ -179,20 +180,10 @@ def run(
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Evaluate one run; write OUT/results.json, OUT/table.md, OUT/deletion.png and OUT/insecurity.png."""
-    from delib_jax.checkpoint import load_model, load_run_config
+    from delib_jax.checkpoint import load_model
 
     options = options.check()
-    config = load_run_config(checkpoint)
-    if data_dir is None:
-        if not synthetic:
-            raise UsageError("give --data-dir with the run's dataset, or --synthetic for its synthetic dataset")
-        if not config.synthetic or not config.data_dir:
-            raise UsageError(f"{checkpoint} was not trained on a synthetic dataset: give --data-dir")
-        data_dir = Path(config.data_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create --out {out}: {e.strerror or e}; choose another folder") from None
+    data_dir = data_and_out(checkpoint, data_dir, out, synthetic=synthetic)
     model, config = load_model(checkpoint)
     sample = argparse.Namespace(num_images=options.pool, batch_size=options.pool, seed=options.seed)
     n, batches = _test_images(config, data_dir, sample)
