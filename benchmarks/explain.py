@@ -2,8 +2,10 @@
 
     python -m benchmarks.explain --arch resnet50 --images 200 --batch 32 --json
     python -m benchmarks.explain --checkpoint runs/cub --folder photos/ --batch 64 --json
+    python -m benchmarks.explain --data-dir /data/tfds/delib_cub/resize256/1.0.0 --images 2000 --batch 64 --json
 
-Generates --images JPEGs of CUB's size (500x375) in a temporary folder (or takes --folder), then prints one JSON
+Generates --images JPEGs of CUB's size (500x375) in a temporary folder (or takes --folder, or the first --images
+examples of a split of a CUB release or TFDS build, --data-dir), then prints one JSON
 line: decode_img_s (the reader alone: decode, resize, crop, normalise into batch buffers), core_img_s (the compiled
 explanation plus the compact outputs on as many device-resident batches), e2e_img_s (the whole job from files to
 finished outputs, compilation excluded by a warm-up run and reported as compile_s), each the median of --rounds
@@ -75,6 +77,7 @@ def _model(arch: str, classes: int, crop: int, checkpoint: str | None):
 def _decode_rate(files, config, batch: int, workers: int) -> float:
     from delib_jax import _reader
 
+    files = [files.payload(i) for i in range(len(files))]  # paths, or a dataset's images (a build's: their bytes)
     with _reader.Reader(batch=batch, crop=config.crop, resize=config.resize, slots=4, workers=workers) as reader:
         batches = [files[i : i + batch] for i in range(0, len(files), batch)]
         for f in reader.submit(0, batches[0]):  # start the workers
@@ -153,11 +156,11 @@ def _figure_rate(host: dict, names, files, config, count: int = 8) -> float:
     settings = {"score": "hardness", "method": "gradient_hessian"}
     with tempfile.TemporaryDirectory() as d:
         e = st.explanation_from_row(arrays, 0, names, settings, str(files[0]))
-        _render_figure(e, str(files[0]), config.resize, config.crop, f"{d}/warm.png", {})
+        _render_figure(e, files.payload(0), config.resize, config.crop, f"{d}/warm.png", {})
         t = time.perf_counter()
         for j in range(count):
             e = st.explanation_from_row(arrays, j % len(arrays["probs"]), names, settings, str(files[j % len(files)]))
-            _render_figure(e, str(files[j % len(files)]), config.resize, config.crop, f"{d}/{j}.png", {})
+            _render_figure(e, files.payload(j % len(files)), config.resize, config.crop, f"{d}/{j}.png", {})
         return count / (time.perf_counter() - t)
 
 
@@ -165,6 +168,7 @@ def run(args) -> dict:
     import jax
 
     from delib_jax import _reader
+    from delib_jax.job.folder import PathList
     from delib_jax.stream import JobOptions, explain_files
 
     model, config = _model(args.arch, args.classes, args.crop, args.checkpoint)
@@ -172,12 +176,16 @@ def run(args) -> dict:
     explain_options = {"top_n": args.top_n, "max_insecurities": args.max_insecurities}
     tmp = Path(tempfile.mkdtemp(prefix="delib-bench-"))
     try:
-        if args.folder:
+        if args.data_dir:  # a dataset's split: a release folder, or a TFDS build read from its records
+            from delib_jax.job.inputs import dataset_inputs
+
+            files = dataset_inputs("cub", args.data_dir, args.split)[: args.images or None]
+        elif args.folder:
             from delib_jax.cli import image_files
 
             files = image_files([args.folder], lambda m: None)[: args.images or None]
         else:
-            files = make_images(tmp / "images", args.images)
+            files = PathList(make_images(tmp / "images", args.images))
         options = JobOptions(batch_size=args.batch, workers=workers, progress=False, json_limit=0,
                              figures=args.figures)  # fmt: skip
         warm = explain_files(model, config, files[: args.batch], tmp / "warm", options=options,
@@ -201,6 +209,7 @@ def run(args) -> dict:
     d = jax.devices()[0]
     return {
         "arch": config.arch, "images": len(files), "batch": args.batch, "crop": config.crop,
+        "input": "files" if not args.data_dir else f"{files.form} {args.split} split",
         "classes": config.num_classes, "workers": workers, "figures": args.figures,
         "device": f"{d.platform} ({d.device_kind})", "devices": jax.local_device_count(),
         "decode_img_s": round(decode, 2), "core_img_s": round(core, 2), "e2e_img_s": round(e2e, 2),
@@ -219,6 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=sorted(ARCHS), default="resnet50")
     p.add_argument("--checkpoint", help="a training run (default: random weights)")
     p.add_argument("--folder", help="explain the images of this folder instead of generated JPEGs")
+    p.add_argument(
+        "--data-dir", help="explain a split of CUB instead: its release folder or a TFDS build (e.g. pre-resized)"
+    )
+    p.add_argument("--split", choices=("test", "train"), default="test", help="with --data-dir (default: test)")
     p.add_argument("--images", type=int, nargs="+", default=[200], help="images (with --memory: several counts)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=200)

@@ -25,7 +25,7 @@ _EXPORTS = {
     "Explanation": "delib_jax.explanation", "Insecurity": "delib_jax.explanation", "explain": "delib_jax.explanation",
     "make_explain_fn": "delib_jax.explanation", "Insecurities": "delib_jax.insecurity",
     "find_insecurities": "delib_jax.insecurity", "create_model": "delib_jax.models",
-    "explain_files": "delib_jax.stream", "load_explanations": "delib_jax.store",
+    "explain_files": "delib_jax.stream", "explain_dataset": "delib_jax.stream", "load_explanations": "delib_jax.store",
 }  # fmt: skip
 _SUBMODULES = (
     "attribution", "checkpoint", "cli", "data", "demo", "difficulty", "evaluation", "explanation", "insecurity",
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from delib_jax.insecurity import Insecurities, find_insecurities
     from delib_jax.models import create_model
     from delib_jax.store import load_explanations
-    from delib_jax.stream import explain_files
+    from delib_jax.stream import explain_dataset, explain_files
 
 
 def __getattr__(name: str):
@@ -56,6 +56,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Explanation", "Insecurities", "Insecurity", "create_model", "explain", "explain_files", "find_insecurities",
+    "Explanation", "Insecurities", "Insecurity", "create_model", "explain", "explain_dataset", "explain_files",
+    "find_insecurities",
     "load_explanations", "make_explain_fn",
 ]  # fmt: skip

@@ -39,6 +39,15 @@ class Decoded:
     note: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """A dataset's image as its pipelines read it (no EXIF rotation: the annotations are in stored pixels): the file
+    ``name`` of a release folder, or the encoded ``data`` of a TFDS record that ``name`` stands for in errors."""
+
+    name: str
+    data: bytes | None = None
+
+
 def size_note(path: str, width: int, height: int, resize: int, crop: int) -> str | None:
     """A one-line note for an image the evaluation transform treats badly: far smaller than the crop (blown up), or
     so elongated that the centre crop keeps a small part of it; None for ordinary images."""
@@ -53,17 +62,26 @@ def size_note(path: str, width: int, height: int, resize: int, crop: int) -> str
     return f"note: {path} ({width}x{height}): " + "; ".join(notes) if notes else None
 
 
-def decode(path: str, *, resize: int, crop: int) -> tuple[np.ndarray | None, Decoded]:
-    """(crop, crop, 3) uint8 pixels as the run evaluated them (or None) and the report for ``path``."""
+def decode(path, *, resize: int, crop: int) -> tuple[np.ndarray | None, Decoded]:
+    """(crop, crop, 3) uint8 pixels as the run evaluated them (or None) and the report for ``path``: a file (turned
+    upright as its EXIF says), or a dataset's image (`delib_jax.job.inputs.StoredImage`: a file or encoded bytes,
+    read as the dataset's pipelines read it)."""
     try:
-        image = transforms.read_rgb(path, exif_orientation=True)
+        if isinstance(path, str):
+            image = transforms.read_rgb(path, exif_orientation=True)
+        elif path.data is None:
+            image = transforms.read_rgb(path.name, exif_orientation=False)
+        else:
+            image = transforms.decode_rgb(path.data, path.name, exif_orientation=False)
+        path = path if isinstance(path, str) else path.name
         note = size_note(path, image.width, image.height, resize, crop)
         plan = transforms.eval_plan(image.width, image.height, resize=resize, crop=crop)
         return transforms.apply_to_image(plan, image), Decoded(size=(image.width, image.height), note=note)
     except transforms.ImageReadError as e:
         return None, Decoded(error=str(e))
     except Exception as e:  # noqa: BLE001 -- a decoder failing in an unexpected way: skip the file, say why
-        return None, Decoded(error=f"{path}: cannot read image ({type(e).__name__}: {e})")
+        name = path if isinstance(path, str) else getattr(path, "name", path)
+        return None, Decoded(error=f"{name}: cannot read image ({type(e).__name__}: {e})")
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -183,8 +201,9 @@ class Reader:
             self._run = lambda slot, row, paths: _fill(arrays, slot, row, paths, resize, crop)
         self.workers = workers
 
-    def submit(self, slot: int, paths: Sequence[str | Path]) -> list[Future]:
-        paths = [str(p) for p in paths]
+    def submit(self, slot: int, paths: Sequence) -> list[Future]:
+        """Decode ``paths`` (files, or `StoredImage` of a dataset) into rows 0.. of ``slot``."""
+        paths = [p if not isinstance(p, Path) else str(p) for p in paths]
         return [
             self._pool.submit(self._run, slot, row, paths[row : row + self.chunk])
             for row in range(0, len(paths), self.chunk)

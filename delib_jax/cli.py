@@ -90,8 +90,9 @@ centre-cropped as the run was evaluated. Unreadable files are reported and skipp
 every few seconds: run the same command again after a crash or kill and it resumes where it stopped (files changed
 since are explained again).
 
-example:
+examples:
   delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/ --coverage 10%
+  delib explain --data-dir /data/CUB_200_2011 --split test --checkpoint runs/cub_vgg16 --out explained_test/
 """
 
 
@@ -113,7 +114,16 @@ def _top_n(text: str) -> int | None:
 
 
 def _configure_explain(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
+    p.add_argument(
+        "--data-dir", metavar="DIR", default=None,
+        help="explain a split of the run's dataset instead: its release folder or a TFDS build (as for training); "
+        "records name the dataset, split and example index",
+    )  # fmt: skip
+    p.add_argument(
+        "--split", choices=("test", "train"), default="test",  # delib_jax.job.inputs.SPLITS
+        help="with --data-dir: which split (default: test; ADE20K's validation images are its test split)",
+    )  # fmt: skip
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="training run directory (config.json)")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load (default: best)")
@@ -198,6 +208,9 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
 
 
 def _check_explain_args(args: argparse.Namespace) -> None:
+    if bool(args.inputs) == bool(args.data_dir):
+        raise UsageError("give image files or folders, or --data-dir DIR (a dataset's split), not both"
+                         if args.inputs else "give image files or folders to explain, or --data-dir DIR")  # fmt: skip
     if args.coverage is not None and not 0.01 <= args.coverage <= 0.90:
         raise UsageError(f"--coverage must lie between 1% and 90% (0.01..0.9), got {args.coverage:g}")
     if args.k < 2:
@@ -270,6 +283,30 @@ def image_files(inputs: Iterable[str], report: Callable[[str], None], missing: l
     return PathList(f for name in inputs for f in found(name) if once(f))
 
 
+def _dataset_inputs(args: argparse.Namespace, config, report: Callable[[str], None]):
+    """--data-dir, --split: the examples of that split of the run's dataset (`delib_jax.job.inputs.DatasetInputs`),
+    checked against the model's classes; one line for anything wrong."""
+    from delib_jax.data import DatasetError
+    from delib_jax.job.inputs import check_classes, dataset_inputs
+
+    if not Path(args.data_dir).exists():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist (give the dataset's release folder or TFDS build)")
+    found: list[str] = []  # which form the folder holds: said once the data is known to fit (errors come first)
+    try:
+        inputs = dataset_inputs(config.dataset, args.data_dir, args.split, report=found.append)
+        check_classes(inputs, config.class_names)
+    except DatasetError as e:  # names the folder and what is wrong
+        raise UsageError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--data-dir {args.data_dir}: {e}") from None
+    if not len(inputs):
+        raise UsageError(f"--data-dir {args.data_dir}: the {config.dataset} data there has no {args.split} images")
+    for line in found:
+        report(line)
+    report(f"{len(inputs)} {args.split} images of {config.dataset} ({inputs.form} in {args.data_dir})")
+    return inputs
+
+
 def _read_examples(path: str | None, class_names: Sequence[str]) -> dict:
     """--examples: class index -> example image path; every entry checked now (a string naming a readable image)."""
     from delib_jax.explanation import ImageReadError, read_image
@@ -318,12 +355,14 @@ def _run_explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from delib_jax import _xla
+    from delib_jax._reader import decode
     from delib_jax.checkpoint import check_model_config, load_model
     from delib_jax.class_examples import class_examples
     from delib_jax.explanation import preprocess, read_image
     from delib_jax.job.folder import PathList
+    from delib_jax.job.inputs import RecordPayloads
     from delib_jax.report import write_human_study
-    from delib_jax.store import load_explanations, read_records
+    from delib_jax.store import load_explanations, read_manifest, read_records
     from delib_jax.stream import JobError, JobOptions, explain_files
 
     def report(message: str) -> None:
@@ -341,6 +380,18 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint}: {e}") from None
     if args.k > (config.num_classes if args.top_n is None else min(args.top_n, config.num_classes)):
         raise UsageError(f"--k ({args.k}) exceeds the classes considered (the model has {config.num_classes})")
+    missing: list[Path] = []
+    if args.data_dir:
+        files = _dataset_inputs(args, config, report)
+    else:
+        files = image_files(args.inputs, report, missing)
+        if len(missing) == len(args.inputs):
+            raise UsageError(f"no such file or directory: {', '.join(map(str, missing))} (give images or folders)")
+        own = Path(args.out).resolve()
+        files = PathList(f for f in files if own not in f.resolve().parents)  # never our own figures
+        if not files:
+            given = ", ".join(str(p) for p in args.inputs if Path(p) not in missing)
+            raise UsageError(f"no image files in {given} (looked for {', '.join(_IMAGE_HINT)}, ... recursively)")
     if args.examples:
         examples = _read_examples(args.examples, config.class_names)
     elif args.no_examples or args.no_figures:
@@ -348,15 +399,6 @@ def _run_explain(args: argparse.Namespace) -> int:
     else:  # the training split's most typical image of each class, chosen once per run (delib_jax.class_examples)
         examples = class_examples(args.checkpoint, model, config, which=args.which, report=report)
 
-    missing: list[Path] = []
-    files = image_files(args.inputs, report, missing)
-    if len(missing) == len(args.inputs):
-        raise UsageError(f"no such file or directory: {', '.join(map(str, missing))} (give images or folders)")
-    own = Path(args.out).resolve()
-    files = PathList(f for f in files if own not in f.resolve().parents)  # never our own figures
-    if not files:
-        given = ", ".join(str(p) for p in args.inputs if Path(p) not in missing)
-        raise UsageError(f"no image files in {given} (looked for {', '.join(_IMAGE_HINT)}, ... recursively)")
     out = make_out_dir(args.out)
     options = JobOptions(
         batch_size=args.batch_size, workers=args.workers, figures=not args.no_figures, json=args.json,
@@ -398,9 +440,17 @@ def _run_explain(args: argparse.Namespace) -> int:
         choices = min(5, config.num_classes)
 
         def pairs():
+            if args.data_dir:  # a dataset's examples: the pixels as the job read them
+                payloads = RecordPayloads(read_manifest(out) or {}, files, report)
+                records = {r["source"]: r for r in read_records(out)}
             for e in load_explanations(out):
-                pixels, _ = preprocess(read_image(e.source), resize=config.resize, crop=config.crop,
-                                       normalization=config.normalization)  # fmt: skip
+                if args.data_dir:
+                    pixels, _ = decode(payloads(records[e.source]), resize=config.resize, crop=config.crop)
+                    if pixels is None:
+                        continue
+                else:
+                    pixels, _ = preprocess(read_image(e.source), resize=config.resize, crop=config.crop,
+                                           normalization=config.normalization)  # fmt: skip
                 yield e, pixels
 
         study = write_human_study(out / "study", pairs(), examples, class_names=config.class_names,

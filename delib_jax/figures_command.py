@@ -99,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
     from delib_jax import _reader
     from delib_jax import store as st
     from delib_jax.job.folder import JobError, check_own_files, lock_folder
+    from delib_jax.job.inputs import RecordPayloads
     from delib_jax.job.writing import figure_name, render_figure
     from delib_jax.progress import progress_bar
     from delib_jax.stream import drawn_figures, write_pages
@@ -140,6 +141,7 @@ def _run(args: argparse.Namespace) -> int:
             st.remove_temporaries(out / "figures")
             examples = _examples(manifest, args.no_examples, report)
         resize, crop = manifest["input"]["resize"], manifest["input"]["crop"]
+        payloads = RecordPayloads(manifest, report=report)  # a dataset run's images: read from its data
         drawn = failed = 0
         workers = _reader.default_workers() if args.workers is None else args.workers
         pool = _reader.start_pool(workers) if workers > 0 and len(todo) > 1 else None
@@ -169,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
                                           on_damage=lambda d: report(f"skipping a damaged entry: {d}")):  # fmt: skip
                 r = todo[e.source]
                 name = figure_name(r["i"], r["source"])
-                job = (e, e.source, resize, crop, str(out / name), examples)
+                job = (e, payloads(r), resize, crop, str(out / name), examples)
                 if pool is None:
                     settle(e.source, name, lambda job=job: render_figure(*job))
                 else:

@@ -176,16 +176,18 @@ def thumbnail_name(source: str) -> str:
     return f"thumbs/{digest}.jpg"
 
 
-def write_thumbnail(out: str | Path, source: str, resize: int, crop: int, size: int = THUMBNAIL) -> str | None:
+def write_thumbnail(out: str | Path, source: str, resize: int, crop: int, size: int = THUMBNAIL, *,
+                    payload=None) -> str | None:  # fmt: skip
     """OUT/thumbs/HASH.jpg of ``source`` as the job saw it (resized and cropped), ``size`` px, written once
-    (atomically; an existing one is kept). Returns its path relative to OUT, or None when the input is unreadable."""
+    (atomically; an existing one is kept). Returns its path relative to OUT, or None when the input is unreadable.
+    ``payload``: what to decode when it is not the file ``source`` (a dataset's `_reader.StoredImage`)."""
     from delib_jax import _reader
 
     name = thumbnail_name(source)
     path = Path(out) / name
     if path.is_file():
         return name
-    pixels, _ = _reader.decode(source, resize=resize, crop=crop)
+    pixels, _ = _reader.decode(source if payload is None else payload, resize=resize, crop=crop)
     if pixels is None:
         return None
     image = Image.fromarray(np.asarray(pixels, np.uint8)).resize((size, size), Image.BILINEAR)

@@ -46,6 +46,7 @@ from delib_jax.job.folder import (
     prepare_folder,
     weights_digest,
 )
+from delib_jax.job.inputs import DatasetInputs, RecordPayloads, dataset_inputs
 from delib_jax.job.reading import Channel, Dispatched, read_ahead
 from delib_jax.job.writing import Figures, WriterStage, figure_name, writer_loop
 
@@ -55,7 +56,7 @@ from delib_jax.job.writing import Figures, WriterStage, figure_name, writer_loop
 def explain_files(
     model,
     config,
-    files: Sequence[str | Path],
+    files: Sequence[str | Path] | DatasetInputs,
     out: str | Path,
     *,
     options: JobOptions = JobOptions(),  # noqa: B008 -- a frozen dataclass
@@ -68,7 +69,8 @@ def explain_files(
 
     Args:
       model: a `DeliberativeModel`; config: its `RunConfig` (class names, resize, crop, normalisation).
-      files: image paths, explained in this order (unreadable ones skipped with a reason).
+      files: image paths, explained in this order (unreadable ones skipped with a reason), or the examples of a
+        dataset's split (`DatasetInputs`, see `explain_dataset`).
       out: output folder (created); an earlier run's results there are kept and the rest added (resume).
       options: `JobOptions`; model_id: what identifies the model in the manifest (e.g. checkpoint and which);
       examples: class index -> example image for the figures.
@@ -113,14 +115,17 @@ def explain_files(
             "figures": bool(options.figures),
             "class_names": [str(n) for n in config.class_names],
         }  # fmt: skip
-        files = files if isinstance(files, PathList) else PathList(files)
+        if isinstance(files, DatasetInputs):  # a resumed run must read the same split of the same data
+            manifest["data"] = files.manifest()
+        else:
+            files = files if isinstance(files, PathList) else PathList(files)
         summary = _run(out, share, config, files, options, manifest, DeviceStep(explain_fn),
                        reader, examples or {}, report)  # fmt: skip
         if _synced(options, share):  # the report covers every process's explanations: process 0, once all are done
             _multihost.barrier("delib explain: all written")
             if share[0] != 0:
                 return summary
-        finish(out, manifest, options, summary, report)
+        finish(out, manifest, options, summary, report, inputs=files if isinstance(files, DatasetInputs) else None)
         return summary
     except BaseException:
         if reader is not None:
@@ -134,14 +139,40 @@ def explain_files(
         lock.close()
 
 
+def explain_dataset(
+    model,
+    config,
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    options: JobOptions = JobOptions(),  # noqa: B008 -- a frozen dataclass
+    model_id: Mapping[str, Any] | None = None,
+    examples: Mapping[int, Path] | None = None,
+    report: Callable[[str], None] = print,
+    **explain_options,
+) -> JobSummary:
+    """`explain_files` over the examples of ``split`` ('test' or 'train') of the run's dataset (``config.dataset``)
+    in ``data_dir``: a release folder or a TFDS build, recognised as training recognises it. Records name the
+    dataset, split and example index; a TFDS build's images are decoded from its records. Raises `DatasetError` or
+    ValueError (one line, nothing written) for data that cannot be read or whose classes are not the model's."""
+    from delib_jax.job.inputs import check_classes
+
+    inputs = dataset_inputs(config.dataset, data_dir, split)
+    check_classes(inputs, config.class_names)
+    return explain_files(model, config, inputs, out, options=options, model_id=model_id, examples=examples,
+                         report=report, **explain_options)  # fmt: skip
+
+
 def _synced(options: JobOptions, share: tuple[int, int]) -> bool:
     """Whether this job is one of several jax.distributed processes (their shares implicit: they wait for each
     other where one of them acts for all)."""
     return options.share is None and share[1] > 1
 
 
-def _run(out: Path, share: tuple[int, int], config, files: PathList, options: JobOptions, manifest: dict,
-         step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report) -> JobSummary:  # fmt: skip
+def _run(out: Path, share: tuple[int, int], config, files: PathList | DatasetInputs, options: JobOptions,
+         manifest: dict, step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path],
+         report) -> JobSummary:  # fmt: skip
     """The stages wired: the reader decodes ahead, the device step is dispatched per batch, the writer thread
     fetches and stores; Ctrl-C or a failure keeps what the writer finished and drops the rest."""
     from delib_jax.progress import progress_bar
@@ -162,16 +193,17 @@ def _run(out: Path, share: tuple[int, int], config, files: PathList, options: Jo
         if options.figures:
             n = _reader.default_workers() if options.figure_workers is None else options.figure_workers
             figures = Figures(out, config.resize, config.crop, manifest["class_names"], manifest["settings"],
-                              examples, report, channel.stopping)  # fmt: skip
+                              examples, report, channel.stopping, payload=lambda r: files.payload(r["i"]))  # fmt: skip
             figures.pool = _reader.start_pool(n) if n > 0 else None
         shards = st.ShardWriter(directory, share[0], options.shard_size, next_seq=plan.next_seq,
                                 image_size=(config.crop, config.crop), run=run,
                                 ready=figures.ready if figures else None)  # fmt: skip
         writer = WriterStage(shards, manifest["class_names"], plan.stats, report, figures,
-                             shard_seconds=options.shard_seconds, on_done=bar.update)  # fmt: skip
+                             shard_seconds=options.shard_seconds, on_done=bar.update,
+                             describe=files.describe)  # fmt: skip
         thread = threading.Thread(target=writer_loop, args=(channel, writer), name="delib-writer", daemon=True)
         thread.start()
-        for batch in read_ahead(reader, plan.todo, options.prefetch, channel):
+        for batch in read_ahead(reader, plan.todo, options.prefetch, channel, lambda i, f: files.payload(i)):
             channel.put(Dispatched(batch, step(reader.arrays[batch.slot]) if batch.any_readable else None))
         channel.put(None)
         thread.join()
@@ -208,13 +240,14 @@ def _disk_full(out: Path, remaining: int, writer: st.ShardWriter) -> JobError:
 # ------------------------------------------------------------------------------------------------ finishing
 
 
-def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary: JobSummary, report) -> None:
+def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary: JobSummary, report,
+           inputs: DatasetInputs | None = None) -> None:  # fmt: skip
     """The report (`write_pages`) and, when asked (``json``) for small runs, insecurities.json (every explanation,
-    the same content as `Explanation.to_json`)."""
+    the same content as `Explanation.to_json`); ``inputs``: a dataset run's examples (for the thumbnails)."""
     from delib_jax.explanation import write_json
 
     settings = manifest["settings"]
-    total = write_pages(out, manifest, report_limit=options.report_limit, report=report)
+    total = write_pages(out, manifest, report_limit=options.report_limit, report=report, inputs=inputs)
     if not total:
         return  # nothing explained (yet): no report
     if not options.json:
@@ -274,10 +307,12 @@ def _inside(out: Path, relative: str) -> bool:
     return len(parts) == 2 and parts[0] == "figures" and ".." not in parts
 
 
-def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1000, report=print) -> int:
+def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1000, report=print,
+                inputs: DatasetInputs | None = None) -> int:  # fmt: skip
     """index.html (the hardest ``report_limit`` images with thumbnails and figures, the skipped inputs) and
     pairs.html (the class pairs of the whole run, `delib_jax.report.pair_statistics`), from the stored index in
-    streaming passes; returns the number of explained images (0: nothing written)."""
+    streaming passes; returns the number of explained images (0: nothing written). The thumbnails of a dataset
+    run are read from its data (``inputs``, or opened from the manifest when needed)."""
     from delib_jax.report import common_root, pair_statistics, write_pairs, write_report, write_thumbnail
 
     settings = manifest["settings"]
@@ -302,12 +337,14 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
                 skipped.append((r["source"], r["skipped"]))
     chosen = [r for _, _, r in sorted(hardest, key=lambda t: (-t[0], -t[1]))]
     figures = drawn_figures(out)
-    thumbs = {}
+    thumbs, records_of = {}, {}
+    payloads = RecordPayloads(dict(manifest), inputs, report)  # a dataset run's images are read from its data
 
     def thumb(source: str) -> str | None:
         if source not in thumbs:
             try:
-                thumbs[source] = write_thumbnail(out, source, resize, crop)
+                payload = payloads(records_of.get(source, {"source": source}))
+                thumbs[source] = write_thumbnail(out, source, resize, crop, payload=payload)
             except OSError as e:
                 report(f"no thumbnail for {source}: {e.strerror or e}")
                 thumbs[source] = None
@@ -325,6 +362,9 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
     wanted = {src for p in listed for _, _, src in p["examples"]}
     shares, image_shares = {}, {}  # the readable strengths (`Explanation.shares`) of the images the pages show
     sources = sorted(wanted | {r["source"] for r in chosen})
+    if payloads.data is not None:  # their records name the examples (dataset index) the thumbnails are read from
+        needed = set(sources)
+        records_of = {r["source"]: r for r in st.read_records(out) if r["source"] in needed}
     for e in st.load_explanations(out, sources=sources, skip_damaged=True, on_damage=lambda d: report(str(d))):
         image_shares[e.source] = e.shares
         for q, share in zip(e.insecurities, e.shares):
@@ -342,6 +382,7 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
 
 
 __all__ = [
-    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "explain_files",
+    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "explain_dataset",
+    "explain_files",
     "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder", "weights_digest", "write_pages",
 ]  # fmt: skip

@@ -27,6 +27,7 @@ from flax import nnx
 from delib_jax._command import UsageError
 from delib_jax._multihost import init_distributed
 from delib_jax.checkpoint import load_model
+from delib_jax.data import load_cub
 from delib_jax.data.synthetic import make_cub
 from delib_jax.store import load_explanations, read_records
 
@@ -97,8 +98,9 @@ def _train(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "train.cub", "--data-dir", str(data), "--out", str(out), *TRAIN, *extra]
 
 
-def _explain(run: Path, images: Path, out: Path, extra: list[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "delib_jax.cli", "explain", str(images), "--checkpoint", str(run), "--out", str(out),
+def _explain(run: Path, images: Path | list[str], out: Path, extra: list[str] = ()) -> list[str]:
+    inputs = [str(images)] if isinstance(images, Path) else images
+    return [sys.executable, "-m", "delib_jax.cli", "explain", *inputs, "--checkpoint", str(run), "--out", str(out),
             "--no-figures", "--json", "--workers", "0", "--batch-size", "4", *extra]  # fmt: skip
 
 
@@ -201,12 +203,21 @@ def test_two_training_processes_resume_after_both_are_killed(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_explaining_processes_write_what_one_does(runs, tmp_path):
-    images = runs / "data" / "CUB_200_2011" / "images"
+@pytest.mark.parametrize("inputs", ["folder", "dataset"])
+def test_two_explaining_processes_write_what_one_does(runs, tmp_path, inputs):
+    """Over a folder of files, and over a dataset's test split (--data-dir): the union of the two processes'
+    outputs is the one-process run, record for record."""
+    if inputs == "folder":
+        images, count = runs / "data" / "CUB_200_2011" / "images", 32
+    else:
+        images, count = (
+            ["--data-dir", str(runs / "data"), "--split", "test"],
+            int((~load_cub(runs / "data").is_train).sum()),
+        )
     one, two = tmp_path / "one", tmp_path / "two"
     _run_all([_explain(runs / "one", images, one)], runs / "cache")  # compiles once for all three processes
     outputs = _run_all([_explain(runs / "one", images, two, f) for f in _multihost(2)], runs / "cache")
-    assert "process 1 of 2: explained 16 of 16 images" in outputs[1]
+    assert f"process 1 of 2: explained {count // 2} of {count // 2} images" in outputs[1]
     assert sorted(p.name for p in (two / "explanations").glob("index-*.jsonl")) == ["index-00000.jsonl",
                                                                                      "index-00001.jsonl"]  # fmt: skip
 
@@ -215,7 +226,11 @@ def test_two_explaining_processes_write_what_one_does(runs, tmp_path):
         return {r["source"]: {k: v for k, v in r.items() if k not in place} for r in read_records(out)}
 
     r1, r2 = records(one), records(two)
-    assert len(r1) == 32 and r1 == r2
+    assert len(r1) == count and r1 == r2
+    assert (
+        inputs == "folder"
+        or sorted(r["index"] for r in r1.values()) == np.flatnonzero(~load_cub(runs / "data").is_train).tolist()
+    )
     e1 = {e.source: e for e in load_explanations(one)}
     e2 = {e.source: e for e in load_explanations(two)}
     assert e1.keys() == e2.keys()

@@ -5,7 +5,8 @@ apart; and every page of docs/ reachable from the README through links that reso
   holds stand-ins for what a user brings: ``runs/cub`` (a small CNN trained for no steps, 6 classes, 32 px),
   ``vgg16.safetensors`` (a torchvision-format state dict of a VGG16 of the same layout but narrow layers, with
   `delib_jax.models.ARCHS["vgg16"]` swapped for the test), image files ``a.jpg``, ``b.png`` and ``photos/``, an
-  ``explained/`` folder written by the streaming job when a page reads one without writing it, and the names
+  ``explained/`` folder written by the streaming job when a page reads one without writing it (``cub_test/``: a
+  generated CUB test split explained the same way), and the names
   ``images`` (a random normalised batch (2, 32, 32, 3)) and ``pixels`` (a uint8 image (32, 32, 3)).
 - ``bash`` blocks are checked command by command without running them (they train for hours or read datasets the
   user brings): ``delib ...`` and ``python -m MODULE ...`` must reach their argument parser and parse their options
@@ -150,6 +151,19 @@ def _write_explained(root: Path, run: Path, files: list[Path]) -> None:
     explain_files(model, config, [str(f) for f in files], root / "explained", options=JobOptions(batch_size=2))
 
 
+def _write_dataset_run(root: Path, run: Path) -> None:
+    """cub_test/: the test split of a small generated CUB release explained by the run (its classes unchecked)."""
+    from delib_jax.checkpoint import load_model
+    from delib_jax.data.synthetic import make_cub
+    from delib_jax.job.inputs import dataset_inputs
+    from delib_jax.stream import JobOptions, explain_files
+
+    model, config = load_model(run)
+    make_cub(root / "cub_data", classes=2, images_per_class=2, size=40, seed=0)
+    inputs = dataset_inputs("cub", root / "cub_data", "test")
+    explain_files(model, config, inputs, root / "cub_test", options=JobOptions(batch_size=2), report=lambda m: None)
+
+
 @pytest.fixture
 def stand_ins(tmp_path, monkeypatch):
     """The folder a page's python blocks run in, and the names they start with."""
@@ -170,6 +184,8 @@ def run_page(path: Path, root: Path, namespace: dict) -> dict:
     script = page_script(path)
     if "explained/" in script and "explain_files(" not in script:
         _write_explained(root, root / "runs" / "cub", sorted((root / "photos").iterdir()))
+    if "cub_test/" in script and "explain_dataset(" not in script:
+        _write_dataset_run(root, root / "runs" / "cub")
     exec(compile(script, str(path), "exec"), namespace)
     return namespace
 

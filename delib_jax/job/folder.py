@@ -235,11 +235,27 @@ class PathList(Sequence):
     def __repr__(self) -> str:
         return f"PathList({len(self)} paths)"
 
+    # the job's view of its inputs (`delib_jax.job.inputs`): a file's source is its path
+    def fingerprint(self, i: int) -> list[int] | None:
+        """`fingerprint` of file ``i`` (None: unreadable)."""
+        try:
+            return fingerprint(self[i])
+        except OSError:
+            return None
+
+    def payload(self, i: int) -> str:
+        """What a reader decodes: the path (turned upright as its EXIF says, as a photo is shown)."""
+        return str(self[i])
+
+    def describe(self, i: int) -> None:
+        """Nothing to add to a file's record."""
+        return None
+
 
 @dataclass(frozen=True)
 class Items(Sequence):
-    """(ordinal, path) pairs of ``files`` picked by an array of ordinals (8 bytes per item): this share's inputs,
-    what is left to do."""
+    """(ordinal, source) pairs of ``files`` (a `PathList` or `delib_jax.job.inputs.DatasetInputs`) picked by an array
+    of ordinals (8 bytes per item): this share's inputs, what is left to do."""
 
     files: Sequence[Path]
     ordinals: np.ndarray
@@ -251,11 +267,11 @@ class Items(Sequence):
         if isinstance(k, slice):
             return Items(self.files, self.ordinals[k])
         i = int(self.ordinals[k])
-        return i, Path(self.files[i])
+        return i, self.files[i]
 
     def __iter__(self):
         for i in self.ordinals.tolist():
-            yield i, Path(self.files[i])
+            yield i, self.files[i]
 
     def __eq__(self, other) -> bool:
         if isinstance(other, Items):
@@ -266,16 +282,16 @@ class Items(Sequence):
 
 
 class Fingerprints(Mapping):
-    """ordinal -> `fingerprint` (None: unreadable) of the inputs of one share, in one (count, 2) int64 array."""
+    """ordinal -> fingerprint (None: unreadable) of the inputs of one share, in one (count, 2) int64 array;
+    ``files``: a `PathList` or `delib_jax.job.inputs.DatasetInputs`."""
 
-    def __init__(self, files: Sequence[Path], ordinals: np.ndarray):
+    def __init__(self, files, ordinals: np.ndarray):
         self.ordinals = ordinals
         self.values = np.full((len(ordinals), 2), -1, np.int64)
         for k, i in enumerate(ordinals.tolist()):
-            try:
-                self.values[k] = fingerprint(Path(files[i]))
-            except OSError:
-                pass  # unreadable: -1 (a size is never negative)
+            stat = files.fingerprint(i)
+            if stat is not None:  # unreadable: -1 (a size is never negative)
+                self.values[k] = stat
 
     def _position(self, i: int) -> int:
         k = int(np.searchsorted(self.ordinals, i))
@@ -362,7 +378,7 @@ def plan_resume(
     import functools
 
     p, count = share
-    files = files if isinstance(files, PathList) else PathList(files)
+    files = files if hasattr(files, "payload") else PathList(files)  # a PathList or DatasetInputs
     ordinals = np.arange(p, len(files), count, dtype=np.int64)
     stats = Fingerprints(files, ordinals)
     shard_exists = functools.lru_cache(maxsize=None)(lambda name: (directory / name).is_file())  # one stat a shard

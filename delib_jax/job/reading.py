@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,11 @@ POLL_S = 0.1  # how often a waiting main thread looks for a writer failure
 
 @dataclass
 class ReadBatch:
-    """One decoded batch: the reader slot holding its pixels (rows 0..), its (ordinal, path) items and one
+    """One decoded batch: the reader slot holding its pixels (rows 0..), its (ordinal, source) items and one
     `_reader.Decoded` report per item."""
 
     slot: int
-    items: list[tuple[int, Path]]
+    items: list[tuple[int, Any]]
     reports: list[_reader.Decoded]
 
     @property
@@ -118,11 +118,13 @@ def batches_of(todo: Sequence[tuple[int, Path]], size: int) -> list[list[tuple[i
     return [list(todo[s : s + size]) for s in range(0, len(todo), size)]
 
 
-def read_ahead(reader: _reader.Reader, todo: Sequence[tuple[int, Path]], ahead: int,
-               channel: Channel) -> Iterator[ReadBatch]:  # fmt: skip
-    """The batches of ``todo`` decoded, in order: ``ahead`` batches are submitted before the first is waited for,
-    and the next one is submitted as soon as one is handed back (it decodes while that one computes). Each slot
-    is taken from ``channel`` and given back there by the writer."""
+def read_ahead(reader: _reader.Reader, todo: Sequence[tuple[int, Any]], ahead: int, channel: Channel,
+               payload: Callable[[int, Any], Any] | None = None) -> Iterator[ReadBatch]:  # fmt: skip
+    """The batches of ``todo`` (ordinal, source) decoded, in order: ``ahead`` batches are submitted before the first
+    is waited for, and the next one is submitted as soon as one is handed back (it decodes while that one computes).
+    Each slot is taken from ``channel`` and given back there by the writer. ``payload(ordinal, source)``: what the
+    reader decodes (default: the source, a file)."""
+    payload = payload or (lambda i, source: source)
     size = reader.shape[0]
     count = -(-len(todo) // size)
     reading: deque[tuple[int, list, list]] = deque()
@@ -132,7 +134,7 @@ def read_ahead(reader: _reader.Reader, todo: Sequence[tuple[int, Path]], ahead: 
         nonlocal submitted
         slot = channel.take_slot()
         items = list(todo[submitted * size : (submitted + 1) * size])
-        reading.append((slot, items, reader.submit(slot, [f for _, f in items])))
+        reading.append((slot, items, reader.submit(slot, [payload(i, f) for i, f in items])))
         submitted += 1
 
     for _ in range(min(ahead, count)):

@@ -33,12 +33,15 @@ def host_lists(host: Mapping[str, np.ndarray]) -> dict[str, list]:
     }  # fmt: skip
 
 
-def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str, list], row: int, names, note) -> dict:
-    """The index record of one explained image (small: no maps or masks); ``lists`` from `host_lists`."""
+def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str, list], row: int, names, note,
+                described: Mapping[str, Any] | None = None) -> dict:  # fmt: skip
+    """The index record of one explained image (small: no maps or masks); ``lists`` from `host_lists`;
+    ``described``: fields naming a dataset's example (dataset, split, index)."""
     prediction = lists["prediction"][row]
     strength, coverage, threshold = lists["strength"][row], lists["coverage"][row], lists["threshold"][row]
     r = {
-        "i": i, "source": source, "stat": stat, "prediction": prediction, "prediction_name": names[prediction],
+        "i": i, "source": source, "stat": stat, **(described or {}),
+        "prediction": prediction, "prediction_name": names[prediction],
         "confidence": lists["confidence"][row], "difficulty": lists["difficulty"][row],
         "top": [list(t) for t in zip(lists["classes"][row], lists["top"][row])],
         "insecurities": [
@@ -55,8 +58,9 @@ def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str,
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def render_figure(explanation, source: str, resize: int, crop: int, path: str, examples) -> None:
-    """Figure worker: decode the source again (the pixels the masks align with) and draw the figure."""
+def render_figure(explanation, source, resize: int, crop: int, path: str, examples) -> None:
+    """Figure worker: decode the source again (a file or a dataset's `_reader.StoredImage`: the pixels the masks
+    align with) and draw the figure."""
     from delib_jax.visualize import save_figure
 
     pixels, report = _reader.decode(source, resize=resize, crop=crop)
@@ -89,6 +93,7 @@ class Figures:
     stopping: threading.Event
     pool: ProcessPoolExecutor | None = None
     pending: dict[str, Future] = field(default_factory=dict)
+    payload: Callable[[dict], Any] | None = None  # record -> what to decode (None: its source file)
 
     def submit(self, arrays: Mapping[str, np.ndarray], records: list[dict]) -> None:
         """Start the figures of ``records`` (rows of ``arrays``, masks still packed); names them in the records."""
@@ -98,7 +103,8 @@ class Figures:
             name = figure_name(r["i"], r["source"])
             r["figure"] = name
             e = st.explanation_from_row(local, j, self.names, self.settings, r["source"])
-            args = (e, r["source"], self.resize, self.crop, str(self.out / name), self.examples)
+            source = r["source"] if self.payload is None else self.payload(r)
+            args = (e, source, self.resize, self.crop, str(self.out / name), self.examples)
             if self.pool is None:
                 render_figure(*args)
             else:
@@ -150,6 +156,7 @@ class WriterStage:
     figures: Figures | None = None
     shard_seconds: float = 10.0
     on_done: Callable[[int], None] = lambda n: None
+    describe: Callable[[int], dict | None] = lambda i: None  # ordinal -> fields added to its record (a dataset's)
     done: int = 0
     explained: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -164,7 +171,8 @@ class WriterStage:
             if rep.error is not None:
                 self.report(f"skipping {rep.error}")
                 self.skipped.append((source, rep.error))
-                self.shards.skip({"i": i, "source": source, "stat": self.stats[i], "skipped": rep.error})
+                self.shards.skip({"i": i, "source": source, "stat": self.stats[i], **(self.describe(i) or {}),
+                                  "skipped": rep.error})  # fmt: skip
                 continue
             if not host["finite"][row]:
                 raise JobError(
@@ -173,7 +181,8 @@ class WriterStage:
             if rep.note:
                 self.report(rep.note)
             rows.append(row)
-            records.append(make_record(i, source, self.stats[i], lists, row, self.names, rep.note))
+            records.append(make_record(i, source, self.stats[i], lists, row, self.names, rep.note,
+                                       self.describe(i)))  # fmt: skip
         if rows:
             arrays = {k: v[rows] for k, v in host.items() if k != "finite"}
             if self.figures is not None:

@@ -1,0 +1,151 @@
+"""What the job explains: files, or the examples of one split of a dataset (a release folder or a TFDS build).
+
+Both (`delib_jax.job.folder.PathList` for files, `DatasetInputs`) are sequences of source names (what the records
+call ``source``) with three methods the stages use: ``fingerprint(i)`` (what resume compares, None: unreadable),
+``payload(i)`` (what a reader decodes: a path, or a `StoredImage`) and ``describe(i)`` (fields added to the record:
+for a dataset its name, split and example index).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from delib_jax._reader import StoredImage
+from delib_jax.job.folder import PathList, fingerprint
+
+SPLITS = ("test", "train")  # "test": CUB's test split, ADE20K's validation split (the held-out images)
+
+
+Payload = str | StoredImage
+
+
+def file_inputs(files: Iterable[str | os.PathLike]) -> PathList:
+    """``files`` as a `PathList` (the job's inputs for files; kept as they are when they already are one)."""
+    return files if isinstance(files, PathList) else PathList(files)
+
+
+class DatasetInputs(Sequence):
+    """The examples of ``split`` of a loaded dataset (`delib_jax.data.load_dataset`), in dataset order.
+
+    Item k is the source name of the k-th example: its file for a release folder, ``BUILD::images/NAME`` (CUB) or
+    ``BUILD::STEM.jpg`` (ADE20K) for a TFDS build, whose image is read from the build's records by random access.
+    Records name the dataset, the split and the example's index (`describe`).
+    """
+
+    def __init__(self, ds, dataset: str, split: str, path: str | Path):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.ds, self.dataset, self.split, self.path = ds, dataset, split, Path(path)
+        self.records = getattr(ds, "records", None)
+        self.indices = np.flatnonzero(np.asarray(ds.is_train, bool) == (split == "train")).astype(np.int64)
+        # a TFDS build is never rewritten in place: a rebuild writes a new dataset_info.json
+        self._build_stat = fingerprint(Path(ds.root) / "dataset_info.json") if self.records is not None else None
+
+    @property
+    def form(self) -> str:
+        return "release" if self.records is None else "tfds"
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):  # a view of those examples (the same dataset, split and fingerprints)
+            view = copy.copy(self)
+            view.indices = self.indices[k]
+            return view
+        return self.ds.image_paths[int(self.indices[k])]
+
+    def fingerprint(self, k: int) -> list[int] | None:
+        if self.records is not None:
+            return self._build_stat
+        try:
+            return fingerprint(Path(self[k]))
+        except OSError:
+            return None
+
+    def payload(self, k: int) -> Payload:
+        name = self[k]
+        if self.records is None:
+            return StoredImage(name)
+        try:
+            return StoredImage(name, self.records.encoded(int(self.indices[k]))[0])
+        except Exception as e:  # noqa: BLE001 -- a damaged record: the reader reports it and skips the example
+            return StoredImage(f"{name} (unreadable record: {type(e).__name__}: {e})", b"")
+
+    def describe(self, k: int) -> dict[str, Any]:
+        return {"dataset": self.dataset, "split": self.split, "index": int(self.indices[k])}
+
+    def manifest(self) -> dict[str, Any]:
+        """What the manifest records of the input: a resumed run must read the same split of the same data."""
+        return {"dataset": self.dataset, "split": self.split, "form": self.form, "path": str(self.path.resolve())}
+
+
+def dataset_inputs(dataset: str, path: str | Path, split: str = "test", *, report=None) -> DatasetInputs:
+    """The examples of ``split`` of ``dataset`` ('cub' or 'ade20k') in ``path``: a release folder or a TFDS build,
+    recognised as training recognises it (`delib_jax.data.load_dataset`); `DatasetError` (one line) otherwise."""
+    from delib_jax.data import load_dataset
+
+    return DatasetInputs(load_dataset(dataset, path, report=report), dataset, split, path)
+
+
+class RecordPayloads:
+    """index record -> what to decode for it (its figure, its thumbnail), for a finished run described by its
+    ``manifest``: a file run's source file; a dataset run's example, read from ``inputs`` (a `DatasetInputs` of the
+    run's data, opened from the manifest on first need for a TFDS build)."""
+
+    def __init__(self, manifest: dict[str, Any], inputs: DatasetInputs | None = None, report=None):
+        data = manifest.get("data")
+        self.data = data if isinstance(data, dict) else None
+        self._inputs, self._opened, self._report = inputs, inputs is not None, report
+
+    def __call__(self, record: dict[str, Any]) -> Payload:
+        index = record.get("index")
+        if self.data is None or not isinstance(index, int) or isinstance(index, bool):
+            return record["source"]
+        if self.data.get("form") != "tfds":
+            return StoredImage(record["source"])
+        if not self._opened:
+            self._inputs, self._opened = manifest_inputs({"data": self.data}, report=self._report), True
+        inputs = self._inputs
+        if inputs is not None and inputs.records is not None:
+            k = int(np.searchsorted(inputs.indices, index))
+            if k < len(inputs) and int(inputs.indices[k]) == index and inputs[k] == record["source"]:
+                return inputs.payload(k)
+        return StoredImage(record["source"], b"")  # the build is gone or changed: unreadable, said by the reader
+
+
+def check_classes(inputs: DatasetInputs, class_names: Sequence[str]) -> None:
+    """ValueError (one line) unless the dataset's classes are the model's (the same names in the same order)."""
+    names = list(getattr(inputs.ds, "class_names", None) or getattr(inputs.ds, "scene_names", ()))
+    if [str(n) for n in names] != [str(n) for n in class_names]:
+        first = next((k for k, (a, b) in enumerate(zip(names, class_names)) if str(a) != str(b)), None)
+        where = "" if first is None else f"; class {first} is {names[first]!r} there, {class_names[first]!r} here"
+        raise ValueError(f"its {len(names)} classes are not the model's {len(class_names)}{where}")
+
+
+def manifest_inputs(manifest: dict[str, Any], *, report=None) -> DatasetInputs | None:
+    """The `DatasetInputs` a run's manifest names (None for a run over files, or when the data is gone: said in
+    one line through ``report``)."""
+    data = manifest.get("data")
+    if not isinstance(data, dict):
+        return None
+    from delib_jax.data import DatasetError
+
+    try:
+        return dataset_inputs(str(data["dataset"]), str(data["path"]), str(data["split"]))
+    except (KeyError, OSError, ValueError, DatasetError) as e:
+        if report is not None:
+            report(f"the run's data ({data.get('path')}) cannot be read: {e}")
+        return None
+
+
+__all__ = [
+    "SPLITS", "DatasetInputs", "Payload", "StoredImage", "dataset_inputs", "file_inputs",
+    "RecordPayloads", "check_classes", "manifest_inputs",
+]  # fmt: skip
