@@ -5,6 +5,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh detail     # where the time goes: breakdown of both (~4 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh extra      # precision, integrated gradients, 'highest' matmul cost (~6 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh explain    # the explanation job end to end and the evaluation loop (~7 min)
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh explain-data  # the job over a pre-resized TFDS build and the release (~8 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh input      # training input: release folder vs TFDS build (~7 min)
 #   OUT=/tmp/gpu bash benchmarks/gpu.sh core       # issue 14: folded batch norm (forward_args_s against
 #                                                  # forward_unfolded_args_s), tangent layouts, the NaN/inf check's
@@ -43,6 +44,16 @@ install_wheels() {  # the packages of benchmarks/gpu_wheels.sh whose module is m
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/gpu.log"
 "$PY" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tee -a "$OUT/gpu.log"
 git log -1 --format='commit %H %s' 2>/dev/null | tee -a "$OUT/gpu.log"
+birds() {  # D: CUB-sized synthetic birds (500 px wide), as the release folder and as a TFDS build pre-resized to 256 px
+  install_wheels
+  D=$OUT/input
+  [ -f "$D/release/CUB_200_2011/images.txt" ] || { log "generating 1,200 synthetic birds (500 px)";
+    "$PY" -m delib_jax.data.synthetic cub --out "$D/release" --size 500 --classes 20 --images-per-class 60 \
+      >>"$OUT/gpu.log" 2>&1; }
+  [ -d "$D/tfds/delib_cub/resize256/1.0.0" ] || { log "building the TFDS form";
+    "$PY" -m delib_jax.data.tfds build cub --manual-dir "$D/release" --data-dir "$D/tfds" --resize \
+      2>>"$OUT/gpu.log" | tee -a "$OUT/gpu.log"; }
+}
 case "$PART" in
   ratios)
     step 150 -m benchmarks.attribution --arch resnet50 --batch 64 --loop-outputs 2
@@ -62,14 +73,7 @@ case "$PART" in
     step 200 -m benchmarks.evaluation --arch resnet50 --crop 224 --size 300 --classes 20 --images-per-class 40 \
       --num-images 384 --batch 64 ;;
   input)  # CUB-sized synthetic birds (500 px wide), as the release folder and as a TFDS build pre-resized to 256 px
-    install_wheels
-    D=$OUT/input
-    [ -f "$D/release/CUB_200_2011/images.txt" ] || { log "generating 1,200 synthetic birds (500 px)";
-      "$PY" -m delib_jax.data.synthetic cub --out "$D/release" --size 500 --classes 20 --images-per-class 60 \
-        >>"$OUT/gpu.log" 2>&1; }
-    log "building the TFDS form"
-    "$PY" -m delib_jax.data.tfds build cub --manual-dir "$D/release" --data-dir "$D/tfds" --resize 2>>"$OUT/gpu.log" \
-      | tee -a "$OUT/gpu.log"
+    birds
     plain 150 -m benchmarks.train --arch resnet50 --batch 64 --size 224      # the step alone: the bound
     plain 90 -m benchmarks.pipeline --compare --data-dir "$D/release" --tfds-dir "$D/tfds" --threads 16 --steps 20 \
       --rounds 2                                                               # the input alone, 16 threads
@@ -79,11 +83,16 @@ case "$PART" in
       --threads 16                                                             # end to end, TFDS source, threads
     plain 150 -m benchmarks.train_input --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --arch resnet50 --steps 200 \
       --workers 8 --threads 2 ;;                                               # end to end, TFDS source, processes
+  explain-data)  # the explanation job over a dataset's split (delib explain --data-dir): the TFDS build pre-resized
+    birds        # to 256 px (decoded from its records) against the release folder's 500 px JPEGs, 600 images each
+    step 200 -m benchmarks.explain --arch resnet50 --data-dir "$D/tfds/delib_cub/resize256/1.0.0" --split train \
+      --images 600 --batch 64
+    step 200 -m benchmarks.explain --arch resnet50 --data-dir "$D/release" --split train --images 600 --batch 64 ;;
   core)
     step 130 -m benchmarks.breakdown --arch resnet50 --batch 64
     step 160 -m benchmarks.breakdown --arch vgg16 --batch 64
     step 120 -m benchmarks.attribution --arch resnet50 --batch 64 --precision bfloat16 --loop-outputs 1 --repeats 5
     step 90 -m benchmarks.precision --arch resnet50 --batch 32 --bfloat16 ;;
-  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain|input|core" >&2; exit 2 ;;
+  *) echo "usage: OUT=DIR bash benchmarks/gpu.sh ratios|detail|extra|explain|explain-data|input|core" >&2; exit 2 ;;
 esac
 log done "$PART"

@@ -180,3 +180,15 @@ def test_delib_explain_data_dir(data, capsys, tmp_path):
     assert code == 0, err
     images = json.loads((out2 / "insecurities.json").read_text())["images"]
     assert len(images) == 6 and all("::images/" in i["source"] for i in images)
+
+
+def test_the_job_benchmark_reads_a_dataset(data, capsys):
+    """`python -m benchmarks.explain --data-dir` (what `benchmarks/gpu.sh explain-data` times on a TFDS build)."""
+    from benchmarks import explain
+
+    argv = ["--arch", "small", "--crop", "32", "--classes", "3", "--data-dir", str(data["build"]), "--images", "5",
+            "--batch", "4", "--workers", "0", "--rounds", "1", "--json"]  # fmt: skip
+    assert explain.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["input"] == "tfds test split" and out["images"] == out["explained"] == 5
+    assert out["decode_img_s"] > 0 and out["bytes_per_image"] > 0
