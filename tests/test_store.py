@@ -267,6 +267,38 @@ def test_open_index_is_compact_and_repairs(folder):
     assert again.explained == 6 and not messages  # rewritten clean: nothing dropped the second time
 
 
+def _depth(value) -> int:
+    """How deeply lists and dicts nest in a parsed JSON value (the reference for `st._nests_within`)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    return 0 if children is None else 1 + max((_depth(v) for v in children), default=0)
+
+
+def test_records_nested_too_deeply_are_dropped(folder):
+    """An index line nested past what the job writes (3: record, insecurities, insecurity) is not a record; the
+    fast check agrees with a plain depth on random JSON values."""
+    rng = np.random.default_rng(0)
+
+    def value(level):
+        if level == 0 or rng.random() < 0.3:
+            return [1, "a", 2.5, None, True][rng.integers(5)]
+        if rng.random() < 0.5:
+            return [value(level - 1) for _ in range(rng.integers(4))]
+        return {f"k{i}": value(level - 1) for i in range(rng.integers(4))}
+
+    for _ in range(3000):
+        v = value(6)
+        assert all(st._nests_within(v, limit) == (_depth(v) <= limit) for limit in range(7))
+    out, _ = folder
+    lines = _lines(out)
+    first = json.loads(lines[0])
+    assert st._record(lines[0]) == first and st._record(json.dumps({**first, "extra": [[1]]})) is not None
+    deep = {**first, "insecurities": [{**first["insecurities"][0], "x": [1]}, *first["insecurities"][1:]]}
+    assert _depth(deep) == 4 and st._record(json.dumps(deep)) is None
+    _write_lines(out, [json.dumps(deep), *lines[1:]])
+    done = st.open_index(out / "explanations", 0, keep=lambda r: True, report=lambda m: None)
+    assert done.explained == 9 and first["source"] not in done
+
+
 def test_open_index_never_stops_on_a_stored_file(folder):
     out, _ = folder
     directory = out / "explanations"
