@@ -186,7 +186,7 @@ def test_missing_or_invalid_checkpoint_exits_2(workspace, capsys):
 def test_usage(capsys):
     assert "explain" in COMMANDS
     assert main(["explain", "--help"]) == 0
-    assert "example:" in capsys.readouterr().out
+    assert "examples:" in capsys.readouterr().out
     assert main(["explain", "x.png"]) == 2  # --checkpoint and --out are required (argparse's message)
     assert main([]) == 2
 
