@@ -47,3 +47,23 @@ def pytest_sessionfinish(session, exitstatus):
         else:
             print(message)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def small_cub_run(tmp_path_factory):
+    """A tiny training run (small CNN, 2 steps) on a generated CUB of 3 classes, its data folder recorded in the
+    run's config.json (``--synthetic`` finds it): the run the evaluation jobs' tests read (and never write)."""
+    from delib_jax.checkpoint import RunConfig
+    from delib_jax.data import load_cub, synthetic
+    from delib_jax.data.transforms import CUB_STATS
+    from delib_jax.train.run import fit
+
+    tmp = tmp_path_factory.mktemp("small_cub_run")
+    data = synthetic.make_cub(tmp / "data", classes=3, images_per_class=6, size=40, seed=0)
+    config = RunConfig(
+        arch="small", num_classes=3, class_names=list(load_cub(data).class_names), dataset="cub", crop=32,
+        resize=36, mean=CUB_STATS.mean, std=CUB_STATS.std, data_dir=str(data), synthetic=True, optimizer="adamw",
+        lr=1e-3, schedule="cosine", batch_size=8, steps=2, checkpoint_every=2, val_fraction=0.2,
+    )  # fmt: skip
+    fit(tmp / "run", config, progress=False, num_threads=2)
+    return tmp / "run"

@@ -5,38 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from delib_jax.checkpoint import RunConfig
-from delib_jax.data import load_cub, synthetic
-from delib_jax.data.transforms import CUB_STATS
 from delib_jax.evaluation.interactions_job import main
-from delib_jax.train.run import fit
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("interactions")
-    data = synthetic.make_cub(tmp / "data", classes=3, images_per_class=6, size=40, seed=0)
-    config = RunConfig(
-        arch="small",
-        num_classes=3,
-        class_names=list(load_cub(data).class_names),
-        dataset="cub",
-        crop=32,
-        resize=36,
-        mean=CUB_STATS.mean,
-        std=CUB_STATS.std,
-        data_dir=str(data),
-        synthetic=True,
-        optimizer="adamw",
-        lr=1e-3,
-        schedule="cosine",
-        batch_size=8,
-        steps=2,
-        checkpoint_every=2,
-        val_fraction=0.2,
-    )
-    fit(tmp / "run", config, progress=False, num_threads=2)
-    return tmp / "run"
+@pytest.fixture
+def run_dir(small_cub_run):
+    return small_cub_run  # tests/conftest.py
 
 
 @pytest.mark.slow
