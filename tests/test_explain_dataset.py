@@ -192,3 +192,20 @@ def test_the_job_benchmark_reads_a_dataset(data, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["input"] == "tfds test split" and out["images"] == out["explained"] == 5
     assert out["decode_img_s"] > 0 and out["bytes_per_image"] > 0
+
+
+def test_ade20k_test_split_is_its_validation_images(tmp_path):
+    """ADE20K's held-out split (validation) is --split test; its scene names are the classes checked."""
+    from delib_jax.data import load_ade20k
+    from delib_jax.job.inputs import check_classes
+
+    make_ade20k(tmp_path / "ade", scenes=3, images_per_scene=4, size=48, seed=1)
+    ds = load_ade20k(tmp_path / "ade")
+    inputs = dataset_inputs("ade20k", tmp_path / "ade", "test")
+    assert list(inputs.indices) == np.flatnonzero(~ds.is_train).tolist() and len(inputs) > 0
+    assert [inputs[k] for k in range(len(inputs))] == [ds.image_paths[i] for i in inputs.indices]
+    check_classes(inputs, list(ds.scene_names))
+    with pytest.raises(ValueError, match="class 0 is"):
+        check_classes(inputs, ["other", *ds.scene_names[1:]])
+    assert inputs.describe(0) == {"dataset": "ade20k", "split": "test", "index": int(inputs.indices[0])}
+    assert inputs.fingerprint(0) == [Path(inputs[0]).stat().st_size, Path(inputs[0]).stat().st_mtime_ns]
