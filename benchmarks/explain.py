@@ -129,13 +129,13 @@ def _writer_rate(host: dict, names, count: int, crop: int) -> float:
         warm = st.ShardWriter(
             Path(d), 1, 256, image_size=(crop, crop), run=st.new_run_id()
         )  # first touches of memory and files
-        lists = _host_lists(host)
+        lists = _host_lists(host, (crop, crop))
         warm.add(arrays, [_record(j, f"/w/{j}.jpg", [1, 1], lists, j, names, None) for j in range(n)])
         warm.flush()
         writer = st.ShardWriter(Path(d), 0, 256, image_size=(crop, crop), run=st.new_run_id())
         t = time.perf_counter()
         for start in range(0, count, n):
-            lists = _host_lists(host)
+            lists = _host_lists(host, (crop, crop))
             records = [_record(start + j, f"/data/img_{start + j:06d}.jpg", [100_000, 1], lists, j, names, None)
                        for j in range(min(n, count - start))]  # fmt: skip
             writer.add(arrays, records)

@@ -26,7 +26,7 @@ import heapq
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,12 +245,22 @@ SKIPPED_LISTED = 1000  # index.html lists at most this many skipped inputs (and 
 PAIRS_LISTED = 200  # pairs.html lists the most frequent this many class pairs
 
 
-def drawn_figures(out: Path) -> dict[str, str]:
-    """source -> figure path (relative to OUT) of every figure on disk: those the job drew (named in its records)
-    and those `delib figures` drew later (OUT/figures/index.jsonl, appended only once the PNG exists)."""
+def drawn_figures(out: Path, sources: Container[str] | None = None) -> dict[str, str]:
+    """source -> figure path (relative to OUT) of every figure on disk (of ``sources`` only, when given: memory
+    bounded by them): those the job drew (named in its records) and those `delib figures` drew later
+    (OUT/figures/index.jsonl, appended only once the PNG exists)."""
+    found = {s: f for s, f in recorded_figures(out) if sources is None or s in sources}
+    return {s: f for s, f in found.items() if _inside(out, f) and (out / f).is_file()}
+
+
+def recorded_figures(out: Path) -> Iterator[tuple[str, str]]:
+    """(source, figure path relative to OUT) as recorded, streamed: in the job's records, then in
+    OUT/figures/index.jsonl (a later line of a source replaces an earlier one); the file may not exist."""
     import json
 
-    found = {r["source"]: r["figure"] for r in st.read_records(out) if isinstance(r.get("figure"), str)}
+    for r in st.read_records(out):
+        if isinstance(r.get("figure"), str):
+            yield r["source"], r["figure"]
     path = out / FIGURE_INDEX
     if path.is_file() and not path.is_symlink():
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -264,8 +274,12 @@ def drawn_figures(out: Path) -> dict[str, str]:
                     and isinstance(item.get("source"), str)
                     and isinstance(item.get("figure"), str)
                 ):
-                    found[item["source"]] = item["figure"]
-    return {s: f for s, f in found.items() if _inside(out, f) and (out / f).is_file()}
+                    yield item["source"], item["figure"]
+
+
+def drawn_sources(out: Path) -> st.SourceSet:
+    """The sources whose figure is on disk, in flat memory (8 bytes each: `delib_jax.store.SourceSet`)."""
+    return st.SourceSet.of(s for s, f in recorded_figures(out) if _inside(out, f) and (out / f).is_file())
 
 
 def _inside(out: Path, relative: str) -> bool:
@@ -301,7 +315,6 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
             if len(skipped) < SKIPPED_LISTED:
                 skipped.append((r["source"], r["skipped"]))
     chosen = [r for _, _, r in sorted(hardest, key=lambda t: (-t[0], -t[1]))]
-    figures = drawn_figures(out)
     thumbs = {}
 
     def thumb(source: str) -> str | None:
@@ -322,10 +335,15 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
     )  # fmt: skip
     pairs = pair_statistics(st.read_records(out))
     listed = pairs[:PAIRS_LISTED]
-    wanted = {src for p in listed for _, _, src in p["examples"]}
-    shares, image_shares = {}, {}  # the readable strengths (`Explanation.shares`) of the images the pages show
-    sources = sorted(wanted | {r["source"] for r in chosen})
-    for e in st.load_explanations(out, sources=sources, skip_damaged=True, on_damage=lambda d: report(str(d))):
+    wanted = {src for p in listed for _, _, src, _ in p["examples"]}
+    figures = drawn_figures(out, sources=wanted | {r["source"] for r in chosen})  # of the rows shown only
+    # the readable strengths the pages show: in the records; computed from the stored maps (`Explanation.shares`)
+    # only for records written before the index held them
+    shares, image_shares = {}, {}
+    sources = {src for p in listed for _, _, src, share in p["examples"] if share is None}
+    sources |= {r["source"] for r in chosen if any(q.get("share") is None for q in r["insecurities"])}
+    for e in st.load_explanations(out, sources=sorted(sources), skip_damaged=True,
+                                  on_damage=lambda d: report(str(d))) if sources else ():  # fmt: skip
         image_shares[e.source] = e.shares
         for q, share in zip(e.insecurities, e.shares):
             shares.setdefault((e.source, min(q.a, q.b), max(q.a, q.b)), share)
@@ -342,6 +360,7 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
 
 
 __all__ = [
-    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "explain_files",
-    "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder", "weights_digest", "write_pages",
+    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "drawn_sources",
+    "explain_files", "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder", "recorded_figures",
+    "weights_digest", "write_pages",
 ]  # fmt: skip

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,13 +16,15 @@ from typing import Any
 import numpy as np
 
 from delib_jax import _reader
+from delib_jax import insecurity as insec
 from delib_jax import store as st
 from delib_jax.job.folder import JobError
 from delib_jax.job.reading import Channel, ReadBatch
 
 
-def host_lists(host: Mapping[str, np.ndarray]) -> dict[str, list]:
-    """The fields the index records need as Python lists, converted once per batch (numpy scalars are slow)."""
+def host_lists(host: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, list]:
+    """The fields the index records need as Python lists, converted once per batch (numpy scalars are slow); with
+    ``share`` (`batch_shares`), the readable strength of each insecurity."""
     probs = host["probs"]
     prediction = np.argmax(probs, axis=1)
     top = np.take_along_axis(probs, host["classes"], axis=1)
@@ -30,20 +33,35 @@ def host_lists(host: Mapping[str, np.ndarray]) -> dict[str, list]:
         "difficulty": host["difficulty"].tolist(), "classes": host["classes"].tolist(), "top": top.tolist(),
         "pairs": host["pairs"].tolist(), "strength": host["strength"].tolist(),
         "coverage": host["coverage"].tolist(), "threshold": host["threshold"].tolist(), "valid": host["valid"].tolist(),
+        "share": np.round(batch_shares(host, image_size), 6).tolist(),  # 6 decimals: 1e-4 of a percent
     }  # fmt: skip
+
+
+def batch_shares(host: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> np.ndarray:
+    """(B, Q) the share of each image's ambiguity in each insecurity's region (`Explanation.shares`, from the
+    fetched outputs: maps, classes, pairs, packed masks of ``image_size``); NaN where a pair has no maps."""
+    classes, pairs = host["classes"], host["pairs"]
+    same = pairs[..., None] == classes[:, None, None, :]  # (B, Q, 2, N)
+    mapped = same.any(-1).all(-1) & host["valid"]
+    masks = st.unpack_bits(host["mask_bits"], image_size)  # (B, Q, H_img, W_img)
+    maps = host["maps"]
+    shares = insec.region_shares(maps[:, :-1], maps[:, -1], same.argmax(-1), masks)
+    return np.where(mapped, shares, np.nan)
 
 
 def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str, list], row: int, names, note) -> dict:
     """The index record of one explained image (small: no maps or masks); ``lists`` from `host_lists`."""
     prediction = lists["prediction"][row]
     strength, coverage, threshold = lists["strength"][row], lists["coverage"][row], lists["threshold"][row]
+    share = lists["share"][row]
     r = {
         "i": i, "source": source, "stat": stat, "prediction": prediction, "prediction_name": names[prediction],
         "confidence": lists["confidence"][row], "difficulty": lists["difficulty"][row],
         "top": [list(t) for t in zip(lists["classes"][row], lists["top"][row])],
         "insecurities": [
             {"a": a, "b": b, "name_a": names[a], "name_b": names[b], "strength": strength[q],
-             "coverage": coverage[q], "threshold": threshold[q]}
+             "coverage": coverage[q], "threshold": threshold[q],
+             **({} if math.isnan(share[q]) else {"share": share[q]})}
             for q, ((a, b), ok) in enumerate(zip(lists["pairs"][row], lists["valid"][row])) if ok
         ],
     }  # fmt: skip
@@ -158,7 +176,7 @@ class WriterStage:
     def write(self, batch: ReadBatch, host: Mapping[str, np.ndarray] | None) -> None:
         """Record one batch; ``host``: its fetched outputs (None when nothing in it was readable)."""
         rows, records = [], []
-        lists = host_lists(host) if host is not None else None
+        lists = host_lists(host, self.shards.image_size) if host is not None else None
         for row, ((i, f), rep) in enumerate(zip(batch.items, batch.reports)):
             source = str(f)
             if rep.error is not None:
