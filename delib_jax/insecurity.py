@@ -349,6 +349,33 @@ def upsample_weights(size: int, image_size: int) -> np.ndarray:
     return np.asarray(upsample(eye[:, None, :], (1, image_size)), np.float64)[:, 0, :].T
 
 
+def ambiguity_total(class_maps: np.ndarray, difficulty_map: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """The ambiguity of every pair of the N classes summed over the image (upsampled as the masks are): the
+    denominator of the shares. class_maps (B, N, H, W), difficulty_map (B, H, W) -> (B,) float64 (maps clamped at
+    0, product of Eq. 1)."""
+    m = np.maximum(np.asarray(class_maps, np.float64), 0.0)
+    s = np.maximum(np.asarray(difficulty_map, np.float64), 0.0)
+    h, w = m.shape[-2:]
+    # sum over pairs a < b of m_a m_b = ((sum m)^2 - sum m^2) / 2; the sum of its upsampling weighs each cell
+    every = s * (m.sum(1) ** 2 - (m**2).sum(1)) / 2  # (B, H, W)
+    return np.einsum(
+        "bhw,h,w->b", every, upsample_weights(h, image_size[0]).sum(0), upsample_weights(w, image_size[1]).sum(0)
+    )
+
+
+def strength_shares(
+    strength: np.ndarray, coverage: np.ndarray, total: np.ndarray, image_size: tuple[int, int]
+) -> np.ndarray:
+    """The shares when the raw strength is the mean of the pair's ambiguity (product of maps clamped at 0, the
+    default of `find_insecurities`) over its mask: the region's sum is strength x area, area = coverage x pixels.
+    strength, coverage (B, Q), total (B,) (`ambiguity_total`) -> (B, Q) float64 in [0, 1] (0: no ambiguity)."""
+    area = np.rint(np.asarray(coverage, np.float64) * (image_size[0] * image_size[1]))
+    inside = np.asarray(strength, np.float64) * area
+    total = np.asarray(total, np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(np.where(total > 0, inside / np.where(total > 0, total, 1.0), 0.0), 0.0, 1.0)
+
+
 def region_shares(
     class_maps: np.ndarray, difficulty_map: np.ndarray, slots: np.ndarray, masks: np.ndarray
 ) -> np.ndarray:
@@ -366,9 +393,7 @@ def region_shares(
     h, w = m.shape[-2:]
     size = tuple(masks.shape[-2:])
     uh, uw = upsample_weights(h, size[0]), upsample_weights(w, size[1])
-    # sum over pairs a < b of m_a m_b = ((sum m)^2 - sum m^2) / 2; the sum of its upsampling weighs each cell
-    every = s * (m.sum(1) ** 2 - (m**2).sum(1)) / 2  # (B, H, W)
-    total = np.einsum("bhw,h,w->b", every, uh.sum(0), uw.sum(0))
+    total = ambiguity_total(m, s, size)
     slots = np.asarray(slots, np.int64)
     rows = np.arange(b)[:, None]
     pair = m[rows, slots[..., 0]] * m[rows, slots[..., 1]] * s[:, None]  # (B, Q, H, W)

@@ -79,6 +79,7 @@ def explain_files(
     import jax
 
     from delib_jax import explanation as ex
+    from delib_jax import insecurity as insec
     from delib_jax.checkpoint import check_model_config
     from delib_jax.models import split_leaves
 
@@ -114,8 +115,10 @@ def explain_files(
             "class_names": [str(n) for n in config.class_names],
         }  # fmt: skip
         files = files if isinstance(files, PathList) else PathList(files)
+        # the default ambiguity (product of clamped maps): a region's share follows from its strength and coverage
+        strength_is_mean = settings.positive and explain_options.get("combine", insec.product) is insec.product
         summary = _run(out, share, config, files, options, manifest, DeviceStep(explain_fn),
-                       reader, examples or {}, report)  # fmt: skip
+                       reader, examples or {}, report, strength_is_mean=strength_is_mean)  # fmt: skip
         if _synced(options, share):  # the report covers every process's explanations: process 0, once all are done
             _multihost.barrier("delib explain: all written")
             if share[0] != 0:
@@ -141,7 +144,8 @@ def _synced(options: JobOptions, share: tuple[int, int]) -> bool:
 
 
 def _run(out: Path, share: tuple[int, int], config, files: PathList, options: JobOptions, manifest: dict,
-         step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report) -> JobSummary:  # fmt: skip
+         step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report, *,
+         strength_is_mean: bool = True) -> JobSummary:  # fmt: skip
     """The stages wired: the reader decodes ahead, the device step is dispatched per batch, the writer thread
     fetches and stores; Ctrl-C or a failure keeps what the writer finished and drops the rest."""
     from delib_jax.progress import progress_bar
@@ -168,7 +172,8 @@ def _run(out: Path, share: tuple[int, int], config, files: PathList, options: Jo
                                 image_size=(config.crop, config.crop), run=run,
                                 ready=figures.ready if figures else None)  # fmt: skip
         writer = WriterStage(shards, manifest["class_names"], plan.stats, report, figures,
-                             shard_seconds=options.shard_seconds, on_done=bar.update)  # fmt: skip
+                             shard_seconds=options.shard_seconds, on_done=bar.update,
+                             strength_is_mean=strength_is_mean)  # fmt: skip
         thread = threading.Thread(target=writer_loop, args=(channel, writer), name="delib-writer", daemon=True)
         thread.start()
         for batch in read_ahead(reader, plan.todo, options.prefetch, channel):

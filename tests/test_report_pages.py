@@ -148,6 +148,21 @@ def test_a_runs_records_hold_the_readable_strength(run):
     assert "part of the run's ambiguity" in page and "unavailable" not in page
 
 
+@pytest.mark.slow
+def test_shares_of_a_run_with_signed_maps_come_from_the_masks(run, tmp_path):
+    """With positive=False the raw strength is not the clamped ambiguity: the writer reads the masks instead."""
+    _, model, config, files = run
+    out = tmp_path / "signed"
+    explain_files(model, config, files[:4], out, options=JobOptions(batch_size=4, workers=0, progress=False),
+                  report=lambda m: None, positive=False, **OPTIONS)  # fmt: skip
+    records = {r["source"]: r for r in st.read_records(out)}
+    explanations = list(st.load_explanations(out))
+    assert sum(len(e.insecurities) for e in explanations) > 0
+    for e in explanations:
+        stored = [q["share"] for q in records[e.source]["insecurities"]]
+        np.testing.assert_allclose(stored, e.shares, rtol=1e-5, atol=1e-6)
+
+
 def test_index_without_thumbnails_is_as_before():
     record = {"source": "/x/a.jpg", "prediction_name": "wren", "confidence": 0.9, "difficulty": 0.1, "score": "s",
               "insecurities": []}  # fmt: skip

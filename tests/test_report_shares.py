@@ -9,7 +9,13 @@ import pytest
 import delib_jax
 from delib_jax import store as st
 from delib_jax.cli import main
-from delib_jax.insecurity import ambiguity_shares, region_shares
+from delib_jax.insecurity import (
+    ambiguity_shares,
+    ambiguity_total,
+    find_insecurities,
+    region_shares,
+    strength_shares,
+)
 from delib_jax.report import pair_statistics, render_pairs
 from delib_jax.stream import FIGURE_INDEX, drawn_figures, write_pages
 from delib_jax.testing.store import NAMES, synthetic_folder
@@ -40,6 +46,22 @@ def test_region_shares_of_a_batch_are_each_images_shares():
         np.testing.assert_allclose(batch[b], ambiguity_shares(maps[b], difficulty[b], slots[b], masks[b]))
     assert np.all((batch >= 0) & (batch <= 1))
     assert np.all(region_shares(np.zeros_like(maps), difficulty, slots, masks) == 0)  # no ambiguity at all
+
+
+@pytest.mark.parametrize("image_size", [(24, 24), (40, 56)])
+def test_shares_from_strength_and_coverage_equal_those_from_the_masks(image_size):
+    """The writer's fast path (a region's ambiguity = strength x area) against the masks, on `find_insecurities`."""
+    rng = np.random.default_rng(2)
+    maps = rng.standard_normal((3, 5, 6, 7)).astype(np.float32)
+    difficulty = rng.random((3, 6, 7), dtype=np.float32)
+    found = find_insecurities(maps, difficulty, image_size=image_size, k=3, coverage=0.1, max_insecurities=4)
+    total = ambiguity_total(maps, difficulty, image_size)
+    fast = strength_shares(np.asarray(found.strength), np.asarray(found.coverage), total, image_size)
+    exact = region_shares(maps, difficulty, np.asarray(found.slots), np.asarray(found.masks))
+    valid = np.asarray(found.valid)
+    assert valid.sum() >= 6
+    np.testing.assert_allclose(fast[valid], exact[valid], rtol=1e-5, atol=1e-7)
+    assert np.all(fast[~valid] == 0)  # padding: no region
 
 
 def test_records_hold_the_share_the_explanation_computes(tmp_path):

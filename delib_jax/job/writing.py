@@ -16,36 +16,44 @@ from typing import Any
 import numpy as np
 
 from delib_jax import _reader
-from delib_jax import insecurity as insec
 from delib_jax import store as st
 from delib_jax.job.folder import JobError
 from delib_jax.job.reading import Channel, ReadBatch
 
 
-def host_lists(host: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> dict[str, list]:
+def host_lists(host: Mapping[str, np.ndarray], image_size: tuple[int, int], *, from_strength: bool = True) -> dict:
     """The fields the index records need as Python lists, converted once per batch (numpy scalars are slow); with
     ``share`` (`batch_shares`), the readable strength of each insecurity."""
     probs = host["probs"]
     prediction = np.argmax(probs, axis=1)
     top = np.take_along_axis(probs, host["classes"], axis=1)
+    shares = np.round(batch_shares(host, image_size, from_strength=from_strength), 6)  # 1e-4 of a percent
     return {
         "prediction": prediction.tolist(), "confidence": probs[np.arange(len(probs)), prediction].tolist(),
         "difficulty": host["difficulty"].tolist(), "classes": host["classes"].tolist(), "top": top.tolist(),
         "pairs": host["pairs"].tolist(), "strength": host["strength"].tolist(),
         "coverage": host["coverage"].tolist(), "threshold": host["threshold"].tolist(), "valid": host["valid"].tolist(),
-        "share": np.round(batch_shares(host, image_size), 6).tolist(),  # 6 decimals: 1e-4 of a percent
+        "share": shares.tolist(),
     }  # fmt: skip
 
 
-def batch_shares(host: Mapping[str, np.ndarray], image_size: tuple[int, int]) -> np.ndarray:
-    """(B, Q) the share of each image's ambiguity in each insecurity's region (`Explanation.shares`, from the
-    fetched outputs: maps, classes, pairs, packed masks of ``image_size``); NaN where a pair has no maps."""
-    classes, pairs = host["classes"], host["pairs"]
+def batch_shares(host: Mapping[str, np.ndarray], image_size: tuple[int, int], *, from_strength: bool = True):
+    """(B, Q) the share of each image's ambiguity in each insecurity's region (`Explanation.shares`) from the
+    fetched outputs, NaN where a pair has no maps. ``from_strength``: the raw strengths are mean ambiguities of the
+    product of clamped maps (`find_insecurities`' default), so a region's sum is strength x area and no mask is
+    read (microseconds per image); else from the maps and the packed masks (`delib_jax.insecurity.region_shares`,
+    milliseconds per image at 224 px), for other ``combine`` or ``positive=False``."""
+    from delib_jax import insecurity as insec
+
+    classes, pairs, maps = host["classes"], host["pairs"], host["maps"]
     same = pairs[..., None] == classes[:, None, None, :]  # (B, Q, 2, N)
     mapped = same.any(-1).all(-1) & host["valid"]
-    masks = st.unpack_bits(host["mask_bits"], image_size)  # (B, Q, H_img, W_img)
-    maps = host["maps"]
-    shares = insec.region_shares(maps[:, :-1], maps[:, -1], same.argmax(-1), masks)
+    if from_strength:
+        total = insec.ambiguity_total(maps[:, :-1], maps[:, -1], image_size)
+        shares = insec.strength_shares(host["strength"], host["coverage"], total, image_size)
+    else:
+        masks = st.unpack_bits(host["mask_bits"], image_size)  # (B, Q, H_img, W_img)
+        shares = insec.region_shares(maps[:, :-1], maps[:, -1], same.argmax(-1), masks)
     return np.where(mapped, shares, np.nan)
 
 
@@ -159,7 +167,8 @@ class Figures:
 class WriterStage:
     """Turns fetched batches into the store: ``write(batch, host)`` per batch, `close` at the end. Unreadable
     files become skip records (and ``skipped``), a non-finite output stops the job (`JobError`), a shard is
-    flushed at least every ``shard_seconds``; ``on_done(n)`` is told of every n inputs handled."""
+    flushed at least every ``shard_seconds``; ``on_done(n)`` is told of every n inputs handled;
+    ``strength_is_mean``: the raw strengths are mean ambiguities of the product of clamped maps (`batch_shares`)."""
 
     shards: st.ShardWriter
     names: Sequence[str]
@@ -168,6 +177,7 @@ class WriterStage:
     figures: Figures | None = None
     shard_seconds: float = 10.0
     on_done: Callable[[int], None] = lambda n: None
+    strength_is_mean: bool = True
     done: int = 0
     explained: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -176,7 +186,8 @@ class WriterStage:
     def write(self, batch: ReadBatch, host: Mapping[str, np.ndarray] | None) -> None:
         """Record one batch; ``host``: its fetched outputs (None when nothing in it was readable)."""
         rows, records = [], []
-        lists = host_lists(host, self.shards.image_size) if host is not None else None
+        lists = host_lists(host, self.shards.image_size, from_strength=self.strength_is_mean) if host is not None \
+            else None  # fmt: skip
         for row, ((i, f), rep) in enumerate(zip(batch.items, batch.reports)):
             source = str(f)
             if rep.error is not None:
