@@ -247,7 +247,7 @@ def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary:
 FIGURE_INDEX = "figures/index.jsonl"  # figures drawn later (`delib figures`): one {"source", "figure"} per line
 PAGES = (("index.html", "images"), ("pairs.html", "class pairs"))
 SKIPPED_LISTED = 1000  # index.html lists at most this many skipped inputs (and counts the rest)
-PAIRS_LISTED = 200  # pairs.html lists the most frequent this many class pairs
+PAIRS_LISTED = 200  # pairs.html lists the first this many class pairs (`delib_jax.report.rank_key`)
 
 
 def drawn_figures(out: Path, sources: Container[str] | None = None) -> dict[str, str]:
