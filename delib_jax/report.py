@@ -422,7 +422,7 @@ def render_pairs(
             ambiguity = "<span class='muted'>unavailable</span>"
         else:
             per_image = "" if mean is None else (
-                f"<br><span class='muted'>{_percent(mean)} per image, at most {_percent(top)}</span>")  # fmt: skip
+                f"<br><span class='muted'>{_percent(mean)} per image<br>at most {_percent(top)}</span>")  # fmt: skip
             ambiguity = f"{_percent(run_share)}{per_image}"
         rows.append(
             f'<tr data-rank="{rank}" data-images="{p["images"]}" data-competition="{p["competition"]:.6g}" '
@@ -437,11 +437,11 @@ def render_pairs(
     more = f" (the first {len(shown)} of {len(pairs)} listed)" if len(shown) < len(pairs) else ""
     if have_shares:
         order = (
-            "Pairs are ranked by their <i>part of the run's ambiguity</i>: the share of each image's ambiguity that "
-            "lies in the pair's region (the readable strength of its insecurity), summed over the images where the "
-            "pair competes and divided by the number of images, so that 5% means that on average 5% of an image's "
-            "ambiguity is this pair's; under it the mean share over the images where the pair competes, and the "
-            "largest. Ties: more images first."
+            "Pairs are ranked by their <i>part of the run's ambiguity</i> (column <i>ambiguity</i>): the share of "
+            "each image's ambiguity that lies in the pair's region (the readable strength of its insecurity), summed "
+            "over the images where the pair competes and divided by the number of images, so that 5% means that on "
+            "average 5% of an image's ambiguity is this pair's; under it the mean share over the images where the "
+            "pair competes, and the largest. Ties: more images first."
         )
     else:
         order = (
@@ -464,7 +464,8 @@ def render_pairs(
         "<th class='sort' data-key='pair' onclick='sortBy(\"pair\", false, \"pairs\")'>classes</th>"
         "<th class='sort' data-key='images' data-numeric='1' onclick='sortBy(\"images\", true, \"pairs\")'>"
         "images</th><th class='sort' data-key='ambiguity' data-numeric='1' "
-        'onclick=\'sortBy("ambiguity", true, "pairs")\'>part of the run\'s ambiguity</th>'
+        "title=\"the pair's part of the run's ambiguity (the ranking rule above)\" "
+        'onclick=\'sortBy("ambiguity", true, "pairs")\'>ambiguity</th>'
         "<th class='sort' data-key='competition' data-numeric='1' "
         'onclick=\'sortBy("competition", true, "pairs")\'>competition</th><th>negligible</th><th>examples</th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table></body></html>\n"

@@ -123,7 +123,7 @@ def test_pairs_are_ranked_by_their_part_of_the_runs_ambiguity():
     assert first["share_max"] == pytest.approx(0.6) and first["images"] == 2
     assert [x[3] for x in first["examples"]] == [0.6, 0.4]  # each example with its record's share
     page = render_pairs(rows, total=4)
-    assert "part of the run's ambiguity" in page and "25%<br>" in page and "50% per image, at most 60%" in page
+    assert "part of the run's ambiguity" in page and "25%<br>" in page and "50% per image<br>at most 60%" in page
     assert "Shares unavailable" not in page
     # a folder resumed across the change: the shares of the records that hold them
     mixed = pair_statistics(iter([*records, {**record(4, {}), "insecurities": [
