@@ -11,6 +11,7 @@ explanation plus the compact outputs on as many device-resident batches), e2e_im
 finished outputs, compilation excluded by a warm-up run and reported as compile_s), each the median of --rounds
 interleaved rounds, ratio_to_slowest = e2e / min(decode,
 core) (the goal: >= 0.85), writer_img_s (the writer stage alone: records, shards, index, on one core),
+writer_shares_img_s (the readable strengths the writer computes, alone),
 figures_s_per_core (figures drawn by one process),
 bytes_per_image (the explanations folder), max_rss_mb (this process's peak). Random weights without --checkpoint.
 
@@ -132,18 +133,30 @@ def _writer_rate(host: dict, names, count: int, crop: int) -> float:
         warm = st.ShardWriter(
             Path(d), 1, 256, image_size=(crop, crop), run=st.new_run_id()
         )  # first touches of memory and files
-        lists = _host_lists(host)
+        lists = _host_lists(host, (crop, crop))
         warm.add(arrays, [_record(j, f"/w/{j}.jpg", [1, 1], lists, j, names, None) for j in range(n)])
         warm.flush()
         writer = st.ShardWriter(Path(d), 0, 256, image_size=(crop, crop), run=st.new_run_id())
         t = time.perf_counter()
         for start in range(0, count, n):
-            lists = _host_lists(host)
+            lists = _host_lists(host, (crop, crop))
             records = [_record(start + j, f"/data/img_{start + j:06d}.jpg", [100_000, 1], lists, j, names, None)
                        for j in range(min(n, count - start))]  # fmt: skip
             writer.add(arrays, records)
         writer.flush()
         return count / (time.perf_counter() - t)
+
+
+def _shares_rate(host: dict, count: int, crop: int) -> float:
+    """The readable strengths alone (`delib_jax.job.writing.batch_shares`, part of the writer stage), images/s."""
+    from delib_jax.job.writing import batch_shares
+
+    n = len(host["probs"])
+    batch_shares(host, (crop, crop))  # the upsampling weights, computed once
+    t = time.perf_counter()
+    for _ in range(0, count, n):
+        batch_shares(host, (crop, crop))
+    return math.ceil(count / n) * n / (time.perf_counter() - t)
 
 
 def _figure_rate(host: dict, names, files, config, count: int = 8) -> float:
@@ -203,6 +216,7 @@ def run(args) -> dict:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         explained_bytes = sum(p.stat().st_size for p in (tmp / "out0" / "explanations").iterdir())
         writer = _writer_rate(host, list(config.class_names), max(1000, len(files)), config.crop)
+        shares = _shares_rate(host, max(1000, len(files)), config.crop)
         figures = _figure_rate(host, list(config.class_names), files, config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,7 +229,8 @@ def run(args) -> dict:
         "decode_img_s": round(decode, 2), "core_img_s": round(core, 2), "e2e_img_s": round(e2e, 2),
         "ratio_to_slowest": round(e2e / min(decode, core), 3), "compile_s": round(warm.compile_s, 2),
         "rounds_e2e_img_s": [round(v, 2) for v in e2es], "rounds_core_img_s": [round(v, 2) for v in cores],
-        "writer_img_s": round(writer, 1), "figures_s_per_core": round(figures, 2),
+        "writer_img_s": round(writer, 1), "writer_shares_img_s": round(shares, 1),
+        "figures_s_per_core": round(figures, 2),
         "bytes_per_image": round(explained_bytes / max(1, summary.explained)),
         "max_rss_mb": round(rss, 1), "explained": summary.explained,
     }  # fmt: skip

@@ -17,7 +17,10 @@ import heapq
 import json
 import os
 import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from delib_jax._command import Command, UsageError
 
@@ -35,23 +38,35 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def choose(out: Path, hardest: int | None, images: list[str] | None) -> tuple[list[dict], list[str]]:
-    """The records to draw (hardest first, or in input order) and the ``images`` not found among the records."""
-    if images is not None:  # matched as absolute paths: "photos/a.jpg" finds the record of /data/photos/a.jpg
-        wanted = {os.path.abspath(g): g for g in images}
-        found = [r for r in st_records(out) if os.path.abspath(r["source"]) in wanted]
-        seen = {os.path.abspath(r["source"]) for r in found}
-        return found, [g for a, g in wanted.items() if a not in seen]
+@dataclass(frozen=True)
+class Selection:
+    """The records ``delib figures`` draws: those for which ``wanted(record)`` holds; ``unknown``: the ``--images``
+    not found among the records. Holds at most the --hardest N sources or the --images given, never the records."""
+
+    wanted: Callable[[Mapping[str, Any]], bool]
+    unknown: list[str]
+
+
+def choose(out: Path, hardest: int | None, images: list[str] | None) -> Selection:
+    """Which records to draw: every one, the ``hardest`` N (most difficult; ties: input order), or those of
+    ``images`` (matched as absolute paths: "photos/a.jpg" finds the record of /data/photos/a.jpg). One streaming
+    pass over the index at most."""
+    if images is not None:
+        given = {os.path.abspath(g): g for g in images}
+        seen = {a for r in st_records(out) if (a := os.path.abspath(r["source"])) in given}
+        unknown = [g for a, g in given.items() if a not in seen]
+        return Selection(lambda r: os.path.abspath(r["source"]) in given, unknown)
     if hardest is None:
-        return list(st_records(out)), []
+        return Selection(lambda r: True, [])
     heap: list = []
     for r in st_records(out):
-        item = (r["difficulty"], -r["i"], r)
+        item = (r["difficulty"], -r["i"], r["source"])
         if len(heap) < hardest:
             heapq.heappush(heap, item)
         else:
             heapq.heappushpop(heap, item)
-    return [r for _, _, r in sorted(heap, key=lambda t: (-t[0], -t[1]))], []
+    sources = {source for _, _, source in heap}
+    return Selection(lambda r: r["source"] in sources, [])
 
 
 def st_records(out: Path):
@@ -102,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     from delib_jax.job.inputs import RecordPayloads
     from delib_jax.job.writing import figure_name, render_figure
     from delib_jax.progress import progress_bar
-    from delib_jax.stream import drawn_figures, write_pages
+    from delib_jax.stream import drawn_sources, write_pages
 
     def report(message: str) -> None:
         from tqdm import tqdm
@@ -128,12 +143,20 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise UsageError(f"cannot use {out}: {e.strerror or e}") from None
     try:
-        chosen, unknown = choose(out, args.hardest, args.images)
-        for given in unknown:
+        selection = choose(out, args.hardest, args.images)
+        for given in selection.unknown:
             report(f"{given} is not among the explained images: skipped")
-        done = drawn_figures(out)
-        todo = {r["source"]: r for r in chosen if r["source"] not in done}
-        if todo:
+        done = drawn_sources(out)  # 8 bytes per figure drawn: resuming a million keeps 8 MB
+
+        def todo(r) -> bool:
+            return selection.wanted(r) and r["source"] not in done
+
+        chosen = missing = 0  # counted in one pass: nothing per record is kept
+        for r in st.read_records(out):
+            if selection.wanted(r):
+                chosen += 1
+                missing += r["source"] not in done
+        if missing:
             try:
                 st.safe_dir(out, "figures")
             except st.StoreError as e:
@@ -144,9 +167,9 @@ def _run(args: argparse.Namespace) -> int:
         payloads = RecordPayloads(manifest, report=report)  # a dataset run's images: read from its data
         drawn = failed = 0
         workers = _reader.default_workers() if args.workers is None else args.workers
-        pool = _reader.start_pool(workers) if workers > 0 and len(todo) > 1 else None
+        pool = _reader.start_pool(workers) if workers > 0 and missing > 1 else None
         pending: dict = {}  # future -> (source, figure name); at most 2 per worker in flight (flat memory)
-        bar = progress_bar(total=len(todo), unit="fig", desc="figures", disable=args.no_progress)
+        bar = progress_bar(total=missing, unit="fig", desc="figures", disable=args.no_progress)
 
         def settle(source: str, name: str, draw) -> None:
             nonlocal drawn, failed
@@ -167,9 +190,9 @@ def _run(args: argparse.Namespace) -> int:
                     settle(*pending.pop(f), f.result)
 
         try:
-            for e in st.load_explanations(out, sources=list(todo), skip_damaged=True,
-                                          on_damage=lambda d: report(f"skipping a damaged entry: {d}")):  # fmt: skip
-                r = todo[e.source]
+            entries = st.iter_explanations(out, where=todo, skip_damaged=True,
+                                           on_damage=lambda d: report(f"skipping a damaged entry: {d}"))  # fmt: skip
+            for r, e in entries if missing else ():
                 name = figure_name(r["i"], r["source"])
                 job = (e, payloads(r), resize, crop, str(out / name), examples)
                 if pool is None:
@@ -184,16 +207,16 @@ def _run(args: argparse.Namespace) -> int:
             bar.close()
         write_pages(out, manifest, report=report)
     except KeyboardInterrupt:
-        print(f"delib figures: interrupted; {len(drawn_figures(out))} figures are kept in {out / 'figures'}: run the "
+        print(f"delib figures: interrupted; {len(drawn_sources(out))} figures are kept in {out / 'figures'}: run the "
               "same command again to continue", file=sys.stderr, flush=True)  # fmt: skip
         return 130
     finally:
         lock.close()
-    kept = len(chosen) - len(todo)
+    kept = chosen - missing
     print(f"drew {drawn} figures ({kept} already there, {failed} failed) -> {out / 'index.html'}", file=sys.stderr)
     return 0 if drawn or kept or not chosen else 1
 
 
 COMMAND = Command("figures", "draw the figures of a --no-figures run, later", DESCRIPTION, _configure, _run)
 
-__all__ = ["COMMAND", "choose", "record_figure"]
+__all__ = ["COMMAND", "Selection", "choose", "record_figure"]

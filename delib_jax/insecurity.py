@@ -341,10 +341,69 @@ def is_negligible(p_a: float, p_b: float, *, limit: float = NEGLIGIBLE_PROBABILI
     return bool(min(float(p_a), float(p_b)) < limit)
 
 
-def _upsampled_sum(values: np.ndarray, image_size: tuple[int, int], mask: np.ndarray | None = None) -> float:
-    """Sum of the bilinear upsampling (as `upsample`) of (H, W) ``values`` to ``image_size``, over ``mask`` or all."""
-    up = np.asarray(upsample(jnp.asarray(values, jnp.float32), tuple(image_size)), np.float64)
-    return float(up.sum() if mask is None else up[np.asarray(mask, bool)].sum())
+@functools.lru_cache(maxsize=16)
+def upsample_weights(size: int, image_size: int) -> np.ndarray:
+    """(image_size, size) float64 U with ``upsample`` along one axis = U @ x: `upsample` is linear and separable,
+    so the upsampled map of (H, W) x is U_h x U_w^T. Taken from ``upsample`` itself (of the identity), cached."""
+    eye = jnp.eye(size, dtype=jnp.float32)
+    return np.asarray(upsample(eye[:, None, :], (1, image_size)), np.float64)[:, 0, :].T
+
+
+def ambiguity_total(class_maps: np.ndarray, difficulty_map: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """The ambiguity of every pair of the N classes summed over the image (upsampled as the masks are): the
+    denominator of the shares. class_maps (B, N, H, W), difficulty_map (B, H, W) -> (B,) float64 (maps clamped at
+    0, product of Eq. 1)."""
+    m = np.maximum(np.asarray(class_maps, np.float64), 0.0)
+    s = np.maximum(np.asarray(difficulty_map, np.float64), 0.0)
+    h, w = m.shape[-2:]
+    # sum over pairs a < b of m_a m_b = ((sum m)^2 - sum m^2) / 2; the sum of its upsampling weighs each cell
+    every = s * (m.sum(1) ** 2 - (m**2).sum(1)) / 2  # (B, H, W)
+    return np.einsum(
+        "bhw,h,w->b", every, upsample_weights(h, image_size[0]).sum(0), upsample_weights(w, image_size[1]).sum(0)
+    )
+
+
+def strength_shares(
+    strength: np.ndarray, coverage: np.ndarray, total: np.ndarray, image_size: tuple[int, int]
+) -> np.ndarray:
+    """The shares when the raw strength is the mean of the pair's ambiguity (product of maps clamped at 0, the
+    default of `find_insecurities`) over its mask: the region's sum is strength x area, area = coverage x pixels.
+    strength, coverage (B, Q), total (B,) (`ambiguity_total`) -> (B, Q) float64 in [0, 1] (0: no ambiguity)."""
+    area = np.rint(np.asarray(coverage, np.float64) * (image_size[0] * image_size[1]))
+    inside = np.asarray(strength, np.float64) * area
+    total = np.asarray(total, np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(np.where(total > 0, inside / np.where(total > 0, total, 1.0), 0.0), 0.0, 1.0)
+
+
+def region_shares(
+    class_maps: np.ndarray, difficulty_map: np.ndarray, slots: np.ndarray, masks: np.ndarray
+) -> np.ndarray:
+    """`ambiguity_shares` of a batch, in numpy (the writer stage computes it per batch from the fetched outputs).
+
+    The sum of an upsampled map over a mask is, by linearity, the map's inner product with the mask projected back
+    onto the feature grid (U_h^T M U_w): no map is upsampled. class_maps (B, N, H, W), difficulty_map (B, H, W),
+    slots (B, Q, 2) positions of a and b among the N maps, masks (B, Q, H_img, W_img) bool or 0/1 -> (B, Q) float64
+    in [0, 1]; an image holding no ambiguity at all gets zeros."""
+    m = np.maximum(np.asarray(class_maps, np.float64), 0.0)
+    s = np.maximum(np.asarray(difficulty_map, np.float64), 0.0)
+    b, q = np.asarray(slots).shape[:2]
+    if q == 0 or b == 0:
+        return np.zeros((b, q))
+    h, w = m.shape[-2:]
+    size = tuple(masks.shape[-2:])
+    uh, uw = upsample_weights(h, size[0]), upsample_weights(w, size[1])
+    total = ambiguity_total(m, s, size)
+    slots = np.asarray(slots, np.int64)
+    rows = np.arange(b)[:, None]
+    pair = m[rows, slots[..., 0]] * m[rows, slots[..., 1]] * s[:, None]  # (B, Q, H, W)
+    flat = np.asarray(masks).reshape(b * q * size[0], size[1])
+    cols = (flat @ uw.astype(np.float32)).reshape(b * q, size[0], w)  # M U_w, exact enough in float32 (0/1 sums)
+    projected = np.matmul(uh.T, cols.astype(np.float64)).reshape(b, q, h, w)  # U_h^T M U_w
+    inside = np.einsum("bqhw,bqhw->bq", pair, projected)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(total[:, None] > 0, inside / total[:, None], 0.0)
+    return np.clip(shares, 0.0, 1.0)
 
 
 def ambiguity_shares(
@@ -358,18 +417,11 @@ def ambiguity_shares(
     does; unlike the raw value (attribution products, 1e-13 to 1e-3) it reads the same on every image.
 
     class_maps (N, H, W), difficulty_map (H, W), slots (Q, 2) positions of a and b among the N maps, masks
-    (Q, H_img, W_img) bool -> (Q,) float64; all zeros when the image holds no ambiguity at all.
+    (Q, H_img, W_img) bool -> (Q,) float64; all zeros when the image holds no ambiguity at all (`region_shares`
+    of one image).
     """
-    m = np.maximum(np.asarray(class_maps, np.float64), 0.0)
-    s = np.maximum(np.asarray(difficulty_map, np.float64), 0.0)
     masks = np.asarray(masks, bool)
     slots = np.asarray(slots, np.int64).reshape(-1, 2)
     if len(slots) == 0:
         return np.zeros(0)
-    size = tuple(masks.shape[-2:])
-    # sum over pairs a < b of m_a m_b = ((sum m)^2 - sum m^2) / 2, and the upsampling is linear
-    total = _upsampled_sum(s * (m.sum(0) ** 2 - (m**2).sum(0)) / 2, size)
-    if not total > 0:
-        return np.zeros(len(slots))
-    inside = [_upsampled_sum(m[a] * m[b] * s, size, mask) for (a, b), mask in zip(slots, masks)]
-    return np.clip(np.asarray(inside) / total, 0.0, 1.0)
+    return region_shares(np.asarray(class_maps)[None], np.asarray(difficulty_map)[None], slots[None], masks[None])[0]

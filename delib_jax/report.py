@@ -315,35 +315,68 @@ def pair_statistics(records: Iterable[Mapping[str, Any]], *, examples: int = 4) 
 
     Per unordered pair: ``images`` where it is an insecurity that competes (not negligible), ``negligible`` where it
     is one that does not, ``competition`` the mean over those images of min(p_a, p_b) (how probable the less
-    probable class is), ``coverage`` the regions' mean coverage, and ``examples``: (min(p_a, p_b), ordinal, source)
-    of the ``examples`` images where the two compete most. Sorted by images, most first."""
-    stats: dict[tuple[int, int], list] = {}
+    probable class is), ``coverage`` the regions' mean coverage; from the records' shares (the share of an image's
+    ambiguity in the pair's region), ``share_mean`` and ``share_max`` over the images where it competes and
+    ``run_share``, their sum over the number of images whose records hold shares (the pair's part of the run's
+    ambiguity, each image counting alike), all None for a pair that no record with shares names (folders written
+    before they were stored); ``examples``: (min(p_a, p_b), ordinal, source, share or None) of the ``examples``
+    images where the two compete most. Sorted as `rank_key`: by ``run_share``, most first (by ``images`` when
+    there are no shares)."""
+    stats: dict[tuple[int, int], dict[str, Any]] = {}
+    with_shares = 0
     for r in records:
         probs = {int(c): float(p) for c, p in r.get("top", ())}
+        qs = r.get("insecurities", ())
+        with_shares += all(q.get("share") is not None for q in qs)  # an image without insecurities: 0 in all
         for key, group in _pairs_of(r).items():
             q = group[0]
             p = min(probs.get(q["a"], 0.0), probs.get(q["b"], 0.0))
-            entry = stats.setdefault(key, [0, 0, 0.0, 0.0, [], q["name_a"] if q["a"] == key[0] else q["name_b"],
-                                           q["name_b"] if q["a"] == key[0] else q["name_a"]])  # fmt: skip
+            e = stats.get(key)
+            if e is None:
+                first = q["a"] == key[0]
+                e = stats[key] = {"images": 0, "negligible": 0, "p": 0.0, "coverage": 0.0, "heap": [], "shared": 0,
+                                  "share": 0.0, "share_max": 0.0, "name_a": q["name_a"] if first else q["name_b"],
+                                  "name_b": q["name_b"] if first else q["name_a"]}  # fmt: skip
             if is_negligible(p, p):
-                entry[1] += 1
+                e["negligible"] += 1
                 continue
-            entry[0] += 1
-            entry[2] += p
-            entry[3] += max(float(x["coverage"]) for x in group)
-            item = (p, -int(r["i"]), r["source"])
-            if len(entry[4]) < examples:
-                heapq.heappush(entry[4], item)
+            e["images"] += 1
+            e["p"] += p
+            e["coverage"] += max(float(x["coverage"]) for x in group)
+            share = _group_share(group)
+            if share is not None:
+                e["shared"] += 1
+                e["share"] += share
+                e["share_max"] = max(e["share_max"], share)
+            item = (p, -int(r["i"]), r["source"], -1.0 if share is None else share)
+            if len(e["heap"]) < examples:
+                heapq.heappush(e["heap"], item)
             else:
-                heapq.heappushpop(entry[4], item)
+                heapq.heappushpop(e["heap"], item)
     rows = [
-        {"a": a, "b": b, "name_a": e[5], "name_b": e[6], "images": e[0], "negligible": e[1],
-         "competition": e[2] / e[0] if e[0] else 0.0, "coverage": e[3] / e[0] if e[0] else 0.0,
-         "examples": [(p, -j, src) for p, j, src in sorted(e[4], reverse=True)]}
+        {"a": a, "b": b, "name_a": e["name_a"], "name_b": e["name_b"], "images": e["images"],
+         "negligible": e["negligible"], "competition": e["p"] / e["images"] if e["images"] else 0.0,
+         "coverage": e["coverage"] / e["images"] if e["images"] else 0.0,
+         "share_mean": e["share"] / e["shared"] if e["shared"] else None,
+         "share_max": e["share_max"] if e["shared"] else None,
+         "run_share": e["share"] / with_shares if e["shared"] else None,
+         "examples": [(p, -j, src, None if sh < 0 else sh) for p, j, src, sh in sorted(e["heap"], reverse=True)]}
         for (a, b), e in stats.items()
     ]  # fmt: skip
-    rows.sort(key=lambda x: (-x["images"], -x["competition"], x["a"], x["b"]))
+    rows.sort(key=rank_key)
     return rows
+
+
+def rank_key(row: Mapping[str, Any]) -> tuple:
+    """The pairs page's order: the pair's part of the run's ambiguity (``run_share``), most first; then the images
+    where it competes, the competition, the class indices. Without shares (older folders): the images first."""
+    return (-(row["run_share"] or 0.0), -row["images"], -row["competition"], row["a"], row["b"])
+
+
+def _group_share(group: Sequence[Mapping[str, Any]]) -> float | None:
+    """The share of an image's ambiguity in a pair's region (the largest when the pair has two), None if unknown."""
+    shares = [q.get("share") for q in group]
+    return None if any(v is None for v in shares) else max(float(v) for v in shares)
 
 
 def _pairs_of(r: Mapping[str, Any]) -> dict[tuple[int, int], list[Mapping[str, Any]]]:
@@ -368,15 +401,16 @@ def render_pairs(
 ) -> str:
     """The HTML text of the pairs page from `pair_statistics` rows (the first ``limit`` shown); ``thumbs`` /
     ``figures``: source -> path relative to the page; ``shares``: (source, a, b) -> the share of that image's
-    ambiguity in the pair's region (`Explanation.shares`), shown under each example."""
+    ambiguity in the pair's region (`Explanation.shares`), shown under an example whose record holds none."""
     thumbs, figures, shares = thumbs or {}, figures or {}, shares or {}
     shown = list(pairs if limit is None else pairs[:limit])
+    have_shares = any(p.get("run_share") is not None for p in pairs)
     rows = []
     for rank, p in enumerate(shown):
         cells = []
-        for _, _, source in p["examples"]:
+        for _, _, source, *known in p["examples"]:
             name = relative_name(source, root) if root is not None else Path(source).name
-            share = shares.get((source, p["a"], p["b"]))
+            share = known[0] if known and known[0] is not None else shares.get((source, p["a"], p["b"]))
             caption = f"{name}" + ("" if share is None else f" ({share:.0%})")
             thumb, figure = thumbs.get(source), figures.get(source)
             img = (f'<img class="small" loading="lazy" src="{_href(thumb)}" alt="{_e(name)}" title="{_e(caption)}">'
@@ -385,16 +419,38 @@ def render_pairs(
             label = "" if share is None else _percent(share)
             cells.append(f'<figure class="example">{img}<figcaption title="{_e(caption)}">{_e(label or name)}'
                          "</figcaption></figure>")  # fmt: skip
+        run_share, mean, top = p.get("run_share"), p.get("share_mean"), p.get("share_max")
+        if run_share is None:
+            ambiguity = "<span class='muted'>unavailable</span>"
+        else:
+            per_image = "" if mean is None else (
+                f"<br><span class='muted'>{_percent(mean)} per image<br>at most {_percent(top)}</span>")  # fmt: skip
+            ambiguity = f"{_percent(run_share)}{per_image}"
         rows.append(
             f'<tr data-rank="{rank}" data-images="{p["images"]}" data-competition="{p["competition"]:.6g}" '
-            f'data-pair="{_e(p["name_a"])} {_e(p["name_b"])}">'
+            f'data-ambiguity="{run_share or 0.0:.6g}" data-pair="{_e(p["name_a"])} {_e(p["name_b"])}">'
             f'<td class="num">{rank + 1}</td><td>{_e(p["name_a"])} <span class="muted">vs</span> {_e(p["name_b"])}</td>'
             f'<td class="num">{p["images"]}<br>'
             f'<span class="muted">{p["images"] / max(total, 1):.1%} of images</span></td>'
+            f'<td class="num">{ambiguity}</td>'
             f'<td class="num">{p["competition"]:.0%}<br><span class="muted">covers {p["coverage"]:.0%}</span></td>'
             f'<td class="num">{p["negligible"]}</td><td class="examples">{"".join(cells)}</td></tr>'
         )
-    more = f" (the {len(shown)} most frequent of {len(pairs)} listed)" if len(shown) < len(pairs) else ""
+    more = f" (the first {len(shown)} of {len(pairs)} listed)" if len(shown) < len(pairs) else ""
+    if have_shares:
+        order = (
+            "Pairs are ranked by their <i>part of the run's ambiguity</i> (column <i>ambiguity</i>): the share of "
+            "each image's ambiguity that lies in the pair's region (the readable strength of its insecurity), summed "
+            "over the images where the pair competes and divided by the number of images, so that 5% means that on "
+            "average 5% of an image's ambiguity is this pair's; under it the mean share over the images where the "
+            "pair competes, and the largest. Ties: more images first."
+        )
+    else:
+        order = (
+            "<b>Shares unavailable</b>: this folder's records were written before the share of each image's "
+            "ambiguity was stored, so the pairs are ranked by the number of images where they compete (ties: "
+            "competition); run <code>delib explain</code> again into a new folder for the shares."
+        )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{_e(title)}</title><style>{_STYLE}</style><script>{_SCRIPT}</script></head><body>"
@@ -404,11 +460,15 @@ def render_pairs(
         "; <i>competition</i> is the mean probability of the less probable class of the two, <i>covers</i> the "
         "mean fraction of the image in the region; the examples are the images where the two compete most, "
         "each with the share of that image's ambiguity in the pair's region. Click a column header to sort.</p>"
+        f"<p id='ranking'>{order}</p>"
         "<table id='pairs'><thead><tr>"
         "<th class='sort' data-key='rank' data-numeric='1' onclick='sortBy(\"rank\", true, \"pairs\")'>#</th>"
         "<th class='sort' data-key='pair' onclick='sortBy(\"pair\", false, \"pairs\")'>classes</th>"
         "<th class='sort' data-key='images' data-numeric='1' onclick='sortBy(\"images\", true, \"pairs\")'>"
-        "images</th><th class='sort' data-key='competition' data-numeric='1' "
+        "images</th><th class='sort' data-key='ambiguity' data-numeric='1' "
+        "title=\"the pair's part of the run's ambiguity (the ranking rule above)\" "
+        'onclick=\'sortBy("ambiguity", true, "pairs")\'>ambiguity</th>'
+        "<th class='sort' data-key='competition' data-numeric='1' "
         'onclick=\'sortBy("competition", true, "pairs")\'>competition</th><th>negligible</th><th>examples</th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table></body></html>\n"
     )
@@ -502,6 +562,6 @@ def _example_names(examples: Mapping) -> dict[int, str]:
 
 
 __all__ = [
-    "common_root", "pair_statistics", "relative_name", "render_index", "render_pairs", "summary", "thumbnail_name",
-    "write_human_study", "write_pairs", "write_report", "write_thumbnail",
+    "common_root", "pair_statistics", "rank_key", "relative_name", "render_index", "render_pairs", "summary",
+    "thumbnail_name", "write_human_study", "write_pairs", "write_report", "write_thumbnail",
 ]  # fmt: skip

@@ -11,7 +11,8 @@ Layout of an output folder (written by `delib_jax.stream.explain_files`):
                                           the run's identity (a random id made with the manifest)
     explanations/index-PPPPP.jsonl        one record per image of process P: source, its fingerprint (size,
                                           modification time), prediction, top classes and probabilities, difficulty,
-                                          each insecurity's pair, names, strength, coverage, threshold; its shard,
+                                          each insecurity's pair, names, strength, coverage, threshold and share
+                                          (the readable strength; absent in records written before it); its shard,
                                           row and the shard's digest; or the reason it was skipped
     explanations/shard-PPPPP-SSSSSS.safetensors
                                           the arrays of up to `shard_size` images: probs (n, C), difficulty (n,),
@@ -52,7 +53,7 @@ import struct
 import tempfile
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,12 @@ def _stat_ok(stat: Any) -> bool:
     return stat is None or (isinstance(stat, list) and len(stat) == 2 and all(_is_int(v) for v in stat))
 
 
+def _share_ok(q: Mapping[str, Any]) -> bool:
+    """An insecurity's readable strength is optional (records written before it lack it), else a number in [0, 1]."""
+    v = q.get("share", 0.0)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+
+
 def _record(line: str) -> dict[str, Any] | None:
     """An index line as a record, None if it is not one we wrote (torn, not JSON, wrong types, NaN)."""
     try:
@@ -316,6 +323,7 @@ def _record(line: str) -> dict[str, Any] | None:
         ok = ok and isinstance(r["digest"], str) and _DIGEST.fullmatch(r["digest"])
         ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
         ok = ok and all(_is_int(q[k]) for q in r["insecurities"] for k in ("a", "b"))
+        ok = ok and all(_share_ok(q) for q in r["insecurities"])
     except (KeyError, TypeError):
         return None
     return r if ok else None
@@ -551,6 +559,22 @@ def load_explanations(
     the file and what is wrong), or with ``skip_damaged`` is left out and handed to ``on_damage`` (e.g.
     ``damaged.append`` to count them). A folder without a manifest: `FileNotFoundError`; a foreign or older one:
     `StoreError`."""
+    wanted = None if sources is None else set(sources)
+    where = None if wanted is None else (lambda r: r["source"] in wanted)
+    for _, e in iter_explanations(out, where=where, skip_damaged=skip_damaged, on_damage=on_damage):
+        yield e
+
+
+def iter_explanations(
+    out: str | Path,
+    *,
+    where: Callable[[Mapping[str, Any]], bool] | None = None,
+    skip_damaged: bool = False,
+    on_damage: Callable[[StoreDamage], None] | None = None,
+) -> Iterator[tuple[dict[str, Any], Any]]:
+    """(index record, `Explanation`) of the records for which ``where(record)`` holds (all: None), streamed as
+    `load_explanations` (which it serves): a shard is read only when a chosen record names it, and nothing per
+    record is kept but a hash of its source (to refuse a second record of one image)."""
     out = Path(out)
     manifest = read_manifest(out)
     if manifest is None:
@@ -558,7 +582,6 @@ def load_explanations(
     lay = layout(manifest, out / MANIFEST)
     names = list(manifest["class_names"])
     settings = manifest["settings"]
-    wanted = None if sources is None else set(sources)
     shards = _Shards(out / DIRECTORY, lay)
     seen: set[int] = set()
     shard, arrays = None, None
@@ -574,7 +597,7 @@ def load_explanations(
             if r is None:
                 damage(StoreDamage(path, f"line {lineno} is not a record (torn or damaged)"))
                 continue
-            if "skipped" in r or (wanted is not None and r["source"] not in wanted):
+            if "skipped" in r or (where is not None and not where(r)):
                 continue
             h = hash(r["source"])
             if h in seen:
@@ -592,7 +615,7 @@ def load_explanations(
                 damage(e)
                 continue
             seen.add(h)
-            yield explanation_from_row(arrays, r["row"], names, settings, r["source"])
+            yield r, explanation_from_row(arrays, r["row"], names, settings, r["source"])
 
 
 def explanation_from_row(
@@ -736,6 +759,28 @@ class ShardWriter:
 
 
 # ------------------------------------------------------------------------------------------------ resuming
+
+
+@dataclass(frozen=True)
+class SourceSet:
+    """A set of sources in flat memory: ``source in s`` looks up a sorted array of their 64-bit hashes (8 bytes a
+    source, as `Resume`); made from any iterable with `of`, which keeps nothing else."""
+
+    hashes: np.ndarray
+
+    @classmethod
+    def of(cls, sources: Iterable[str]) -> SourceSet:
+        return cls(np.unique(np.fromiter((source_hash(s) for s in sources), np.int64)))
+
+    def __contains__(self, source: object) -> bool:
+        if not isinstance(source, str) or not len(self.hashes):
+            return False
+        h = source_hash(source)
+        i = int(np.searchsorted(self.hashes, h))
+        return i < len(self.hashes) and int(self.hashes[i]) == h
+
+    def __len__(self) -> int:
+        return len(self.hashes)
 
 
 @dataclass
@@ -951,7 +996,7 @@ def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n
 
 
 __all__ = [
-    "DIRECTORY", "FORMAT", "MANIFEST", "Resume", "Shard", "ShardWriter", "StoreDamage", "StoreError", "Verdict",
-    "create_manifest", "index_files", "load_explanations", "new_run_id", "open_index", "pack_bits", "read_manifest",
-    "read_records", "read_shard", "unpack_bits", "verify_folder",
+    "DIRECTORY", "FORMAT", "MANIFEST", "Resume", "Shard", "ShardWriter", "SourceSet", "StoreDamage", "StoreError",
+    "Verdict", "create_manifest", "index_files", "iter_explanations", "load_explanations", "new_run_id", "open_index",
+    "pack_bits", "read_manifest", "read_records", "read_shard", "unpack_bits", "verify_folder",
 ]  # fmt: skip

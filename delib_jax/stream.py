@@ -26,7 +26,7 @@ import heapq
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ def explain_files(
     import jax
 
     from delib_jax import explanation as ex
+    from delib_jax import insecurity as insec
     from delib_jax.checkpoint import check_model_config
     from delib_jax.models import split_leaves
 
@@ -119,8 +120,10 @@ def explain_files(
             manifest["data"] = files.manifest()
         else:
             files = files if isinstance(files, PathList) else PathList(files)
+        # the default ambiguity (product of clamped maps): a region's share follows from its strength and coverage
+        strength_is_mean = settings.positive and explain_options.get("combine", insec.product) is insec.product
         summary = _run(out, share, config, files, options, manifest, DeviceStep(explain_fn),
-                       reader, examples or {}, report)  # fmt: skip
+                       reader, examples or {}, report, strength_is_mean=strength_is_mean)  # fmt: skip
         if _synced(options, share):  # the report covers every process's explanations: process 0, once all are done
             _multihost.barrier("delib explain: all written")
             if share[0] != 0:
@@ -171,8 +174,8 @@ def _synced(options: JobOptions, share: tuple[int, int]) -> bool:
 
 
 def _run(out: Path, share: tuple[int, int], config, files: PathList | DatasetInputs, options: JobOptions,
-         manifest: dict, step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path],
-         report) -> JobSummary:  # fmt: skip
+         manifest: dict, step: DeviceStep, reader: _reader.Reader, examples: Mapping[int, Path], report, *,
+         strength_is_mean: bool = True) -> JobSummary:  # fmt: skip
     """The stages wired: the reader decodes ahead, the device step is dispatched per batch, the writer thread
     fetches and stores; Ctrl-C or a failure keeps what the writer finished and drops the rest."""
     from delib_jax.progress import progress_bar
@@ -200,7 +203,7 @@ def _run(out: Path, share: tuple[int, int], config, files: PathList | DatasetInp
                                 ready=figures.ready if figures else None)  # fmt: skip
         writer = WriterStage(shards, manifest["class_names"], plan.stats, report, figures,
                              shard_seconds=options.shard_seconds, on_done=bar.update,
-                             describe=files.describe)  # fmt: skip
+                             describe=files.describe, strength_is_mean=strength_is_mean)  # fmt: skip
         thread = threading.Thread(target=writer_loop, args=(channel, writer), name="delib-writer", daemon=True)
         thread.start()
         for batch in read_ahead(reader, plan.todo, options.prefetch, channel, lambda i, f: files.payload(i)):
@@ -275,15 +278,25 @@ def finish(out: Path, manifest: Mapping[str, Any], options: JobOptions, summary:
 FIGURE_INDEX = "figures/index.jsonl"  # figures drawn later (`delib figures`): one {"source", "figure"} per line
 PAGES = (("index.html", "images"), ("pairs.html", "class pairs"))
 SKIPPED_LISTED = 1000  # index.html lists at most this many skipped inputs (and counts the rest)
-PAIRS_LISTED = 200  # pairs.html lists the most frequent this many class pairs
+PAIRS_LISTED = 200  # pairs.html lists the first this many class pairs (`delib_jax.report.rank_key`)
 
 
-def drawn_figures(out: Path) -> dict[str, str]:
-    """source -> figure path (relative to OUT) of every figure on disk: those the job drew (named in its records)
-    and those `delib figures` drew later (OUT/figures/index.jsonl, appended only once the PNG exists)."""
+def drawn_figures(out: Path, sources: Container[str] | None = None) -> dict[str, str]:
+    """source -> figure path (relative to OUT) of every figure on disk (of ``sources`` only, when given: memory
+    bounded by them): those the job drew (named in its records) and those `delib figures` drew later
+    (OUT/figures/index.jsonl, appended only once the PNG exists)."""
+    found = {s: f for s, f in recorded_figures(out) if sources is None or s in sources}
+    return {s: f for s, f in found.items() if _inside(out, f) and (out / f).is_file()}
+
+
+def recorded_figures(out: Path) -> Iterator[tuple[str, str]]:
+    """(source, figure path relative to OUT) as recorded, streamed: in the job's records, then in
+    OUT/figures/index.jsonl (a later line of a source replaces an earlier one); the file may not exist."""
     import json
 
-    found = {r["source"]: r["figure"] for r in st.read_records(out) if isinstance(r.get("figure"), str)}
+    for r in st.read_records(out):
+        if isinstance(r.get("figure"), str):
+            yield r["source"], r["figure"]
     path = out / FIGURE_INDEX
     if path.is_file() and not path.is_symlink():
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -297,8 +310,12 @@ def drawn_figures(out: Path) -> dict[str, str]:
                     and isinstance(item.get("source"), str)
                     and isinstance(item.get("figure"), str)
                 ):
-                    found[item["source"]] = item["figure"]
-    return {s: f for s, f in found.items() if _inside(out, f) and (out / f).is_file()}
+                    yield item["source"], item["figure"]
+
+
+def drawn_sources(out: Path) -> st.SourceSet:
+    """The sources whose figure is on disk, in flat memory (8 bytes each: `delib_jax.store.SourceSet`)."""
+    return st.SourceSet.of(s for s, f in recorded_figures(out) if _inside(out, f) and (out / f).is_file())
 
 
 def _inside(out: Path, relative: str) -> bool:
@@ -336,7 +353,6 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
             if len(skipped) < SKIPPED_LISTED:
                 skipped.append((r["source"], r["skipped"]))
     chosen = [r for _, _, r in sorted(hardest, key=lambda t: (-t[0], -t[1]))]
-    figures = drawn_figures(out)
     thumbs, records_of = {}, {}
     payloads = RecordPayloads(dict(manifest), inputs, report)  # a dataset run's images are read from its data
 
@@ -359,13 +375,18 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
     )  # fmt: skip
     pairs = pair_statistics(st.read_records(out))
     listed = pairs[:PAIRS_LISTED]
-    wanted = {src for p in listed for _, _, src in p["examples"]}
-    shares, image_shares = {}, {}  # the readable strengths (`Explanation.shares`) of the images the pages show
-    sources = sorted(wanted | {r["source"] for r in chosen})
+    wanted = {src for p in listed for _, _, src, _ in p["examples"]}
     if payloads.data is not None:  # their records name the examples (dataset index) the thumbnails are read from
-        needed = set(sources)
+        needed = wanted | {r["source"] for r in chosen}
         records_of = {r["source"]: r for r in st.read_records(out) if r["source"] in needed}
-    for e in st.load_explanations(out, sources=sources, skip_damaged=True, on_damage=lambda d: report(str(d))):
+    figures = drawn_figures(out, sources=wanted | {r["source"] for r in chosen})  # of the rows shown only
+    # the readable strengths the pages show: in the records; computed from the stored maps (`Explanation.shares`)
+    # only for records written before the index held them
+    shares, image_shares = {}, {}
+    sources = {src for p in listed for _, _, src, share in p["examples"] if share is None}
+    sources |= {r["source"] for r in chosen if any(q.get("share") is None for q in r["insecurities"])}
+    for e in st.load_explanations(out, sources=sorted(sources), skip_damaged=True,
+                                  on_damage=lambda d: report(str(d))) if sources else ():  # fmt: skip
         image_shares[e.source] = e.shares
         for q, share in zip(e.insecurities, e.shares):
             shares.setdefault((e.source, min(q.a, q.b), max(q.a, q.b)), share)
@@ -382,7 +403,7 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
 
 
 __all__ = [
-    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "explain_dataset",
-    "explain_files",
-    "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder", "weights_digest", "write_pages",
+    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "drawn_sources",
+    "explain_dataset", "explain_files", "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder",
+    "recorded_figures", "weights_digest", "write_pages",
 ]  # fmt: skip

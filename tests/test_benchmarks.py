@@ -130,6 +130,7 @@ def test_explain_and_evaluation_benchmarks_json(capsys):
             "core_img_s",
             "e2e_img_s",
             "writer_img_s",
+            "writer_shares_img_s",
             "figures_s_per_core",
             "bytes_per_image",
             "max_rss_mb",

@@ -88,7 +88,7 @@ def test_pair_statistics_stream_with_bounded_examples():
     rows = pair_statistics(iter(records), examples=3)  # an iterator: one pass
     first = rows[0]
     assert (first["a"], first["b"], first["images"], first["negligible"]) == (0, 1, 10, 0)  # (0,1) and (1,0): once
-    assert [src for _, _, src in first["examples"]] == ["/d/9.jpg", "/d/8.jpg", "/d/7.jpg"]  # competing most
+    assert [src for _, _, src, _ in first["examples"]] == ["/d/9.jpg", "/d/8.jpg", "/d/7.jpg"]  # competing most
     assert first["competition"] == pytest.approx(np.mean([0.3 + i / 100 for i in range(10)]))
     by_pair = {(r["a"], r["b"]): r for r in rows}
     assert by_pair[(0, 2)]["images"] == 0 and by_pair[(0, 2)]["negligible"] == 10  # p(tern) < 1%: no competition
@@ -131,7 +131,36 @@ def test_pairs_page_counts_every_image_and_escapes(run):
     assert len(page.images) == sum(len(r["examples"]) for r in rows[:200]) > 0
     assert all((out / i["src"]).is_file() for i in page.images)
     page = render_pairs(rows, total=8, limit=1)
-    assert f"the 1 most frequent of {len(rows)}" in page
+    assert f"the first 1 of {len(rows)}" in page
+
+
+def test_a_runs_records_hold_the_readable_strength(run):
+    """The writer stage stores each insecurity's share: that of the stored explanation, raw strength kept."""
+    out = run[0]
+    records = {r["source"]: r for r in st.read_records(out)}
+    explanations = list(st.load_explanations(out))
+    assert len(explanations) == 8 and sum(len(e.insecurities) for e in explanations) > 8
+    for e in explanations:
+        r = records[e.source]
+        np.testing.assert_allclose([q["share"] for q in r["insecurities"]], e.shares, rtol=1e-5, atol=1e-6)
+        assert [q["strength"] for q in r["insecurities"]] == [float(q.strength) for q in e.insecurities]
+    page = (out / "pairs.html").read_text(encoding="utf-8")
+    assert "part of the run's ambiguity" in page and "unavailable" not in page
+
+
+@pytest.mark.slow
+def test_shares_of_a_run_with_signed_maps_come_from_the_masks(run, tmp_path):
+    """With positive=False the raw strength is not the clamped ambiguity: the writer reads the masks instead."""
+    _, model, config, files = run
+    out = tmp_path / "signed"
+    explain_files(model, config, files[:4], out, options=JobOptions(batch_size=4, workers=0, progress=False),
+                  report=lambda m: None, positive=False, **OPTIONS)  # fmt: skip
+    records = {r["source"]: r for r in st.read_records(out)}
+    explanations = list(st.load_explanations(out))
+    assert sum(len(e.insecurities) for e in explanations) > 0
+    for e in explanations:
+        stored = [q["share"] for q in records[e.source]["insecurities"]]
+        np.testing.assert_allclose(stored, e.shares, rtol=1e-5, atol=1e-6)
 
 
 def test_index_without_thumbnails_is_as_before():
@@ -239,7 +268,7 @@ def test_pages_in_a_real_browser(run, tmp_path):
     out = _copy(run[0], tmp_path)
     assert main(["figures", str(out), "--hardest", "3", "--no-progress", "--workers", "0"]) == 0
     for name, sorts in (("index.html", {"index", "prediction", "difficulty"}),
-                        ("pairs.html", {"rank", "pair", "images", "competition"})):  # fmt: skip
+                        ("pairs.html", {"rank", "pair", "images", "ambiguity", "competition"})):  # fmt: skip
         result = selftest(out / name)
         assert result["images"] > 0 and result["broken"] == [], (name, result)
         assert result["errors"] == [], (name, result)

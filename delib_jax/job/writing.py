@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,17 +21,40 @@ from delib_jax.job.folder import JobError
 from delib_jax.job.reading import Channel, ReadBatch
 
 
-def host_lists(host: Mapping[str, np.ndarray]) -> dict[str, list]:
-    """The fields the index records need as Python lists, converted once per batch (numpy scalars are slow)."""
+def host_lists(host: Mapping[str, np.ndarray], image_size: tuple[int, int], *, from_strength: bool = True) -> dict:
+    """The fields the index records need as Python lists, converted once per batch (numpy scalars are slow); with
+    ``share`` (`batch_shares`), the readable strength of each insecurity."""
     probs = host["probs"]
     prediction = np.argmax(probs, axis=1)
     top = np.take_along_axis(probs, host["classes"], axis=1)
+    shares = np.round(batch_shares(host, image_size, from_strength=from_strength), 6)  # 1e-4 of a percent
     return {
         "prediction": prediction.tolist(), "confidence": probs[np.arange(len(probs)), prediction].tolist(),
         "difficulty": host["difficulty"].tolist(), "classes": host["classes"].tolist(), "top": top.tolist(),
         "pairs": host["pairs"].tolist(), "strength": host["strength"].tolist(),
         "coverage": host["coverage"].tolist(), "threshold": host["threshold"].tolist(), "valid": host["valid"].tolist(),
+        "share": shares.tolist(),
     }  # fmt: skip
+
+
+def batch_shares(host: Mapping[str, np.ndarray], image_size: tuple[int, int], *, from_strength: bool = True):
+    """(B, Q) the share of each image's ambiguity in each insecurity's region (`Explanation.shares`) from the
+    fetched outputs, NaN where a pair has no maps. ``from_strength``: the raw strengths are mean ambiguities of the
+    product of clamped maps (`find_insecurities`' default), so a region's sum is strength x area and no mask is
+    read (microseconds per image); else from the maps and the packed masks (`delib_jax.insecurity.region_shares`,
+    milliseconds per image at 224 px), for other ``combine`` or ``positive=False``."""
+    from delib_jax import insecurity as insec
+
+    classes, pairs, maps = host["classes"], host["pairs"], host["maps"]
+    same = pairs[..., None] == classes[:, None, None, :]  # (B, Q, 2, N)
+    mapped = same.any(-1).all(-1) & host["valid"]
+    if from_strength:
+        total = insec.ambiguity_total(maps[:, :-1], maps[:, -1], image_size)
+        shares = insec.strength_shares(host["strength"], host["coverage"], total, image_size)
+    else:
+        masks = st.unpack_bits(host["mask_bits"], image_size)  # (B, Q, H_img, W_img)
+        shares = insec.region_shares(maps[:, :-1], maps[:, -1], same.argmax(-1), masks)
+    return np.where(mapped, shares, np.nan)
 
 
 def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str, list], row: int, names, note,
@@ -39,6 +63,7 @@ def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str,
     ``described``: fields naming a dataset's example (dataset, split, index)."""
     prediction = lists["prediction"][row]
     strength, coverage, threshold = lists["strength"][row], lists["coverage"][row], lists["threshold"][row]
+    share = lists["share"][row]
     r = {
         "i": i, "source": source, "stat": stat, **(described or {}),
         "prediction": prediction, "prediction_name": names[prediction],
@@ -46,7 +71,8 @@ def make_record(i: int, source: str, stat: list[int] | None, lists: Mapping[str,
         "top": [list(t) for t in zip(lists["classes"][row], lists["top"][row])],
         "insecurities": [
             {"a": a, "b": b, "name_a": names[a], "name_b": names[b], "strength": strength[q],
-             "coverage": coverage[q], "threshold": threshold[q]}
+             "coverage": coverage[q], "threshold": threshold[q],
+             **({} if math.isnan(share[q]) else {"share": share[q]})}
             for q, ((a, b), ok) in enumerate(zip(lists["pairs"][row], lists["valid"][row])) if ok
         ],
     }  # fmt: skip
@@ -147,7 +173,8 @@ class Figures:
 class WriterStage:
     """Turns fetched batches into the store: ``write(batch, host)`` per batch, `close` at the end. Unreadable
     files become skip records (and ``skipped``), a non-finite output stops the job (`JobError`), a shard is
-    flushed at least every ``shard_seconds``; ``on_done(n)`` is told of every n inputs handled."""
+    flushed at least every ``shard_seconds``; ``on_done(n)`` is told of every n inputs handled;
+    ``strength_is_mean``: the raw strengths are mean ambiguities of the product of clamped maps (`batch_shares`)."""
 
     shards: st.ShardWriter
     names: Sequence[str]
@@ -157,6 +184,7 @@ class WriterStage:
     shard_seconds: float = 10.0
     on_done: Callable[[int], None] = lambda n: None
     describe: Callable[[int], dict | None] = lambda i: None  # ordinal -> fields added to its record (a dataset's)
+    strength_is_mean: bool = True
     done: int = 0
     explained: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -165,7 +193,8 @@ class WriterStage:
     def write(self, batch: ReadBatch, host: Mapping[str, np.ndarray] | None) -> None:
         """Record one batch; ``host``: its fetched outputs (None when nothing in it was readable)."""
         rows, records = [], []
-        lists = host_lists(host) if host is not None else None
+        lists = host_lists(host, self.shards.image_size, from_strength=self.strength_is_mean) if host is not None \
+            else None  # fmt: skip
         for row, ((i, f), rep) in enumerate(zip(batch.items, batch.reports)):
             source = str(f)
             if rep.error is not None:

@@ -58,7 +58,7 @@ def synthetic_folder(
     for start in range(0, images, shard_size):  # a shard at a time: 100,000 images in little memory
         part = synthetic_rows(min(shard_size, images - start), crop=crop, seed=seed * 1_000_003 + start)
         parts.append({k: v.copy() for k, v in part.items()})
-        lists = host_lists(part)
+        lists = host_lists(part, (crop, crop), from_strength=False)  # random strengths
         records = [make_record(start + j, f"{prefix}/img_{start + j:06d}.jpg", [1000 + start + j, 7], lists, j, NAMES,
                            None) for j in range(len(part["probs"]))]  # fmt: skip
         writer.add(part, records)
