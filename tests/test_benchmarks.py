@@ -284,7 +284,7 @@ def test_interactions_benchmark_json(capsys):
         == 0
     )
     cnn, mlp = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:])
-    assert cnn["products"] == 2 * 16 and cnn["shape"] == [1, 1, 16, 16]  # 2 nodes x 4 x 4 rows at conv2 at 8 px
+    assert cnn["products"] == 2 * 16 and cnn["shape"] == [2, 1, 16, 16]  # 2 nodes x 4 x 4 rows at 8 px, 2 images
     assert cnn["batch"] == 2 and cnn["whole_per_products"] == cnn["whole_s"] / (cnn["products"] * cnn["hvp_s"])
     assert cnn["amortised_hvp_s"] == cnn["whole_s"] / cnn["products"]
     assert cnn["amortised_per_forward"] == cnn["amortised_hvp_s"] / cnn["forward_s"]
