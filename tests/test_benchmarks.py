@@ -269,6 +269,8 @@ def test_interactions_benchmark_json(capsys):
                 "mlp",
                 "--size",
                 "8",
+                "--batch",
+                "2",
                 "--nodes",
                 "2",
                 "--features",
@@ -283,7 +285,20 @@ def test_interactions_benchmark_json(capsys):
         == 0
     )
     cnn, mlp = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:])
-    assert cnn["products"] == 2 * 16 and cnn["shape"] == [1, 1, 16, 16]  # 2 nodes x 4 x 4 rows at conv2 at 8 px
-    assert cnn["whole_per_products"] == cnn["whole_s"] / (cnn["products"] * cnn["hvp_s"])
+    assert cnn["products"] == 2 * 16 and cnn["shape"] == [2, 1, 16, 16]  # 2 nodes x 4 x 4 rows at 8 px, 2 images
+    assert cnn["batch"] == 2 and cnn["whole_per_products"] == cnn["whole_s"] / (cnn["products"] * cnn["hvp_s"])
+    assert cnn["amortised_hvp_s"] == cnn["whole_s"] / cnn["products"]
+    assert cnn["amortised_per_forward"] == cnn["amortised_hvp_s"] / cnn["forward_s"]
     assert mlp["products"] == 2 * 4 and mlp["error"] >= 0
     assert "path_explain_s" in mlp or isinstance(mlp.get("path_explain"), str)
+
+
+@pytest.mark.slow
+def test_interactions_benchmark_cnn_pe_json(capsys):
+    from benchmarks import interactions
+
+    argv = ["--case", "cnn-pe", "--size", "2", "--nodes", "2", "--pe-samples", "4", "--repeats", "1", "--json"]
+    assert interactions.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["features"] == 12 and out["products"] == 2 * 12 and out["error"] >= 0  # 2 x 2 x 3 pixel channels
+    assert "path_explain_s" in out or isinstance(out.get("path_explain"), str)

@@ -22,7 +22,9 @@ Granularities: features are grouped by masks over X's H x W grid (channels summe
 Locations: one-hot rows / columns (L x L, the default); regions: the feature grid's cells (`grid_masks`) or masks
 the caller gives (an insecurity's region and the rest); pixel rows: X = the images (``features`` None) with rows a
 few pixels or regions and columns every pixel. Cost: n x R x N Hessian-vector products (N explained outputs), plus
-n x N gradients for the first-order term and n x N for IG; vmapped, chunked over rows with ``chunk_size``.
+n x N gradients for the first-order term and n x N for IG; vmapped, chunked over rows with ``chunk_size``. At
+each node the gradient is linearised once (`jax.linearize`: one forward and one backward pass at the node) and only
+its linear map runs per row direction.
 
 In a ReLU network H is zero almost everywhere below the output: pass ``beta`` to explain the softplus surrogate
 (`delib_jax.attribution.surrogate`) -- the paper's choice -- and measure its distance with `surrogate_gap`.
@@ -44,7 +46,7 @@ from delib_jax.attribution._core import quadrature
 from delib_jax.attribution.interactions import _check_targets
 from delib_jax.attribution.layer import _check_array, _targets, pure, rebuild
 from delib_jax.attribution.outputs import Output, explained_output
-from delib_jax.attribution.reverse import _per_location, cotangents, grads_and_hvps, output_grads
+from delib_jax.attribution.reverse import _per_location, cotangents, output_grads
 from delib_jax.attribution.surrogate import replace_relu, softplus
 
 Array = jax.Array
@@ -181,11 +183,12 @@ def path_terms(
     def node(tw):  # (R, N, B, S)
         tk, wk = tw
         p = base + tk * delta
-        first = _per_location(output_grads(g, p, cts) * delta)  # (N, B, L)
+        # the forward and backward passes at p once: the gradients and the linear map v -> H(p) v of every output
+        grads, hvp = jax.linearize(lambda y: output_grads(g, y, cts), p)
+        first = _per_location(grads * delta)  # (N, B, L)
 
-        def row(mask):  # (N, B, S): delta_r^T H(p) delta_s
-            _, hvps = grads_and_hvps(g, p, delta * mask.reshape(1, h, w, 1), cts)
-            return _project(_per_location(hvps * delta), cols)
+        def row(mask):  # (N, B, S): delta_r^T H(p) delta_s, the linear map applied to the row's direction only
+            return _project(_per_location(hvp(delta * mask.reshape(1, h, w, 1)) * delta), cols)
 
         hess = _map(row, rows, chunk_size)
         if cols is None:
