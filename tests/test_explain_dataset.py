@@ -165,7 +165,7 @@ def test_delib_explain_data_dir(data, capsys, tmp_path):
         ([image, "--data-dir", data["release"]], "not both"),
         ([], "or --data-dir DIR"),
         (["--data-dir", tmp_path / "nowhere"], "does not exist"),
-        (["--data-dir", tmp_path / "ade"], "--data-dir"),
+        (["--data-dir", tmp_path / "ade"], "not a CUB-200-2011 release"),
     ]:
         code, err = _cli([*base, *extra, "--out", tmp_path / "never"], capsys)
         lines = [line for line in err.splitlines() if "error" in line]
