@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         chosen, unknown = choose(out, args.hardest, args.images)
         for given in unknown:
             report(f"{given} is not among the explained images: skipped")
-        done = drawn_figures(out)
+        done = drawn_figures(out, [r["source"] for r in chosen])
         todo = {r["source"]: r for r in chosen if r["source"] not in done}
         if todo:
             try:

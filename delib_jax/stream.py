@@ -26,7 +26,7 @@ import heapq
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +246,15 @@ SKIPPED_LISTED = 1000  # index.html lists at most this many skipped inputs (and 
 PAIRS_LISTED = 200  # pairs.html lists the most frequent this many class pairs
 
 
-def drawn_figures(out: Path) -> dict[str, str]:
+def drawn_figures(out: Path, sources: Collection[str] | None = None) -> dict[str, str]:
     """source -> figure path (relative to OUT) of every figure on disk: those the job drew (named in its records)
-    and those `delib figures` drew later (OUT/figures/index.jsonl, appended only once the PNG exists)."""
+    and those `delib figures` drew later (OUT/figures/index.jsonl, appended only once the PNG exists). With
+    ``sources``, only theirs (what a page shows: memory and file checks for those, not for the whole run)."""
     import json
 
-    found = {r["source"]: r["figure"] for r in st.read_records(out) if isinstance(r.get("figure"), str)}
+    wanted = None if sources is None else set(sources)
+    found = {r["source"]: r["figure"] for r in st.read_records(out)
+             if isinstance(r.get("figure"), str) and (wanted is None or r["source"] in wanted)}  # fmt: skip
     path = out / FIGURE_INDEX
     if path.is_file() and not path.is_symlink():
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -264,6 +267,7 @@ def drawn_figures(out: Path) -> dict[str, str]:
                     isinstance(item, dict)
                     and isinstance(item.get("source"), str)
                     and isinstance(item.get("figure"), str)
+                    and (wanted is None or item["source"] in wanted)
                 ):
                     found[item["source"]] = item["figure"]
     return {s: f for s, f in found.items() if _inside(out, f) and (out / f).is_file()}
@@ -302,7 +306,6 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
             if len(skipped) < SKIPPED_LISTED:
                 skipped.append((r["source"], r["skipped"]))
     chosen = [r for _, _, r in sorted(hardest, key=lambda t: (-t[0], -t[1]))]
-    figures = drawn_figures(out)
     thumbs = {}
 
     def thumb(source: str) -> str | None:
@@ -326,6 +329,7 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
     wanted = {src for p in listed for _, _, src in p["examples"]}
     shares, image_shares = {}, {}  # the readable strengths (`Explanation.shares`) of the images the pages show
     sources = sorted(wanted | {r["source"] for r in chosen})
+    figures = drawn_figures(out, sources)  # the figures of the images shown only: flat memory at any run size
     for e in st.load_explanations(out, sources=sources, skip_damaged=True, on_damage=lambda d: report(str(d))):
         image_shares[e.source] = e.shares
         for q, share in zip(e.insecurities, e.shares):
