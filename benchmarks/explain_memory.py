@@ -119,15 +119,17 @@ def measure(folder: Path, out: Path, figures: bool, batch: int, timeout: float) 
             "resuming_s": None if resumed_at[0] is None else round(resumed_at[0], 2)}  # fmt: skip
 
 
-def run(counts: list[int], figures: bool, batch: int = 64, timeout: float = 1500) -> dict:
-    """``max_rss_mb`` and ``resume_s`` per image count, and the growth from the first count to the last."""
+def run(counts: list[int], figures: bool, batch: int = 64, timeout: float | None = None) -> dict:
+    """``max_rss_mb`` and ``resume_s`` per image count, and the growth from the first count to the last; each run
+    is stopped after ``timeout`` s (None: 1,500, plus 3 s a figure: figures are drawn at about 1 a second a core)."""
     rows = []
     for n in counts:
+        limit = timeout if timeout is not None else 1500 + (3 * n if figures else 0)
         tmp = Path(tempfile.mkdtemp(prefix="delib-mem-"))
         try:
             write_images(tmp / "images", n)
-            first = measure(tmp / "images", tmp / "out", figures, batch, timeout)
-            again = measure(tmp / "images", tmp / "out", figures, batch, timeout)
+            first = measure(tmp / "images", tmp / "out", figures, batch, limit)
+            again = measure(tmp / "images", tmp / "out", figures, batch, limit)
             rows.append({"images": n, "max_rss_mb": first["max_rss_mb"], "run_s": first["wall_s"],
                          "resume_s": again["resuming_s"], "resume_max_rss_mb": again["max_rss_mb"]})  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each count as it is measured

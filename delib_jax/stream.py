@@ -198,6 +198,7 @@ def _run(out: Path, share: tuple[int, int], config, files: PathList | DatasetInp
             figures = Figures(out, config.resize, config.crop, manifest["class_names"], manifest["settings"],
                               examples, report, channel.stopping, payload=lambda r: files.payload(r["i"]))  # fmt: skip
             figures.pool = _reader.start_pool(n) if n > 0 else None
+            figures.in_flight = 2 * n  # each worker busy and one more ready: the rest wait in the writer
         shards = st.ShardWriter(directory, share[0], options.shard_size, next_seq=plan.next_seq,
                                 image_size=(config.crop, config.crop), run=run,
                                 ready=figures.ready if figures else None)  # fmt: skip

@@ -203,6 +203,34 @@ def test_figures_hold_records_back_until_drawn_and_drop_them_when_stopping(tmp_p
     assert figures.ready(records[:1], block=True) == []  # interrupted: not waited for, dropped (redone on resume)
 
 
+def test_figures_keep_at_most_in_flight_explanations_waiting_for_the_pool(tmp_path, monkeypatch):
+    """Figures lag far behind the device: `Figures.submit` waits rather than queue every explanation of the run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from delib_jax.job import writing
+    from delib_jax.testing.store import SETTINGS
+
+    drawn, most = [], [0]
+
+    class Pool(ThreadPoolExecutor):  # counts the figures handed over and not yet drawn at each submit
+        def submit(self, fn, *args):
+            most[0] = max(most[0], 1 + sum(not f.done() for f in figures.pending.values()))
+            return super().submit(fn, *args)
+
+    monkeypatch.setattr(writing, "render_figure", lambda e, source, *rest: (threading.Event().wait(0.01),
+                                                                             drawn.append(source)))  # fmt: skip
+    figures = Figures(tmp_path, 8, 8, NAMES, SETTINGS, {}, print, threading.Event(), pool=Pool(1), in_flight=2)
+    host = _host(12)
+    arrays = {k: v for k, v in host.items() if k != "finite"}
+    records = [{"i": i, "source": f"/d/im{i}.png"} for i in range(12)]
+    try:
+        figures.submit(arrays, records)
+        assert most[0] <= 2  # the old writer queued all 12 at once
+        assert len(figures.ready(records, block=True)) == 12 and sorted(drawn) == sorted(r["source"] for r in records)
+    finally:
+        figures.close()
+
+
 def test_inputs_in_flat_memory_read_back_as_given(tmp_path):
     """PathList keeps any path (non-UTF-8 bytes included) in one buffer; Items and Fingerprints index by ordinal."""
     from delib_jax.job.folder import Fingerprints, Items, Ordinals, PathList, fingerprint

@@ -227,6 +227,23 @@ def test_figures_usage_errors_are_one_line(tmp_path, capsys):
     assert main(["figures", str(tmp_path), "--hardest", "0"]) == 2
 
 
+def test_drawn_figures_of_some_sources_only(tmp_path):
+    """The pages ask for the figures they show, not the whole run's (flat memory): the same answer, restricted."""
+    from delib_jax.testing.store import synthetic_folder
+
+    synthetic_folder(tmp_path, images=6)
+    sources = [r["source"] for r in st.read_records(tmp_path)]
+    (tmp_path / "figures").mkdir()
+    with open(tmp_path / FIGURE_INDEX, "w", encoding="utf-8") as f:
+        for j in (0, 2, 4):
+            (tmp_path / "figures" / f"{j}.png").write_bytes(b"png")
+            f.write(json.dumps({"source": sources[j], "figure": f"figures/{j}.png"}) + "\n")
+    every = drawn_figures(tmp_path)
+    assert sorted(every) == [sources[0], sources[2], sources[4]]
+    assert drawn_figures(tmp_path, [sources[4], sources[1], "/elsewhere.png"]) == {sources[4]: "figures/4.png"}
+    assert drawn_figures(tmp_path, []) == {}
+
+
 def test_a_figures_rerun_points_to_delib_figures_and_foreign_pairs_page_is_kept(run, tmp_path):
     out, model, config, files = run
     copy = _copy(out, tmp_path)

@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,9 @@ def figure_name(i: int, source: str) -> str:
 @dataclass
 class Figures:
     """Draws a figure per explained image into ``out`` (in ``pool``'s processes, or here when it is None) and tells
-    the shard writer which records may be appended (`ready`): the index never names a figure not yet written."""
+    the shard writer which records may be appended (`ready`): the index never names a figure not yet written. At
+    most ``in_flight`` figures wait for the pool at a time (`submit` waits for one to finish), so the explanations
+    handed to it stay bounded in memory however far the figures lag behind the device."""
 
     out: Path
     resize: int
@@ -118,6 +120,7 @@ class Figures:
     report: Callable[[str], None]
     stopping: threading.Event
     pool: ProcessPoolExecutor | None = None
+    in_flight: int = 4
     pending: dict[str, Future] = field(default_factory=dict)
     payload: Callable[[dict], Any] | None = None  # record -> what to decode (None: its source file)
 
@@ -134,7 +137,16 @@ class Figures:
             if self.pool is None:
                 render_figure(*args)
             else:
+                self._wait_below(self.in_flight)
                 self.pending[r["source"]] = self.pool.submit(render_figure, *args)
+
+    def _wait_below(self, limit: int) -> None:
+        """Wait until fewer than ``limit`` figures are unfinished (not at all once stopping: they are dropped)."""
+        while not self.stopping.is_set():
+            unfinished = [f for f in self.pending.values() if not f.done()]
+            if len(unfinished) < max(1, limit):
+                return
+            wait(unfinished, timeout=0.5, return_when=FIRST_COMPLETED)
 
     def ready(self, records: list[dict], block: bool) -> list[dict] | None:
         """The records whose figures are drawn (all of them, waiting, with ``block``; None: not yet). A failed
