@@ -302,6 +302,7 @@ def test_smoothhess_converges_to_the_closed_form_smoothed_hessian_as_one_over_sq
         x = jnp.asarray(rng.randn(2, 2, 2, 3))
         sigma = 0.5
         masks = np.stack([np.eye(4)[[0, 3]].sum(0).reshape(2, 2), np.eye(4)[[1, 2]].sum(0).reshape(2, 2)])
+        head = _cosine_head(a, c)  # one module: one compilation per shape, not one per call
         for rows, m in ((None, np.eye(4).reshape(4, 2, 2)), (masks, masks)):
             truth = np.asarray(_smoothed_quadratic_form(x, a, c, sigma, m))
             errors, z = {}, []
@@ -309,7 +310,7 @@ def test_smoothhess_converges_to_the_closed_form_smoothed_hessian_as_one_over_sq
                 runs = [
                     smooth_hessians(
                         None,
-                        _cosine_head(a, c),
+                        head,
                         x,
                         sigma=sigma,
                         samples=k,
