@@ -359,7 +359,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from delib_jax.checkpoint import check_model_config, load_model
     from delib_jax.class_examples import class_examples
     from delib_jax.explanation import preprocess, read_image
-    from delib_jax.job.folder import PathList
+    from delib_jax.job.folder import PathList, inputs_outside
     from delib_jax.job.inputs import RecordPayloads
     from delib_jax.report import write_human_study
     from delib_jax.store import load_explanations, read_manifest, read_records
@@ -387,8 +387,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         files = image_files(args.inputs, report, missing)
         if len(missing) == len(args.inputs):
             raise UsageError(f"no such file or directory: {', '.join(map(str, missing))} (give images or folders)")
-        own = Path(args.out).resolve()
-        files = PathList(f for f in files if own not in f.resolve().parents)  # never our own figures
+        files = inputs_outside(files, Path(args.out))  # never our own figures
         if not files:
             given = ", ".join(str(p) for p in args.inputs if Path(p) not in missing)
             raise UsageError(f"no image files in {given} (looked for {', '.join(_IMAGE_HINT)}, ... recursively)")

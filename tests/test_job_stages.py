@@ -251,3 +251,24 @@ def test_inputs_in_flat_memory_read_back_as_given(tmp_path):
     assert list(items) == [(0, paths[0]), (2, paths[2])] and items[1] == (2, paths[2]) and len(items[:1]) == 1
     lookup = Ordinals(listed, ordinals)
     assert [lookup.get(str(p)) for p in paths] == [0, 1, 2, None]
+
+
+def test_inputs_outside_the_output_folder_as_resolving_each_file(tmp_path):
+    """Each folder resolved once gives what resolving every file gives: files in OUT (or a folder below it, or
+    reached through a link to it) left out, a link to a file in OUT left out, a link out of OUT kept."""
+    from delib_jax.job.folder import inputs_outside
+
+    out = tmp_path / "in" / "out"
+    (out / "figures").mkdir(parents=True)
+    (tmp_path / "in" / "sub").mkdir()
+    files = [tmp_path / "in" / "a.png", out / "b.png", out / "figures" / "c.png", tmp_path / "in" / "sub" / "d.png"]
+    for f in files:
+        f.write_bytes(b"x")
+    (tmp_path / "in" / "to_out").symlink_to(out)  # a folder link into OUT
+    (tmp_path / "in" / "e.png").symlink_to(out / "b.png")  # a file link into OUT
+    (out / "f.png").symlink_to(files[0])  # a link in OUT to a file outside: its target is outside
+    given = [*files, tmp_path / "in" / "to_out" / "b.png", tmp_path / "in" / "e.png", out / "f.png"]
+    root = out.resolve()
+    expected = [f for f in given if root not in f.resolve().parents]
+    assert list(inputs_outside(given, out)) == expected
+    assert [f.name for f in expected] == ["a.png", "d.png", "f.png"]
