@@ -761,6 +761,15 @@ class ShardWriter:
 # ------------------------------------------------------------------------------------------------ resuming
 
 
+def _hashed_in(hashes: np.ndarray, source: object) -> bool:
+    """Whether ``source`` is among the sources whose `source_hash` values ``hashes`` (sorted) holds."""
+    if not isinstance(source, str) or not len(hashes):
+        return False
+    h = source_hash(source)
+    i = int(np.searchsorted(hashes, h))
+    return i < len(hashes) and int(hashes[i]) == h
+
+
 @dataclass(frozen=True)
 class SourceSet:
     """A set of sources in flat memory: ``source in s`` looks up a sorted array of their 64-bit hashes (8 bytes a
@@ -773,11 +782,7 @@ class SourceSet:
         return cls(np.unique(np.fromiter((source_hash(s) for s in sources), np.int64)))
 
     def __contains__(self, source: object) -> bool:
-        if not isinstance(source, str) or not len(self.hashes):
-            return False
-        h = source_hash(source)
-        i = int(np.searchsorted(self.hashes, h))
-        return i < len(self.hashes) and int(self.hashes[i]) == h
+        return _hashed_in(self.hashes, source)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -794,11 +799,7 @@ class Resume:
     next_seq: int
 
     def __contains__(self, source: object) -> bool:
-        if not isinstance(source, str) or not len(self.hashes):
-            return False
-        h = source_hash(source)
-        i = int(np.searchsorted(self.hashes, h))
-        return i < len(self.hashes) and int(self.hashes[i]) == h
+        return _hashed_in(self.hashes, source)
 
     def __len__(self) -> int:
         return len(self.hashes)
