@@ -166,7 +166,7 @@ def run_mlp(features: int, nodes: int, beta: float, repeats: int, pe_samples: in
         "error": float(np.abs(np.asarray(ours(nodes).values[0, 0]) - ref).max()),
         "scale": float(np.abs(ref).max()),
     }
-    from delib_jax.testing.path_explain import path_explainer_torch
+    from delib_jax.testing.path_explain import mlp_torch, path_explainer_torch
 
     explainer_cls, reason = path_explainer_torch()
     if explainer_cls is None:
@@ -174,13 +174,7 @@ def run_mlp(features: int, nodes: int, beta: float, repeats: int, pe_samples: in
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    lin1, lin2 = torch.nn.Linear(features, hidden), torch.nn.Linear(hidden, classes)
-    with torch.no_grad():
-        lin1.weight.copy_(torch.from_numpy(w[0].T.copy()))
-        lin1.bias.copy_(torch.from_numpy(w[1]))
-        lin2.weight.copy_(torch.from_numpy(w[2].T.copy()))
-        lin2.bias.copy_(torch.from_numpy(w[3]))
-    model = torch.nn.Sequential(lin1, torch.nn.Softplus(beta=beta), lin2).eval()
+    model = mlp_torch(w, beta)
     explainer = explainer_cls(model)
 
     def pe():

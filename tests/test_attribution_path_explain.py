@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from delib_jax.attribution import integrated_hessians, softplus_surrogate
-from delib_jax.testing.path_explain import path_explainer_torch
+from delib_jax.testing.path_explain import mlp_torch, path_explainer_torch
 
 torch = pytest.importorskip("torch")
 PathExplainerTorch, REASON = path_explainer_torch()
@@ -23,13 +23,7 @@ def _weights(seed=0):
 
 
 def _torch_model(w):
-    lin1, lin2 = torch.nn.Linear(D, H), torch.nn.Linear(H, C)
-    with torch.no_grad():
-        lin1.weight.copy_(torch.from_numpy(w[0].T.copy()))
-        lin1.bias.copy_(torch.from_numpy(w[1]))
-        lin2.weight.copy_(torch.from_numpy(w[2].T.copy()))
-        lin2.bias.copy_(torch.from_numpy(w[3]))
-    return torch.nn.Sequential(lin1, torch.nn.Softplus(beta=BETA), lin2).eval()
+    return mlp_torch(w, BETA)
 
 
 def _jax_relu_head(w):

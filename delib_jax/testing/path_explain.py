@@ -66,6 +66,21 @@ def conv_net(weights: list[np.ndarray]):
     return fn
 
 
+def mlp_torch(weights: list[np.ndarray], beta: float):
+    """A two-layer MLP in PyTorch from weights (D, H), (H,), (H, C), (C,) laid out as in JAX (x @ W + b), with
+    Softplus(beta) between: the softplus surrogate of the same ReLU MLP, for path-explain."""
+    import torch
+
+    (d, hidden), (_, classes) = weights[0].shape, weights[2].shape
+    lin1, lin2 = torch.nn.Linear(d, hidden), torch.nn.Linear(hidden, classes)
+    with torch.no_grad():
+        lin1.weight.copy_(torch.from_numpy(weights[0].T.copy()))
+        lin1.bias.copy_(torch.from_numpy(weights[1]))
+        lin2.weight.copy_(torch.from_numpy(weights[2].T.copy()))
+        lin2.bias.copy_(torch.from_numpy(weights[3]))
+    return torch.nn.Sequential(lin1, torch.nn.Softplus(beta=beta), lin2).eval()
+
+
 def conv_net_torch_flat(weights: list[np.ndarray], shape: tuple[int, int, int], beta: float | None = None):
     """The same network in PyTorch on flat inputs (B, H * W * C) (the images' (H, W, C) row-major order), reshaped
     inside, so that path-explain's 2-D-only explainer sees every pixel channel as a feature; ReLU -> Softplus(beta)."""
