@@ -272,3 +272,34 @@ def test_inputs_outside_the_output_folder_as_resolving_each_file(tmp_path):
     expected = [f for f in given if root not in f.resolve().parents]
     assert list(inputs_outside(given, out)) == expected
     assert [f.name for f in expected] == ["a.png", "d.png", "f.png"]
+
+
+def test_paths_are_kept_as_path_writes_them_and_named_without_path_objects(tmp_path):
+    """PathList stores str(Path(p)) (collapsed slashes, no "." parts) so that `source(i)`, the fast name a resume
+    looks inputs up by, is the name the writer records (str of the Path read back)."""
+    from delib_jax.job.folder import PathList, _as_path
+
+    odd = ["./a//b/./c.png", "x/", "//y", "///z", "a/.", ".", "a", "/", "a//b", "/a/./b", "../a", "a/..", "/x.png",
+           os.fsdecode(b"caf\xe9/./n.png"), Path("p/q.png")]  # fmt: skip
+    listed = PathList(odd)
+    assert [listed.source(i) for i in range(len(odd))] == [str(Path(p)) for p in odd] == [str(p) for p in listed]
+    assert all(_as_path(p) == str(Path(p)) for p in odd)
+
+
+def test_image_files_once_each_as_resolving_every_file(tmp_path):
+    """A folder is resolved once, not each file: the same files are found, each once, as when every file is
+    resolved: a folder given twice (once through ".." and once through a link), a file given again, links to files."""
+    from delib_jax.cli import image_files
+
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    for name in ("a.png", "b.jpg", "sub/c.png", "notes.txt"):
+        (d / name).write_bytes(b"x")
+    (tmp_path / "link_dir").symlink_to(d)
+    (tmp_path / "e.png").symlink_to(d / "a.png")  # a file link: the same file as d/a.png
+    (d / "sub" / "f.png").symlink_to(tmp_path / "elsewhere.png")  # a dangling link: not a file
+    said: list[str] = []
+    inputs = [str(d), str(tmp_path / "link_dir"), str(d / "sub" / ".." / "b.jpg"), str(tmp_path / "e.png")]
+    found = image_files(inputs, said.append)
+    assert [str(p) for p in found] == [str(d / "a.png"), str(d / "b.jpg"), str(d / "sub" / "c.png")]
+    assert len(said) == 5 and all("is given more than once" in s for s in said)  # 3 through the link, 2 named again

@@ -384,3 +384,99 @@ def test_unreadable_index_is_damage_naming_it(folder):
     (out / INDEX).unlink()
     (out / INDEX).mkdir()  # a folder where the index should be: reading fails whoever runs the test
     _damage(out, "index-00000.jsonl: cannot be read")
+
+
+# ---------------------------------------------------------------------------------------------- the resume's fast read
+
+
+def _written_lines(tmp_path: Path) -> list[str]:
+    """Index lines as the job's writer writes them, in every form it has: odd names and sources (quotes,
+    backslashes, non-ASCII, control characters, undecodable bytes), a dataset's fields, notes, figures drawn or
+    failed, shares present or not, no insecurity at all, skipped files with and without a fingerprint."""
+    from delib_jax.job.writing import host_lists, make_record
+    from delib_jax.testing.store import synthetic_rows
+
+    names = ['sp"arrow', "wr\\en", "tërn \u2603", "fi\x01nch"]
+    part = synthetic_rows(8, crop=8, seed=3)
+    part["valid"][3] = False  # an image without insecurities
+    lists = host_lists(part, (8, 8), from_strength=False)
+    lists["share"][5] = [float("nan")] * len(lists["share"][5])  # written before shares: no share field
+    lists["share"][6] = [0.0, 1.0, 3e-05][: len(lists["share"][6])]
+    sources = ["/data/a.jpg", '/data/q"uote.jpg', "/data/b\\s.jpg", "/data/caf\u00e9.jpg",
+               os.fsdecode(b"/data/bad\xff.jpg"), "/data/tab\t.jpg", "/d/7.jpg", "/d/8.jpg"]  # fmt: skip
+    writer = st.ShardWriter(tmp_path, 0, 64, image_size=(8, 8), run="0" * 32)
+    records = []
+    for j, source in enumerate(sources):
+        described = {"dataset": "cub", "split": "test", "index": j} if j % 2 else None
+        r = make_record(j, source, [100 + j, 10**18 + j], lists, j, names, "note: small" if j % 3 == 0 else None,
+                        described)  # fmt: skip
+        if j in (1, 2):
+            r["figure"] = None if j == 1 else f"figures/{j:06d}_x.png"
+        records.append(r)
+    writer.add(part, records)
+    writer.skip({"i": 8, "source": "/data/gone.jpg", "stat": None, "skipped": "no such file"})
+    writer.skip({"i": 9, "source": "/data/bad.jpg", "stat": [1, 2], "dataset": "cub", "split": "test", "index": 9,
+                 "skipped": 'cannot decode "bad.jpg"'})  # fmt: skip
+    writer.flush(final=True)
+    return (tmp_path / st.index_name(0)).read_text(encoding="utf-8", errors="surrogateescape").splitlines(True)
+
+
+def _projection(r: dict | None) -> dict | None:
+    """What a resume keeps of a parsed record (`store._bookkeeping`'s fields)."""
+    if r is None:
+        return None
+    keys = ("i", "source", "stat", "skipped") if "skipped" in r else ("i", "source", "stat", "row", "shard", "digest",
+                                                                      "figure")  # fmt: skip
+    return {k: r[k] for k in keys if k in r}
+
+
+def test_written_lines_take_the_fast_read_and_agree_with_the_parser(tmp_path):
+    lines = _written_lines(tmp_path)
+    assert len(lines) == 10
+    for line in lines:
+        assert st._LAID_OUT.fullmatch(line), line  # else a resume silently parses every line the slow way
+        assert st._record(line) is not None
+        assert st._bookkeeping(line) == _projection(st._record(line))
+    kept = [st._bookkeeping(line) for line in lines]
+    assert [r.get("figure", "absent") for r in kept[:3]] == ["absent", None, "figures/000002_x.png"]
+    assert kept[4]["source"] == os.fsdecode(b"/data/bad\xff.jpg") and kept[1]["source"] == '/data/q"uote.jpg'
+    assert kept[-2] == {"i": 8, "source": "/data/gone.jpg", "stat": None, "skipped": "no such file"}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("confidence", "NaN"), ("difficulty", "1e999"), ("strength", "1" + "0" * 400 + ".0"), ("coverage", "-Infinity"),
+    ("threshold", "Infinity"), ("share", "1.5"), ("share", "9e-0"), ("share", "-0.0"), ("share", "10e-1"),
+    ("share", "1e-100"), ("a", "1.0"), ("b", "-0"), ("row", "true"), ("i", '"0"'), ("stat", "[1.5, 2]"),
+    ("stat", "null"), ("stat", "[1, 2, 3]"), ("shard", '"\\u0073hard-00000-000000.safetensors"'),
+    ("digest", '"CRC32:00000000"'), ("top", "[[[[1]]]]"), ("figure", "7"), ("source", "null"),
+    ("skipped", "false"), ("prediction_name", "[]"),
+])  # fmt: skip
+def test_fast_read_agrees_with_the_parser_on_edited_values(tmp_path, key, value):
+    """A value replaced in place (the line keeps its layout): the fast read either rejects the line as the parser
+    does or hands it to the parser; never takes a non-finite number, a share outside [0, 1], a float where an int
+    belongs or a nesting too deep at face value."""
+    pattern = re.compile(rf'"{key}": (\[[^\]]*\]|"(?:[^"\\]|\\.)*"|[^,}}\]]+)')
+    changed = 0
+    for line in _written_lines(tmp_path):
+        edited = pattern.sub(lambda m: f'"{key}": {value}', line, count=1)
+        if edited != line:
+            changed += 1
+            assert st._bookkeeping(edited) == _projection(st._record(edited)), edited
+    assert changed
+
+
+def test_fast_read_agrees_with_the_parser_on_random_damage(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as hs
+
+    lines = _written_lines(tmp_path)
+    pieces = hs.sampled_from(list('0123456789eE-+."\\[]{},: nNulltrueIfa') + ["NaN", "null", "1e99", "1e999", '\\"'])
+
+    @settings(max_examples=400, deadline=None, database=None)
+    @given(hs.sampled_from(lines), hs.integers(0, 2000), hs.integers(0, 4), hs.lists(pieces, max_size=4))
+    def check(line, at, cut, insert):
+        at = at % len(line)
+        damaged = line[:at] + "".join(insert) + line[at + cut :]
+        assert st._bookkeeping(damaged) == _projection(st._record(damaged))
+
+    check()

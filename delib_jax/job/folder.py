@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import zlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -196,22 +197,37 @@ def inputs_outside(files: Iterable[str | os.PathLike], out: Path) -> PathList:
     """``files`` less those inside the output folder (its figures are not inputs), as a `PathList`. Each folder is
     resolved once, not each file (resolving 100,000 files took 5 s of a resume's start); a file that is itself a
     symbolic link is resolved on its own."""
-    root = Path(out).resolve()
+    root = os.path.realpath(out)
     folders: dict[str, bool] = {}
 
-    def inside(f: Path) -> bool:
-        if f.is_symlink():
-            return root in f.resolve().parents
-        folder = str(f.parent)
+    def within(real: str) -> bool:
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+    def inside(f: str) -> bool:
+        if os.path.islink(f):
+            return within(os.path.dirname(os.path.realpath(f)))
+        folder = os.path.dirname(f)
         if folder not in folders:
-            resolved = Path(folder).resolve()
-            folders[folder] = resolved == root or root in resolved.parents
+            folders[folder] = within(os.path.realpath(folder))
         return folders[folder]
 
-    return PathList(f for f in map(Path, files) if not inside(f))
+    names = (files.source(i) for i in range(len(files))) if isinstance(files, PathList) else map(_as_path, files)
+    return PathList(f for f in names if not inside(f))
 
 
 # ------------------------------------------------------------------------------------------------ inputs in flat memory
+
+
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+def _as_path(p: str | os.PathLike) -> str:
+    """``p`` as ``str(Path(p))`` (collapsed slashes, no "." parts, no trailing slash), without making a `Path` for
+    a string that is already in that form (nearly all: a folder walk's paths)."""
+    if isinstance(p, str) and p and not p.startswith("./") and "//" not in p[1:] and "/./" not in p and not p.endswith(
+            ("/", "/.")) and p != ".":  # fmt: skip
+        return p
+    return str(Path(p))
 
 
 class PathList(Sequence):
@@ -221,7 +237,7 @@ class PathList(Sequence):
     def __init__(self, paths: Iterable[str | os.PathLike] = ()):
         blob, ends = bytearray(), array("q")
         for p in paths:
-            blob += os.fsencode(p)
+            blob += os.fsencode(_as_path(p))
             ends.append(len(blob))
         self._blob = bytes(blob)
         self._ends = np.frombuffer(ends, np.int64) if ends else np.zeros(0, np.int64)
@@ -236,8 +252,13 @@ class PathList(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
+        return Path(self.source(i))
+
+    def source(self, i: int) -> str:
+        """Path ``i`` as the string a record names it by (`store.source_hash` of it); no `Path` is made (a
+        resume's start looks up every input: 100,000 `Path` objects cost seconds)."""
         start = int(self._ends[i - 1]) if i else 0
-        return Path(os.fsdecode(self._blob[start : int(self._ends[i])]))
+        return self._blob[start : int(self._ends[i])].decode(_FS_ENCODING, _FS_ERRORS)  # as os.fsdecode
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == Path(b) for a, b in
@@ -252,9 +273,10 @@ class PathList(Sequence):
     def fingerprint(self, i: int) -> list[int] | None:
         """`fingerprint` of file ``i`` (None: unreadable)."""
         try:
-            return fingerprint(self[i])
+            s = os.stat(self.source(i))
         except OSError:
             return None
+        return [int(s.st_size), int(s.st_mtime_ns)]
 
     def payload(self, i: int) -> str:
         """What a reader decodes: the path (turned upright as its EXIF says, as a photo is shown)."""
@@ -307,7 +329,7 @@ class Fingerprints(Mapping):
                 self.values[k] = stat
 
     def _position(self, i: int) -> int:
-        k = int(np.searchsorted(self.ordinals, i))
+        k = int(self.ordinals.searchsorted(i))
         if k >= len(self.ordinals) or int(self.ordinals[k]) != i:
             raise KeyError(i)
         return k
@@ -329,19 +351,23 @@ class Ordinals:
 
     def __init__(self, files: Sequence[Path], ordinals: np.ndarray):
         self.files = files
-        hashes = np.fromiter((st.source_hash(str(files[i])) for i in ordinals.tolist()), np.int64, len(ordinals))
+        hashes = np.fromiter((st.source_hash(files.source(i)) for i in ordinals.tolist()), np.int64, len(ordinals))
         order = np.argsort(hashes, kind="stable")
         self.hashes, self.ordinals = hashes[order], ordinals[order]
 
     def get(self, source: str) -> int | None:
         h = st.source_hash(source)
-        k = int(np.searchsorted(self.hashes, h))
+        k = int(self.hashes.searchsorted(h))
         while k < len(self.hashes) and int(self.hashes[k]) == h:
             i = int(self.ordinals[k])
-            if str(self.files[i]) == source:
+            if self.files.source(i) == source:
                 return i
             k += 1
         return None
+
+    def left(self, done: st.Resume) -> np.ndarray:
+        """The ordinals whose source ``done`` does not hold, in increasing order (by their hashes, at once)."""
+        return np.sort(self.ordinals[~np.isin(self.hashes, done.hashes)])
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -395,11 +421,11 @@ def plan_resume(
     ordinals = np.arange(p, len(files), count, dtype=np.int64)
     stats = Fingerprints(files, ordinals)
     shard_exists = functools.lru_cache(maxsize=None)(lambda name: (directory / name).is_file())  # one stat a shard
-    keep = functools.partial(_still_valid, ordinal=Ordinals(files, ordinals), stats=stats, shard_exists=shard_exists,
-                             out=out, figures=figures)  # fmt: skip
+    ordinal = Ordinals(files, ordinals)
+    keep = functools.partial(_still_valid, ordinal=ordinal, stats=stats, shard_exists=shard_exists, out=out,
+                             figures=figures)  # fmt: skip
     done = st.open_index(directory, p, keep=keep, report=report)
-    left = np.fromiter((str(files[i]) not in done for i in ordinals.tolist()), bool, len(ordinals))
     return ResumePlan(
-        mine=Items(files, ordinals), stats=stats, todo=Items(files, ordinals[left]),
+        mine=Items(files, ordinals), stats=stats, todo=Items(files, ordinal.left(done)),
         resumed=done.explained, skipped=list(done.skipped), next_seq=done.next_seq,
     )  # fmt: skip

@@ -61,6 +61,10 @@ class DatasetInputs(Sequence):
             return view
         return self.ds.image_paths[int(self.indices[k])]
 
+    def source(self, k: int) -> str:
+        """Example ``k``'s source name (what its record names it by)."""
+        return str(self.ds.image_paths[int(self.indices[k])])
+
     def fingerprint(self, k: int) -> list[int] | None:
         if self.records is not None:
             return self._build_stat
