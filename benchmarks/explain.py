@@ -248,6 +248,9 @@ def main(argv=None) -> int:
     )
     p.add_argument("--split", choices=("test", "train"), default="test", help="with --data-dir (default: test)")
     p.add_argument("--images", type=int, nargs="+", default=[200], help="images (with --memory: several counts)")
+    p.add_argument("--repeats", type=int, default=1, help="with --memory: runs per image count (medians)")
+    p.add_argument("--figures-stub", action="store_true",
+                   help="with --memory: figures on, written as plain PNGs instead of drawn (benchmarks/explain_memory.py)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--crop", type=int, default=224)
@@ -266,7 +269,8 @@ def main(argv=None) -> int:
     if args.memory:
         from benchmarks import explain_memory
 
-        result = explain_memory.run(args.images, args.figures)
+        figures = "stub" if args.figures_stub else args.figures
+        result = explain_memory.run(args.images, figures, repeats=args.repeats)
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return 0
     args.images = args.images[0]

@@ -1,13 +1,23 @@
 """Memory of the explanation job against the number of images (``python -m benchmarks.explain --memory``).
 
-    python -m benchmarks.explain --memory --images 1000 10000 100000 [--figures] --json
+    python -m benchmarks.explain --memory --images 1000 10000 100000 [--figures] [--repeats 3] --json
 
 For each count, writes that many small PNG files (24x24, arch "small", crop 24) into a temporary folder, runs the job
 as the command does (``delib_jax.cli.image_files`` over the folder, then `explain_files`) in a child process, and
 samples VmRSS of that process and all its descendants (the reader and figure workers) every 0.2 s from
 /proc/PID/status: ``max_rss_mb`` is the largest sum seen (shared pages of the workers count once per process, so it
-is an upper bound). Then the same job runs again on the finished folder: ``resume_s`` is the time from its start
-until it reports "resuming" (the resume plan made, nothing left to do). Linux only (/proc).
+is an upper bound). ``hwm_mb`` adds up each process's own peak (VmHWM, kept by the kernel, so no peak between two
+samples is missed; an upper bound of the simultaneous peak). Then the same job runs again on the finished folder:
+``resume_s`` is the time from its start until it reports "resuming" (the resume plan made, nothing left to do), and
+``plan_s`` the part of it spent listing the folder and making the plan (the rest is the start-up every run pays).
+With ``repeats`` each count is measured that many times, the counts taking turns, and the medians give the
+growth: the peak moves by a few percent from run to run. Linux only (/proc).
+
+``--figures-stub`` runs the job with figures on, but each figure worker writes the decoded image as a PNG instead of
+drawing the figure with matplotlib (about 1 figure a second on a 2-core CPU: 100,000 figures would take a day).
+It measures everything the job keeps for figures (the hand-over to the pool, the records waiting for their figures,
+the pages' look-up of figures) at 100,000 images; the drawing process itself is measured with real figures at
+smaller counts (``--figures``).
 """
 
 from __future__ import annotations
@@ -45,8 +55,22 @@ def write_images(folder: Path, count: int) -> None:
         (sub / f"img_{i:07d}.png").write_bytes(blobs[i % 16])
 
 
-def child(folder: str, out: str, figures: bool, batch: int) -> int:
-    """The job as ``delib explain FOLDER --out OUT`` runs it, with random weights of the small arch."""
+def stub_figure(explanation, source, resize: int, crop: int, path: str, examples) -> None:
+    """A figure worker's stand-in (``--figures-stub``): decodes the source as the real one does and writes it as
+    the figure's PNG, without matplotlib."""
+    from PIL import Image
+
+    from delib_jax import _reader
+
+    pixels, report = _reader.decode(source, resize=resize, crop=crop)
+    if pixels is None:
+        raise OSError(report.error)
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
+def child(folder: str, out: str, figures: str, batch: int) -> int:
+    """The job as ``delib explain FOLDER --out OUT`` runs it, with random weights of the small arch; ``figures``:
+    "0" (none), "1" (drawn), "stub" (`stub_figure`)."""
     from flax import nnx
 
     from delib_jax.checkpoint import RunConfig, build_model
@@ -57,17 +81,28 @@ def child(folder: str, out: str, figures: bool, batch: int) -> int:
                        resize=CROP, dataset="cub")  # fmt: skip
     model = build_model(config, rngs=nnx.Rngs(0))
     model.eval()
+    t = time.perf_counter()
     files = image_files([folder], print)
     print(f"listed {len(files)}", flush=True)
-    options = JobOptions(batch_size=batch, figures=figures, progress=False, json_limit=0, report_limit=100)
-    explain_files(model, config, files, out, options=options, report=lambda m: print(m, flush=True),
-                  top_n=3, max_insecurities=2)  # fmt: skip
+
+    def report(message: str) -> None:
+        if message.startswith("resuming"):
+            print(f"plan_s {time.perf_counter() - t:.3f}", flush=True)  # listing and resume plan
+        print(message, flush=True)
+
+    if figures == "stub":
+        from benchmarks.explain_memory import stub_figure  # by its module's name: the figure workers import it
+        from delib_jax.job import writing
+
+        writing.render_figure = stub_figure
+    options = JobOptions(batch_size=batch, figures=figures != "0", progress=False, json_limit=0, report_limit=100)
+    explain_files(model, config, files, out, options=options, report=report, top_n=3, max_insecurities=2)
     print("done", flush=True)
     return 0
 
 
-def _tree_rss_kb(root: int) -> int:
-    """VmRSS (kB) of ``root`` and every descendant, from /proc."""
+def _tree_rss_kb(root: int, hwm: dict[int, int] | None = None) -> int:
+    """VmRSS (kB) of ``root`` and every descendant, from /proc; ``hwm`` gets each one's VmHWM (its own peak)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -83,19 +118,22 @@ def _tree_rss_kb(root: int) -> int:
         stack.extend(children.get(pid, []))
         try:
             with open(f"/proc/{pid}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS:", "VmHWM:")))
+            total += int(fields.get("VmRSS", "0 kB").split()[0])
+            if hwm is not None:
+                hwm[pid] = max(hwm.get(pid, 0), int(fields.get("VmHWM", "0 kB").split()[0]))
         except OSError:
             pass
     return total
 
 
-def measure(folder: Path, out: Path, figures: bool, batch: int, timeout: float) -> dict:
+def measure(folder: Path, out: Path, figures: bool | str, batch: int, timeout: float) -> dict:
     """Run the child job once; its peak tree RSS, wall time, and when (if) it said "resuming"."""
-    cmd = [sys.executable, "-m", "benchmarks.explain_memory", "--child", str(folder), str(out), str(int(figures)),
-           str(batch)]  # fmt: skip
+    mode = figures if isinstance(figures, str) else str(int(figures))
+    cmd = [sys.executable, "-m", "benchmarks.explain_memory", "--child", str(folder), str(out), mode, str(batch)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, resumed_at, lines = [0], [None], []
+    peak, resumed_at, lines, hwm = [0], [None], [], {}
 
     def read() -> None:
         for line in proc.stdout:
@@ -106,7 +144,7 @@ def measure(folder: Path, out: Path, figures: bool, batch: int, timeout: float) 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     while proc.poll() is None:
-        peak[0] = max(peak[0], _tree_rss_kb(proc.pid))
+        peak[0] = max(peak[0], _tree_rss_kb(proc.pid, hwm))
         if time.perf_counter() - t0 > timeout:
             proc.kill()
             break
@@ -115,33 +153,49 @@ def measure(folder: Path, out: Path, figures: bool, batch: int, timeout: float) 
     reader.join(timeout=5)
     if proc.returncode != 0:
         raise RuntimeError(f"job failed ({proc.returncode}): " + "\n".join(lines[-20:]))
-    return {"max_rss_mb": round(peak[0] / 1024, 1), "wall_s": round(time.perf_counter() - t0, 1),
-            "resuming_s": None if resumed_at[0] is None else round(resumed_at[0], 2)}  # fmt: skip
+    plan = next((float(x.split()[1]) for x in lines if x.startswith("plan_s ")), None)
+    return {"max_rss_mb": round(peak[0] / 1024, 1), "hwm_mb": round(sum(hwm.values()) / 1024, 1),
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "resuming_s": None if resumed_at[0] is None else round(resumed_at[0], 2), "plan_s": plan}  # fmt: skip
 
 
-def run(counts: list[int], figures: bool, batch: int = 64, timeout: float | None = None) -> dict:
-    """``max_rss_mb`` and ``resume_s`` per image count, and the growth from the first count to the last; each run
-    is stopped after ``timeout`` s (None: 1,500, plus 3 s a figure: figures are drawn at about 1 a second a core)."""
-    rows = []
-    for n in counts:
-        limit = timeout if timeout is not None else 1500 + (3 * n if figures else 0)
-        tmp = Path(tempfile.mkdtemp(prefix="delib-mem-"))
-        try:
-            write_images(tmp / "images", n)
-            first = measure(tmp / "images", tmp / "out", figures, batch, limit)
-            again = measure(tmp / "images", tmp / "out", figures, batch, limit)
-            rows.append({"images": n, "max_rss_mb": first["max_rss_mb"], "run_s": first["wall_s"],
-                         "resume_s": again["resuming_s"], "resume_max_rss_mb": again["max_rss_mb"]})  # fmt: skip
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # each count as it is measured
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    growth = rows[-1]["max_rss_mb"] / rows[0]["max_rss_mb"] - 1 if len(rows) > 1 else 0.0
-    return {"figures": figures, "batch": batch, "crop": CROP, "arch": "small", "runs": rows,
-            "growth": round(growth, 4)}  # fmt: skip
+def run(counts: list[int], figures: bool | str, batch: int = 64, timeout: float | None = None,
+        repeats: int = 1) -> dict:  # fmt: skip
+    """``max_rss_mb``, ``hwm_mb``, ``resume_s`` and ``plan_s`` per image count (each a list over ``repeats`` runs,
+    the counts taking turns), and the growth of the median peaks from the first count to the last; each run is
+    stopped after ``timeout`` s (None: 1,500, plus 3 s a figure: figures are drawn at about 1 a second a core)."""
+    import statistics
+
+    keys = ("max_rss_mb", "hwm_mb", "run_s", "resume_s", "plan_s", "resume_max_rss_mb")
+    runs: dict[int, dict[str, list]] = {n: {k: [] for k in keys} for n in counts}
+    for _ in range(repeats):
+        for n in counts:
+            limit = timeout if timeout is not None else 1500 + (3 * n if figures is True else 0)
+            tmp = Path(tempfile.mkdtemp(prefix="delib-mem-"))
+            try:
+                write_images(tmp / "images", n)
+                first = measure(tmp / "images", tmp / "out", figures, batch, limit)
+                again = measure(tmp / "images", tmp / "out", figures, batch, limit)
+                row = {"max_rss_mb": first["max_rss_mb"], "hwm_mb": first["hwm_mb"], "run_s": first["wall_s"],
+                       "resume_s": again["resuming_s"], "plan_s": again["plan_s"],
+                       "resume_max_rss_mb": again["max_rss_mb"]}  # fmt: skip
+                for k in keys:
+                    runs[n][k].append(row[k])
+                print(json.dumps({"images": n, **row}), file=sys.stderr, flush=True)  # each run as it is measured
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    rows = [{"images": n, **runs[n], "median_max_rss_mb": statistics.median(runs[n]["max_rss_mb"]),
+             "median_hwm_mb": statistics.median(runs[n]["hwm_mb"])} for n in counts]  # fmt: skip
+
+    def growth(key: str) -> float:
+        return round(rows[-1][key] / rows[0][key] - 1, 4) if len(rows) > 1 else 0.0
+
+    return {"figures": figures, "batch": batch, "crop": CROP, "arch": "small", "repeats": repeats, "runs": rows,
+            "growth": growth("median_max_rss_mb"), "growth_hwm": growth("median_hwm_mb")}  # fmt: skip
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         folder, out, figures, batch = sys.argv[2:6]
-        sys.exit(child(folder, out, figures == "1", int(batch)))
+        sys.exit(child(folder, out, figures, int(batch)))
     raise SystemExit("use python -m benchmarks.explain --memory")
