@@ -249,8 +249,11 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "train"), default="test", help="with --data-dir (default: test)")
     p.add_argument("--images", type=int, nargs="+", default=[200], help="images (with --memory: several counts)")
     p.add_argument("--repeats", type=int, default=1, help="with --memory: runs per image count (medians)")
-    p.add_argument("--figures-stub", action="store_true",
-                   help="with --memory: figures on, written as plain PNGs instead of drawn (benchmarks/explain_memory.py)")
+    p.add_argument(
+        "--figures-stub",
+        action="store_true",
+        help="with --memory: figures on, each written as a plain PNG instead of drawn (benchmarks/explain_memory.py)",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--crop", type=int, default=224)

@@ -639,7 +639,7 @@ def iter_explanations(
     names = list(manifest["class_names"])
     settings = manifest["settings"]
     shards = _Shards(out / DIRECTORY, lay)
-    seen: set[int] = set()
+    seen = _Seen()  # hashes of the sources served (flat: 8 bytes an image)
     shard, arrays = None, None
 
     def damage(e: StoreDamage) -> None:
@@ -861,6 +861,39 @@ class Resume:
         return len(self.hashes)
 
 
+class _Seen:
+    """A growing set of 64-bit hashes in flat memory: a sorted array, and the last few thousand in a small set that
+    is merged into it when full (a set of 100,000 Python ints is 7 MB of small objects, scattered among what a
+    resume reads, which the process does not give back)."""
+
+    def __init__(self, buffer: int = 4096):
+        self.sorted = np.zeros(0, np.int64)
+        self.recent: set[int] = set()
+        self.buffer = buffer
+
+    def __contains__(self, h: int) -> bool:
+        if h in self.recent:
+            return True
+        k = int(self.sorted.searchsorted(h))
+        return k < len(self.sorted) and int(self.sorted[k]) == h
+
+    def add(self, h: int) -> None:
+        self.recent.add(h)
+        if len(self.recent) >= self.buffer:
+            self._merge()
+
+    def _merge(self) -> None:
+        if self.recent:
+            more = np.fromiter(self.recent, np.int64, len(self.recent))
+            self.sorted = np.sort(np.concatenate([self.sorted, more]))  # a hash added twice is there twice
+            self.recent.clear()
+
+    def array(self) -> np.ndarray:
+        """Every hash added, sorted, each once."""
+        self._merge()
+        return np.unique(self.sorted)
+
+
 def _rewrite(path: Path, keep: bytearray) -> None:
     """Rewrite an index keeping the non-empty lines whose flag in ``keep`` is set, streamed line by line to a
     temporary file that then replaces it."""
@@ -899,7 +932,7 @@ def open_index(
     lay = layout(read_manifest(directory.parent) or {}, directory.parent / MANIFEST)
     shards = _Shards(directory, lay)
     flags = bytearray()
-    seen: set[int] = set()
+    seen = _Seen()
     used: set[str] = set()
     skipped: list[tuple[str, str]] = []
     explained = dropped = 0
@@ -934,9 +967,8 @@ def open_index(
                "redoing them")  # fmt: skip
         _rewrite(path, flags)
     del flags
-    hashes = np.fromiter(seen, np.int64, len(seen))
+    hashes = seen.array()
     del seen
-    hashes.sort()
     seq = -1
     for p in directory.glob(f"shard-{process:05d}-*"):
         m = _SHARD.fullmatch(p.name)
@@ -999,7 +1031,7 @@ def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n
         return verdict
     directory = out / DIRECTORY
     shards = _Shards(directory, lay, keep=1)
-    seen: set[int] = set()  # hashes of the sources read, not their records
+    seen = _Seen()  # hashes of the sources read, not their records
     used: set[str] = set()
     whole: dict[str, list] = {}  # shard name -> [problem, records]
     inflated: set[str] = set()

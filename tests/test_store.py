@@ -480,3 +480,16 @@ def test_fast_read_agrees_with_the_parser_on_random_damage(tmp_path):
         assert st._bookkeeping(damaged) == _projection(st._record(damaged))
 
     check()
+
+
+def test_seen_hashes_in_flat_memory_as_a_set():
+    """`store._Seen` answers as a set does across its merges (small buffer: many merges)."""
+    rng = np.random.default_rng(0)
+    values = rng.integers(-(2**63), 2**63 - 1, 500, dtype=np.int64).tolist()
+    values += values[::7]  # repeats
+    seen, reference = st._Seen(buffer=16), set()
+    for h in values:
+        assert (h in seen) == (h in reference)
+        seen.add(h)
+        reference.add(h)
+    assert seen.array().tolist() == sorted(reference) and -(2**63) not in seen
