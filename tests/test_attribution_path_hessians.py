@@ -343,3 +343,51 @@ def test_smoothhess_plain_and_antithetic_estimators_agree_and_grow_no_bias():
         model = _ReluMLP(nnx.relu, rngs=nnx.Rngs(0))
         sh = smooth_hessians(None, model, jnp.asarray(rng.randn(1, 1, 2, 3)), sigma=0.5, samples=512, output="logits")
         assert np.abs(np.asarray(sh.values)).max() > 5 * np.asarray(sh.stderr).max()
+
+
+def _primitives(jaxpr) -> list[str]:
+    """Every primitive's name in a jaxpr, nested calls included."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        for key in ("jaxpr", "call_jaxpr"):
+            if key in eqn.params:
+                names += _primitives(getattr(eqn.params[key], "jaxpr", eqn.params[key]))
+    return names
+
+
+def test_tiled_max_pools_of_the_surrogate_as_reshapes_same_values_gradients_and_products():
+    """Max pools whose windows tile their input (2 x 2 stride 2, an odd size dropping its last row and column) are
+    evaluated as a reshape and a max: the surrogate's values, gradients and Hessian-vector products equal those of
+    the softplus network with XLA's pools (float64, no ties), and no select-and-scatter is left for them; an
+    overlapping pool (3 x 3 stride 2 padded) stays as it was."""
+    from flax import nnx as _nnx
+
+    rng = np.random.RandomState(0)
+    w1, w2 = jnp.asarray(rng.randn(3, 3, 3, 4)), jnp.asarray(rng.randn(3, 3, 4, 5))
+
+    def net(act):
+        def f(x):  # (B, 9, 9, 3) -> (B, 5)
+            y = act(jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+            y = _nnx.max_pool(y, (2, 2), strides=(2, 2))  # tiles 8 of the 9 rows and columns
+            y = act(jax.lax.conv_general_dilated(y, w2, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+            y = _nnx.max_pool(y, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # overlapping: kept
+            return y.mean((1, 2))
+
+        return f
+
+    beta = 4.0
+    smooth = softplus_surrogate(net(jax.nn.relu), beta)
+    twin = net(lambda v: jax.nn.softplus(beta * v) / beta)
+    x = _images((2, 9, 9, 3))
+    v = _images((2, 9, 9, 3), seed=1)
+    np.testing.assert_allclose(smooth(x), twin(x), rtol=1e-12, atol=1e-12)
+    grad = lambda f: jax.grad(lambda y: f(y)[:, 2].sum())
+    hvp = lambda f: jax.jvp(grad(f), (x,), (v,))[1]
+    np.testing.assert_allclose(grad(smooth)(x), grad(twin)(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(hvp(smooth), hvp(twin), rtol=1e-10, atol=1e-12)
+    assert float(jnp.abs(hvp(twin)).max()) > 1e-3  # a product that is not zero
+    product = lambda f: _primitives(jax.make_jaxpr(lambda y: jax.jvp(grad(f), (y,), (v,))[1])(x).jaxpr)
+    traced, reference = product(smooth), product(twin)
+    assert reference.count("reduce_window_max") == 2 and traced.count("reduce_window_max") == 1  # the overlapping one
+    assert 0 < traced.count("select_and_scatter_add") < reference.count("select_and_scatter_add")

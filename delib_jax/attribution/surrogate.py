@@ -10,7 +10,12 @@ interactions through a surrogate with softplus in place of ReLU: what is explain
 logits differ from the model's by at most ln(2) / beta per unit (less after the layers' contractions; `surrogate_gap`
 measures it). The transform traces the function once (a jaxpr) and evaluates it with every ReLU -- ``jax.nn.relu``
 (= ``nnx.relu``, which the shipped backbones and heads call) and every bare ``maximum(x, 0)`` -- replaced, inside jit,
-vmap and differentiation alike; everything else (max pooling included) is evaluated as traced.
+vmap and differentiation alike. Max pooling over windows that tile its input (stride = window, no padding: the
+2 x 2 pools of the small CNN and VGG) is evaluated as a reshape and a max: the same values, and derivatives made
+of elementwise operations instead of XLA's select-and-scatter, which makes a Hessian-vector product through the
+small CNN's pools cheaper (`benchmarks.interactions`); where a window's maximum is tied (measure zero for the
+surrogate's smooth features) the gradient is shared among the tied inputs instead of going to the first.
+Everything else is evaluated as traced.
 """
 
 from __future__ import annotations
@@ -59,6 +64,19 @@ def _is_relu(jaxpr) -> bool:
     return _relu_operand(eqn) is not None
 
 
+def _tiled_max(x: Array, params) -> Array | None:
+    """``reduce_window_max`` of x as a reshape and a max when its windows tile x (strides equal to the windows, no
+    padding or dilation; floor mode drops the remainder as the pool does), else None."""
+    win, strides = tuple(params["window_dimensions"]), tuple(params["window_strides"])
+    plain = all(p == (0, 0) for p in params["padding"]) and set(params["base_dilation"]) | set(
+        params["window_dilation"]) == {1}  # fmt: skip
+    if win != strides or not plain or x.ndim != len(win) or any(n < w for n, w in zip(x.shape, win)):
+        return None
+    x = x[tuple(slice(0, n // w * w) for n, w in zip(x.shape, win))]
+    split = [d for n, w in zip(x.shape, win) for d in (n // w, w)]
+    return jnp.max(x.reshape(split), axis=tuple(range(1, 2 * x.ndim, 2)))
+
+
 def _eval(jaxpr, consts, args, act: Callable[[Array], Array], count: list) -> list:
     """Evaluate ``jaxpr`` (like jax.core.eval_jaxpr) with ``act`` in place of every ReLU; count[0] counts them."""
     env = {}
@@ -80,6 +98,8 @@ def _eval(jaxpr, consts, args, act: Callable[[Array], Array], count: list) -> li
         elif name == "custom_jvp_call" and _is_relu(eqn.params["call_jaxpr"]):
             outs = [act(invals[eqn.params["num_consts"]])]
             count[0] += 1
+        elif name == "reduce_window_max" and (tiled := _tiled_max(invals[0], eqn.params)) is not None:
+            outs = [tiled]
         elif name in _CALLS and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
             sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             outs = _eval(_inner(sub), getattr(sub, "consts", ()), invals, act, count)
