@@ -187,9 +187,9 @@ def prepare_folder(
     return directory, run
 
 
-def fingerprint(path: Path) -> list[int]:
+def fingerprint(path: str | os.PathLike) -> list[int]:
     """[size, modification time in ns]: an input replaced under the same path is explained again."""
-    s = path.stat()
+    s = os.stat(path)
     return [int(s.st_size), int(s.st_mtime_ns)]
 
 
@@ -273,10 +273,9 @@ class PathList(Sequence):
     def fingerprint(self, i: int) -> list[int] | None:
         """`fingerprint` of file ``i`` (None: unreadable)."""
         try:
-            s = os.stat(self.source(i))
+            return fingerprint(self.source(i))  # a string: no Path made
         except OSError:
             return None
-        return [int(s.st_size), int(s.st_mtime_ns)]
 
     def payload(self, i: int) -> str:
         """What a reader decodes: the path (turned upright as its EXIF says, as a photo is shown)."""

@@ -59,7 +59,7 @@ class DatasetInputs(Sequence):
             view = copy.copy(self)
             view.indices = self.indices[k]
             return view
-        return self.ds.image_paths[int(self.indices[k])]
+        return self.source(k)
 
     def source(self, k: int) -> str:
         """Example ``k``'s source name (what its record names it by)."""
@@ -69,7 +69,7 @@ class DatasetInputs(Sequence):
         if self.records is not None:
             return self._build_stat
         try:
-            return fingerprint(Path(self[k]))
+            return fingerprint(self.source(k))
         except OSError:
             return None
 
