@@ -20,7 +20,7 @@ from flax import nnx
 from delib_jax import difficulty
 from delib_jax.attribution import _terms
 from delib_jax.models import Structure, inference_view, split_leaves
-from delib_jax.models.heads import TANGENT_LAYOUTS, PoolMLPHead
+from delib_jax.models.heads import TANGENT_LAYOUTS
 
 Array = jax.Array
 
@@ -151,13 +151,25 @@ def quadrature(steps: int, rule: str, dtype=None) -> tuple[np.ndarray, np.ndarra
 def _group_terms(head, phi, a, v, opts: Options, second: str | None):
     """(first, second, z): terms of shape (B, P_g, L) for the outputs phi(head(.)) at point a along v, and the head's
     logits z = head(a) where the fast path computed them on the way (None otherwise)."""
-    fast = isinstance(head, PoolMLPHead) and opts.path != "generic"
-    if opts.path == "fast" and not isinstance(head, PoolMLPHead):
-        raise ValueError(f"path='fast' needs a PoolMLPHead, got {type(head).__name__}; use path='generic'")
+    fast = has_taylor(head, second) and opts.path != "generic"
+    if opts.path == "fast" and not fast:
+        raise ValueError(
+            f"path='fast' needs a head with exact per-location derivatives (`taylor`; second_order={second!r}), "
+            f"got {type(head).__name__}; use path='generic'"
+        )
     if fast:
-        z, u = head.tangents(a, v, layout=opts.tangent_layout)
-        return (*_terms.tangent_terms(phi, z, u, second=second), z)
+        z, u, w = head.taylor(a, v, second=second, layout=opts.tangent_layout)
+        return (*_terms.tangent_terms(phi, z, u, second=second, w=w), z)
     return (*_terms.generic_terms(lambda x: phi(head(x)), a, v, second=second, chunk_size=opts.chunk_size), None)
+
+
+def has_taylor(head, second: str | None = "diagonal") -> bool:
+    """Whether ``head`` gives its logits' exact per-location derivatives itself (``taylor(a, v, second=, layout=)``
+    -> (z, U, W)), for the ``second`` term asked ('diagonal', 'cross' or None); heads that give only some terms list
+    those they give in ``taylor_terms``. Other heads take the generic path."""
+    if not callable(getattr(head, "taylor", None)):
+        return False
+    return second in getattr(head, "taylor_terms", (None, "diagonal", "cross"))
 
 
 def _groups(classifier, hardness_head, a, a_s, opts: Options, base=None, base_s=None):

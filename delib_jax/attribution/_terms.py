@@ -53,12 +53,13 @@ def generic_terms(
 
 
 def tangent_terms(
-    phi: Callable[[Array], Array], z: Array, u: Array, *, second: str | None
+    phi: Callable[[Array], Array], z: Array, u: Array, *, second: str | None, w: Array | None = None
 ) -> tuple[Array, Array | None]:
-    """Exact terms when g = phi(z(A)) with z locally linear in A (a piecewise-linear head).
+    """Exact terms when g = phi(z(A)), from the head's logits and their per-location derivatives.
 
-    z (B, K) logits, u (B, L, K) per-location logit tangents (z's derivative along E_l). Because z'' = 0 the chain
-    rule leaves only phi's derivatives: first = Dphi(z)[u_l], second = D^2phi(z)[u_l, u_l] (or [u_l, sum_l u_l]).
+    z (B, K) logits, u (B, L, K) per-location logit tangents (z's derivative along E_l), w (B, L, K) the logits'
+    second derivative D^2 z[E_l, E_l] (or [E_l, V] for 'cross'), None for a piecewise-linear head (z'' = 0). By the
+    chain rule first = Dphi(z)[u_l] and second = D^2phi(z)[u_l, u_l] + Dphi(z)[w_l] (or [u_l, sum_l u_l]).
     phi acts row-wise on (..., K) -> (..., P) and is differentiated forward-over-forward: O(L K) work."""
     zb = jnp.broadcast_to(z[:, None, :], u.shape)
 
@@ -70,4 +71,6 @@ def tangent_terms(
         return jnp.moveaxis(first, -1, 1), None
     other = u if second == "diagonal" else jnp.broadcast_to(jnp.sum(u, axis=1, keepdims=True), u.shape)
     first, sec = jax.jvp(dphi, (zb,), (other,))
+    if w is not None:  # the head's own curvature, seen through phi's first derivative
+        sec = sec + jax.jvp(phi, (zb,), (w,))[1]
     return jnp.moveaxis(first, -1, 1), jnp.moveaxis(sec, -1, 1)

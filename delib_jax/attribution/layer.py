@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from delib_jax.attribution import _terms
-from delib_jax.attribution._core import QUADRATURE, quadrature
+from delib_jax.attribution._core import QUADRATURE, has_taylor, quadrature
 from delib_jax.attribution.outputs import Output, explained_output
 from delib_jax.attribution.probes import probe_diagonal
 from delib_jax.attribution.resize import upsample_maps
@@ -132,13 +132,13 @@ def rebuild(structure, leaves) -> Callable:
 def resolve_order(order: str, head, second: str | None, num_locations: int, num_targets: int) -> str:
     """The differentiation order 'auto' stands for (see the module docstring)."""
     if order != "auto":
-        if order == "tangent" and not hasattr(head, "tangents"):
+        if order == "tangent" and not has_taylor(head, second):
             raise ValueError(
-                f"order='tangent' needs a head with logit tangents (a PoolMLPHead), got "
-                f"{type(head).__name__}; use order='forward' or 'reverse'"
+                f"order='tangent' needs a head with exact per-location logit derivatives (`taylor`: PoolMLPHead, "
+                f"NormHead, the ViT head), got {type(head).__name__}; use order='forward' or 'reverse'"
             )
         return order
-    if hasattr(head, "tangents"):
+    if has_taylor(head, second):
         return "tangent"
     if second == "diagonal":
         return "forward"
@@ -165,8 +165,8 @@ def first_and_second(
     second: None, 'diagonal' or 'cross'; without Eq. 2's 1/2)."""
     g = lambda y: output(head(y))
     if order == "tangent":
-        z, u = head.tangents(x, v)
-        f, s = _terms.tangent_terms(output, z, u, second=second)
+        z, u, w = head.taylor(x, v, second=second)
+        f, s = _terms.tangent_terms(output, z, u, second=second, w=w)
     elif order == "forward":
         f, s = _terms.generic_terms(g, x, v, second=second, chunk_size=chunk_size)
     else:

@@ -12,7 +12,7 @@ statistics. Training switches a copy to train mode (`delib_jax.train`); the infe
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -28,11 +28,21 @@ from delib_jax.models.weights import load_torchvision, read_state_dict
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build one architecture: backbone factory and class-head factory (given D and C)."""
+    """How to build one architecture: backbone factory and class-head factory (given D and C), the input size it is
+    explained at, and for the families imported from torchvision: their key map and their weights' preprocessing.
+
+    torchvision: ``entries(model, backbone_root) -> [(torch key, path of our variable, conversion)]`` for the
+    backbone and class head (None: the map in `delib_jax.models.weights` for the first architectures).
+    resize, crop: the shorter side and centre crop torchvision's ImageNet weights were evaluated with.
+    fixed_size: the architecture accepts only ``default_size`` inputs (ViT's position embedding, Swin's windows)."""
 
     backbone: Callable[..., nnx.Module]
-    head: Callable[..., PoolMLPHead]
+    head: Callable[..., nnx.Module]
     default_size: int  # the input size the architecture is explained at
+    torchvision: Callable[..., Iterable] | None = None
+    resize: int = 256
+    crop: int = 224
+    fixed_size: bool = False
 
 
 def _vgg_head(d, c, *, rngs):

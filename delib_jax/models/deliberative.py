@@ -48,7 +48,7 @@ class DeliberativeModel(nnx.Module):
     def __init__(
         self,
         backbone: nnx.Module,
-        classifier: PoolMLPHead,
+        classifier: nnx.Module,
         *,
         arch: str,
         hardness_head: PoolMLPHead | None = None,
@@ -78,6 +78,20 @@ class DeliberativeModel(nnx.Module):
         _layers.validate_images(images)
         return self.backbone(images).astype(jnp.float32)
 
+    def features_and_classifier(self, images: jax.Array) -> tuple[jax.Array, nnx.Module]:
+        """A (B, H', W', D) and the class head as a function of A alone, for this batch.
+
+        Most heads read A only and come back as they are. A head that also reads something the image gives but the
+        grid does not hold (ViT's reads the class token entering its last block) comes back with that input bound
+        (``classifier.bind(context)``), from the backbone's ``features_and_context``: the class token is held fixed
+        while A is attributed, so it is never a location of the maps."""
+        split = getattr(self.backbone, "features_and_context", None)
+        if split is None:
+            return self.features(images), self.classifier
+        _layers.validate_images(images)
+        a, context = split(images)
+        return a.astype(jnp.float32), self.classifier.bind(context)
+
     def hardness_features(self, images: jax.Array, features: jax.Array | None = None) -> jax.Array | None:
         """The feature tensor the hardness predictor reads: A itself for a head, A_s for a separate network."""
         if self.hardness_network is not None:
@@ -94,8 +108,8 @@ class DeliberativeModel(nnx.Module):
         return head(a_hard)[:, 0]
 
     def __call__(self, images: jax.Array) -> Outputs:
-        a = self.features(images)
-        logits = self.classifier(a)
+        a, classifier = self.features_and_classifier(images)
+        logits = classifier(a)
         a_hard = self.hardness_features(images, a)
         hard = None if a_hard is None else self.hardness_logit(a_hard)
         return Outputs(logits=logits, hardness_logit=hard, features=a)

@@ -132,6 +132,13 @@ class PoolMLPHead(nnx.Module):
             u = jnp.transpose(u, (2, 0, 1))
         return z, to_locations(u, h, w)
 
+    def taylor(self, a: jax.Array, v: jax.Array, *, second: str | None = "diagonal", layout: str = "auto"):
+        """The common head interface of the attribution core: logits z (B, K), per-location logit tangents
+        U (B, H*W, K) and the logits' second derivatives, None here: the head is piecewise linear (z'' = 0)."""
+        del second
+        z, u = self.tangents(a, v, layout=layout)
+        return z, u, None
+
     def _pooled_first_layer_tangents(self, a: jax.Array, v: jax.Array):
         """Max pool + adaptive average pool + first Linear: its output x (B, K1), tangents (K1, L, B) and the function
         that puts logit tangents (K, L, B) back in location order (B, L, K).

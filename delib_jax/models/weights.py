@@ -21,18 +21,21 @@ from delib_jax.models.deliberative import DeliberativeModel
 Entry = tuple[str, tuple, str]
 
 
-def _bn(prefix: str, path: tuple) -> Iterator[Entry]:
+def bn_entries(prefix: str, path: tuple) -> Iterator[Entry]:
+    """A torch BatchNorm2d at ``prefix`` -> an nnx.BatchNorm at ``path``."""
     for t, ours in (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var")):
         yield f"{prefix}.{t}", (*path, ours), "copy"
 
 
-def _conv(prefix: str, path: tuple, bias: bool = True) -> Iterator[Entry]:
+def conv_entries(prefix: str, path: tuple, bias: bool = True) -> Iterator[Entry]:
+    """A torch Conv2d (O, I, kh, kw) -> an nnx.Conv kernel (kh, kw, I, O) (depthwise ones too: I = 1)."""
     yield f"{prefix}.weight", (*path, "kernel"), "conv"
     if bias:
         yield f"{prefix}.bias", (*path, "bias"), "copy"
 
 
-def _linear(prefix: str, path: tuple, kind: str = "linear") -> Iterator[Entry]:
+def linear_entries(prefix: str, path: tuple, kind: str = "linear") -> Iterator[Entry]:
+    """A torch Linear (O, I) -> an nnx.Linear kernel (I, O)."""
     yield f"{prefix}.weight", (*path, "kernel"), kind
     yield f"{prefix}.bias", (*path, "bias"), "copy"
 
@@ -43,9 +46,9 @@ def _vgg_entries(model: DeliberativeModel, backbone: VGG, root: tuple) -> Iterat
         if c == "M":
             idx += 1
             continue
-        yield from _conv(f"features.{idx}", (*root, "convs", i))
+        yield from conv_entries(f"features.{idx}", (*root, "convs", i))
         if backbone.norms is not None:
-            yield from _bn(f"features.{idx + 1}", (*root, "norms", i))
+            yield from bn_entries(f"features.{idx + 1}", (*root, "norms", i))
             idx += 3
         else:
             idx += 2
@@ -54,27 +57,32 @@ def _vgg_entries(model: DeliberativeModel, backbone: VGG, root: tuple) -> Iterat
 
 def _alexnet_entries(root: tuple) -> Iterator[Entry]:
     for i, idx in enumerate((0, 3, 6, 8, 10)):
-        yield from _conv(f"features.{idx}", (*root, "convs", i))
+        yield from conv_entries(f"features.{idx}", (*root, "convs", i))
 
 
 def _resnet_entries(backbone, root: tuple) -> Iterator[Entry]:
-    yield from _conv("conv1", (*root, "conv1"), bias=False)
-    yield from _bn("bn1", (*root, "bn1"))
+    yield from conv_entries("conv1", (*root, "conv1"), bias=False)
+    yield from bn_entries("bn1", (*root, "bn1"))
     for s, stage in enumerate(backbone.layers):
         for b, block in enumerate(stage):
             p, path = f"layer{s + 1}.{b}", (*root, "layers", s, b)
             for k in (1, 2, 3):
-                yield from _conv(f"{p}.conv{k}", (*path, f"conv{k}"), bias=False)
-                yield from _bn(f"{p}.bn{k}", (*path, f"bn{k}"))
+                yield from conv_entries(f"{p}.conv{k}", (*path, f"conv{k}"), bias=False)
+                yield from bn_entries(f"{p}.bn{k}", (*path, f"bn{k}"))
             if block.downsample_conv is not None:
-                yield from _conv(f"{p}.downsample.0", (*path, "downsample_conv"), bias=False)
-                yield from _bn(f"{p}.downsample.1", (*path, "downsample_bn"))
+                yield from conv_entries(f"{p}.downsample.0", (*path, "downsample_conv"), bias=False)
+                yield from bn_entries(f"{p}.downsample.1", (*path, "downsample_bn"))
 
 
 def torchvision_entries(model: DeliberativeModel, *, backbone_root: tuple = ("backbone",)) -> list[Entry]:
     """The full key map of ``model``'s backbone and class head to torchvision names."""
+    from delib_jax.models import ARCHS  # the registry imports this module
+
     arch = model.arch
     backbone = model.backbone
+    spec = ARCHS.get(arch)
+    if spec is not None and spec.torchvision is not None:
+        return list(spec.torchvision(model, backbone_root))
     if arch in ("vgg16", "vgg16_bn"):
         entries = list(_vgg_entries(model, backbone, backbone_root))
         head = [("classifier.0", "fc6"), ("classifier.3", ""), ("classifier.6", "")]
@@ -87,8 +95,17 @@ def torchvision_entries(model: DeliberativeModel, *, backbone_root: tuple = ("ba
     else:
         raise ValueError(f"no torchvision weights exist for arch {arch!r} (only vgg16, vgg16_bn, resnet50, alexnet)")
     for i, (prefix, kind) in enumerate(head):
-        entries += _linear(prefix, ("classifier", "linears", i), "linear_nchw" if kind == "fc6" else "linear")
+        entries += linear_entries(prefix, ("classifier", "linears", i), "linear_nchw" if kind == "fc6" else "linear")
     return entries
+
+
+def output_layer(head) -> tuple:
+    """Path inside a class head of its last Linear (the one ImageNet's 1,000 classes live in): a head's own
+    ``output_layer`` attribute, else the last of a `PoolMLPHead`'s ``linears``."""
+    path = getattr(head, "output_layer", None)
+    if path is not None:
+        return tuple(path)
+    return ("linears", len(head.linears) - 1)
 
 
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -167,6 +184,12 @@ def _permute_fc6(w: np.ndarray, channels: int) -> np.ndarray:
     return w.reshape(out, channels, side, side).transpose(2, 3, 1, 0).reshape(flat, out)
 
 
+def norm_entries(prefix: str, path: tuple) -> Iterator[Entry]:
+    """A torch LayerNorm (weight, bias) -> an nnx.LayerNorm (scale, bias)."""
+    yield f"{prefix}.weight", (*path, "scale"), "copy"
+    yield f"{prefix}.bias", (*path, "bias"), "copy"
+
+
 def _variable(module: nnx.Module, path: tuple) -> nnx.Variable:
     node = module
     for p in path:
@@ -191,10 +214,10 @@ def load_torchvision(
     """
     sd = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights)
     entries = torchvision_entries(model)
-    last_head = len(model.classifier.linears) - 1
     skip = set()
     if not classifier_output:
-        skip = {k for k, path, _ in entries if path[:3] == ("classifier", "linears", last_head)}
+        last = ("classifier", *output_layer(model.classifier))
+        skip = {k for k, path, _ in entries if path[: len(last)] == last}
     expected = {k for k, _, _ in entries}
     ignorable = {k for k in sd if k.endswith("num_batches_tracked")}
     missing = sorted(k for k in expected - skip if k not in sd)
@@ -209,6 +232,8 @@ def load_torchvision(
         w = np.asarray(sd[key], dtype=np.float32)
         if kind == "linear_nchw" and w.ndim == 2 and w.shape[1] == target[0] and w.shape[1] % channels == 0:
             new = _permute_fc6(w, channels)
+        elif kind == "reshape" and w.size == int(np.prod(target)):  # e.g. ConvNeXt's layer scale (D, 1, 1) -> (D,)
+            new = w.reshape(target)
         else:
             new = _convert(kind, w)
         if new.shape != target:
