@@ -9,11 +9,14 @@ LayerNorm and the Linear.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models.norm_heads import layer_norm
+from delib_jax.models.weights import Entry, conv_entries, linear_entries, norm_entries
 
 Array = jax.Array
 
@@ -113,8 +116,115 @@ class BoundViTHead(nnx.Module):
         self.in_channels = head.in_channels
         self.out_features = head.out_features
 
-    def __call__(self, a: Array) -> Array:
+    # the structured path gives the diagonal term of Eq. 2; second_order='cross' takes the generic path
+    taylor_terms = (None, "diagonal")
+
+    def _cls(self, a: Array) -> Array:
         cls = self.cls[...]
         if cls.shape[0] != a.shape[0]:
             raise ValueError(f"the head is bound to {cls.shape[0]} class tokens, A has batch {a.shape[0]}")
-        return self.vit.logits(a, cls.astype(a.dtype))
+        return cls.astype(a.dtype)
+
+    def __call__(self, a: Array) -> Array:
+        return self.vit.logits(a, self._cls(a))
+
+    def taylor(self, a: Array, v: Array, *, second: str | None = "diagonal", layout: str = "auto"):
+        """Logits z (B, K), per-location logit tangents U (B, L, K) and diagonal second derivatives W (B, L, K) at A
+        along v, exact, for all locations in one pass (`delib_jax.models.vit_taylor`); layout has no effect."""
+        del layout
+        from delib_jax.models.vit_taylor import class_head_taylor
+
+        return class_head_taylor(self.vit, a, self._cls(a), v, second=second)
+
+
+class ViT(nnx.Module):
+    """torchvision's VisionTransformer up to its last encoder block: images (B, S, S, 3) -> A (B, S/p, S/p, D).
+
+    Patch convolution, class token, position embedding and the first ``depth - 1`` encoder blocks; the last block,
+    the final LayerNorm and the Linear are the class head (`ViTHead`). Defaults: ViT-B/16 at 224 px."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 224,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 (the last block is the class head's), got {depth}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.out_channels = width
+        tokens = (image_size // patch_size) ** 2 + 1
+        self.conv_proj = nnx.Conv(
+            3, width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID", dtype=dtype, rngs=rngs
+        )
+        self.class_token = nnx.Param(jnp.zeros((1, 1, width)))
+        self.pos_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, tokens, width)))
+        self.layers = nnx.List([EncoderBlock(width, num_heads, mlp_dim, rngs=rngs) for _ in range(depth - 1)])
+
+    def tokens(self, images: Array) -> Array:
+        """Tokens (B, 1 + N, D) entering the last encoder block: the class token, then the patches row by row."""
+        size = self.image_size
+        if tuple(images.shape[1:3]) != (size, size):
+            raise ValueError(
+                f"this ViT takes {size} x {size} images (its position embedding is fixed), "
+                f"got {images.shape[1]} x {images.shape[2]}: resize or crop to {size}"
+            )
+        x = self.conv_proj(images)
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)  # row-major, as torch flattens conv_proj's (D, h, w) output
+        cls = jnp.broadcast_to(self.class_token[...].astype(x.dtype), (b, 1, d))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embedding[...]
+        for block in self.layers:
+            x = block(x)
+        return x
+
+    def features_and_context(self, images: Array) -> tuple[Array, Array]:
+        """A (B, S/p, S/p, D), the patch tokens entering the last block as a grid, and the class token (B, D)."""
+        x = self.tokens(images)
+        side = self.image_size // self.patch_size
+        return x[:, 1:].reshape(x.shape[0], side, side, x.shape[-1]), x[:, 0]
+
+    def __call__(self, images: Array) -> Array:
+        """A (B, S/p, S/p, D)."""
+        return self.features_and_context(images)[0]
+
+
+def _block_entries(prefix: str, path: tuple) -> Iterator[Entry]:
+    """One torchvision EncoderBlock at ``prefix`` -> an `EncoderBlock` at ``path``."""
+    yield from norm_entries(f"{prefix}.ln_1", (*path, "ln_1"))
+    # MultiheadAttention's in_proj_weight (3D, D) is a Linear's weight: transposed to the kernel (D, 3D)
+    yield f"{prefix}.self_attention.in_proj_weight", (*path, "attention", "in_proj", "kernel"), "linear"
+    yield f"{prefix}.self_attention.in_proj_bias", (*path, "attention", "in_proj", "bias"), "copy"
+    yield from linear_entries(f"{prefix}.self_attention.out_proj", (*path, "attention", "out_proj"))
+    yield from norm_entries(f"{prefix}.ln_2", (*path, "ln_2"))
+    yield from linear_entries(f"{prefix}.mlp.0", (*path, "mlp_1"))
+    yield from linear_entries(f"{prefix}.mlp.3", (*path, "mlp_2"))
+
+
+def torchvision_entries(model, backbone_root: tuple = ("backbone",)) -> list[Entry]:
+    """Key map of a `DeliberativeModel` with a `ViT` backbone and `ViTHead` to torchvision's VisionTransformer: the
+    last encoder layer, ``encoder.ln`` and ``heads.head`` go to the class head."""
+    vit = model.backbone
+    last = vit.depth - 1
+    entries = list(conv_entries("conv_proj", (*backbone_root, "conv_proj")))
+    entries.append(("class_token", (*backbone_root, "class_token"), "copy"))
+    entries.append(("encoder.pos_embedding", (*backbone_root, "pos_embedding"), "copy"))
+    for i in range(last):
+        entries += _block_entries(f"encoder.layers.encoder_layer_{i}", (*backbone_root, "layers", i))
+    entries += _block_entries(f"encoder.layers.encoder_layer_{last}", ("classifier", "block"))
+    entries += norm_entries("encoder.ln", ("classifier", "norm"))
+    entries += linear_entries("heads.head", ("classifier", "head"))
+    return entries
