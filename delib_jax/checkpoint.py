@@ -262,9 +262,8 @@ def crop_fits(arch: str, crop: int) -> bool:
     graphdef, state = _abstract_classifier(arch)
 
     def grid_and_logits(state, x):
-        m = nnx.merge(graphdef, state)
-        a = m.features(x)
-        return a, m.classifier(a)
+        out = nnx.merge(graphdef, state)(x)
+        return out.features, out.logits
 
     try:
         a, _ = jax.eval_shape(grid_and_logits, state, jax.ShapeDtypeStruct((1, crop, crop, 3), np.float32))

@@ -316,7 +316,7 @@ class ExplainSettings:
 
 
 def _explain_images(model, images: Array, settings: ExplainSettings, combine, attribution_options) -> ExplainOutputs:
-    a = model.backbone(images).astype(jnp.float32)  # (B, H, W, D)
+    a, classifier = model.features_and_classifier(images)  # A (B, H, W, D); the class head as a function of A
     head = a_s = None
     if settings.score == "hardness":
         if model.hardness_network is not None:
@@ -325,10 +325,10 @@ def _explain_images(model, images: Array, settings: ExplainSettings, combine, at
         else:
             head, a_s = model.hardness_head, a
     attr = attribute(
-        model.classifier, a, hardness_head=head, hardness_features=a_s, jit=False, method=settings.method,
+        classifier, a, hardness_head=head, hardness_features=a_s, jit=False, method=settings.method,
         score=settings.score, top_n=settings.top_n, **attribution_options,
     )  # fmt: skip
-    cam = grad_cam(model.classifier, a, jnp.argmax(attr.probs, axis=-1))
+    cam = grad_cam(classifier, a, jnp.argmax(attr.probs, axis=-1))
     found = insec.find_insecurities(
         attr.class_maps, attr.difficulty_map, attr.classes, image_size=images.shape[1:3], k=settings.k,
         coverage=settings.coverage, threshold=settings.threshold, max_insecurities=settings.max_insecurities,

@@ -90,7 +90,7 @@ def _attribute_from_images(model, images, opts: Options) -> Attribution:
 
     from delib_jax.attribution._core import _attribute
 
-    a = model.backbone(images).astype(jnp.float32)
+    a, classifier = model.features_and_classifier(images)
     head = a_s = None
     if opts.score == "hardness":
         if model.hardness_network is not None:
@@ -99,7 +99,7 @@ def _attribute_from_images(model, images, opts: Options) -> Attribution:
             head, a_s = model.hardness_head, a
     base = jnp.zeros_like(a)
     base_s = None if a_s is None else jnp.zeros_like(a_s)
-    return _attribute(model.classifier, head, a, a_s, base, base_s, opts)
+    return _attribute(classifier, head, a, a_s, base, base_s, opts)
 
 
 @functools.lru_cache(maxsize=32)

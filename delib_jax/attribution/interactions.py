@@ -206,8 +206,8 @@ def interaction_maps(
 
 def _model_interactions(leaves, images, rows, *, structure, score):
     model = rebuild(structure, leaves)
-    a = model.backbone(images).astype(jnp.float32)
-    z, u = model.classifier.tangents(a, a)
+    a, classifier = model.features_and_classifier(images)
+    z, u = classifier.tangents(a, a)
     if score == "hardness":
         if model.hardness_network is not None:
             a_s = model.hardness_network.backbone(images).astype(jnp.float32)
@@ -234,6 +234,16 @@ def make_model_interactions_fn(
     deliberative_output(score)  # validates the name
     if score == "hardness" and model.hardness_kind == "none":
         raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
+    heads = [model.classifier, model.hardness_head if score == "hardness" else None]
+    if score == "hardness" and model.hardness_network is not None:
+        heads[1] = model.hardness_network.head
+    for head in heads:
+        if head is not None and not hasattr(head, "tangents"):
+            raise ValueError(
+                f"model_interaction_maps uses the logit tangents of piecewise-linear heads; {type(head).__name__} "
+                "is not one (LayerNorm, attention): use interaction_maps(None, head, a, order='reverse') with "
+                "a, head = model.features_and_classifier(images)"
+            )
     from delib_jax.models import split_leaves
 
     structure, leaves = split_leaves(model)

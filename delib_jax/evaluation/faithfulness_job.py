@@ -84,23 +84,33 @@ class FaithfulnessOptions:
 
 
 def method_maps(
-    model, a: jax.Array, targets: jax.Array, methods: Sequence[str], *, key: jax.Array, ig_steps: int = 50
+    model,
+    a: jax.Array,
+    targets: jax.Array,
+    methods: Sequence[str],
+    *,
+    key: jax.Array,
+    ig_steps: int = 50,
+    classifier=None,
 ) -> jax.Array:
-    """(B, M, H, W) maps of the predicted classes ``targets`` (B,) at A (B, H, W, D), one per method."""
+    """(B, M, H, W) maps of the predicted classes ``targets`` (B,) at A (B, H, W, D), one per method. classifier:
+    the class head as a function of A for this batch (`DeliberativeModel.features_and_classifier`; default the
+    model's own, for heads that read A only)."""
+    classifier = model.classifier if classifier is None else classifier
     t = targets[:, None]
     maps = []
     for m in methods:
         if m == "gradient":
-            r = layer_attribution(None, model.classifier, a, targets=t, method="gradient").maps[:, 0]
+            r = layer_attribution(None, classifier, a, targets=t, method="gradient").maps[:, 0]
         elif m in ("gradient_hessian", "gradient_hessian_cross"):
             second = "cross" if m.endswith("cross") else "diagonal"
-            r = layer_attribution(None, model.classifier, a, targets=t, second_order=second).maps[:, 0]
+            r = layer_attribution(None, classifier, a, targets=t, second_order=second).maps[:, 0]
         elif m == "integrated_gradients":
-            r = layer_attribution(
-                None, model.classifier, a, targets=t, method="integrated_gradients", steps=ig_steps
-            ).maps[:, 0]
+            r = layer_attribution(None, classifier, a, targets=t, method="integrated_gradients", steps=ig_steps).maps[
+                :, 0
+            ]
         elif m == "grad_cam":
-            r = grad_cam(model.classifier, a, targets)
+            r = grad_cam(classifier, a, targets)
         else:
             r = jax.random.uniform(key, a.shape[:3])
         maps.append(r)
@@ -142,7 +152,9 @@ def evaluate_batches(
     advance per batch either way)."""
     options = options.check()
     _, pixel_head = split_model(model, "image")
-    forward = jax.jit(lambda x: (lambda a: (a, model.classifier(a)))(model.backbone(x).astype(jnp.float32)))
+    forward = jax.jit(
+        lambda x: (lambda a, ctx: (a, ctx, model.bind_classifier(ctx)(a)))(*model.features_and_context(x))
+    )
     key = jax.random.key(options.seed)
     results: dict[str, dict[str, list]] = {level: {} for level in options.levels}
     for i, images in enumerate(progress_bar(batches, desc="faithfulness", total=total, unit="batch", leave=False)):
@@ -161,15 +173,16 @@ def evaluate_batches(
 def _batch_scores(model, pixel_head, forward, images, options: FaithfulnessOptions, k_maps, k_a, k_px) -> dict:
     """{level: {name: per-image values}} of one batch."""
     images = jnp.asarray(images)
-    a, logits = forward(images)
+    a, context, logits = forward(images)
+    classifier = model.bind_classifier(context)
     if not bool(jnp.isfinite(logits).all()):
         raise ValueError("the model's outputs are not finite (NaN or inf logits; a diverged training run)")
     targets = jnp.argmax(logits, axis=-1)
-    maps = method_maps(model, a, targets, options.methods, key=k_maps, ig_steps=options.ig_steps)
+    maps = method_maps(model, a, targets, options.methods, key=k_maps, ig_steps=options.ig_steps, classifier=classifier)
     per_map = np.repeat(np.asarray(targets)[:, None], maps.shape[1], axis=1)
     out = {}
     for level in options.levels:
-        head, x, k = (model.classifier, a, k_a) if level == "A" else (pixel_head, images, k_px)
+        head, x, k = (classifier, a, k_a) if level == "A" else (pixel_head, images, k_px)
         out[level] = _scores(head, x, maps, per_map, options, k)
     return out
 

@@ -78,19 +78,29 @@ class DeliberativeModel(nnx.Module):
         _layers.validate_images(images)
         return self.backbone(images).astype(jnp.float32)
 
+    def features_and_context(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """A (B, H', W', D) and what else the class head reads for this batch (ViT: the class token entering its
+        last block, (B, D)), or None for heads that read A only."""
+        split = getattr(self.backbone, "features_and_context", None)
+        if split is None:
+            return self.features(images), None
+        _layers.validate_images(images)
+        a, context = split(images)
+        return a.astype(jnp.float32), context
+
+    def bind_classifier(self, context: jax.Array | None) -> nnx.Module:
+        """The class head as a function of A alone: itself, or bound to ``context`` (`features_and_context`)."""
+        return self.classifier if context is None else self.classifier.bind(context)
+
     def features_and_classifier(self, images: jax.Array) -> tuple[jax.Array, nnx.Module]:
         """A (B, H', W', D) and the class head as a function of A alone, for this batch.
 
         Most heads read A only and come back as they are. A head that also reads something the image gives but the
         grid does not hold (ViT's reads the class token entering its last block) comes back with that input bound
-        (``classifier.bind(context)``), from the backbone's ``features_and_context``: the class token is held fixed
-        while A is attributed, so it is never a location of the maps."""
-        split = getattr(self.backbone, "features_and_context", None)
-        if split is None:
-            return self.features(images), self.classifier
-        _layers.validate_images(images)
-        a, context = split(images)
-        return a.astype(jnp.float32), self.classifier.bind(context)
+        (``classifier.bind(context)``): the class token is held fixed while A is attributed, so it is never a
+        location of the maps."""
+        a, context = self.features_and_context(images)
+        return a, self.bind_classifier(context)
 
     def hardness_features(self, images: jax.Array, features: jax.Array | None = None) -> jax.Array | None:
         """The feature tensor the hardness predictor reads: A itself for a head, A_s for a separate network."""
