@@ -10,6 +10,10 @@ explained layer, the backbone's output). VGG: conv{b}_{i} (after its ReLU), bloc
 pool{b}; ResNet: stem (after the max pool), layer{s}.{i} (bottleneck i of stage s), layer{s}; AlexNet and the
 small CNN: conv{i} (after its ReLU) and pool{i}. The two modules share the model's parameters (no copy); the
 model is put in eval mode, the only mode attributions are defined in.
+
+Swin: stem (the patch embedding, after its LayerNorm), stage{s}.{i}, stage{s} (the patch merging before a stage is
+not a stage of its own). ViT: 'image' only: its class head also reads the class token entering the last block, so no
+X inside the network gives the logits alone (for A use ``model.features_and_classifier``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models import _layers, backbones
+from delib_jax.models.swin import Swin
 
 Step = Callable[[jax.Array], jax.Array]
 
@@ -58,6 +63,17 @@ def _resnet_steps(net: backbones.ResNet) -> list[tuple[tuple[str, ...], Step]]:
     return steps
 
 
+def _swin_steps(net: Swin) -> list[tuple[tuple[str, ...], Step]]:
+    steps = [(("stem",), net.stem)]
+    for s, stage in enumerate(net.stages):
+        if s > 0:
+            steps.append(((), net.merges[s - 1]))
+        for i, block in enumerate(stage):
+            names = (f"stage{s + 1}.{i}",) + ((f"stage{s + 1}",) if i == len(stage) - 1 else ())
+            steps.append((names, block))
+    return steps
+
+
 def _alexnet_steps(net: backbones.AlexNet) -> list[tuple[tuple[str, ...], Step]]:
     steps = []
     for i, conv in enumerate(net.convs):
@@ -81,7 +97,13 @@ _STEPS = {
     backbones.ResNet: _resnet_steps,
     backbones.AlexNet: _alexnet_steps,
     backbones.SmallCNN: _small_steps,
+    Swin: _swin_steps,
 }
+
+
+def _has_context(backbone: nnx.Module) -> bool:
+    """Whether the class head reads more than A (ViT: the class token), given by ``features_and_context``."""
+    return hasattr(backbone, "features_and_context")
 
 
 def _steps(backbone: nnx.Module) -> list[tuple[tuple[str, ...], Step]]:
@@ -95,16 +117,24 @@ def _steps(backbone: nnx.Module) -> list[tuple[tuple[str, ...], Step]]:
 
 
 def stage_names(model) -> tuple[str, ...]:
-    """The stage names of ``model``'s backbone in network order ('image' first, 'A' last)."""
+    """The stage names of ``model``'s backbone in network order ('image' first, 'A' last; a ViT: 'image' only)."""
+    if _has_context(model.backbone):
+        return ("image",)
     names = [n for names, _ in _steps(model.backbone) for n in names]
     return ("image", *names, "A")
 
 
 def _stage_index(backbone: nnx.Module, stage: str) -> int:
     """Number of backbone steps that produce X at ``stage``."""
-    steps = _steps(backbone)
     if stage == "image":
         return 0
+    if _has_context(backbone):
+        raise ValueError(
+            f"split_model splits a {type(backbone).__name__} only at 'image', not {stage!r}: its class head also "
+            "reads the class token entering its last block, so no X alone gives the logits; for A use "
+            "model.features_and_classifier(images) (A and the head bound to the batch's class token)"
+        )
+    steps = _steps(backbone)
     if stage == "A":
         return len(steps)
     for i, (names, _) in enumerate(steps):
@@ -115,6 +145,8 @@ def _stage_index(backbone: nnx.Module, stage: str) -> int:
 
 
 def _run(backbone: nnx.Module, x: jax.Array, start: int, stop: int | None) -> jax.Array:
+    if start == stop:
+        return x
     for _, step in _steps(backbone)[start:stop]:
         x = step(x)
     return x
@@ -145,8 +177,13 @@ class StageHead(nnx.Module):
         self.hardness_network = hardness_network
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        a = _run(self.backbone, x, self.start, None).astype(jnp.float32)
-        z = self.classifier(a)
+        if self.start == 0 and _has_context(self.backbone):  # a ViT from the pixels: its head bound to this batch
+            a, context = self.backbone.features_and_context(x)
+            a = a.astype(jnp.float32)
+            z = self.classifier.bind(context)(a)
+        else:
+            a = _run(self.backbone, x, self.start, None).astype(jnp.float32)
+            z = self.classifier(a)
         if self.hardness_head is not None:
             z = jnp.concatenate([z, self.hardness_head(a)], axis=-1)
         elif self.hardness_network is not None:  # only at the image: its own backbone reads the pixels

@@ -23,6 +23,10 @@ from delib_jax.models import backbones
 from delib_jax.models._inference import PRECISIONS, fold_batch_norm, inference_model, inference_view, set_precision
 from delib_jax.models.deliberative import DeliberativeModel, HardnessNetwork, Outputs
 from delib_jax.models.heads import PoolMLPHead, hardness_head
+from delib_jax.models.swin import Swin, swin_head
+from delib_jax.models.swin import torchvision_entries as swin_entries
+from delib_jax.models.vit import ViT, ViTHead
+from delib_jax.models.vit import torchvision_entries as vit_entries
 from delib_jax.models.weights import load_torchvision, read_state_dict
 
 
@@ -77,12 +81,25 @@ def _linear_head(d, c, *, rngs):
     return PoolMLPHead(d, c, rngs=rngs)
 
 
+def _vit_b(patch: int) -> ArchSpec:
+    """torchvision's ViT-B/``patch`` (width 768, 12 heads, MLP 3072, 12 layers) at 224 px only."""
+
+    def head(d, c, *, rngs):
+        return ViTHead(d, c, num_heads=12, mlp_dim=3072, rngs=rngs)
+
+    return ArchSpec(lambda **kw: ViT(patch_size=patch, **kw), head, 224, torchvision=vit_entries, fixed_size=True)
+
+
 ARCHS: dict[str, ArchSpec] = {
     "vgg16": ArchSpec(lambda **kw: backbones.VGG(batch_norm=False, **kw), _vgg_head, 224),
     "vgg16_bn": ArchSpec(lambda **kw: backbones.VGG(batch_norm=True, **kw), _vgg_head, 224),
     "resnet50": ArchSpec(lambda **kw: backbones.ResNet((3, 4, 6, 3), **kw), _linear_head, 224),
     "alexnet": ArchSpec(lambda **kw: backbones.AlexNet(**kw), _alexnet_head, 224),
     "small": ArchSpec(lambda **kw: backbones.SmallCNN(**kw), _linear_head, 128),
+    # torchvision IMAGENET1K_V1 weights: ViT-B resize 256 (bilinear) crop 224; swin_t resize 232 (bicubic) crop 224
+    "vit_b_16": _vit_b(16),
+    "vit_b_32": _vit_b(32),
+    "swin_t": ArchSpec(lambda **kw: Swin(**kw), swin_head, 224, torchvision=swin_entries, resize=232, crop=224),
 }
 
 

@@ -168,7 +168,13 @@ class ViT(nnx.Module):
         self.out_channels = width
         tokens = (image_size // patch_size) ** 2 + 1
         self.conv_proj = nnx.Conv(
-            3, width, (patch_size, patch_size), strides=(patch_size, patch_size), padding="VALID", dtype=dtype, rngs=rngs
+            3,
+            width,
+            (patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            dtype=dtype,
+            rngs=rngs,
         )
         self.class_token = nnx.Param(jnp.zeros((1, 1, width)))
         self.pos_embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, tokens, width)))

@@ -2,7 +2,8 @@
 
 Nothing is downloaded: users bring the file. Conversions: Conv (O, I, kh, kw) -> (kh, kw, I, O); Linear W -> W.T;
 the first Linear after a pooled grid flattens NCHW in torch and NHWC here, so its rows are permuted; BatchNorm
-weight / bias / running_mean / running_var -> scale / bias / mean / var.
+weight / bias / running_mean / running_var -> scale / bias / mean / var. Kind 'constant': a buffer the model
+recomputes (Swin's relative_position_index), optional in the file, compared with the model's value and not loaded.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def load_torchvision(
         skip = {k for k, path, _ in entries if path[: len(last)] == last}
     expected = {k for k, _, _ in entries}
     ignorable = {k for k in sd if k.endswith("num_batches_tracked")}
-    missing = sorted(k for k in expected - skip if k not in sd)
+    optional = {k for k, _, kind in entries if kind == "constant"}  # buffers the model recomputes
+    missing = sorted(k for k in expected - skip - optional if k not in sd)
     unexpected = sorted(k for k in sd if k not in expected and k not in ignorable)
     channels = model.backbone.out_channels
     updates, misshaped = [], []
@@ -238,6 +240,10 @@ def load_torchvision(
             new = _convert(kind, w)
         if new.shape != target:
             misshaped.append(f"{key}: file has {tuple(sd[key].shape)}, model needs {_torch_shape(kind, target)}")
+            continue
+        if kind == "constant":  # compared, not loaded (e.g. Swin's relative_position_index)
+            if not np.array_equal(new, np.asarray(var, np.float32)):
+                misshaped.append(f"{key}: file's values differ from the constant the model computes")
             continue
         updates.append((path, new))
     if missing or unexpected or misshaped:
