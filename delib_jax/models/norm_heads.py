@@ -56,6 +56,8 @@ class NormHead(nnx.Module):
     'before_pool': LayerNorm of each location, then the pool (torchvision Swin: norm, avgpool, Linear). Parameters:
     ``norm`` (an nnx.LayerNorm over D) and ``linear`` (D -> K)."""
 
+    output_layer = ("linear",)  # where ImageNet's 1,000 classes live (`load_torchvision(classifier_output=False)`)
+
     def __init__(self, in_channels: int, out_features: int, *, place: str, eps: float = 1e-6, rngs: nnx.Rngs):
         if place not in PLACES:
             raise ValueError(f"place must be one of {', '.join(PLACES)}, got {place!r}")
