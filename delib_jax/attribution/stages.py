@@ -7,9 +7,11 @@
 
 Stage names (`stage_names(model)` lists them in order): every backbone has 'image' (X = the images) and 'A' (the
 explained layer, the backbone's output). VGG: conv{b}_{i} (after its ReLU), block{b} (= the last conv of block b),
-pool{b}; ResNet: stem (after the max pool), layer{s}.{i} (bottleneck i of stage s), layer{s}; AlexNet and the
-small CNN: conv{i} (after its ReLU) and pool{i}. The two modules share the model's parameters (no copy); the
-model is put in eval mode, the only mode attributions are defined in.
+pool{b}; ResNet: stem (after the max pool), layer{s}.{i} (block i of stage s), layer{s}; ConvNeXt: stem (after its
+LayerNorm), stage{s}.{i} (block i of stage s, from stage1.0 like ResNet's layer1.0), stage{s} (its last block; the
+downsampling before a stage is not a stage of its own); AlexNet and the small CNN: conv{i} (after its ReLU) and
+pool{i}. The two modules share the model's parameters (no copy); the model is put in eval mode, the only mode
+attributions are defined in.
 
 Swin: stem (the patch embedding, after its LayerNorm), stage{s}.{i}, stage{s} (the patch merging before a stage is
 not a stage of its own). ViT: 'image' only: its class head also reads the class token entering the last block, so no
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models import _layers, backbones
+from delib_jax.models.convnext import ConvNeXt
 from delib_jax.models.swin import Swin
 
 Step = Callable[[jax.Array], jax.Array]
@@ -63,6 +66,17 @@ def _resnet_steps(net: backbones.ResNet) -> list[tuple[tuple[str, ...], Step]]:
     return steps
 
 
+def _convnext_steps(net: ConvNeXt) -> list[tuple[tuple[str, ...], Step]]:
+    steps = [(("stem",), net.stem)]
+    for s, stage in enumerate(net.stages):
+        if s > 0:
+            steps.append(((), net.downsamples[s - 1]))
+        for i, block in enumerate(stage):
+            names = (f"stage{s + 1}.{i}",) + ((f"stage{s + 1}",) if i == len(stage) - 1 else ())
+            steps.append((names, block))
+    return steps
+
+
 def _swin_steps(net: Swin) -> list[tuple[tuple[str, ...], Step]]:
     steps = [(("stem",), net.stem)]
     for s, stage in enumerate(net.stages):
@@ -95,6 +109,7 @@ def _small_steps(net: backbones.SmallCNN) -> list[tuple[tuple[str, ...], Step]]:
 _STEPS = {
     backbones.VGG: _vgg_steps,
     backbones.ResNet: _resnet_steps,
+    ConvNeXt: _convnext_steps,
     backbones.AlexNet: _alexnet_steps,
     backbones.SmallCNN: _small_steps,
     Swin: _swin_steps,
@@ -111,7 +126,7 @@ def _steps(backbone: nnx.Module) -> list[tuple[tuple[str, ...], Step]]:
         if isinstance(backbone, kind):
             return steps(backbone)
     raise ValueError(
-        f"split_model knows the shipped backbones (VGG, ResNet, AlexNet, SmallCNN), not "
+        f"split_model knows the shipped backbones (VGG, ResNet, ConvNeXt, AlexNet, SmallCNN), not "
         f"{type(backbone).__name__}: pass your own features and head callables instead"
     )
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from delib_jax.models import backbones
+from delib_jax.models import backbones, convnext
 from delib_jax.models._inference import PRECISIONS, fold_batch_norm, inference_model, inference_view, set_precision
 from delib_jax.models.deliberative import DeliberativeModel, HardnessNetwork, Outputs
 from delib_jax.models.heads import PoolMLPHead, hardness_head
@@ -38,7 +38,7 @@ class ArchSpec:
     torchvision: ``entries(model, backbone_root) -> [(torch key, path of our variable, conversion)]`` for the
     backbone and class head (None: the map in `delib_jax.models.weights` for the first architectures).
     resize, crop: the shorter side and centre crop torchvision's ImageNet weights were evaluated with.
-    fixed_size: the architecture accepts only ``default_size`` inputs (ViT's position embedding, Swin's windows)."""
+    fixed_size: the architecture accepts only ``default_size`` inputs (ViT's position embedding)."""
 
     backbone: Callable[..., nnx.Module]
     head: Callable[..., nnx.Module]
@@ -94,6 +94,21 @@ ARCHS: dict[str, ArchSpec] = {
     "vgg16": ArchSpec(lambda **kw: backbones.VGG(batch_norm=False, **kw), _vgg_head, 224),
     "vgg16_bn": ArchSpec(lambda **kw: backbones.VGG(batch_norm=True, **kw), _vgg_head, 224),
     "resnet50": ArchSpec(lambda **kw: backbones.ResNet((3, 4, 6, 3), **kw), _linear_head, 224),
+    # torchvision's IMAGENET1K_V1 weights: resize the shorter side (bilinear, antialiased) then centre-crop 224
+    "resnet18": ArchSpec(functools.partial(backbones.resnet, "resnet18"), _linear_head, 224, resize=256),
+    "resnet34": ArchSpec(functools.partial(backbones.resnet, "resnet34"), _linear_head, 224, resize=256),
+    "resnet101": ArchSpec(functools.partial(backbones.resnet, "resnet101"), _linear_head, 224, resize=256),
+    "resnet152": ArchSpec(functools.partial(backbones.resnet, "resnet152"), _linear_head, 224, resize=256),
+    **{
+        arch: ArchSpec(
+            functools.partial(convnext.convnext, arch),
+            convnext.class_head,
+            224,
+            torchvision=convnext.torchvision_entries,
+            resize=resize,
+        )
+        for arch, resize in (("convnext_tiny", 236), ("convnext_small", 230), ("convnext_base", 232))
+    },
     "alexnet": ArchSpec(lambda **kw: backbones.AlexNet(**kw), _alexnet_head, 224),
     "small": ArchSpec(lambda **kw: backbones.SmallCNN(**kw), _linear_head, 128),
     # torchvision IMAGENET1K_V1 weights: ViT-B resize 256 (bilinear) crop 224; swin_t resize 232 (bicubic) crop 224

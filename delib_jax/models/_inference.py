@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models import _layers, backbones
+from delib_jax.models.convnext import ConvNeXt
 
 PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -43,17 +44,17 @@ def _fold_backbone(backbone: nnx.Module) -> None:
         _fold(backbone.conv1, backbone.bn1)
         backbone.bn1 = _layers.Identity()
         for stage in backbone.layers:
-            for block in stage:
+            for block in stage:  # a Bottleneck has conv3 / bn3, a BasicBlock does not
                 for conv, bn in (
                     ("conv1", "bn1"),
                     ("conv2", "bn2"),
                     ("conv3", "bn3"),
                     ("downsample_conv", "downsample_bn"),
                 ):
-                    if getattr(block, conv) is not None:
+                    if getattr(block, conv, None) is not None:
                         _fold(getattr(block, conv), getattr(block, bn))
                         setattr(block, bn, _layers.Identity())
-    # other backbones (AlexNet, VGG16 without batch norm, user modules) have nothing to fold and run as they are
+    # other backbones (AlexNet, VGG16 without batch norm, ConvNeXt's layer norms, user modules) have nothing to fold
 
 
 def inference_view(module: nnx.Module) -> nnx.Module:
@@ -80,14 +81,16 @@ def fold_batch_norm(model: nnx.Module) -> nnx.Module:
 
 
 def set_precision(model: nnx.Module, precision: str) -> nnx.Module:
-    """Make the backbone convolutions and batch norms of ``model`` (in place: pass a copy) compute in ``precision``
-    ('float32' or 'bfloat16'); parameters stay float32, A is cast back to float32 and the heads and every attribution
-    step stay float32."""
+    """Make the backbone convolutions and batch norms (and ConvNeXt's Linears) of ``model`` (in place: pass a copy)
+    compute in ``precision`` ('float32' or 'bfloat16'); parameters stay float32, A is cast back to float32 and the
+    heads and every attribution step stay float32."""
     check_precision(precision)
     dtype = PRECISIONS[precision]
     for backbone in _backbones(model):
+        # ConvNeXt's pointwise convolutions are Linears (most of its arithmetic)
+        kinds = (nnx.Conv, nnx.BatchNorm, nnx.Linear) if isinstance(backbone, ConvNeXt) else (nnx.Conv, nnx.BatchNorm)
         for _, node in nnx.iter_graph(backbone):
-            if isinstance(node, (nnx.Conv, nnx.BatchNorm)):
+            if isinstance(node, kinds):
                 node.dtype = dtype
     return model
 

@@ -1,8 +1,9 @@
 """Backbones: images (B, H, W, 3) -> the explained feature tensor A (B, H', W', D).
 
-Each stops at the layer the paper explains: VGG16(-BN) the ReLU after conv5_3 (14x14x512 at 224), ResNet50 the output
-of layer4 (7x7x2048), AlexNet the last conv ReLU (13x13x256), the small CNN its last conv ReLU. Layer structure and
-sizes follow torchvision exactly so that its state dicts import one to one (see `delib_jax.models.weights`).
+Each stops at the layer the paper explains: VGG16(-BN) the ReLU after conv5_3 (14x14x512 at 224), the ResNets the
+output of layer4 (7x7x512 for ResNet18 / 34, 7x7x2048 for ResNet50 / 101 / 152), AlexNet the last conv ReLU
+(13x13x256), the small CNN its last conv ReLU (ConvNeXt: `delib_jax.models.convnext`). Layer structure and sizes
+follow torchvision exactly so that its state dicts import one to one (see `delib_jax.models.weights`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,32 @@ class AlexNet(nnx.Module):
         return x
 
 
+class BasicBlock(nnx.Module):
+    """ResNet18 / 34 block: two 3x3 convolutions with batch norm, the stride on the first."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, width: int, stride: int, *, dtype=None, rngs: nnx.Rngs):
+        self.conv1 = _layers.conv(in_channels, width, 3, stride=stride, padding=1, bias=False, dtype=dtype, rngs=rngs)
+        self.bn1 = _layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        self.conv2 = _layers.conv(width, width, 3, padding=1, bias=False, dtype=dtype, rngs=rngs)
+        self.bn2 = _layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        if stride != 1 or in_channels != width:
+            self.downsample_conv = _layers.conv(
+                in_channels, width, 1, stride=stride, bias=False, dtype=dtype, rngs=rngs
+            )
+            self.downsample_bn = _layers.batch_norm(width, dtype=dtype, rngs=rngs)
+        else:
+            self.downsample_conv = self.downsample_bn = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, in_channels) -> (B, H / stride, W / stride, width)."""
+        y = jax.nn.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        shortcut = x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
+        return jax.nn.relu(y + shortcut)
+
+
 class Bottleneck(nnx.Module):
     """ResNet v1.5 bottleneck: the stride sits on the 3x3 convolution."""
 
@@ -87,10 +114,30 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(y + shortcut)
 
 
-class ResNet(nnx.Module):
-    """torchvision ResNet trunk (conv1 ... layer4), without the global pool and fc (the class head)."""
+RESNETS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
 
-    def __init__(self, blocks: Sequence[int] = (3, 4, 6, 3), *, dtype=None, rngs: nnx.Rngs):
+
+class ResNet(nnx.Module):
+    """torchvision ResNet trunk (conv1 ... layer4), without the global pool and fc (the class head).
+
+    blocks: the number of blocks per stage; block: `Bottleneck` (ResNet50 / 101 / 152) or `BasicBlock` (18 / 34)."""
+
+    def __init__(
+        self,
+        blocks: Sequence[int] = (3, 4, 6, 3),
+        *,
+        block: type[BasicBlock | Bottleneck] = Bottleneck,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        if block not in (BasicBlock, Bottleneck):
+            raise ValueError(f"block must be BasicBlock or Bottleneck, got {block!r}")
         self.conv1 = _layers.conv(3, 64, 7, stride=2, padding=3, bias=False, dtype=dtype, rngs=rngs)
         self.bn1 = _layers.batch_norm(64, dtype=dtype, rngs=rngs)
         layers, channels = [], 64
@@ -98,8 +145,8 @@ class ResNet(nnx.Module):
             stage_blocks = []
             for i in range(n):
                 stride = 2 if (i == 0 and stage > 0) else 1
-                stage_blocks.append(Bottleneck(channels, width, stride, dtype=dtype, rngs=rngs))
-                channels = width * Bottleneck.expansion
+                stage_blocks.append(block(channels, width, stride, dtype=dtype, rngs=rngs))
+                channels = width * block.expansion
             layers.append(nnx.List(stage_blocks))
         self.layers = nnx.List(layers)
         self.out_channels = channels
@@ -111,6 +158,14 @@ class ResNet(nnx.Module):
             for block in stage:
                 x = block(x)
         return x
+
+
+def resnet(name: str, *, dtype=None, rngs: nnx.Rngs) -> ResNet:
+    """torchvision's ``name`` trunk ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')."""
+    if name not in RESNETS:
+        raise ValueError(f"unknown ResNet {name!r}; choose one of {', '.join(RESNETS)}")
+    block, blocks = RESNETS[name]
+    return ResNet(blocks, block=block, dtype=dtype, rngs=rngs)
 
 
 class SmallCNN(nnx.Module):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from delib_jax.models.backbones import VGG
+from delib_jax.models.backbones import VGG, Bottleneck
 from delib_jax.models.deliberative import DeliberativeModel
 
 # (torch key, path of the NNX variable inside the module, conversion kind)
@@ -62,12 +62,14 @@ def _alexnet_entries(root: tuple) -> Iterator[Entry]:
 
 
 def _resnet_entries(backbone, root: tuple) -> Iterator[Entry]:
+    """Any torchvision ResNet: conv1 / bn1, then layer{s}.{i}.conv{k} / bn{k} (k to 3 in a Bottleneck, to 2 in a
+    BasicBlock) and downsample.0 / .1 where a block changes shape."""
     yield from conv_entries("conv1", (*root, "conv1"), bias=False)
     yield from bn_entries("bn1", (*root, "bn1"))
     for s, stage in enumerate(backbone.layers):
         for b, block in enumerate(stage):
             p, path = f"layer{s + 1}.{b}", (*root, "layers", s, b)
-            for k in (1, 2, 3):
+            for k in (1, 2, 3) if isinstance(block, Bottleneck) else (1, 2):
                 yield from conv_entries(f"{p}.conv{k}", (*path, f"conv{k}"), bias=False)
                 yield from bn_entries(f"{p}.bn{k}", (*path, f"bn{k}"))
             if block.downsample_conv is not None:
@@ -90,11 +92,14 @@ def torchvision_entries(model: DeliberativeModel, *, backbone_root: tuple = ("ba
     elif arch == "alexnet":
         entries = list(_alexnet_entries(backbone_root))
         head = [("classifier.1", "fc6"), ("classifier.4", ""), ("classifier.6", "")]
-    elif arch == "resnet50":
+    elif arch.startswith("resnet"):
         entries = list(_resnet_entries(backbone, backbone_root))
         head = [("fc", "")]
     else:
-        raise ValueError(f"no torchvision weights exist for arch {arch!r} (only vgg16, vgg16_bn, resnet50, alexnet)")
+        raise ValueError(
+            f"no torchvision weights exist for arch {arch!r} (only vgg16, vgg16_bn, the resnets, alexnet and the "
+            "architectures registered with a key map)"
+        )
     for i, (prefix, kind) in enumerate(head):
         entries += linear_entries(prefix, ("classifier", "linears", i), "linear_nchw" if kind == "fc6" else "linear")
     return entries
