@@ -7,6 +7,10 @@ Layout of a run directory (what ``python -m train.cub --out RUN_DIR`` writes)::
     RUN_DIR/checkpoints/best/<step>/     the model with the best validation accuracy so far (no optimizer state)
     RUN_DIR/metrics.jsonl            one JSON object per line: training, validation and test metrics by step
 
+A run folder can also be made from a classifier trained elsewhere: ``delib import WEIGHTS --arch ARCH --out RUN_DIR``
+(`delib_jax.import_command`) writes config.json (``imported_from`` names the weights file, ``dataset`` is None,
+``hardness`` 'none') and a 'best' checkpoint through `write_run`, the same checkpoint writing training uses.
+
 Loading a trained model (restored into an ``nnx.eval_shape`` model, returned in eval mode)::
 
     model, config = load_model("runs/cub_resnet50")               # best by validation
@@ -56,7 +60,7 @@ class RunConfig:
       class_names: C class names, index = class id.
       hardness: 'head' (on A, jointly trained), 'network' (separate network) or 'none'.
       hardness_hidden: hidden width of the hardness head.
-      dataset: 'cub' or 'ade20k'.
+      dataset: 'cub' or 'ade20k'; None for an imported run (no training data known).
       crop: network input side (train RandomResizedCrop / test CenterCrop), at least `min_crop(arch)`.
       resize: shorter side before the test centre crop.
       mean, std: per-channel normalisation of RGB images in [0, 1].
@@ -78,6 +82,10 @@ class RunConfig:
       eval_every: steps between validations (None: once per epoch).
       val_fraction: fraction of the training split held out for validation (model selection never sees test).
       weights: torchvision ImageNet weights the backbone was initialised from, or None.
+
+    Imported (``delib import``):
+      imported_from: the weights file (absolute path) the run was made from by ``delib import`` instead of training;
+        None for a trained run. Such a run has no hardness predictor, no dataset and no 'latest' checkpoint.
     """
 
     arch: str
@@ -106,6 +114,7 @@ class RunConfig:
     eval_every: int | None = None
     val_fraction: float = 0.1
     weights: str | None = None
+    imported_from: str | None = None
 
     def __post_init__(self):
         wrong = _type_problems(self)  # before anything compares or converts a value of the wrong type
@@ -121,14 +130,18 @@ class RunConfig:
             problems.append(f"num_classes {self.num_classes} with {len(self.class_names)} class names")
         if self.hardness not in ("head", "network", "none"):
             problems.append(f"hardness {self.hardness!r} is not 'head', 'network' or 'none'")
-        if self.dataset not in ("cub", "ade20k"):
-            problems.append(f"dataset {self.dataset!r} is not 'cub' or 'ade20k'")
+        if self.dataset not in DATASETS:
+            problems.append(f"dataset {self.dataset!r} is not 'cub', 'ade20k' or null (an imported run)")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(map(math.isfinite, self.mean + self.std)):
             problems.append(f"mean and std need 3 finite values each, got mean {self.mean}, std {self.std}")
         elif min(self.std) <= 0:
             problems.append(f"std must be positive, got {self.std}")
         if not 0 < self.crop <= self.resize <= MAX_SIDE:
             problems.append(f"crop {self.crop} and resize {self.resize} must satisfy 0 < crop <= resize <= {MAX_SIDE}")
+        elif self.arch in ARCHS and getattr(ARCHS[self.arch], "fixed_size", False):
+            if self.crop != ARCHS[self.arch].default_size:
+                size = ARCHS[self.arch].default_size
+                problems.append(f"crop {self.crop}: arch {self.arch} takes only {size} px inputs (crop {size})")
         elif self.arch in ARCHS and not crop_fits(self.arch, self.crop):
             problems.append(
                 f"crop {self.crop} is too small for arch {self.arch}: its feature grid would be empty; "
@@ -182,6 +195,7 @@ class RunConfig:
 
 
 MAX_SIDE = 8192  # largest crop / resize accepted (pixels per side)
+DATASETS = ("cub", "ade20k", None)  # None: an imported run, trained elsewhere on data this library does not know
 MAX_STEPS = 2**31 - 1  # the step counter is int32
 # Integer fields: inclusive range (None allowed where the field's default is None). Upper bounds keep a tampered or
 # mistyped config.json from allocating absurd arrays or overflowing int32 / uint32 counters.
@@ -190,10 +204,11 @@ _INT_RANGES = {
     "warmup_steps": (0, MAX_STEPS), "batch_size": (1, 1_048_576), "epochs": (1, 1_000_000), "steps": (1, MAX_STEPS),
     "checkpoint_every": (1, MAX_STEPS), "eval_every": (1, MAX_STEPS),
 }  # fmt: skip
-_STR_FIELDS = ("arch", "hardness", "dataset", "optimizer", "schedule")
+_STR_FIELDS = ("arch", "hardness", "optimizer", "schedule")
 _FLOAT_FIELDS = ("lr", "momentum", "weight_decay", "val_fraction")
 _INT_FIELDS = ("crop", "resize", *_INT_RANGES)
 _OPTIONAL = ("steps", "eval_every", "data_dir", "weights")
+_OPTIONAL_STR = ("dataset", "data_dir", "weights", "imported_from")
 
 
 def _shown(value: Any, limit: int = 60) -> str:
@@ -221,7 +236,7 @@ def _type_problems(config: RunConfig) -> list[str]:
     for name in _STR_FIELDS:
         if not isinstance(getattr(config, name), str):
             bad(name, "a string")
-    for name in ("data_dir", "weights"):
+    for name in _OPTIONAL_STR:
         if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
             bad(name, "a string or null")
     for name in _INT_FIELDS:
@@ -536,6 +551,36 @@ def _drop_orbax_leftover(record: logging.LogRecord) -> bool:
     return not (raised_later or _ORBAX_LEFTOVERS.search(record.getMessage()))
 
 
+def write_run(run_dir: str | Path, model: DeliberativeModel, config: RunConfig, *, step: int = 0,
+              meta: dict | None = None) -> Path:  # fmt: skip
+    """Write ``model`` as the run folder ``run_dir`` that `load_model` and every command read: config.json and a
+    'best' checkpoint at ``step`` (`RunCheckpoints`, as training saves its best model; no optimizer state, no
+    'latest'). What ``delib import`` writes; ``model`` must be the one ``config`` describes (ValueError otherwise).
+    Returns ``run_dir``."""
+    check_model_config(model, config)
+    if model.hardness_kind != config.hardness:
+        raise ValueError(f"the model's hardness predictor is {model.hardness_kind!r}, the configuration's "
+                         f"{config.hardness!r}")  # fmt: skip
+    run_dir = Path(run_dir)
+    save_run_config(run_dir, config)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    with RunCheckpoints(run_dir, async_save=False) as ckpt:
+        ckpt.save("best", step, params=params, model_state=model_state, meta={"best": None, **(meta or {})})
+    return run_dir
+
+
+IMAGENET_CLASSES = "imagenet_classes.txt"  # in the package delib_jax.data: torchvision's names of ImageNet-1k
+
+
+def imagenet_class_names() -> list[str]:
+    """ImageNet-1k's 1,000 class names in class-index order, as torchvision names them (its ``_IMAGENET_CATEGORIES``,
+    shipped with the package): the default names of ``delib import``."""
+    from importlib import resources
+
+    text = resources.files("delib_jax.data").joinpath(IMAGENET_CLASSES).read_text(encoding="utf-8")
+    return text.splitlines()
+
+
 def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[DeliberativeModel, RunConfig]:
     """Rebuild the model of a run and restore its ``which`` ('best' by validation or 'latest') checkpoint.
 
@@ -569,5 +614,6 @@ def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[Deliberat
 __all__ = [
     "CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "CheckpointError", "RunCheckpoints", "RunConfig",
     "abstract_savable", "build_model", "check_model_config", "crop_fits", "from_savable", "load_model",
-    "load_run_config", "min_crop", "save_run_config", "to_savable",
+    "load_run_config", "min_crop", "save_run_config", "to_savable", "DATASETS", "IMAGENET_CLASSES",
+    "imagenet_class_names", "write_run",
 ]  # fmt: skip

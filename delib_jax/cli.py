@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from delib_jax import demo, figures_command, verify
+from delib_jax import demo, figures_command, import_command, verify
 from delib_jax._command import Command, UsageError, check_out_dir, make_out_dir
 from delib_jax._entry import exit_process  # noqa: F401  (re-exported: the entry points' exit)
 from delib_jax._multihost import add_flags, init_distributed
@@ -90,6 +90,9 @@ centre-cropped as the run was evaluated. Unreadable files are reported and skipp
 every few seconds: run the same command again after a crash or kill and it resumes where it stopped (files changed
 since are explained again).
 
+The difficulty score is the run's hardness predictor; a run without one (delib import) is scored by entropy unless
+--score says otherwise.
+
 examples:
   delib explain photos/ --checkpoint runs/cub_vgg16 --out explained/ --coverage 10%
   delib explain --data-dir /data/CUB_200_2011 --split test --checkpoint runs/cub_vgg16 --out explained_test/
@@ -124,7 +127,8 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         "--split", choices=("test", "train"), default="test",  # delib_jax.job.inputs.SPLITS
         help="with --data-dir: which split (default: test; ADE20K's validation images are its test split)",
     )  # fmt: skip
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="training run directory (config.json)")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                   help="run directory (config.json): a training run, or one made by delib import")  # fmt: skip
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (created)")
     p.add_argument("--which", choices=("best", "latest"), default="best", help="checkpoint to load (default: best)")
     p.add_argument(
@@ -136,8 +140,9 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score",
         choices=("hardness", "entropy", "hesitancy"),
-        default="hardness",
-        help="difficulty score (default: hardness; needs a model with a hardness predictor)",
+        default=None,
+        help="difficulty score (default: hardness when the run has a hardness predictor, else entropy, said in one "
+        "line)",
     )
     p.add_argument(
         "--top-n",
@@ -309,12 +314,33 @@ def image_files(inputs: Iterable[str], report: Callable[[str], None], missing: l
     return PathList(every.source(i) for i in np.flatnonzero(kept).tolist())
 
 
+def _score(args: argparse.Namespace, model) -> tuple[str, str | None]:
+    """--score, resolved for the run, and a line to say about it (or None): as given; by default 'hardness' where
+    the run has a hardness predictor, else 'entropy' (said). --score hardness on a run without one: `UsageError`
+    saying what to do instead."""
+    if model.hardness_kind != "none":
+        return args.score or "hardness", None
+    if args.score == "hardness":
+        raise UsageError(
+            f"--score hardness needs a hardness predictor and {args.checkpoint} has none: pass --score entropy or "
+            f"--score hesitancy, or train one with python -m train.hardness --checkpoint {args.checkpoint} ..."
+        )
+    if args.score is None:
+        return "entropy", (f"{args.checkpoint} has no hardness predictor: difficulty scored by entropy (--score "
+                           "entropy; --score hesitancy is the other choice)")  # fmt: skip
+    return args.score, None
+
+
 def _dataset_inputs(args: argparse.Namespace, config, report: Callable[[str], None]):
     """--data-dir, --split: the examples of that split of the run's dataset (`delib_jax.job.inputs.DatasetInputs`),
     checked against the model's classes; one line for anything wrong."""
     from delib_jax.data import DatasetError
     from delib_jax.job.inputs import check_classes, dataset_inputs
 
+    if config.dataset is None:
+        source = f" (imported from {config.imported_from})" if config.imported_from else ""
+        raise UsageError(f"--data-dir: {args.checkpoint}{source} names no dataset its classes come from; explain "
+                         "image files or folders instead")  # fmt: skip
     if not Path(args.data_dir).exists():
         raise UsageError(f"--data-dir {args.data_dir} does not exist (give the dataset's release folder or TFDS build)")
     found: list[str] = []  # which form the folder holds: said once the data is known to fit (errors come first)
@@ -404,6 +430,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         check_model_config(model, config)
     except ValueError as e:
         raise UsageError(f"{args.checkpoint}: {e}") from None
+    args.score, score_note = _score(args, model)
     if args.k > (config.num_classes if args.top_n is None else min(args.top_n, config.num_classes)):
         raise UsageError(f"--k ({args.k}) exceeds the classes considered (the model has {config.num_classes})")
     missing: list[Path] = []
@@ -421,9 +448,15 @@ def _run_explain(args: argparse.Namespace) -> int:
         examples = _read_examples(args.examples, config.class_names)
     elif args.no_examples or args.no_figures:
         examples = {}
+    elif config.imported_from is not None and not config.data_dir:
+        report(f"no class examples in the figures: {args.checkpoint} was imported (delib import) and has no training "
+               "data; give --examples JSON to show some")  # fmt: skip
+        examples = {}
     else:  # the training split's most typical image of each class, chosen once per run (delib_jax.class_examples)
         examples = class_examples(args.checkpoint, model, config, which=args.which, report=report)
 
+    if score_note:
+        report(score_note)
     out = make_out_dir(args.out)
     options = JobOptions(
         batch_size=args.batch_size, workers=args.workers, figures=not args.no_figures, json=args.json,
@@ -495,7 +528,7 @@ EXPLAIN = Command(
 
 # The subcommands, in the order `delib --help` lists them. A new one: a module that builds a `Command` (importing
 # `delib_jax._command`, never this module), added here.
-for _command in (EXPLAIN, figures_command.COMMAND, demo.COMMAND, verify.COMMAND):
+for _command in (EXPLAIN, figures_command.COMMAND, import_command.COMMAND, demo.COMMAND, verify.COMMAND):
     register(_command)
 
 __all__ = ["COMMANDS", "Command", "UsageError", "build_parser", "check_out_dir", "main", "make_out_dir", "register"]

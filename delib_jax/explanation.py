@@ -5,6 +5,10 @@
     explanations[0].insecurities[0]        # the strongest: mask (H, W) bool, classes a/b with names, strength
     json.dumps(explanations[0].to_json())  # masks as run-length encoding; Explanation.from_json reads it back
 
+A classifier of your own: its two halves, features (images -> A (B, h, w, D)) and head (A -> logits), as
+``DeliberativeModel.from_split(features, head)`` or simply the pair ``(features, head)``, explained with
+``score="entropy"`` or ``"hesitancy"`` unless it has a hardness predictor.
+
 For many batches build the compiled function once with `make_explain_fn` (it also shards a batch over all local
 devices). Images from files: `read_image` (any mode Pillow reads, converted to RGB) and `preprocess` (the run's
 Resize + CenterCrop and normalisation).
@@ -337,6 +341,28 @@ def _explain_images(model, images: Array, settings: ExplainSettings, combine, at
     return ExplainOutputs(attribution=attr, grad_cam=cam, insecurities=found)
 
 
+NO_HARDNESS = (
+    "score='hardness' needs a model with a hardness predictor and this one has none (an imported classifier, "
+    "one of your own, or a run trained with hardness='none'): use score='entropy' or 'hesitancy'"
+)
+
+
+def as_model(model):
+    """``model`` as a `DeliberativeModel`: itself, or a ``(features, head)`` pair of NNX modules wrapped by
+    `DeliberativeModel.from_split`."""
+    from delib_jax.models import DeliberativeModel
+
+    if isinstance(model, DeliberativeModel):
+        return model
+    if isinstance(model, tuple) and len(model) == 2:
+        return DeliberativeModel.from_split(*model)
+    if not all(hasattr(model, a) for a in ("features_and_classifier", "num_classes", "hardness_kind")):
+        raise TypeError(
+            f"expected a DeliberativeModel or a (features, head) pair of NNX modules, got {type(model).__name__}"
+        )
+    return model
+
+
 def batch_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh with axis 'batch' over ``devices`` (default: all local devices)."""
     devices = list(jax.local_devices() if devices is None else devices)
@@ -389,13 +415,14 @@ def make_explain_fn(
     into the convolutions (`delib_jax.models.inference_model`; the caller's model is left as it is); precision: the
     backbone's compute dtype, 'float32' or 'bfloat16' (None: the model's own), every attribution step float32.
     """
+    model = as_model(model)
     c = model.num_classes
     if top_n is not None and top_n > c:
         top_n = c  # all classes: the same maps, in order of probability
     attribution_options = {**attribution_options, "difficulty_channels": difficulty_channels}
     Options(method=method, score=score, top_n=top_n, **attribution_options).check(c)
     if score == "hardness" and model.hardness_kind == "none":
-        raise ValueError("score='hardness' needs a model with a hardness predictor (or score='hesitancy'/'entropy')")
+        raise ValueError(NO_HARDNESS)
     n = c if top_n is None else top_n
     coverage, threshold, q = insec.check_options(
         n, k=k, coverage=coverage, threshold=threshold, max_insecurities=max_insecurities
@@ -497,7 +524,8 @@ def explain(
     """Deliberative explanations of a batch: one `Explanation` per image.
 
     Args:
-      model: a `DeliberativeModel` (e.g. from `delib_jax.checkpoint.load_model`).
+      model: a `DeliberativeModel` (e.g. from `delib_jax.checkpoint.load_model`), or a classifier of your own as
+        ``(features, head)`` NNX modules (`DeliberativeModel.from_split`).
       images: (B, H_img, W_img, 3) float, normalised as the model was trained (see `preprocess`).
       method: attribution method, 'gradient_hessian' (Eq. 2), 'gradient' or 'integrated_gradients'.
       score: difficulty score, 'hardness' (needs a hardness predictor), 'entropy' or 'hesitancy'.
@@ -513,6 +541,7 @@ def explain(
       mesh: shard the batch over a device mesh (see `batch_mesh`).
       attribution_options: further `delib_jax.attribution.Options` (second_order, abs_second, steps, ...).
     """
+    model = as_model(model)
     if class_names is not None and len(class_names) != model.num_classes:  # before anything is compiled
         raise ValueError(
             f"{len(class_names)} class names for a model of {model.num_classes} classes: give the names of the run "
@@ -556,6 +585,8 @@ __all__ = [
     "ExplainOutputs",
     "ExplainSettings",
     "Explanation",
+    "NO_HARDNESS",
+    "as_model",
     "ImageReadError",
     "Insecurity",
     "atomic_write",

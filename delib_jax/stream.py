@@ -4,6 +4,10 @@
     summary = explain_files(model, config, files, "explained/", options=JobOptions(batch_size=64))
     for e in delib_jax.load_explanations("explained/"): ...
 
+    # a classifier of your own (features: images -> A, head: A -> logits), preprocessed as torchvision's ImageNet models
+    config = ModelConfig(class_names=names, resize=256, crop=224)
+    explain_files((features, head), config, files, "explained/", score="entropy")
+
 Stages: reader processes decode, resize, crop and normalise files straight into shared batch buffers
 (`delib_jax._reader`), several batches ahead; the main thread puts each batch on the devices (sharded over all local
 devices) and dispatches the compiled explanation without waiting for it, so the next batch is on its way while one
@@ -21,6 +25,7 @@ written through a symbolic link, and the job's own outputs inside an input folde
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import heapq
 import math
@@ -32,6 +37,7 @@ from typing import Any
 
 from delib_jax import _multihost, _reader
 from delib_jax import store as st
+from delib_jax.data.transforms import IMAGENET_STATS, Normalization
 from delib_jax.job.device import DeviceStep
 from delib_jax.job.folder import (
     JobError,
@@ -53,6 +59,44 @@ from delib_jax.job.writing import Figures, WriterStage, figure_name, writer_loop
 # ------------------------------------------------------------------------------------------------ the job
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What the job needs to know of a classifier that is not a run folder (one of your own, see
+    `delib_jax.models.DeliberativeModel.from_split`): its class names and how its images are preprocessed
+    (the shorter side resized to ``resize``, centre crop ``crop``, normalised with ``mean`` / ``std`` of RGB in
+    [0, 1]; torchvision's ImageNet defaults). Passed where a run's `RunConfig` goes; ``arch`` must be the model's
+    (``from_split`` names it 'custom')."""
+
+    class_names: Sequence[str]
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_STATS.mean
+    std: tuple[float, float, float] = IMAGENET_STATS.std
+    arch: str = "custom"
+    dataset = None  # no dataset's split to explain (`explain_dataset` needs a run's)
+
+    def __post_init__(self):
+        object.__setattr__(self, "class_names", [str(n) for n in self.class_names])
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.class_names) < 2:
+            raise ValueError(f"a classifier needs at least 2 class names, got {len(self.class_names)}")
+        if not 0 < self.crop <= self.resize:
+            raise ValueError(f"crop {self.crop} and resize {self.resize} must satisfy 0 < crop <= resize")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in self.mean + self.std):
+            raise ValueError(f"mean and std need 3 finite values each, got mean {self.mean}, std {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def normalization(self) -> Normalization:
+        return Normalization(mean=self.mean, std=self.std)
+
+
 def explain_files(
     model,
     config,
@@ -68,7 +112,9 @@ def explain_files(
     """Explain image ``files`` with ``model`` into the output folder ``out`` (see the module docstring).
 
     Args:
-      model: a `DeliberativeModel`; config: its `RunConfig` (class names, resize, crop, normalisation).
+      model: a `DeliberativeModel`; config: its `RunConfig` (class names, resize, crop, normalisation). A
+        classifier of your own: ``(features, head)`` NNX modules (or `DeliberativeModel.from_split`) with a
+        `ModelConfig`.
       files: image paths, explained in this order (unreadable ones skipped with a reason), or the examples of a
         dataset's split (`DatasetInputs`, see `explain_dataset`).
       out: output folder (created); an earlier run's results there are kept and the rest added (resume).
@@ -85,6 +131,7 @@ def explain_files(
     from delib_jax.checkpoint import check_model_config
     from delib_jax.models import split_leaves
 
+    model = ex.as_model(model)
     check_model_config(model, config)  # a model of another run: one line, before anything is compiled or written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +451,7 @@ def write_pages(out: Path, manifest: Mapping[str, Any], *, report_limit: int = 1
 
 
 __all__ = [
-    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "check_manifest", "drawn_figures", "drawn_sources",
-    "explain_dataset", "explain_files", "figure_name", "fingerprint", "finish", "inputs_outside", "lock_folder",
-    "recorded_figures", "weights_digest", "write_pages",
+    "FIGURE_INDEX", "JobError", "JobOptions", "JobSummary", "ModelConfig", "check_manifest", "drawn_figures",
+    "drawn_sources", "explain_dataset", "explain_files", "figure_name", "fingerprint", "finish", "inputs_outside",
+    "lock_folder", "recorded_figures", "weights_digest", "write_pages",
 ]  # fmt: skip

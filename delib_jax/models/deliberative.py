@@ -62,9 +62,42 @@ class DeliberativeModel(nnx.Module):
         self.hardness_head = hardness_head
         self.hardness_network = hardness_network
 
+    @classmethod
+    def from_split(
+        cls,
+        features: nnx.Module,
+        head: nnx.Module,
+        *,
+        hardness_head: nnx.Module | None = None,
+        arch: str = "custom",
+        num_classes: int | None = None,
+        input_size: int = 224,
+    ) -> DeliberativeModel:
+        """A classifier of your own, given as its two halves, as a model `delib_jax.explain` and the explanation job
+        (`delib_jax.stream.explain_files` with a `delib_jax.stream.ModelConfig`) take.
+
+        features: an NNX module, images (B, H, W, 3) normalised -> A (B, h, w, D), the layer the explanation
+        attributes to (channels last); head: an NNX module, A -> logits (B, C). hardness_head: optionally a trained
+        hardness predictor on A, A -> (B, 1) logits (without one, explain with score='entropy' or 'hesitancy').
+        num_classes: C, read from ``head.out_features`` when it has one, else found from the output shape of
+        ``head(features(x))`` for an ``input_size`` square image (shapes only, nothing computed). The modules are
+        used as they are (not copied); inference runs them in eval mode (`delib_jax.models.inference_view`)."""
+        for name, module in (("features", features), ("head", head), ("hardness_head", hardness_head)):
+            if module is not None and not isinstance(module, nnx.Module):
+                raise TypeError(f"{name} must be a flax.nnx.Module, got {type(module).__name__}")
+        model = cls(features, head, arch=arch, hardness_head=hardness_head)
+        if num_classes is None and getattr(head, "out_features", None) is None:
+            num_classes = _output_width(features, head, input_size)
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+                raise ValueError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+            model.split_num_classes = int(num_classes)
+        return model
+
     @property
     def num_classes(self) -> int:
-        return self.classifier.out_features
+        c = getattr(self.classifier, "out_features", None)
+        return int(c) if c is not None else self.split_num_classes
 
     @property
     def hardness_kind(self) -> str:
@@ -123,3 +156,19 @@ class DeliberativeModel(nnx.Module):
         a_hard = self.hardness_features(images, a)
         hard = None if a_hard is None else self.hardness_logit(a_hard)
         return Outputs(logits=logits, hardness_logit=hard, features=a)
+
+
+def _output_width(features: nnx.Module, head: nnx.Module, size: int) -> int:
+    """C of ``head(features(x))`` for a (1, size, size, 3) image, from shapes only (`DeliberativeModel.from_split`)."""
+    from delib_jax.models._inference import inference_view
+
+    graphdef, state = nnx.split(inference_view(nnx.Sequential(features, head)))
+    try:
+        out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))  # fmt: skip
+    except Exception as e:  # the modules' own errors for an input they cannot take
+        raise ValueError(f"cannot tell the number of classes from head(features(x)) for a {size} px image "
+                         f"({type(e).__name__}): give num_classes=C (or input_size=)") from None  # fmt: skip
+    if out.ndim != 2 or out.shape[-1] < 2:
+        raise ValueError(f"head(features(x)) must give logits (B, C) with C >= 2, got shape {out.shape}")
+    return int(out.shape[-1])
