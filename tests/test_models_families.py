@@ -160,6 +160,23 @@ def test_small_convnext_imports_exactly():
     _assert_close_to_scale(predict(model, jnp.asarray(x)).logits, tvt.logits(net, x))
 
 
+def test_small_convnext_keeps_its_own_class_layer_with_other_class_counts():
+    """classifier_output=False: a 10-class torchvision head into a 3-class model; A and the head's norm imported."""
+    cn = tvt.torchvision().models.convnext
+    torch.manual_seed(1)
+    net = cn.ConvNeXt([cn.CNBlockConfig(8, 16, 1), cn.CNBlockConfig(16, None, 2)], num_classes=10).eval()
+    sd = _torch_with_random_weights(net)
+    model = _small_convnext()
+    before = np.asarray(model.classifier.linear.kernel[...])
+    load_torchvision(model, sd, classifier_output=False)
+    np.testing.assert_array_equal(model.classifier.linear.kernel[...], before)
+    np.testing.assert_array_equal(model.classifier.norm.scale[...], sd["classifier.0.weight"])
+    x = np.random.RandomState(3).randn(2, 32, 32, 3).astype(np.float32)
+    with torch.no_grad():
+        ref = net.features(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    _assert_close_to_scale(predict(model, jnp.asarray(x)).features, ref)
+
+
 def _zero_state_dict(arch: str) -> dict[str, np.ndarray]:
     """torchvision's ``arch`` keys and shapes (built on the meta device: no initialisation), as zeros."""
     with torch.device("meta"):
