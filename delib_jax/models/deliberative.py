@@ -22,6 +22,11 @@ class Outputs:
     features: jax.Array
 
 
+def _float(a: jax.Array) -> jax.Array:
+    """A as the heads read it: float32 (from a bfloat16 backbone too), float64 kept (a float64 model under x64)."""
+    return a if a.dtype == jnp.float64 else a.astype(jnp.float32)
+
+
 class HardnessNetwork(nnx.Module):
     """A separate hardness predictor (the paper's ref. [46]): its own backbone to A_s and a head to one logit."""
 
@@ -109,7 +114,7 @@ class DeliberativeModel(nnx.Module):
     def features(self, images: jax.Array) -> jax.Array:
         """Images (B, H, W, 3), normalised float -> A (B, H', W', D) in float32."""
         _layers.validate_images(images)
-        return self.backbone(images).astype(jnp.float32)
+        return _float(self.backbone(images))
 
     def features_and_context(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """A (B, H', W', D) and what else the class head reads for this batch (ViT: the class token entering its
@@ -119,7 +124,7 @@ class DeliberativeModel(nnx.Module):
             return self.features(images), None
         _layers.validate_images(images)
         a, context = split(images)
-        return a.astype(jnp.float32), context
+        return _float(a), context
 
     def bind_classifier(self, context: jax.Array | None) -> nnx.Module:
         """The class head as a function of A alone: itself, or bound to ``context`` (`features_and_context`)."""
@@ -138,7 +143,7 @@ class DeliberativeModel(nnx.Module):
     def hardness_features(self, images: jax.Array, features: jax.Array | None = None) -> jax.Array | None:
         """The feature tensor the hardness predictor reads: A itself for a head, A_s for a separate network."""
         if self.hardness_network is not None:
-            return self.hardness_network.backbone(images).astype(jnp.float32)
+            return _float(self.hardness_network.backbone(images))
         if self.hardness_head is not None:
             return self.features(images) if features is None else features
         return None
