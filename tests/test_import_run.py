@@ -332,3 +332,30 @@ def test_the_streaming_job_takes_a_features_head_split(weights, tmp_path):
     assert manifest["model"]["arch"] == "custom" and manifest["class_names"] == names
     with pytest.raises(ValueError, match="model and run configuration disagree"):
         explain_files((features, head), ModelConfig(class_names=[*names, "e"]), files, tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_faithfulness_on_an_imported_run_reads_a_folder_of_images(run, weights, tmp_path, capsys):
+    """An imported run has no dataset: eval.faithfulness samples the image files of --data-dir, preprocessed as the
+    run says; a folder without images and an unreadable image are one line each."""
+    from delib_jax.evaluation.faithfulness_job import main as faithfulness
+
+    out = tmp_path / "faith"
+    photos = weights["root"] / "photos"
+    argv = ["--checkpoint", run, "--data-dir", photos, "--out", out, "--num-images", "2", "--methods", "gradient",
+            "grad_cam", "--levels", "A", "--steps", "4", "--samples", "4", "--batch-size", "2"]  # fmt: skip
+    code = faithfulness([str(a) for a in argv])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    assert "2" in (out / "table.md").read_text() and results
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv[argv.index(photos)] = empty
+    assert faithfulness([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no images" in err[0] and "Traceback" not in err[0], err
+    (empty / "broken.png").write_bytes(b"not a png")
+    assert faithfulness([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err.strip().splitlines()[-1] and "Traceback" not in err, err

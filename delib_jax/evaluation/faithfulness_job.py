@@ -313,6 +313,8 @@ def _test_images(config, data_dir: Path, options: FaithfulnessOptions):
     from delib_jax.data import load_ade20k, load_cub
     from delib_jax.data.pipeline import ade20k_source, cub_source, eval_pipeline
 
+    if config.dataset is None:  # an imported run: no dataset of its own, a folder of images
+        return _folder_images(config, data_dir, options)
     if config.dataset == "cub":
         ds, make, names = load_cub(data_dir), cub_source, None
         names = ds.class_names
@@ -332,6 +334,41 @@ def _test_images(config, data_dir: Path, options: FaithfulnessOptions):
         source, batch_size=options.batch_size, resize=config.resize, crop=config.crop, stats=config.normalization
     )
     return n, (batch["image"] for batch in pipe)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _folder_images(config, folder: Path, options: FaithfulnessOptions):
+    """(number of images, iterator of normalised batches) of a seeded sample of the image files under ``folder``
+    (recursively), preprocessed as the run says: the test images of a run imported from weights, which has no
+    dataset of its own (faithfulness needs no labels: every map explains the predicted class)."""
+    from delib_jax.explanation import ImageReadError, preprocess, read_image
+
+    if not folder.is_dir():
+        raise UsageError(f"--data-dir {folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UsageError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}: a run imported from weights is evaluated on a "
+            "folder of your images"
+        )
+    n = min(options.num_images, len(files))
+    chosen = [files[i] for i in np.sort(np.random.default_rng(options.seed).choice(len(files), n, replace=False))]
+
+    def batches():
+        for start in range(0, n, options.batch_size):
+            images = []
+            for f in chosen[start : start + options.batch_size]:
+                try:
+                    image = read_image(f)
+                except ImageReadError as e:
+                    raise UsageError(f"{e}: remove or fix it, then run the same command again") from None
+                images.append(preprocess(image, resize=config.resize, crop=config.crop,
+                                         normalization=config.normalization)[1])  # fmt: skip
+            yield np.stack(images)
+
+    return n, batches()
 
 
 def data_and_out(checkpoint: Path, data_dir: Path | None, out: Path, *, synthetic: bool) -> Path:
@@ -411,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python -m eval.faithfulness --checkpoint runs/cub --synthetic --out runs/cub/faithfulness",
     )
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a trained run directory")
-    p.add_argument("--data-dir", help="the run's dataset folder (CUB_200_2011 / ADEChallengeData2016)")
+    p.add_argument(
+        "--data-dir",
+        help="the run's dataset folder (CUB_200_2011 / ADEChallengeData2016), or for a run imported with delib "
+        "import a folder of your images",
+    )
     p.add_argument("--synthetic", action="store_true", help="use the synthetic dataset the run was trained on")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
