@@ -605,10 +605,32 @@ def load_model(run_dir: str | Path, *, which: Which = "best") -> tuple[Deliberat
             raise
         except Exception as e:  # orbax / tensorstore raise bare Exceptions (and ValueErrors) for damaged files
             _quiet_failed_restore()
-            raise _restore_error(ckpt.directory / which, which, e) from None
+            model = _without_added_head(ckpt, which, config, device)
+            if model is None:
+                raise _restore_error(ckpt.directory / which, which, e) from None
+            return model, config
     model = nnx.merge(graphdef, restored["params"], restored["model_state"])
     model.eval()
     return model, config
+
+
+def _without_added_head(ckpt: RunCheckpoints, which: Which, config: RunConfig, sharding) -> DeliberativeModel | None:
+    """The classifier of a run whose config.json names no hardness predictor, from a checkpoint that holds a hardness
+    head: ``python -m train.hardness`` swaps in the run's checkpoints with their new head just before config.json
+    says so, and the run read in between is the classifier it was (the head left out). None for any other
+    checkpoint."""
+    if config.hardness != "none":
+        return None
+    abstract = nnx.eval_shape(lambda: build_model(dataclasses.replace(config, hardness="head")))
+    graphdef, params, model_state = nnx.split(abstract, nnx.Param, ...)
+    try:
+        restored = ckpt.restore(which, params=params, model_state=model_state, sharding=sharding)
+    except Exception:  # noqa: BLE001 -- not such a checkpoint: the first error is the one to report
+        return None
+    full = nnx.merge(graphdef, restored["params"], restored["model_state"])
+    model = DeliberativeModel(full.backbone, full.classifier, arch=full.arch)
+    model.eval()
+    return model
 
 
 __all__ = [

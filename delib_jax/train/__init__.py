@@ -4,10 +4,12 @@
     summary = fit("runs/cub", config)       # config: delib_jax.checkpoint.RunConfig
 
 Pieces: `losses` (hardness-weighted cross-entropy and the hardness loss), `loop` (create_train_state, train_step,
-eval_step, the data-parallel mesh), `run` (fit: data, validation split, checkpoints, resume, metrics), `cli`
-(the ``python -m train.cub`` / ``train.ade20k`` command lines).
+eval_step, the data-parallel mesh), `run` (fit: data, validation split, checkpoints, resume, metrics), `hardness`
+(fit_hardness: a run's hardness head alone, on its frozen classifier), `cli` (the ``python -m train.cub`` /
+``train.ade20k`` / ``train.hardness`` command lines).
 """
 
+from delib_jax.train.hardness import fit_hardness
 from delib_jax.train.loop import (
     TrainState,
     compile_steps,
@@ -24,7 +26,7 @@ from delib_jax.train.run import DiskFull, TrainingDiverged, evaluate, fit, load_
 
 __all__ = [
     "DiskFull", "TrainState", "TrainingDiverged", "compile_steps", "create_train_state", "eval_step", "evaluate",
-    "fit", "forward", "hardness_bce",
+    "fit", "fit_hardness", "forward", "hardness_bce",
     "hardness_weights", "joint_loss", "load_splits", "make_mesh", "make_optimizer", "shard_batch",
     "split_validation", "train_step", "true_class_probability",
 ]  # fmt: skip

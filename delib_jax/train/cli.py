@@ -1,4 +1,5 @@
-"""Command lines ``python -m train.cub`` and ``python -m train.ade20k``: flags -> `RunConfig` -> `fit`.
+"""Command lines ``python -m train.cub`` and ``python -m train.ade20k``: flags -> `RunConfig` -> `fit`; and
+``python -m train.hardness``: a run's hardness head alone -> `delib_jax.train.hardness.fit_hardness`.
 
 Exit status: 0 done, 2 the run could not start or continue as asked (bad flags, missing data, nothing to resume,
 missing weights file, ...) or diverged (NaN loss): one line on stderr; 130 interrupted (resume with ``--resume``).
@@ -245,10 +246,10 @@ def make_config(dataset: str, args: argparse.Namespace):
     )  # fmt: skip
 
 
-def check_resume_flags(args: argparse.Namespace, stored) -> None:
-    """Flags given with --resume must agree with the run's configuration."""
+def check_resume_flags(args: argparse.Namespace, stored, names: Sequence[str] = TRAINING_FLAGS) -> None:
+    """Flags given with --resume (``names``, and --data-dir, --dataset) must agree with the run's configuration."""
     conflicts = []
-    for name in TRAINING_FLAGS:
+    for name in names:
         v = getattr(args, name)
         if v is None:
             continue
@@ -258,6 +259,8 @@ def check_resume_flags(args: argparse.Namespace, stored) -> None:
             conflicts.append(f"--{name.replace('_', '-')} {v} (the run has {getattr(stored, name)})")
     if args.data_dir is not None and Path(args.data_dir).absolute() != Path(stored.data_dir):
         conflicts.append(f"--data-dir {args.data_dir} (the run has {stored.data_dir})")
+    if getattr(args, "dataset", None) is not None and args.dataset != stored.dataset:
+        conflicts.append(f"--dataset {args.dataset} (the run has {stored.dataset})")
     if conflicts:
         raise UsageError("--resume continues the run as configured; drop or fix " + ", ".join(conflicts))
 
@@ -323,6 +326,124 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. --out on a read-only or special file system
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: continue with the same command plus --resume", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------- python -m train.hardness
+
+
+def build_hardness_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.hardness",
+        description=(
+            "Train the hardness head of a run alone, on its frozen classifier (a run imported without one, or "
+            "--retrain to replace one); the classifier's weights and logits stay exactly as they are. The training "
+            "runs in RUN/hardness_training (checkpoints, metrics.jsonl); at the end the best head goes into the run's "
+            "checkpoints and config.json says hardness 'head'.\n"
+            "Example: python -m train.hardness --checkpoint runs/cub --data-dir /data/CUB_200_2011\n"
+            "Continue after a kill or Ctrl-C: python -m train.hardness --checkpoint runs/cub --resume"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run = p.add_argument_group("run and data")
+    run.add_argument("--checkpoint", type=Path, metavar="RUN_DIR", help="the run: config.json, checkpoints/ (required)")
+    run.add_argument(
+        "--data-dir", type=Path, help="the release folder (or its parent) or a TFDS build (default: the run's)"
+    )
+    run.add_argument("--dataset", choices=tuple(DATASETS), help="default: the run's (required for an imported run)")
+    run.add_argument("--synthetic", action="store_true",
+                     help="the synthetic dataset, generated into --data-dir (default: the run's synthetic data, "
+                          "else RUN/synthetic_data) if absent")  # fmt: skip
+    run.add_argument("--retrain", action="store_true", help="replace the hardness head of a run that has one")
+    run.add_argument("--resume", action="store_true", help="continue the head's training from its latest checkpoint")
+    run.add_argument("--threads", type=int, default=4, help="image decoding threads (default 4)")
+    run.add_argument("--workers", type=int, default=0, help="image decoding processes (default 0: threads only)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    opt = p.add_argument_group("optimisation (AdamW, warm-up + cosine, on the head's parameters only)")
+    length = opt.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    length.add_argument("--steps", type=int, help="training steps (instead of --epochs)")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    opt.add_argument("--batch-size", type=int, help="batch size (default: the run's)")
+    opt.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the run's)")
+    opt.add_argument("--eval-every", type=int, help="steps between validations (default: every epoch)")
+    return p
+
+
+def run_hardness(argv: Sequence[str] | None) -> int:
+    args = build_hardness_parser().parse_args(argv)
+    for name in ("epochs", "steps", "batch_size", "checkpoint_every", "eval_every", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise UsageError(f"--lr must be positive and finite, got {args.lr}")
+    if args.checkpoint is None:
+        raise UsageError("--checkpoint RUN_DIR is required (the run whose hardness head to train)")
+    from delib_jax.checkpoint import load_run_config
+    from delib_jax.train.hardness import HARDNESS_DIR, HEAD_FLAGS, check_run, fit_hardness
+
+    run_dir = args.checkpoint
+    run_config = check_run(run_dir, retrain=args.retrain, resume=args.resume)
+    common = dict(progress=not args.no_progress, num_threads=args.threads, num_workers=args.workers)
+    if args.resume:
+        stored = load_run_config(run_dir / HARDNESS_DIR)
+        check_resume_flags(args, stored, names=HEAD_FLAGS)
+        if stored.synthetic:
+            _synthetic_if_absent(stored.dataset, Path(stored.data_dir))
+        summary = fit_hardness(run_dir, resume=True, **common)
+    else:
+        dataset = args.dataset or run_config.dataset
+        if dataset is None:
+            raise UsageError(f"{run_dir} records no dataset (an imported run): give --dataset cub or ade20k and "
+                             "--data-dir")  # fmt: skip
+        data_dir, synthetic = args.data_dir, args.synthetic
+        if data_dir is None and dataset == run_config.dataset and run_config.data_dir is not None:
+            if not synthetic or run_config.synthetic:
+                data_dir, synthetic = Path(run_config.data_dir), synthetic or run_config.synthetic
+        if synthetic:
+            data_dir = _synthetic_if_absent(dataset, data_dir or run_dir / "synthetic_data")
+        elif data_dir is None:
+            raise UsageError(missing_data_message(dataset))
+        elif not Path(data_dir).exists():
+            raise UsageError(f"--data-dir {data_dir} does not exist. " + missing_data_message(dataset))
+        options = {name: getattr(args, name) for name in HEAD_FLAGS}
+        summary = fit_hardness(run_dir, dataset=dataset, data_dir=data_dir, synthetic=synthetic, retrain=args.retrain,
+                               **options, **common)  # fmt: skip
+    if summary.get("already_done"):
+        print(f"nothing to resume: the hardness head of {run_dir} was trained and committed already")
+    print(
+        f"done: {summary['steps']} steps in {summary['wall_s']:.0f} s; best validation hardness loss "
+        f"{summary['val_hardness_loss']:.4f} (step {summary['best_step']}); test hardness loss "
+        f"{summary['test_hardness_loss']:.4f}; {run_dir} has its hardness head (config.json: hardness 'head')"
+    )
+    return 0
+
+
+def _synthetic_if_absent(dataset: str, data_dir: Path) -> Path:
+    """The synthetic dataset generated into ``data_dir`` (`ensure_synthetic`) unless the folder holds something
+    already (a run's synthetic data: the release folder or its parent; the dataset's reader checks it)."""
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        return data_dir
+    return ensure_synthetic(dataset, data_dir)
+
+
+def hardness_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m train.hardness``; returns the exit status (errors as one line on stderr, no traceback)."""
+    from delib_jax.data import DatasetError
+
+    try:
+        return run_hardness(argv)
+    except (UsageError, DatasetError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
         print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,9 @@ its devices (`replicate`: ``jax.device_put`` accepts only shardings whose device
     state = create_train_state(config, total_steps=1000, mesh=mesh)
     step_fn, eval_fn = compile_steps(mesh)
     state, metrics = step_fn(state, shard_batch(batch, mesh))
+
+The hardness head alone, on a frozen classifier (``python -m train.hardness``): `create_head_train_state` and
+`hardness_train_step` (``compile_steps(mesh, head_only=True)``).
 """
 
 from __future__ import annotations
@@ -57,6 +60,27 @@ class TrainState(struct.PyTreeNode):
     def model(self, *, train: bool = False) -> DeliberativeModel:
         """The model with these parameters (eval mode unless ``train``)."""
         return nnx.merge(self.graphdef if train else self.eval_graphdef, self.params, self.model_state)
+
+
+# The hardness head's variables (`HeadTrainState`): its parameters, and the rest of it (its dropout's RNG stream).
+HEAD_PARAMS = nnx.All(nnx.Param, nnx.PathContains("hardness_head"))
+HEAD_REST = nnx.All(nnx.Not(nnx.Param), nnx.PathContains("hardness_head"))
+
+
+class HeadTrainState(TrainState):
+    """A `TrainState` that trains the hardness head alone, on a frozen classifier (``python -m train.hardness``).
+
+    ``params``, ``model_state`` and ``opt_state`` are the hardness head's (the optimizer sees nothing else);
+    ``frozen`` holds the rest of the model (backbone and class head: parameters, batch-norm statistics), which no
+    step changes. The graphdefs are the whole model's: ``graphdef`` with the head in train mode and the rest in eval
+    mode (running statistics, no dropout), ``eval_graphdef`` all in eval mode. What is saved and restored (params,
+    model_state, opt_state) is the head's alone.
+    """
+
+    frozen: nnx.State
+
+    def model(self, *, train: bool = False) -> DeliberativeModel:
+        return nnx.merge(self.graphdef if train else self.eval_graphdef, self.params, self.model_state, self.frozen)
 
 
 def learning_rate_schedule(config: RunConfig, total_steps: int) -> optax.Schedule:
@@ -154,6 +178,31 @@ def _initializer(arch: str, num_classes: int, hardness: str, hardness_hidden: in
     return jax.jit(init)
 
 
+def create_head_train_state(
+    model: DeliberativeModel, config: RunConfig, *, total_steps: int, mesh: Mesh | None = None
+) -> HeadTrainState:
+    """The training state of ``model``'s hardness head alone (`HeadTrainState`), with ``config``'s optimizer.
+
+    model: a classifier with the hardness head to train attached (``model.hardness_head``); the rest of it is frozen
+    as it is. The model is left in eval mode. The state is replicated over ``mesh`` when given.
+    """
+    if model.hardness_head is None:
+        raise ValueError("the model has no hardness head to train")
+    model.eval()
+    eval_graphdef = nnx.graphdef(model)
+    model.hardness_head.train()
+    graphdef, params, head_rest, frozen = nnx.split(model, HEAD_PARAMS, HEAD_REST, ...)
+    model.eval()
+    tx = make_optimizer(config, total_steps)
+    state = HeadTrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=head_rest, opt_state=tx.init(params),
+        graphdef=graphdef, eval_graphdef=eval_graphdef, tx=tx, frozen=frozen,
+    )  # fmt: skip
+    if mesh is not None:
+        state = replicate(state, mesh)
+    return state
+
+
 def train_step(
     state: TrainState, batch: dict[str, jax.Array], *, normalize: bool = True, pixel_stats: Normalization | None = None
 ) -> tuple[TrainState, dict]:
@@ -172,6 +221,36 @@ def train_step(
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new, metrics
+
+
+def hardness_train_step(
+    state: HeadTrainState, batch: dict[str, jax.Array], *, pixel_stats: Normalization | None = None
+) -> tuple[HeadTrainState, dict]:
+    """One optimizer step of the hardness head alone on ``batch`` (image (B, H, W, 3), label (B,)); the classifier
+    is frozen.
+
+    A and the logits come from the eval-mode classifier (running batch-norm statistics, no dropout) outside the
+    gradient; the loss is the hardness term of `joint_loss` (`delib_jax.train.losses`: binary cross-entropy of the
+    head's s towards 1 - p, p the frozen classifier's probability of the true class). The metrics are
+    `joint_loss`'s, with ``loss`` the hardness loss that is minimised.
+    """
+    images = model_input(batch["image"], pixel_stats)
+    a, classifier = state.model().features_and_classifier(images)
+    a = jax.lax.stop_gradient(a)
+    logits = jax.lax.stop_gradient(classifier(a))
+
+    def loss_fn(params):
+        model = nnx.merge(state.graphdef, params, state.model_state, state.frozen, copy=True)
+        hardness_logit = model.hardness_logit(model.hardness_features(images, a))
+        _, metrics = joint_loss(logits, hardness_logit, batch["label"])
+        metrics = {**metrics, "loss": metrics["hardness_loss"]}
+        return metrics["loss"], (metrics, nnx.state(model, HEAD_REST))
+
+    grads, (metrics, head_rest) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, model_state=head_rest, opt_state=opt_state)
     return new, metrics
 
 
@@ -260,21 +339,27 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh, keys: tuple[str, ...] 
 
 @functools.lru_cache(maxsize=8)
 def compile_steps(
-    mesh: Mesh, *, normalize: bool = True, pixel_stats: Normalization | None = None
+    mesh: Mesh, *, normalize: bool = True, pixel_stats: Normalization | None = None, head_only: bool = False
 ) -> tuple[Callable, Callable]:
     """Jit-compiled (train_step, eval_step) whose outputs are replicated over ``mesh``; train_step donates its state.
-    ``pixel_stats`` normalise uint8 batches on the device (`PipelineConfig.normalize` False).
+    ``pixel_stats`` normalise uint8 batches on the device (`PipelineConfig.normalize` False). ``head_only``: the
+    train step is `hardness_train_step` (a `HeadTrainState`; the eval step is the same for both).
 
-    Cached per (mesh, normalize, pixel_stats), so runs of the same model in one process compile once."""
+    Cached per (mesh, normalize, pixel_stats, head_only), so runs of the same model in one process compile once."""
     rep = replicated(mesh)
-    step = jax.jit(lambda s, b: train_step(s, b, normalize=normalize, pixel_stats=pixel_stats), out_shardings=rep,
-                   donate_argnums=0)  # fmt: skip
+    if head_only:
+        step = jax.jit(lambda s, b: hardness_train_step(s, b, pixel_stats=pixel_stats), out_shardings=rep,
+                       donate_argnums=0)  # fmt: skip
+    else:
+        step = jax.jit(lambda s, b: train_step(s, b, normalize=normalize, pixel_stats=pixel_stats),
+                       out_shardings=rep, donate_argnums=0)  # fmt: skip
     evaluate = jax.jit(functools.partial(eval_step, pixel_stats=pixel_stats), out_shardings=rep)
     return step, evaluate
 
 
 __all__ = [
-    "DATA_AXIS", "TrainState", "batch_sharding", "compile_steps", "create_train_state", "eval_step", "forward",
+    "DATA_AXIS", "HEAD_PARAMS", "HEAD_REST", "HeadTrainState", "TrainState", "batch_sharding", "compile_steps",
+    "create_head_train_state", "create_train_state", "eval_step", "forward", "hardness_train_step",
     "learning_rate_schedule", "make_mesh", "make_optimizer", "process_share", "replicate", "replicated", "shard_batch",
     "train_step",
 ]  # fmt: skip

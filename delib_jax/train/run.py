@@ -275,15 +275,23 @@ def prepare_run(run_dir: Path, config: RunConfig | None, *, resume: bool, write:
     return config
 
 
-def _check_finite(what: str, value: float | None, *, step: int, steps_per_epoch: int, ckpt: RunCheckpoints) -> None:
+def _check_finite(
+    what: str,
+    value: float | None,
+    *,
+    step: int,
+    steps_per_epoch: int,
+    ckpt: RunCheckpoints,
+    restart: str = "start a new run with another --out",
+) -> None:
     """Stop a diverged run (TrainingDiverged) rather than train on, and later select, a NaN model (value None: the
-    check on ``what`` failed without a number)."""
+    check on ``what`` failed without a number). ``restart``: how to start again when a checkpoint was kept."""
     if value is not None and math.isfinite(value):
         return
     saved = ckpt.step("latest")
     if saved is not None:
         kept = f"the last finite checkpoint (step {saved}) is kept in {ckpt.directory}; lower --lr"
-        then = "start a new run with another --out"
+        then = restart
     else:
         kept, then = "no training checkpoint was saved yet; lower --lr", "run again"
     detail = what if value is None else f"{what} {value}"
@@ -382,11 +390,43 @@ def _fit(
     of a new run is written."""
     splits = load_splits(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
     mesh = make_mesh()
+    train_pipe, evals = make_pipelines(config, splits, mesh, num_threads=num_threads, num_workers=num_workers)
+    n_steps = total_steps(config, train_pipe.steps_per_epoch)
+    step_fn, eval_fn = compile_steps(mesh, pixel_stats=config.normalization)
+    state = None
+    if not resume:  # the ImageNet weights are read before anything is written
+        state = create_train_state(config, total_steps=n_steps, mesh=mesh)
+        barrier("delib_jax: run checked")  # every process found no run here (`fit`) before process 0 writes one
+        if jax.process_index() == 0:
+            prepare_run(run_dir, config, resume=False)
+
+    def make_state(restoring: bool) -> TrainState:  # on resume
+        # ImageNet weights only for a fresh start: a restored state overwrites them
+        return create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not restoring)
+
+    done = train_loop(
+        run_dir, config, mesh=mesh, train_pipe=train_pipe, evals=evals, step_fn=step_fn, eval_fn=eval_fn,
+        state=state, make_state=make_state, resume=resume, progress=progress, log_every=log_every, on_step=on_step,
+    )  # fmt: skip
+    best, test = done["best"], done["test"]
+    return {
+        "steps": done["steps"], "best_step": best["step"], "val_accuracy": best["accuracy"],
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+    }  # fmt: skip
+
+
+def make_pipelines(
+    config: RunConfig, splits: Splits, mesh, *, num_threads: int, num_workers: int
+) -> tuple[Pipeline, dict[str, Pipeline]]:
+    """The training pipeline (endless, shuffled, augmented) and the 'val' and 'test' evaluation pipelines of a run,
+    with its crop, resize and batch size; uint8 batches, normalised on the device by the compiled steps (a quarter of
+    the bytes, less host CPU). Each process decodes its own rows of every global batch.
+
+    Raises ValueError if the batch size is not a multiple of the devices of ``mesh``."""
     if config.batch_size % mesh.devices.size:
         raise ValueError(f"batch size {config.batch_size} is not a multiple of the {mesh.devices.size} devices")
     stats = config.normalization
-    share = process_share()  # each process decodes its own rows of every global batch
-    # uint8 batches, normalised on the device by the compiled steps (a quarter of the bytes, less host CPU)
+    share = process_share()
     train_pipe = train_pipeline(
         splits.train, batch_size=config.batch_size, seed=config.seed, num_epochs=None, crop=config.crop, stats=stats,
         num_threads=num_threads, normalize=False, num_workers=num_workers, shard=share,
@@ -404,21 +444,63 @@ def _fit(
         )  # fmt: skip
         for name, src in (("val", splits.val), ("test", splits.test))
     }
+    return train_pipe, evals
+
+
+def _describe_val(done: int, val: dict, best: dict) -> str:
+    return (f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
+            f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
+
+
+def train_loop(
+    run_dir: Path,
+    config: RunConfig,
+    *,
+    mesh,
+    train_pipe: Pipeline,
+    evals: dict[str, Pipeline],
+    step_fn: Callable,
+    eval_fn: Callable,
+    state: TrainState | None,
+    make_state: Callable[[bool], TrainState],
+    resume: bool,
+    progress: bool,
+    log_every: int,
+    on_step: Callable[[int, TrainState], None] | None,
+    is_better: Callable[[dict, dict | None], bool] = _is_better,
+    describe_val: Callable[[int, dict, dict], str] = _describe_val,
+    desc: str = "train",
+    restart: str = "start a new run with another --out",
+) -> dict[str, Any]:
+    """The training loop of a run whose configuration and first state are ready: steps, training records, validation
+    and the best checkpoint, the latest checkpoint every ``config.checkpoint_every`` steps, resume, Ctrl-C, and the
+    test of the best model at the end. Checkpoints go to ``run_dir/checkpoints``, records to
+    ``run_dir/metrics.jsonl``; whatever the state holds (`TrainState`: its params, model_state and opt_state) is what
+    is trained, saved and restored.
+
+    Args:
+      state: the initial state of a new run (None on resume).
+      make_state: ``make_state(restoring)`` -> the state to start from on resume; ``restoring`` True: only a target
+        of the right structure, about to be overwritten by the latest checkpoint.
+      step_fn: ``step_fn(state, sharded batch)`` -> (state, metrics with at least loss and accuracy).
+      eval_fn: the eval step `evaluate` sums (`delib_jax.train.loop.eval_step`).
+      is_better: ``is_better(val, best)``: whether the validation metrics ``val`` beat ``best`` (None: none yet).
+      describe_val: the line shown after each validation.
+      desc: the progress bar's label.
+      restart: how to start again after a divergence (`TrainingDiverged`'s message).
+
+    Returns:
+      dict with steps, best (the best validation metrics and their step) and test (the best model's test metrics).
+    """
     steps_per_epoch = train_pipe.steps_per_epoch
     n_steps = total_steps(config, steps_per_epoch)
     eval_every = config.eval_every or steps_per_epoch
-    step_fn, eval_fn = compile_steps(mesh, pixel_stats=stats)
-    lead = share[0] == 0
-    if not resume:  # the ImageNet weights are read before anything is written
-        state = create_train_state(config, total_steps=n_steps, mesh=mesh)
-        barrier("delib_jax: run checked")  # every process found no run here (`fit`) before process 0 writes one
-        if lead:
-            prepare_run(run_dir, config, resume=False)
+    lead = jax.process_index() == 0
 
     with RunCheckpoints(run_dir) as ckpt:
         restoring = resume and ckpt.step("latest") is not None
-        if resume:  # ImageNet weights only for a fresh start: a restored state overwrites them
-            state = create_train_state(config, total_steps=n_steps, mesh=mesh, load_weights=not restoring)
+        if state is None:
+            state = make_state(restoring)
         start, best = 0, None
         if restoring:
             state, meta = restore_train_state(ckpt, state, mesh)
@@ -430,7 +512,7 @@ def _fit(
         if best_step is not None and best_step > start:  # saved after the latest checkpoint: redone below
             ckpt.best.delete(best_step)
         log = MetricsLog(run_dir / METRICS_FILE, keep_until=start if resume else None, enabled=lead)
-        bar = progress_bar(total=n_steps, initial=start, unit="step", desc="train", disable=not progress or not lead)
+        bar = progress_bar(total=n_steps, initial=start, unit="step", desc=desc, disable=not progress or not lead)
         window: list[dict] = []
         t_window = time.perf_counter()
         # the iterator ends at the last step and is closed on any exit: decoding processes leave nothing behind
@@ -442,7 +524,7 @@ def _fit(
                 (state, metrics), done = trained
                 window.append(metrics)
                 bar.update(1)
-                where = dict(step=done, steps_per_epoch=steps_per_epoch, ckpt=ckpt)
+                where = dict(step=done, steps_per_epoch=steps_per_epoch, ckpt=ckpt, restart=restart)
                 # windows also end at checkpoints, so a resumed run logs exactly what an uninterrupted one does
                 if done % log_every == 0 or done % config.checkpoint_every == 0 or done == n_steps:
                     record = _mean(window)
@@ -459,12 +541,11 @@ def _fit(
                     val = evaluate(eval_fn, state, evals["val"], mesh)
                     log.write({"split": "val", "step": done, **val})
                     _check_finite("validation loss", val["loss"], **where)
-                    if _is_better(val, best):
+                    if is_better(val, best):
                         best = {**val, "step": done}
                         ckpt.save("best", done, params=state.params, model_state=state.model_state, meta={"best": best})
                     if lead:
-                        bar.write(f"step {done}: val accuracy {val['accuracy']:.4f} loss {val['loss']:.4f}"
-                                  f" (best {best['accuracy']:.4f} at step {best['step']})")  # fmt: skip
+                        bar.write(describe_val(done, val, best))
                 if done % config.checkpoint_every == 0 or done == n_steps:
                     if not bool(_all_finite((state.params, state.model_state))):  # never save a NaN model
                         _check_finite("non-finite parameters", None, **where)
@@ -484,10 +565,7 @@ def _fit(
         best_state = restore_best(ckpt, state, mesh)
         test = evaluate(eval_fn, best_state, evals["test"], mesh)
     log.write({"split": "test", "step": n_steps, "best_step": best["step"], **test})
-    return {
-        "steps": n_steps, "best_step": best["step"], "val_accuracy": best["accuracy"],
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-    }  # fmt: skip
+    return {"steps": n_steps, "best": best, "test": test}
 
 
 def _save_interrupted(ckpt: RunCheckpoints, trained: tuple, *, best, steps_per_epoch: int, lead: bool) -> None:
@@ -565,5 +643,6 @@ def restore_best(ckpt: RunCheckpoints, like: TrainState, mesh) -> TrainState:
 
 __all__ = [
     "DiskFull", "MetricsLog", "Splits", "TrainingDiverged", "checkpoint_bytes", "evaluate", "fit", "is_disk_full",
-    "load_splits", "prepare_run", "restore_best", "restore_train_state", "split_validation", "total_steps",
+    "load_splits", "make_pipelines", "prepare_run", "restore_best", "restore_train_state", "split_validation",
+    "total_steps", "train_loop",
 ]  # fmt: skip
