@@ -90,3 +90,24 @@ def test_explain_runs_on_each_family(family):
     for e in explanations:
         for q in e.insecurities:
             assert q.mask.shape == (size, size) and q.a != q.b
+
+
+@pytest.mark.parametrize("family", ["vit", "convnext", "swin"])
+def test_research_api_on_each_family(family):
+    """layer_attribution at A through the head's own derivatives equals the generic forward order; Integrated
+    Hessians and the interaction maps run through the class head bound to its batch, and interactions sum to what
+    the cross-location term gives."""
+    from delib_jax.attribution import integrated_hessians, interaction_maps, layer_attribution
+
+    with jax.enable_x64(True):
+        model, size = _model(family)
+        a, head = model.features_and_classifier(_images(size))
+        tangent = layer_attribution(None, head, a, second_order="diagonal", order="tangent")
+        forward = layer_attribution(None, head, a, second_order="diagonal", order="forward")
+        np.testing.assert_allclose(tangent.maps, forward.maps, rtol=1e-7, atol=1e-10 * np.abs(forward.maps).max())
+        inter = interaction_maps(None, head, a, targets=1, order="reverse")
+        cross = layer_attribution(None, head, a, targets=1, second_order="cross", order="reverse")
+        second = 0.5 * np.asarray(inter.values).sum(axis=-1).reshape(cross.second_order.shape)  # Eq. 2: 1/2 sum_m I
+        np.testing.assert_allclose(second, cross.second_order, rtol=1e-7, atol=1e-9 * np.abs(second).max())
+        ih = integrated_hessians(None, head, a, targets=1, nodes=6, rows=[0, 1])
+        assert np.isfinite(np.asarray(ih.values)).all() and ih.values.shape[:3] == (2, 1, 2)

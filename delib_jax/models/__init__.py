@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from delib_jax.models import backbones, convnext
+from delib_jax.models import backbones, convnext, weights
 from delib_jax.models._inference import PRECISIONS, fold_batch_norm, inference_model, inference_view, set_precision
 from delib_jax.models.deliberative import DeliberativeModel, HardnessNetwork, Outputs
 from delib_jax.models.heads import PoolMLPHead, hardness_head
@@ -116,6 +116,8 @@ ARCHS: dict[str, ArchSpec] = {
     "vit_b_32": _vit_b(32),
     "swin_t": ArchSpec(lambda **kw: Swin(**kw), swin_head, 224, torchvision=swin_entries, resize=232, crop=224),
 }
+
+weights.KEY_MAPS.update({name: spec.torchvision for name, spec in ARCHS.items() if spec.torchvision is not None})
 
 
 def create_model(

@@ -8,7 +8,7 @@ recomputes (Swin's relative_position_index), optional in the file, compared with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,6 +20,11 @@ from delib_jax.models.deliberative import DeliberativeModel
 
 # (torch key, path of the NNX variable inside the module, conversion kind)
 Entry = tuple[str, tuple, str]
+
+# arch -> key map ``(model, backbone_root) -> entries`` of the families defined with theirs beside them (ConvNeXt,
+# Swin, ViT), filled by `delib_jax.models` from its registry (ArchSpec.torchvision); the first architectures' maps
+# are the functions below.
+KEY_MAPS: dict[str, Callable[..., Iterable[Entry]]] = {}
 
 
 def bn_entries(prefix: str, path: tuple) -> Iterator[Entry]:
@@ -79,13 +84,10 @@ def _resnet_entries(backbone, root: tuple) -> Iterator[Entry]:
 
 def torchvision_entries(model: DeliberativeModel, *, backbone_root: tuple = ("backbone",)) -> list[Entry]:
     """The full key map of ``model``'s backbone and class head to torchvision names."""
-    from delib_jax.models import ARCHS  # the registry imports this module
-
     arch = model.arch
     backbone = model.backbone
-    spec = ARCHS.get(arch)
-    if spec is not None and spec.torchvision is not None:
-        return list(spec.torchvision(model, backbone_root))
+    if arch in KEY_MAPS:
+        return list(KEY_MAPS[arch](model, backbone_root))
     if arch in ("vgg16", "vgg16_bn"):
         entries = list(_vgg_entries(model, backbone, backbone_root))
         head = [("classifier.0", "fc6"), ("classifier.3", ""), ("classifier.6", "")]
