@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from delib_jax.models import _layers, backbones
-from delib_jax.models.convnext import ConvNeXt
 
 PRECISIONS = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -87,8 +86,8 @@ def set_precision(model: nnx.Module, precision: str) -> nnx.Module:
     check_precision(precision)
     dtype = PRECISIONS[precision]
     for backbone in _backbones(model):
-        # ConvNeXt's pointwise convolutions are Linears (most of its arithmetic)
-        kinds = (nnx.Conv, nnx.BatchNorm, nnx.Linear) if isinstance(backbone, ConvNeXt) else (nnx.Conv, nnx.BatchNorm)
+        # a backbone may name the layers that carry its arithmetic (ConvNeXt: its pointwise Linears too)
+        kinds = getattr(backbone, "precision_layers", (nnx.Conv, nnx.BatchNorm))
         for _, node in nnx.iter_graph(backbone):
             if isinstance(node, kinds):
                 node.dtype = dtype

@@ -82,6 +82,9 @@ class ConvNeXt(nnx.Module):
     """torchvision ConvNeXt ``features``: stem (4x4 stride-4 conv, LayerNorm), then the stages of `CNBlock`s with a
     `Downsample` between two stages. images (B, H, W, 3) -> A (B, H/2^(len(dims)+1), ..., dims[-1])."""
 
+    # the layers `set_precision` runs in bfloat16: the pointwise convolutions are Linears (most of the arithmetic)
+    precision_layers = (nnx.Conv, nnx.BatchNorm, nnx.Linear)
+
     def __init__(
         self,
         depths: Sequence[int] = CONFIGS["convnext_tiny"][0],
