@@ -20,7 +20,8 @@ Layout of an output folder (written by `delib_jax.stream.explain_files`):
                                           strength, coverage, threshold, valid (n, Q), the insecurities' masks as
                                           packed bits, deflated (about 0.4 KB per mask at 224 px instead of 50 KB);
                                           its metadata: the run's id, its own name and, per row, [ordinal, source,
-                                          fingerprint] of the image the row belongs to
+                                          fingerprint] of the image the row belongs to and the checksums of its
+                                          record; the checksums of its arrays' bytes and of its own header
 
 Why safetensors: its header declares every array's dtype, shape and byte range before any data, so a reader checks
 them (against the manifest's settings, and against the file's size) before it allocates anything, and the header's
@@ -29,11 +30,16 @@ a directory whose sizes can lie, members that inflate without bound), no pickle,
 library, in any language) read the arrays. The only compressed array, the mask bits, has an inflated size known from
 the rows and the manifest, and is inflated with that bound.
 
-What a reader guarantees (`load_explanations`, `open_index`, `verify`): a row is served only when its record and its
-shard agree: the shard's content has the digest the record names (crc32 of the whole file: damage, truncation or a
-shard replaced by another), the shard belongs to this folder's run, the row is in range and holds the record's
-image (source, fingerprint, ordinal), and no image has two records. Anything else is a `StoreDamage` naming the file
-and what is wrong.
+What a reader guarantees (`load_explanations`, `open_index`, `verify_folder`): a row is served only when its
+record and its shard agree: the shard's content has the digest the record names (crc32 of the whole file: damage,
+truncation or a shard replaced by another), the shard belongs to this folder's run, the row is in range and holds
+the record's image (source, fingerprint, ordinal), the record's content is the one the shard keeps a checksum of,
+and no image has two records; the shard passes its own checksums (of its header and of its arrays: damage in any
+array, its masks included, is found even where the digest was fixed up) and the manifest its own. Anything else is
+a `StoreDamage` naming the file and what is wrong: the shard, or the index file and line where the record is the
+side that is wrong. The three views judge with one function (`_Judge`), so verify flags exactly what the reader
+refuses, and the resume explains exactly that again. A folder whose manifest says it holds explanations never
+reads as an empty one: its explanations folder missing, a file, a link or unreadable is damage naming it.
 
 A shard is written whole (to a temporary name, then renamed) before its records are appended to the index, so the
 index never names a shard that is not complete; a killed run leaves at most a torn last line and an unreferenced
@@ -44,6 +50,7 @@ damaged or foreign.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -69,6 +76,7 @@ _INDEX = re.compile(r"index-(\d{5})\.jsonl")
 _SHARD = re.compile(r"shard-(\d{5})-(\d{6})\.safetensors")
 _RUN = re.compile(r"[0-9a-f]{32}")
 _DIGEST = re.compile(r"crc32:[0-9a-f]{8}")
+_HEX = re.compile(r"[0-9a-f]*")
 MAX_JSON_DEPTH = 20
 MAX_HEADER = 100 << 20  # the safetensors library's own limit on a header
 MAX_CROP = 16384  # a manifest asking for masks beyond this is damaged, not a model
@@ -114,6 +122,44 @@ def content_digest(data: bytes | memoryview) -> str:
     return f"crc32:{zlib.crc32(data):08x}"
 
 
+_POLY = 0xEDB88320  # crc32's polynomial, reflected (zlib's crc32_combine, in Python)
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a x b modulo the crc32 polynomial (a != 0)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k)
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+@functools.lru_cache(maxsize=256)
+def _x8n(n: int) -> int:
+    """x^(8 n) modulo the crc32 polynomial: n zero bytes run through the register."""
+    p, k = 1 << 31, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The crc32 of A + B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine): a shard's bytes are run through
+    crc32 once, for its own checksum of its arrays and for the digest of the whole file its records name."""
+    return _multmodp(_x8n(length2), crc1) ^ crc2
+
+
 # ------------------------------------------------------------------------------------------------ masks
 
 
@@ -156,11 +202,21 @@ def _no_follow(path: Path, root: Path) -> None:
 
 
 def safe_dir(root: Path, name: str) -> Path:
-    """``root/name`` created if needed, refused if it is a link or leads outside ``root``."""
+    """``root/name`` created if needed; `StoreError` naming it if it is a link, leads outside ``root``, is a file or
+    cannot be listed."""
     path = root / name
     _no_follow(path, root)
-    path.mkdir(exist_ok=True)
+    try:
+        path.mkdir(exist_ok=True)
+    except FileExistsError:
+        raise StoreError(f"{path} is a file, not a folder: it is in the way of delib explain's {name} folder (move "
+                         "it away)") from None  # fmt: skip
     _no_follow(path, root)
+    try:
+        with os.scandir(path) as entries:
+            next(entries, None)
+    except OSError as e:
+        raise StoreError(f"{path} cannot be read ({e.strerror or e}): give delib explain access to it") from None
     return path
 
 
@@ -177,30 +233,50 @@ def remove_temporaries(*directories: Path) -> int:
     return count
 
 
+def manifest_check(manifest: Mapping[str, Any]) -> str:
+    """The checksum a manifest carries of itself (its ``check``: crc32 of its JSON, keys sorted, less the check):
+    a damaged manifest is told apart from one of other settings, and repaired by a resume instead of refused."""
+    body = {k: v for k, v in manifest.items() if k != "check"}
+    return content_digest(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode())
+
+
 def read_manifest(out: str | Path) -> dict[str, Any] | None:
-    """OUT/manifest.json as a dict, None if there is none; `StoreError` if it is not one we wrote (one line, also
-    for a folder of an older format)."""
+    """OUT/manifest.json as a dict, None if there is none; `StoreDamage` if it is damaged (not JSON, not what its
+    checksum says, a folder or a link in its place), `StoreError` if it is not one we wrote (one line, also for a
+    folder of an older format)."""
     path = Path(out) / MANIFEST
-    if not path.is_file():
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise StoreDamage(path, "not a file (a folder or a link, which delib explain never writes): move it away")
+    if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise StoreDamage(path, f"damaged ({type(e).__name__}); empty the folder or choose another") from None
+        raise StoreDamage(path, f"damaged ({type(e).__name__})") from None
     if isinstance(data, dict) and data.get("format") in OLD_FORMATS:
         raise StoreError(
             f"{out} holds explanations of an older format ({data['format']}, this version writes {FORMAT}); "
             "run again into a new folder"
         )
+    if isinstance(data, dict) and "check" in data:
+        try:
+            intact = data["check"] == manifest_check(data)
+        except (TypeError, ValueError):
+            intact = False
+        if not intact:
+            raise StoreDamage(path, "damaged (its content is not what its checksum says)")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise StoreError(f"{path} is not a manifest of delib explanations ({FORMAT}); choose another folder")
     return data
 
 
-def create_manifest(out: str | Path, manifest: Mapping[str, Any]) -> bool:
-    """Write OUT/manifest.json only if there is none, atomically also against other processes doing the same (so
-    that every process of a run gets one run id): True if this call wrote it."""
-    path = Path(out) / MANIFEST
+def sealed_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``manifest`` with its checksum (``check``, `manifest_check`), as the job writes it."""
+    return {**{k: v for k, v in manifest.items() if k != "check"}, "check": manifest_check(manifest)}
+
+
+def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> str:
+    """``manifest`` into a temporary file beside ``path``; returns the temporary's name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -208,6 +284,18 @@ def create_manifest(out: str | Path, manifest: Mapping[str, Any]) -> bool:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def create_manifest(out: str | Path, manifest: Mapping[str, Any]) -> bool:
+    """Write OUT/manifest.json only if there is none, atomically also against other processes doing the same (so
+    that every process of a run gets one run id): True if this call wrote it. The job writes it `sealed_manifest`."""
+    path = Path(out) / MANIFEST
+    tmp = _write_manifest(path, manifest)
+    try:
         try:
             os.link(tmp, path)  # fails if the file exists: the first writer wins
         except FileExistsError:
@@ -217,6 +305,16 @@ def create_manifest(out: str | Path, manifest: Mapping[str, Any]) -> bool:
                 return False
             os.replace(tmp, path)
         return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def replace_manifest(out: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Put ``manifest`` in place of a damaged OUT/manifest.json, atomically."""
+    path = Path(out) / MANIFEST
+    tmp = _write_manifest(path, manifest)
+    try:
+        os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -300,33 +398,46 @@ def _share_ok(q: Mapping[str, Any]) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
 
 
+def _finite_number(v: Any) -> bool:
+    """A JSON number (or true/false, as before) that is finite."""
+    t = type(v)
+    return t is int or t is bool or (t is float and math.isfinite(v))
+
+
 def _record(line: str) -> dict[str, Any] | None:
-    """An index line as a record, None if it is not one we wrote (torn, not JSON, wrong types, NaN)."""
+    """An index line as a record, None if it is not one we wrote (torn, not JSON, wrong types, NaN). (Checked with
+    exact types: json.loads makes no subclasses.)"""
     try:
         r = json.loads(line)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(r, dict) or not _nests_within(r, 3) or not isinstance(r.get("source"), str):
+    if type(r) is not dict or type(r.get("source")) is not str or type(r.get("i")) is not int:
         return None
-    if not _is_int(r.get("i")):
-        return None
-    if not _stat_ok(r.get("stat")):
+    if not _nests_within(r, 3) or not _stat_ok(r.get("stat")):
         return None
     if "skipped" in r:  # a missing file has no stat
-        return r if isinstance(r["skipped"], str) else None
-    if not isinstance(r.get("stat"), list):
+        return r if type(r["skipped"]) is str else None
+    if type(r.get("stat")) is not list:
         return None
     try:
-        values = [r["confidence"], r["difficulty"], *(v for q in r["insecurities"] for v in (
-            q["strength"], q["coverage"], q["threshold"]))]  # fmt: skip
-        ok = isinstance(r["shard"], str) and _SHARD.fullmatch(r["shard"]) and _is_int(r["row"])
-        ok = ok and isinstance(r["digest"], str) and _DIGEST.fullmatch(r["digest"])
-        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
-        ok = ok and all(_is_int(q[k]) for q in r["insecurities"] for k in ("a", "b"))
-        ok = ok and all(_share_ok(q) for q in r["insecurities"])
+        shard, row, digest = r["shard"], r["row"], r["digest"]
+        if not (type(shard) is str and _SHARD.fullmatch(shard) and type(row) is int and type(digest) is str and
+                _DIGEST.fullmatch(digest)):  # fmt: skip
+            return None
+        if not (_finite_number(r["confidence"]) and _finite_number(r["difficulty"])):
+            return None
+        for q in r["insecurities"]:
+            if not (_finite_number(q["strength"]) and _finite_number(q["coverage"]) and
+                    _finite_number(q["threshold"])):  # fmt: skip
+                return None
+            if type(q["a"]) is not int or type(q["b"]) is not int:
+                return None
+            share = q.get("share", 0.0)
+            if (type(share) is not float and type(share) is not int) or not 0.0 <= share <= 1.0:
+                return None
     except (KeyError, TypeError):
         return None
-    return r if ok else None
+    return r
 
 
 # An index line exactly as the writer lays it out (`delib_jax.job.writing.make_record`, json.dumps), matched in one
@@ -385,33 +496,69 @@ def iter_index(path: Path) -> Iterator[tuple[dict[str, Any] | None, str]]:
                 yield _record(line), line
 
 
-def _bookkeeping_lines(path: Path) -> Iterator[dict[str, Any] | None]:
-    """`_bookkeeping` of each non-empty line of one index file (None for a line that is not a record)."""
+def _bookkeeping_lines(path: Path) -> Iterator[tuple[dict[str, Any] | None, str]]:
+    """(`_bookkeeping` of the line or None, raw line) for each non-empty line of one index file."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             if line.strip():
-                yield _bookkeeping(line)
+                yield _bookkeeping(line), line
+
+
+def _index_problem(path: Path) -> str | None:
+    """Why an index file cannot be read as one (a link, a folder), None if it is a file."""
+    if path.is_symlink():
+        return "cannot be read: a symbolic link, which delib explain never writes (move it away)"
+    if not path.is_file():
+        return "cannot be read (not a file: move it away)"
+    return None
 
 
 def _index_lines(path: Path) -> Iterator[tuple[dict[str, Any] | None, str]]:
-    """`iter_index`, an unreadable file as `StoreDamage`."""
+    """`iter_index`, a file that is not one or cannot be read as `StoreDamage`."""
+    problem = _index_problem(path)
+    if problem is not None:
+        raise StoreDamage(path, problem)
     try:
         yield from iter_index(path)
     except OSError as e:
         raise StoreDamage(path, f"cannot be read ({e.strerror or e})") from None
 
 
+def _listing(out: str | Path) -> tuple[Path, list[str]]:
+    """OUT/explanations and the names in it, checked: a folder whose manifest says it holds explanations never reads
+    as an empty one. `StoreDamage` naming the folder if it is a link (delib explain never writes one), missing
+    while the manifest is there, a file, or cannot be listed; no manifest and no folder: nothing."""
+    out = Path(out)
+    path = out / DIRECTORY
+    if path.is_symlink():
+        target, root = os.path.realpath(path), os.path.realpath(out)
+        where = "" if target.startswith(root.rstrip(os.sep) + os.sep) else f" out of {out}"
+        raise StoreDamage(path, f"a symbolic link{where} (to {target}): delib explain keeps its results in a folder "
+                                "of its own, never behind a link; move it away")  # fmt: skip
+    if not path.exists():
+        if (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
+            raise StoreDamage(path, "missing, although the manifest says this folder holds explanations")
+        return path, []
+    if not path.is_dir():
+        raise StoreDamage(path, "not a folder (a file is in its place): move it away")
+    try:
+        return path, os.listdir(path)
+    except OSError as e:
+        raise StoreDamage(path, f"cannot be read ({e.strerror or e})") from None
+
+
 def index_files(out: str | Path) -> list[Path]:
-    """OUT/explanations/index-*.jsonl of every process, in process order."""
-    d = Path(out) / DIRECTORY
-    return sorted(p for p in d.glob("index-*.jsonl") if _INDEX.fullmatch(p.name)) if d.is_dir() else []
+    """OUT/explanations/index-*.jsonl of every process, in process order; `StoreDamage` naming OUT/explanations if
+    it is not a folder that can be read (see `_listing`)."""
+    directory, names = _listing(out)
+    return sorted(directory / n for n in names if _INDEX.fullmatch(n))
 
 
 def read_records(out: str | Path, *, skipped: bool = False) -> Iterator[dict[str, Any]]:
     """The index records of every process, in order (explained images; with ``skipped`` also skipped ones).
     Damaged lines are left out; no shard is read (`load_explanations` checks records against their shards)."""
     for path in index_files(out):
-        for r, _ in iter_index(path):
+        for r, _ in _index_lines(path):
             if r is not None and (skipped or "skipped" not in r):
                 yield r
 
@@ -421,11 +568,69 @@ def read_records(out: str | Path, *, skipped: bool = False) -> Iterator[dict[str
 _DTYPES = {"F32": np.dtype("<f4"), "I32": np.dtype("<i4"), "BOOL": np.dtype(bool), "U8": np.dtype(np.uint8)}
 
 
+BOOKKEEPING = ("figure", "row", "shard", "digest")  # where a record's result is stored: last in its line, in this order
+
+
+def _content_text(record: Mapping[str, Any]) -> str:
+    """A record as the writer lays out its line, up to where its result is stored (`BOOKKEEPING`): what the shard's
+    checksum of the record covers."""
+    return json.dumps({k: v for k, v in record.items() if k not in BOOKKEEPING}, allow_nan=False)[:-1]
+
+
+def _bare(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record as one written before the index held shares: its insecurities without ``share``."""
+    return {**record, "insecurities": [{k: v for k, v in q.items() if k != "share"} for q in record["insecurities"]]}
+
+
+def _content_crc(record: Mapping[str, Any]) -> int:
+    return zlib.crc32(_content_text(record).encode("utf-8", "surrogateescape"))
+
+
+def _content_matches(record: Mapping[str, Any], line: str, expected: tuple[int, int]) -> bool:
+    """Whether an index line's record has the content whose checksums (as written, and without its shares: as a
+    record of before shares reads) its shard keeps: the line as the writer lays it out is checked as it is (a crc32
+    of its first part), a line laid out otherwise (rewritten by another tool) by its parsed record."""
+    cut = line.rfind(', "row": ')  # near the end: found at once
+    if cut > 0:
+        tail = f', "row": {record["row"]}, "shard": "{record["shard"]}", "digest": "{record["digest"]}"}}'
+        if "figure" in record:  # before the row: look only a little way back
+            figure = line.rfind(', "figure": ', max(0, cut - 1024), cut)
+            tail = f', "figure": {json.dumps(record["figure"])}{tail}'
+            cut = figure
+        end = len(line) - 1 if line.endswith("\n") else len(line)
+        if cut > 0 and end - cut == len(tail) and line.startswith(tail, cut):  # nothing else after the content
+            if zlib.crc32(line[:cut].encode("utf-8", "surrogateescape")) == expected[0]:
+                return True
+    full = record if "prediction" in record else _record(line)  # a resume reads only the bookkeeping
+    if full is None:
+        return False
+    try:
+        if any("share" in q for q in full["insecurities"]):
+            return _content_crc(full) == expected[0]
+        return _content_crc(_bare(full)) == expected[1]
+    except ValueError:
+        return False
+
+
+def _header_check(tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """A shard's checksum of its own header: crc32 of its JSON (keys sorted), less the checksum itself."""
+    header = {"__metadata__": {k: v for k, v in meta.items() if k != "check"}, **tensors}
+    return content_digest(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+
+
 def encode_shard(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
-    """A shard's bytes (safetensors)."""
+    """A shard's bytes (safetensors), sealed: its metadata holds ``body``, the crc32 of its arrays' bytes, and
+    ``check``, the crc32 of its header less this one (`_header_check`), so that a reader tells a damaged shard from
+    a record that names it wrongly."""
     from safetensors.numpy import save
 
-    return save(dict(arrays), metadata=dict(metadata))
+    meta = {k: v for k, v in metadata.items() if k not in ("body", "check")}
+    first = save(dict(arrays), metadata=meta)
+    (size,) = struct.unpack("<Q", first[:8])
+    meta["body"] = f"crc32:{zlib.crc32(memoryview(first)[8 + size :]):08x}"
+    tensors = {k: v for k, v in json.loads(first[8 : 8 + size]).items() if k != "__metadata__"}
+    meta["check"] = _header_check(tensors, meta)
+    return save(dict(arrays), metadata=meta)  # the same arrays at the same offsets: only the metadata grew
 
 
 def _header(data: memoryview, path: Path) -> tuple[dict[str, Any], int]:
@@ -446,11 +651,17 @@ def _header(data: memoryview, path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + size
 
 
+_FINITE = ("probs", "difficulty", "maps", "grad_cam", "strength", "coverage")  # as the job checks its outputs
+
+
 @dataclass
 class Shard:
-    """One shard read and checked against the folder's `Layout`: n rows, each row's [ordinal, source, fingerprint],
-    the content's digest; ``arrays()`` gives the arrays (views of the file's bytes, masks inflated with their known
-    size and unpacked to (n, Q, crop, crop) bool)."""
+    """One shard read and checked against the folder's `Layout` (`read_shard`: its header, metadata and rows):
+    n rows, each row's [ordinal, source, fingerprint], the digest of the whole file; ``check()`` checks the rest
+    (masks inflated to their known size, class indices, finite values and, for a shard written with them
+    (``sealed``), its own checksums of its header and arrays); ``records``: the checksums of each row's record (as
+    written, and without its shares, as a record written before them reads).
+    ``arrays()`` gives the arrays (views of the file's bytes, masks unpacked to (n, Q, crop, crop) bool)."""
 
     path: Path
     n: int
@@ -459,38 +670,72 @@ class Shard:
     views: dict[str, np.ndarray] = field(repr=False)
     masks_deflated: memoryview = field(repr=False)
     layout: Layout = field(repr=False)
+    sealed: bool = False
+    records: list[tuple[int, int]] | None = field(default=None, repr=False)
+    seals: tuple = field(default=(), repr=False)  # (header entries, metadata, crc32 of the arrays' bytes)
+    bits: bytes | None = field(default=None, repr=False)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays, masks inflated (bounded by their known size) and unpacked."""
-        n, q, per = self.n, self.layout.insecurities, self.layout.mask_bytes
+    def check(self) -> Shard:
+        """The shard's content checked (once): masks, class indices, finite values, its own checksums;
+        `StoreDamage` naming it otherwise."""
+        if self.bits is not None:
+            return self
+        path, n, lay, views = self.path, self.n, self.layout, self.views
+        q, per = lay.insecurities, lay.mask_bytes
         bits = inflate(self.masks_deflated, n * q * per)
         if bits is None:
-            raise StoreDamage(self.path, f"its masks do not inflate to the {n * q * per} bytes of {n} x {q} masks")
-        c = self.layout.classes
+            raise StoreDamage(path, f"its masks do not inflate to the {n * q * per} bytes of {n} x {q} masks")
+        c = lay.classes
         for name in ("pairs", "classes"):
-            v = self.views[name]
+            v = views[name]
             if v.size and (v.min() < 0 or v.max() >= c):
-                raise StoreDamage(self.path, f"array {name} holds class indices outside [0, {c})")
-        masks = unpack_bits(np.frombuffer(bits, np.uint8).reshape(n, q, per), (self.layout.crop, self.layout.crop))
+                raise StoreDamage(path, f"array {name} holds class indices outside [0, {c})")
+        if views["valid"].size and views["valid"].view(np.uint8).max() > 1:
+            raise StoreDamage(path, "array valid holds bytes other than 0 and 1")
+        for name in _FINITE:
+            if not np.isfinite(views[name]).all():
+                raise StoreDamage(path, f"array {name} holds values that are not finite (the job never stores those)")
+        if self.sealed:
+            tensors, meta, body_crc = self.seals
+            if meta.get("check") != _header_check(tensors, meta):
+                raise StoreDamage(path, "its header is not the one it was written with (its checksum differs): damaged")
+            if meta.get("body") != f"crc32:{body_crc:08x}":
+                raise StoreDamage(path, "its arrays are not the bytes they were written as (their checksum differs): "
+                                        "damaged")  # fmt: skip
+        self.bits = bits
+        return self
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays, masks unpacked (`check` first)."""
+        bits = self.check().bits
+        n, q, per = self.n, self.layout.insecurities, self.layout.mask_bytes
+        masks = unpack_bits(np.frombuffer(bits, np.uint8).reshape(n, q, per), (self.layout.crop,) * 2)
         return {**self.views, "masks": masks}
 
-    def problem(self, record: Mapping[str, Any]) -> str | None:
-        """Why ``record`` may not be served from this shard (None: it may)."""
+    def problem(self, record: Mapping[str, Any], line: str | None = None) -> tuple[str, bool] | None:
+        """Why ``record`` (its index ``line``) may not be served from this shard (`check`ed): (what is wrong,
+        whether it is the record (else the shard)); None: it may. A sealed shard has passed its own checksums, so
+        whatever disagrees with it is the record's fault."""
         row = record["row"]
         if record["digest"] != self.digest:
+            if self.sealed:
+                return f"its digest ({record['digest']}) is not that of the shard ({self.digest})", True
             return (
-                f"its content ({self.digest}) is not what the index recorded ({record['digest']}): changed or replaced"
-            )
+                f"its content ({self.digest}) is not what the index recorded ({record['digest']}): changed or "
+                "replaced (it carries no checksum of its own: the shard or the record)", False
+            )  # fmt: skip
         if not 0 <= row < self.n:
-            return f"row {row} is out of range (the shard holds {self.n} rows)"
+            return f"row {row} is out of range (the shard holds {self.n} rows)", True
         if self.rows[row] != [record["i"], record["source"], record["stat"]]:
-            return f"row {row} holds another image than {record['source']!r}"
+            return f"row {row} holds another image than {record['source']!r}", True
+        if self.records is not None and line is not None and not _content_matches(record, line, self.records[row]):
+            return f"its content is not the record the shard keeps a checksum of (row {row})", True
         return None
 
 
 def read_shard(path: Path, lay: Layout) -> Shard:
-    """Read and check one shard (header, dtypes, shapes against ``lay``, byte ranges, metadata, run, rows);
-    `StoreDamage` naming it otherwise. Nothing is allocated beyond the file's own size."""
+    """Read and check one shard: header, dtypes, shapes against ``lay``, byte ranges, metadata, run, rows (the
+    rest: `Shard.check`); `StoreDamage` naming it otherwise. Nothing is allocated beyond the file's own size."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -553,29 +798,48 @@ def read_shard(path: Path, lay: Layout) -> Shard:
             isinstance(r, list) and len(r) == 3 and _is_int(r[0]) and isinstance(r[1], str) and _stat_ok(r[2])
             for r in rows_meta)):  # fmt: skip
         raise StoreDamage(path, f"its metadata does not name the image of each of its {n} rows")
+    records = meta.get("records")
+    if records is not None:
+        if not (isinstance(records, str) and len(records) == 16 * n and _HEX.fullmatch(records)):
+            raise StoreDamage(path, f"its metadata does not hold the checksums of each of its {n} rows' records")
+        crcs = np.frombuffer(bytes.fromhex(records), ">u4").reshape(n, 2).tolist()
+        records = [(a, b) for a, b in crcs]
+    body_crc = zlib.crc32(body)
+    digest = f"crc32:{crc32_combine(zlib.crc32(data[:begin]), body_crc, len(body)):08x}"  # of the whole file
     lo, hi = header["masks_deflated"]["data_offsets"]
-    return Shard(path, n, rows_meta, content_digest(data), views, body[lo:hi], lay)
+    sealed = "check" in meta or "body" in meta
+    return Shard(path, n, rows_meta, digest, views, body[lo:hi], lay, sealed, records, (header, meta, body_crc))
 
 
 class _Shards:
     """Shards of one folder read on demand: the last ``keep`` kept, damaged ones remembered by name (so that each
-    is read, and reported, once)."""
+    is read, and reported, once); ``on_read(size)`` is told of every file read."""
 
-    def __init__(self, directory: Path, lay: Layout, keep: int = 2):
-        self.directory, self.layout, self.keep = directory, lay, keep
+    def __init__(self, directory: Path, lay: Layout, keep: int = 2, on_read: Callable[[int], None] | None = None):
+        self.directory, self.layout, self.keep, self.on_read = directory, lay, keep, on_read
         self._cache: OrderedDict[str, Shard] = OrderedDict()
+        self._last: Shard | None = None
         self.damaged: dict[str, StoreDamage] = {}
 
     def get(self, name: str) -> Shard:
+        last = self._last
+        if last is not None and last.path.name == name:  # the common case: a shard's records one after another
+            return last
         if name in self.damaged:
             raise self.damaged[name]
         shard = self._cache.get(name)
         if shard is None:
             path = self.directory / name
             try:
-                if not path.is_file() or path.is_symlink():
+                if path.is_symlink():
+                    raise StoreDamage(path, "a symbolic link, which delib explain never writes: not read")
+                if not path.exists():
                     raise StoreDamage(path, "missing (the index names a shard that is not there)")
-                shard = read_shard(path, self.layout)
+                if not path.is_file():
+                    raise StoreDamage(path, "not a file (a folder in its place): cannot be read")
+                if self.on_read is not None:
+                    self.on_read(path.stat().st_size)
+                shard = read_shard(path, self.layout).check()
             except StoreDamage as e:
                 self.damaged[name] = e
                 raise
@@ -583,19 +847,41 @@ class _Shards:
             while len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(name)
+        self._last = shard
         return shard
 
 
-def _check(r: Mapping[str, Any], shards: _Shards, where: tuple[Path, int] | None = None) -> Shard:
-    """The shard ``r`` may be served from; `StoreDamage` naming the shard (damaged, foreign, or not the content the
-    record names) or ``where`` the record is (index file, line) for a problem of the record alone."""
-    shard = shards.get(r["shard"])
-    problem = shard.problem(r)
-    if problem is not None:
-        if r["digest"] != shard.digest or where is None:
-            raise StoreDamage(shard.path, problem)
-        raise StoreDamage(where[0], f"line {where[1]}: {shard.path.name}: {problem}")
-    return shard
+class _Judge:
+    """THE judgement of index lines, in order, made the same way by the reader (`iter_explanations`),
+    `verify_folder` and a resume (`open_index`): ``judge(record, line, index file, line number)`` is the shard an
+    explained image's record may be served from (None for a skipped image's record), or `StoreDamage` naming the
+    side that is wrong: the index line (not a record, a second record of an image that already has one, or a
+    record whose row, image, digest or content disagrees with its intact shard: the index file and line) or the
+    shard (missing, damaged or foreign in its file, header, metadata, arrays or masks: its path, the same damage
+    for every record naming it). ``key`` hashes a source (8 bytes an image are kept)."""
+
+    def __init__(self, shards: _Shards, key: Callable[[str], int] = hash):
+        self.shards, self.key, self.seen = shards, key, _Seen()
+
+    def __call__(self, r: Mapping[str, Any] | None, line: str, path: Path, lineno: int) -> Shard | None:
+        if r is None:
+            raise StoreDamage(path, f"line {lineno} is not a record (torn or damaged)")
+        h = self.key(r["source"])
+        if h in self.seen:
+            raise StoreDamage(path, f"line {lineno}: a second record for {r['source']!r}")
+        if "skipped" in r:
+            self.seen.add(h)
+            return None
+        shard = self.shards.get(r["shard"])
+        found = shard.problem(r, line)
+        if found is not None:
+            problem, the_record = found
+            if not the_record:
+                raise StoreDamage(shard.path, problem)
+            who = "the record is wrong (the shard is intact)" if shard.sealed else "the record or its shard is wrong"
+            raise StoreDamage(path, f"line {lineno}: {shard.path.name}: {problem}; {who}")
+        self.seen.add(h)
+        return shard
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -630,7 +916,9 @@ def iter_explanations(
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """(index record, `Explanation`) of the records for which ``where(record)`` holds (all: None), streamed as
     `load_explanations` (which it serves): a shard is read only when a chosen record names it, and nothing per
-    record is kept but a hash of its source (to refuse a second record of one image)."""
+    record is kept but a hash of its source (to refuse a second record of one image). Every line is judged as
+    `verify_folder` and a resume judge it (`_Judge`); a damaged manifest or explanations folder (nothing can be
+    served) raises `StoreDamage` even with ``skip_damaged``."""
     out = Path(out)
     manifest = read_manifest(out)
     if manifest is None:
@@ -638,8 +926,8 @@ def iter_explanations(
     lay = layout(manifest, out / MANIFEST)
     names = list(manifest["class_names"])
     settings = manifest["settings"]
-    shards = _Shards(out / DIRECTORY, lay)
-    seen = _Seen()  # hashes of the sources served (flat: 8 bytes an image)
+    paths = index_files(out)
+    judge = _Judge(_Shards(out / DIRECTORY, lay))
     shard, arrays = None, None
 
     def damage(e: StoreDamage) -> None:
@@ -648,30 +936,23 @@ def iter_explanations(
         if on_damage is not None:
             on_damage(e)
 
-    for path in index_files(out):
-        for lineno, (r, _) in enumerate(_index_lines(path), 1):
-            if r is None:
-                damage(StoreDamage(path, f"line {lineno} is not a record (torn or damaged)"))
-                continue
-            if "skipped" in r or (where is not None and not where(r)):
-                continue
-            h = hash(r["source"])
-            if h in seen:
-                damage(StoreDamage(path, f"line {lineno}: a second record for {r['source']!r}"))
-                continue
-            try:
-                checked = _check(r, shards, (path, lineno))
-                if checked is not shard:
-                    try:
-                        arrays, shard = checked.arrays(), checked
-                    except StoreDamage as e:
-                        shards.damaged[r["shard"]] = e  # reported once per record, inflated once
-                        raise
-            except StoreDamage as e:
-                damage(e)
-                continue
-            seen.add(h)
-            yield r, explanation_from_row(arrays, r["row"], names, settings, r["source"])
+    for path in paths:
+        try:
+            for lineno, (r, line) in enumerate(_index_lines(path), 1):
+                if r is not None and where is not None and not where(r):
+                    continue
+                try:
+                    found = judge(r, line, path, lineno)
+                except StoreDamage as e:
+                    damage(e)  # raises it without skip_damaged (and the handler below raises it again)
+                    continue
+                if found is None:  # a skipped image
+                    continue
+                if found is not shard:
+                    arrays, shard = found.arrays(), found
+                yield r, explanation_from_row(arrays, r["row"], names, settings, r["source"])
+        except StoreDamage as e:  # the file is not one, or cannot be read
+            damage(e)
 
 
 def explanation_from_row(
@@ -714,6 +995,15 @@ def disk_full(error: OSError) -> bool:
 _WRITTEN = {"probs": np.float32, "difficulty": np.float32, "classes": np.int32, "maps": np.float32,
             "grad_cam": np.float32, "pairs": np.int32, "strength": np.float32, "coverage": np.float32,
             "threshold": np.float32, "valid": np.bool_}  # fmt: skip
+
+
+def _laid_out(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record with where its result is stored last (`BOOKKEEPING`, in that order), as its shard's checksum of it
+    expects (`_content_text`) and the resume's fast read (`_LAID_OUT`) reads it."""
+    if not any(k in record for k in BOOKKEEPING):
+        return dict(record)
+    return {**{k: v for k, v in record.items() if k not in BOOKKEEPING}, **{k: record[k] for k in BOOKKEEPING if k in
+                                                                            record}}  # fmt: skip
 
 
 @dataclass
@@ -781,7 +1071,8 @@ class ShardWriter:
             bits = np.concatenate([a["mask_bits"] for a in self._arrays])
             arrays["masks_deflated"] = np.frombuffer(zlib.compress(bits.tobytes(), 1), np.uint8)
             rows = [[r["i"], r["source"], r["stat"]] for r in records]
-            meta = {"format": FORMAT, "run": self.run, "name": name, "rows": json.dumps(rows)}
+            crcs = "".join(f"{_content_crc(r):08x}{_content_crc(_bare(r)):08x}" for r in records)
+            meta = {"format": FORMAT, "run": self.run, "name": name, "rows": json.dumps(rows), "records": crcs}
             data = encode_shard(arrays, meta)
             atomic_write(self.directory / name, lambda f: f.write(data))
             self.bytes_written += len(data)
@@ -805,7 +1096,7 @@ class ShardWriter:
     def _append(self, lines: list[dict[str, Any]]) -> None:
         if not lines:
             return
-        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in sorted(lines, key=lambda r: r["i"]))
+        text = "".join(json.dumps(_laid_out(r), allow_nan=False) + "\n" for r in sorted(lines, key=lambda r: r["i"]))
         fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -922,59 +1213,70 @@ def open_index(
     directory: Path, process: int, *, keep: Callable[[dict[str, Any]], bool], report: Callable[[str], None]
 ) -> Resume:
     """Read the index of ``process`` for a resume (OUT/explanations, OUT/manifest.json must be there): returns a
-    `Resume`. Lines that are damaged, duplicated, that ``keep`` rejects (input changed since, figure missing), or
-    whose shard is missing, damaged or foreign (one line reported per such file) are dropped, and the file
-    rewritten without them; shards no kept record names are deleted. Never refuses to go on because of a stored
-    file: what cannot be used is explained again. ``keep`` sees each valid record's bookkeeping only
-    (`_bookkeeping`: i, source, stat, then skipped, or row, shard, digest and figure when present)."""
+    `Resume`. Lines that ``keep`` rejects (input changed since, figure missing) and every line the reader would
+    refuse, judged as it and `verify_folder` judge them (`_Judge`: a torn or damaged line, a second record, a
+    shard missing, damaged or foreign in its file, header, metadata, arrays or masks, a record that disagrees with
+    its shard) are dropped, one line reported per damaged shard, and the file rewritten without them; shards no
+    kept record names are deleted. Never refuses to go on because of a stored file's content: what cannot be used
+    is explained again. `StoreError` naming the index if it is in the way (a link, a folder, unreadable). ``keep``
+    sees each valid record's bookkeeping only (`_bookkeeping`: i, source, stat, then skipped, or row, shard,
+    digest and figure when present)."""
     directory = Path(directory)
     path = directory / index_name(process)
     lay = layout(read_manifest(directory.parent) or {}, directory.parent / MANIFEST)
-    shards = _Shards(directory, lay)
+    judge = _Judge(_Shards(directory, lay), key=source_hash)
     flags = bytearray()
-    seen = _Seen()
     used: set[str] = set()
     skipped: list[tuple[str, str]] = []
     explained = dropped = 0
     problems: dict[str, list] = {}  # shard name -> [problem, images], in order of discovery
-    if path.is_file() and not path.is_symlink():
-        for r in _bookkeeping_lines(path):
-            ok = r is not None and keep(r)
-            if ok:
-                h = source_hash(r["source"])
-                ok = h not in seen
-            if ok and "skipped" not in r:
-                try:
-                    _check(r, shards)
-                except StoreDamage as e:
-                    entry = problems.setdefault(r["shard"], [e.problem, 0])
-                    entry[1] += 1
-                    ok = False
-            flags.append(ok)
-            if not ok:
-                dropped += 1
-                continue
-            seen.add(h)
-            if "skipped" in r:
-                skipped.append((r["source"], r["skipped"]))
-            else:
-                explained += 1
-                used.add(r["shard"])
+    first: str | None = None  # the first problem of a record alone
+    if path.exists() or path.is_symlink():
+        problem = _index_problem(path)
+        if problem is not None:
+            raise StoreError(f"{path}: {problem}")
+        try:
+            for lineno, (r, line) in enumerate(_bookkeeping_lines(path), 1):
+                ok = r is not None and keep(r)
+                if ok:
+                    try:
+                        judge(r, line, path, lineno)
+                    except StoreDamage as e:
+                        ok = False
+                        if e.path == path:
+                            first = first or e.problem
+                        else:
+                            problems.setdefault(e.path.name, [e.problem, 0])[1] += 1
+                flags.append(ok)
+                if not ok:
+                    dropped += 1
+                    continue
+                if "skipped" in r:
+                    skipped.append((r["source"], r["skipped"]))
+                else:
+                    explained += 1
+                    used.add(r["shard"])
+        except OSError as e:
+            raise StoreError(f"{path}: cannot be read ({e.strerror or e}): give delib explain access to it") from None
     for name, (problem, count) in problems.items():
         report(f"{directory / name}: {problem}; explaining its {count} image(s) again")
     if dropped:
-        report(f"{path}: dropped {dropped} record(s) (torn, damaged, stale, duplicated or missing their files); "
+        why = f"; the first record alone: {first}" if first else ""
+        report(f"{path}: dropped {dropped} record(s) (torn, damaged, stale, duplicated or missing their files{why}); "
                "redoing them")  # fmt: skip
         _rewrite(path, flags)
     del flags
-    hashes = seen.array()
-    del seen
+    hashes = judge.seen.array()
+    del judge
     seq = -1
-    for p in directory.glob(f"shard-{process:05d}-*"):
-        m = _SHARD.fullmatch(p.name)
-        if m and p.name not in used:
+    for name in os.listdir(directory):
+        m = _SHARD.fullmatch(name)
+        if not m or int(m.group(1)) != process:
+            continue
+        p = directory / name
+        if name not in used and (p.is_symlink() or p.is_file()):
             p.unlink(missing_ok=True)  # written by a run killed before its records were appended, or damaged
-        elif m:
+        else:  # named by a kept record, or a folder in a shard's place (left alone, never written onto)
             seq = max(seq, int(m.group(2)))
     return Resume(hashes, explained, skipped, seq + 1)
 
@@ -984,109 +1286,106 @@ def open_index(
 
 @dataclass
 class Verdict:
-    """What `verify_folder` found: counts, ``problems`` (damage, one line each) and ``notes`` (harmless leftovers)."""
+    """What `verify_folder` found: ``problems`` (damage, one line each: a shard's once, with how many records it
+    keeps from being served), ``notes`` (harmless leftovers) and counts: explained ``records`` and ``skipped``
+    ones among the index lines, the ``shards`` records name, and, as the reader would find them
+    (`load_explanations(..., skip_damaged=True)`), the records it would ``served`` and the lines it would refuse
+    (``refused``: what it reports)."""
 
     records: int = 0
     skipped: int = 0
     shards: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    served: int = 0
+    refused: int = 0
+    unusable: bool = False  # the manifest or the explanations folder is damaged: nothing can be served
 
 
 def stored_bytes(out: str | Path) -> int:
     """Bytes of the index files and shards of an output folder (what `verify_folder` reads)."""
     d = Path(out) / DIRECTORY
-    if not d.is_dir():
+    if d.is_symlink() or not d.is_dir():
         return 0
-    return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and (_INDEX.fullmatch(p.name) or
-                                                                       p.name.startswith("shard-")))  # fmt: skip
-
-
-def _readable_lines(path: Path, problems: list[str]) -> Iterator[tuple[dict[str, Any] | None, str]]:
-    """`iter_index`, an unreadable file added to ``problems``."""
     try:
-        yield from iter_index(path)
-    except OSError as e:
-        problems.append(f"{path}: cannot be read ({e.strerror or e})")
+        return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and (_INDEX.fullmatch(p.name) or
+                                                                           p.name.startswith("shard-")))  # fmt: skip
+    except OSError:
+        return 0
 
 
-def verify_folder(out: str | Path, *, progress: Callable[[int], None] = lambda n: None) -> Verdict:
-    """Check a whole output folder without a model: the manifest, every index line, every shard (header, dtypes,
-    shapes, byte ranges, run, rows, digest, masks), every record against its shard, no image twice. ``progress``
-    gets the bytes read as they are. `FileNotFoundError` if OUT holds no manifest, `StoreError` for a folder of
-    another format (not damage: nothing to check)."""
+def verify_folder(
+    out: str | Path, *, progress: Callable[[int], None] = lambda n: None,
+    on_damage: Callable[[StoreDamage], None] | None = None,
+) -> Verdict:  # fmt: skip
+    """Check a whole output folder without a model: the manifest, the explanations folder, every index line, every
+    shard (header, dtypes, shapes, byte ranges, run, rows, masks, its own checksums), every record against its
+    shard, no image twice; each line judged as the reader judges it (`_Judge`), so that ``on_damage`` gets what
+    the reader would report, word for word. ``progress`` gets the bytes read as they are. `FileNotFoundError` if
+    OUT holds no manifest, `StoreError` for a folder of another format (not damage: nothing to check)."""
     out = Path(out)
     verdict = Verdict()
     try:
         manifest = read_manifest(out)
-    except StoreDamage as e:
-        verdict.problems.append(str(e))
-        return verdict
-    if manifest is None:
-        raise FileNotFoundError(f"{out} holds no explanations ({MANIFEST} missing)")
-    try:
+        if manifest is None:
+            raise FileNotFoundError(f"{out} holds no explanations ({MANIFEST} missing)")
         lay = layout(manifest, out / MANIFEST)
-    except StoreDamage as e:
+        directory, names = _listing(out)
+    except StoreDamage as e:  # nothing can be served
         verdict.problems.append(str(e))
+        verdict.unusable = True
         return verdict
-    directory = out / DIRECTORY
-    shards = _Shards(directory, lay, keep=1)
-    seen = _Seen()  # hashes of the sources read, not their records
+    judge = _Judge(_Shards(directory, lay, keep=1, on_read=progress))
     used: set[str] = set()
-    whole: dict[str, list] = {}  # shard name -> [problem, records]
-    inflated: set[str] = set()
-    for path in index_files(out):
-        for lineno, (r, line) in enumerate(_readable_lines(path, verdict.problems), 1):
-            progress(len(line.encode("utf-8", "surrogateescape")))
-            where = f"{path}: line {lineno}"
-            if r is None:
-                verdict.problems.append(f"{where} is not a record (torn or damaged)")
-                continue
-            h = source_hash(r["source"])
-            if h in seen:
-                verdict.problems.append(f"{where}: a second record for {r['source']!r}")
-                continue
-            seen.add(h)
-            if "skipped" in r:
-                verdict.skipped += 1
-                continue
-            verdict.records += 1
-            name = r["shard"]
-            used.add(name)
-            if name in whole:
-                whole[name][1] += 1
-                continue
-            fresh = name not in shards.damaged and name not in inflated
+    counts: dict[str, list] = {}  # what is wrong -> [records, whether it is a shard's], in order of discovery
+
+    def refuse(e: StoreDamage, shard: bool = False) -> None:
+        verdict.refused += 1
+        counts.setdefault(str(e), [0, shard])[0] += 1
+        if on_damage is not None:
+            on_damage(e)
+
+    for path in sorted(directory / n for n in names if _INDEX.fullmatch(n)):
+        lines = _index_lines(path)
+        lineno = 0
+        while True:
             try:
-                shard = shards.get(name)
-                if name not in inflated:
-                    inflated.add(name)
-                    progress(shard.path.stat().st_size)
-                    shard.arrays()  # masks inflate to their size, class indices in range
+                r, line = next(lines)
+            except StopIteration:
+                break
             except StoreDamage as e:
-                if fresh:
-                    progress(e.path.stat().st_size if e.path.is_file() else 0)
-                shards.damaged.setdefault(name, e)
-                whole[name] = [str(e), 1]
+                refuse(e)
+                break
+            lineno += 1
+            progress(len(line.encode("utf-8", "surrogateescape")))
+            if r is not None and "skipped" not in r:
+                verdict.records += 1
+                used.add(r["shard"])
+            elif r is not None:
+                verdict.skipped += 1
+            try:
+                found = judge(r, line, path, lineno)
+            except StoreDamage as e:
+                refuse(e, e.path != path)
                 continue
-            problem = shard.problem(r)
-            if problem is not None and r["digest"] != shard.digest:  # the shard's content: one line for the shard
-                whole[name] = [f"{shard.path}: {problem}", 1]
-            elif problem is not None:
-                verdict.problems.append(f"{where}: {shard.path.name}: {problem}")
-    verdict.problems.extend(f"{problem} ({count} record(s) cannot be served)" for problem, count in whole.values())
+            verdict.served += found is not None
+    for problem, (count, shard) in counts.items():
+        verdict.problems.append(f"{problem} ({count} record(s) cannot be served)" if shard or count > 1 else problem)
     verdict.shards = len(used)
-    if directory.is_dir():
-        for p in sorted(directory.iterdir()):
-            if p.name.startswith("shard-") and p.name not in used:
-                progress(p.stat().st_size if p.is_file() else 0)
-                what = "not a shard of this format" if not _SHARD.fullmatch(p.name) else "named by no record"
-                verdict.notes.append(f"{p}: {what} (left by a killed run or copied in; the next run deletes it)")
+    for name in sorted(names):
+        if name.startswith("shard-") and name not in used:
+            p = directory / name
+            progress(p.stat().st_size if p.is_file() and not p.is_symlink() else 0)
+            what = "not a shard of this format" if not _SHARD.fullmatch(name) else "named by no record"
+            if p.is_symlink() or not p.is_file():
+                what = "not a file, named by no record"
+            verdict.notes.append(f"{p}: {what} (left by a killed run or copied in; the next run deletes it)")
     return verdict
 
 
 __all__ = [
     "DIRECTORY", "FORMAT", "MANIFEST", "Resume", "Shard", "ShardWriter", "SourceSet", "StoreDamage", "StoreError",
-    "Verdict", "create_manifest", "index_files", "iter_explanations", "load_explanations", "new_run_id", "open_index",
-    "pack_bits", "read_manifest", "read_records", "read_shard", "unpack_bits", "verify_folder",
+    "Verdict", "crc32_combine", "create_manifest", "index_files", "iter_explanations", "load_explanations",
+    "manifest_check", "new_run_id", "open_index", "pack_bits", "read_manifest", "read_records", "read_shard",
+    "replace_manifest", "sealed_manifest", "unpack_bits", "verify_folder",
 ]  # fmt: skip

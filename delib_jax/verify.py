@@ -2,10 +2,12 @@
 
     delib verify explained/        # one line per problem, a summary; exit 0 clean, 1 damaged, 2 usage error
 
-Checks the manifest, every index line, every shard (header, dtypes and shapes against the manifest's settings, byte
-ranges, run id, the image of each row, the digest the records name, the masks) and that no image has two records
-(`delib_jax.store.verify_folder`). A damaged folder is repaired by running the same ``delib explain`` again: it
-re-explains exactly the images whose stored results are damaged or foreign.
+Checks the manifest, the explanations folder, every index line, every shard (header, dtypes and shapes against the
+manifest's settings, byte ranges, run id, the image of each row, the digest and content of the records, the masks,
+the shard's own checksums) and that no image has two records (`delib_jax.store.verify_folder`), each line judged as
+`load_explanations` judges it: the lines printed are the reader's messages, the records counted as not served are
+those it refuses. A damaged folder is repaired by running the same ``delib explain`` again: it re-explains exactly
+those images (or names what is in its way).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ Check an output folder of delib explain without a model: the manifest, every ind
 header, the dtypes and shapes of its arrays against the manifest's settings, its run, the image each row belongs
 to, the digest its records name, its masks), and that no image has two records.
 
-Prints one line per problem and a summary. Exit status: 0 clean, 1 damage found, 2 usage error (not a folder of
-explanations, or one of an older format). Running the same delib explain command again repairs a damaged folder:
-it re-explains exactly the images whose stored results are damaged or foreign.
+Prints one line per problem (a shard's once, with the number of records it keeps from being served) and a summary
+with the number of records that cannot be served: exactly those delib_jax.load_explanations refuses. Exit status:
+0 clean, 1 damage found, 2 usage error (not a folder of explanations, or one of an older format). Running the
+same delib explain command again repairs a damaged folder: it re-explains exactly those images, or names what is
+in its way (a file where a folder belongs, a link, a folder it cannot read).
 """
 
 
@@ -40,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.is_dir():
         raise UsageError(f"{out} is not a folder")
-    if not (out / st.MANIFEST).is_file():
+    if not ((out / st.MANIFEST).exists() or (out / st.MANIFEST).is_symlink()):
         raise UsageError(f"{out} holds no explanations ({st.MANIFEST} missing)")
     with tqdm(
         total=st.stored_bytes(out), unit="B", unit_scale=True, desc="verify", disable=None, file=sys.stderr
@@ -56,8 +60,9 @@ def _run(args: argparse.Namespace) -> int:
             print(line)
     summary = f"{verdict.records} explained and {verdict.skipped} skipped records, {verdict.shards} shards"
     if verdict.problems:
-        print(f"{out}: DAMAGED: {len(verdict.problems)} problem(s) in {summary}; run the same delib explain again to "
-              "re-explain what is damaged")  # fmt: skip
+        refused = "nothing can be served" if verdict.unusable else f"{verdict.refused} record(s) cannot be served"
+        print(f"{out}: DAMAGED: {len(verdict.problems)} problem(s), {refused}, in {summary}; run the same delib "
+              "explain again to re-explain what is damaged (it says what is in its way, if anything)")  # fmt: skip
         return 1
     print(f"{out}: clean: {summary}" + (f" ({len(verdict.notes)} note(s))" if verdict.notes else ""))
     return 0

@@ -110,18 +110,46 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
+def _ours(out: Path) -> bool:
+    """Whether a damaged OUT/manifest.json belongs to a folder of explanations (one the job may repair): it says so
+    (its format), or OUT/explanations is there."""
+    directory = out / st.DIRECTORY
+    if directory.is_dir() and not directory.is_symlink():
+        return True
+    try:
+        return st.FORMAT.encode() in (out / st.MANIFEST).read_bytes()[:4096]
+    except OSError:
+        return False
+
+
+def check_manifest(out: Path, manifest: dict[str, Any], report: Callable[[str], None] | None = None) -> str:
     """Write OUT/manifest.json (with a new run id; the first of several processes wins), or check that the one
-    there describes the same model and settings; returns the folder's run id."""
+    there describes the same model and settings; returns the folder's run id. A damaged manifest (not JSON, or not
+    what its checksum says) of a folder of explanations is written anew with a new run id, so that every stored
+    result, of a model no manifest vouches for any more, is explained again (said through ``report``); the new id
+    is derived from the damaged bytes, so that processes of one job that find the same damage write the same
+    manifest."""
     manifest = json.loads(json.dumps(manifest))  # as it reads back
-    previous = st.read_manifest(out)
+    try:
+        previous = st.read_manifest(out)
+    except st.StoreDamage as e:
+        path = out / st.MANIFEST
+        if not path.is_file() or path.is_symlink() or not _ours(out):
+            raise JobError(f"{e}; move it away, or choose another --out") from None
+        run = hashlib.blake2b(path.read_bytes() + b"\0repaired", digest_size=16).hexdigest()
+        st.replace_manifest(out, st.sealed_manifest({**manifest, "run": run}))
+        (report or _notices.setdefault(out, []).append)(
+            f"{e}: written anew; every stored result of this folder is explained again"
+        )
+        return run
     if previous is None:
         st._no_follow(out / st.MANIFEST, out)
         run = st.new_run_id()
-        if st.create_manifest(out, {**manifest, "run": run}):
+        if st.create_manifest(out, st.sealed_manifest({**manifest, "run": run})):
             return run
         previous = st.read_manifest(out) or {}  # another process of this run wrote it first
     run = previous.pop("run", None)
+    previous.pop("check", None)
     if previous != manifest:
         differing = _differences(previous, manifest)
         fields = ", ".join(differing[:4])
@@ -134,6 +162,9 @@ def check_manifest(out: Path, manifest: dict[str, Any]) -> str:
         )
     st.layout({**previous, "run": run}, out / st.MANIFEST)  # a damaged run id or settings: one line
     return run
+
+
+_notices: dict[Path, list[str]] = {}  # what `check_manifest` repaired, said by the next `plan_resume` of the folder
 
 
 # how the files the job writes at the top of OUT begin (`delib_jax.report.render_index`, `finish`'s JSON)
@@ -162,17 +193,25 @@ def check_own_files(out: Path) -> None:
 
 
 def prepare_folder(
-    out: Path, manifest: dict[str, Any], *, figures: bool, sync: Callable[[str], None] | None = None, first: bool = True
+    out: Path,
+    manifest: dict[str, Any],
+    *,
+    figures: bool,
+    sync: Callable[[str], None] | None = None,
+    first: bool = True,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[Path, str]:
     """Refuse files of OUT the job did not write (`check_own_files`), check (or write) the manifest, make
     OUT/explanations (and OUT/figures), remove a killed run's temporary files; returns the explanations folder and
     the folder's run id (what every stored row is bound to). Several processes of one job pass ``sync`` (a barrier
     named by its argument) and ``first`` (process 0): only the first removes leftovers, while the others wait, so
-    that no process deletes a file another one is writing.
-    `JobError` for a foreign folder or file or a planted link."""
+    that no process deletes a file another one is writing. ``report``: what was repaired (a damaged manifest;
+    None: said by the next `plan_resume`).
+    `JobError` naming what is in the way: a foreign folder or file, a planted link, a file where a folder belongs,
+    a folder that cannot be read."""
     check_own_files(out)
     try:
-        run = check_manifest(out, manifest)
+        run = check_manifest(out, manifest, report)
         directory = st.safe_dir(out, st.DIRECTORY)
         if figures:
             st.safe_dir(out, "figures")
@@ -391,19 +430,16 @@ class ResumePlan:
         return self.resumed + len(self.skipped)
 
 
-def _still_valid(r: dict, *, ordinal: Ordinals, stats, shard_exists: Callable[[str], bool], out: Path,
-                 figures: bool) -> bool:  # fmt: skip
-    """Whether an earlier run's record stays: its input is among this run's with the same fingerprint, and its
-    shard (and, with figures, its figure) is on disk."""
+def _still_valid(r: dict, *, ordinal: Ordinals, stats, out: Path, figures: bool) -> bool:
+    """Whether an earlier run's record stays (before `store.open_index` judges it against its shard, as the reader
+    does): its input is among this run's with the same fingerprint and, with figures, its figure is on disk."""
     i = ordinal.get(r["source"])
     if i is None or stats[i] != r["stat"]:
         return False  # not among this run's inputs, or the file changed since
-    if "skipped" in r:
+    if "skipped" in r or not figures:
         return True
-    if not shard_exists(r["shard"]):
-        return False
     figure = r.get("figure")
-    return not figures or (isinstance(figure, str) and (out / figure).is_file())
+    return isinstance(figure, str) and (out / figure).is_file()
 
 
 def plan_resume(
@@ -415,15 +451,18 @@ def plan_resume(
     bytes per input (`Items`, `Fingerprints`, `Ordinals`, `store.Resume`), not Python objects."""
     import functools
 
+    for notice in _notices.pop(out, []):
+        report(notice)
     p, count = share
     files = files if hasattr(files, "payload") else PathList(files)  # a PathList or DatasetInputs
     ordinals = np.arange(p, len(files), count, dtype=np.int64)
     stats = Fingerprints(files, ordinals)
-    shard_exists = functools.lru_cache(maxsize=None)(lambda name: (directory / name).is_file())  # one stat a shard
     ordinal = Ordinals(files, ordinals)
-    keep = functools.partial(_still_valid, ordinal=ordinal, stats=stats, shard_exists=shard_exists, out=out,
-                             figures=figures)  # fmt: skip
-    done = st.open_index(directory, p, keep=keep, report=report)
+    keep = functools.partial(_still_valid, ordinal=ordinal, stats=stats, out=out, figures=figures)
+    try:
+        done = st.open_index(directory, p, keep=keep, report=report)
+    except st.StoreError as e:  # the index is in the way (a link, a folder, unreadable)
+        raise JobError(str(e)) from None
     return ResumePlan(
         mine=Items(files, ordinals), stats=stats, todo=Items(files, ordinal.left(done)),
         resumed=done.explained, skipped=list(done.skipped), next_seq=done.next_seq,
