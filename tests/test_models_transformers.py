@@ -124,23 +124,6 @@ def test_swin_t_split_at_stage3_composes():
 torch = pytest.importorskip("torch")
 
 
-def randomise(model, seed: int = 0):
-    """Noise on every floating parameter of a torch model, so that a mis-mapped one shows: LayerNorm weights and
-    biases, biases, class token, position embedding, relative position bias table (scale 0.2-0.5), weight matrices
-    (half their fan-in scale; torchvision starts ViT's head at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "class_token" in name or "pos_embedding" in name or "relative_position_bias_table" in name:
-                p.add_(0.5 * noise)
-            elif p.ndim == 1:
-                p.add_(0.2 * noise)
-            else:
-                p.add_(noise * 0.5 / np.sqrt(p[0].numel()))
-    return model.eval()
-
-
 def _close(ours, ref, rtol=1e-5):
     ours, ref = np.asarray(ours), np.asarray(ref)
     assert ours.shape == ref.shape
@@ -149,14 +132,9 @@ def _close(ours, ref, rtol=1e-5):
 
 
 def _torch_tiny_vit(num_classes=5):
-    from delib_jax.testing.torchvision import torchvision
+    from delib_jax.testing.torchvision import torch_tiny_vit
 
-    tv = torchvision()
-    torch.manual_seed(0)
-    net = tv.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=24, num_classes=num_classes
-    )
-    return randomise(net)
+    return torch_tiny_vit(num_classes)
 
 
 def _torch_tiny_swin(num_classes=5):
@@ -167,6 +145,8 @@ def _torch_tiny_swin(num_classes=5):
     net = tv.models.SwinTransformer(
         patch_size=[2, 2], embed_dim=8, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=num_classes
     )
+    from delib_jax.testing.torchvision import randomise
+
     return randomise(net)
 
 
@@ -236,7 +216,7 @@ def test_swin_state_dict_into_a_vit_is_one_value_error():
 @pytest.mark.slow  # full-size models, one forward each in JAX and in PyTorch (5-20 s each on 2 cores)
 @pytest.mark.parametrize("arch", ["vit_b_16", "vit_b_32", "swin_t"])
 def test_torchvision_import_gives_same_logits(arch):
-    from delib_jax.testing.torchvision import build, logits, state_dict_numpy
+    from delib_jax.testing.torchvision import build, logits, randomise, state_dict_numpy
 
     ref = randomise(build(arch, num_classes=10))
     # built abstract (no random init of the full model): every variable must come from the file, so a leaf the key

@@ -68,3 +68,35 @@ def logits(model, images_nhwc: np.ndarray) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(images_nhwc.transpose(0, 3, 1, 2)))).numpy()
+
+
+def randomise(model, seed: int = 0):
+    """Noise on every floating parameter of a torch model, so that a mis-mapped one shows: LayerNorm weights and
+    biases, biases, class token, position embedding, relative position bias table (scale 0.2-0.5), weight matrices
+    (half their fan-in scale; torchvision starts ViT's head at zero)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "class_token" in name or "pos_embedding" in name or "relative_position_bias_table" in name:
+                p.add_(0.5 * noise)
+            elif p.ndim == 1:
+                p.add_(0.2 * noise)
+            else:
+                p.add_(noise * 0.5 / np.sqrt(p[0].numel()))
+    return model.eval()
+
+
+def torch_tiny_vit(num_classes: int = 5):
+    """torchvision's VisionTransformer at a tiny size (32 px, patch 8: a 4 x 4 grid; 3 blocks of width 16, 2 heads),
+    every parameter randomised: the reference for `delib_jax.models.vit.ViT(image_size=32, patch_size=8, width=16,
+    depth=3, num_heads=2, mlp_dim=24)`."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torchvision().models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=24, num_classes=num_classes
+    )
+    return randomise(net)
