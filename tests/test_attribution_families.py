@@ -111,3 +111,26 @@ def test_research_api_on_each_family(family):
         np.testing.assert_allclose(second, cross.second_order, rtol=1e-7, atol=1e-9 * np.abs(second).max())
         ih = integrated_hessians(None, head, a, targets=1, nodes=6, rows=[0, 1])
         assert np.isfinite(np.asarray(ih.values)).all() and ih.values.shape[:3] == (2, 1, 2)
+
+
+@pytest.mark.slow  # the streaming job's processes
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_streaming_job_on_a_transformer(family, tmp_path):
+    """The job explains image files with a ViT (its class head bound batch by batch) and a Swin, and stores them."""
+    from PIL import Image
+
+    from delib_jax.store import load_explanations
+    from delib_jax.stream import JobOptions, ModelConfig, explain_files
+
+    model, size = _model(family, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    files = []
+    for i, shape in enumerate([(20, 30), (16, 16), (30, 18)]):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(files[-1])
+    config = ModelConfig([f"class {i}" for i in range(C)], resize=size, crop=size, arch=family)
+    explain_files(model, config, files, tmp_path / "out", options=JobOptions(batch_size=2, figures=False),
+                  report=lambda m: None, score="entropy")  # fmt: skip
+    loaded = list(load_explanations(tmp_path / "out"))
+    assert [e.source for e in loaded] == [str(f) for f in files]
+    assert all(q.mask.shape == (size, size) for e in loaded for q in e.insecurities)
