@@ -33,8 +33,10 @@ def _key(run_dir: Path, config, which: str, per_class: int) -> dict[str, Any]:
 
     with RunCheckpoints(run_dir, create=False, async_save=False) as ckpt:
         step = ckpt.step(which)
-    return {"rule": RULE, "per_class": per_class, "which": which, "step": step, "data_dir": config.data_dir,
-            "num_classes": config.num_classes}  # fmt: skip
+    key = {"rule": RULE, "per_class": per_class, "which": which, "step": step, "data_dir": config.data_dir,
+           "num_classes": config.num_classes}  # fmt: skip
+    options = getattr(config, "data_options", None)
+    return key if options is None else {**key, "data_options": options}  # the carved training split
 
 
 def cached_examples(folder: Path, key: dict[str, Any]) -> dict[int, Path] | None:
@@ -52,10 +54,9 @@ def cached_examples(folder: Path, key: dict[str, Any]) -> dict[int, Path] | None
 
 
 def _source(config, ds, indices: np.ndarray):
-    from delib_jax.data.pipeline import ade20k_source, cub_source
+    from delib_jax.data import dataset_source
 
-    make = ade20k_source if config.dataset == "ade20k" else cub_source
-    return make(ds, indices=indices)
+    return dataset_source(config.dataset, ds, indices=indices)
 
 
 def choose_examples(
@@ -122,7 +123,7 @@ def class_examples(
         report(f"no class examples: the training data ({config.data_dir}) is not reachable; give --examples")
         return {}
     try:
-        ds = load_dataset(config.dataset, config.data_dir)
+        ds = load_dataset(config.dataset, config.data_dir, options=getattr(config, "data_options", None))
         chosen, probability, source = choose_examples(model, config, ds, per_class=per_class, progress=progress)
         thumbnails = {c: load_example(np.asarray(read_example(source, pos)[0]), THUMBNAIL) for c, pos in chosen.items()}
     except (OSError, ValueError) as e:  # DatasetError is a ValueError

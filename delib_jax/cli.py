@@ -120,12 +120,14 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR", help="image files, or folders searched recursively")
     p.add_argument(
         "--data-dir", metavar="DIR", default=None,
-        help="explain a split of the run's dataset instead: its release folder or a TFDS build (as for training); "
-        "records name the dataset, split and example index",
+        help="explain a split of the run's dataset instead: its release folder or a TFDS build, its class folders, "
+        "or the TFDS data folder of its catalog dataset (as for training); records name the dataset, split and "
+        "example index",
     )  # fmt: skip
     p.add_argument(
-        "--split", choices=("test", "train"), default="test",  # delib_jax.job.inputs.SPLITS
-        help="with --data-dir: which split (default: test; ADE20K's validation images are its test split)",
+        "--split", default="test", metavar="SPLIT",  # delib_jax.job.inputs.SPLITS
+        help="with --data-dir: test, train, or for class folders and TFDS catalog datasets also val (the splits as "
+        "the run recorded them; default: test; ADE20K's validation images are its test split)",
     )  # fmt: skip
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
                    help="run directory (config.json): a training run, or one made by delib import")  # fmt: skip
@@ -342,20 +344,23 @@ def _dataset_inputs(args: argparse.Namespace, config, report: Callable[[str], No
         raise UsageError(f"--data-dir: {args.checkpoint}{source} names no dataset its classes come from; explain "
                          "image files or folders instead")  # fmt: skip
     if not Path(args.data_dir).exists():
-        raise UsageError(f"--data-dir {args.data_dir} does not exist (give the dataset's release folder or TFDS build)")
+        from delib_jax.data import dataset_kind
+
+        raise UsageError(f"--data-dir {args.data_dir} does not exist (give {dataset_kind(config.dataset).needs})")
     found: list[str] = []  # which form the folder holds: said once the data is known to fit (errors come first)
     try:
-        inputs = dataset_inputs(config.dataset, args.data_dir, args.split, report=found.append)
+        inputs = dataset_inputs(config.dataset, args.data_dir, args.split, options=config.data_options,
+                                report=found.append)  # fmt: skip
         check_classes(inputs, config.class_names)
     except DatasetError as e:  # names the folder and what is wrong
         raise UsageError(str(e)) from None
     except (ValueError, OSError) as e:
         raise UsageError(f"--data-dir {args.data_dir}: {e}") from None
     if not len(inputs):
-        raise UsageError(f"--data-dir {args.data_dir}: the {config.dataset} data there has no {args.split} images")
+        raise UsageError(f"--data-dir {args.data_dir}: the {config.dataset} data there has no {inputs.split} images")
     for line in found:
         report(line)
-    report(f"{len(inputs)} {args.split} images of {config.dataset} ({inputs.form} in {args.data_dir})")
+    report(f"{len(inputs)} {inputs.split} images of {config.dataset} ({inputs.form} in {args.data_dir})")
     return inputs
 
 

@@ -202,13 +202,15 @@ def explain_dataset(
     report: Callable[[str], None] = print,
     **explain_options,
 ) -> JobSummary:
-    """`explain_files` over the examples of ``split`` ('test' or 'train') of the run's dataset (``config.dataset``)
-    in ``data_dir``: a release folder or a TFDS build, recognised as training recognises it. Records name the
-    dataset, split and example index; a TFDS build's images are decoded from its records. Raises `DatasetError` or
-    ValueError (one line, nothing written) for data that cannot be read or whose classes are not the model's."""
+    """`explain_files` over the examples of ``split`` ('test' or 'train'; class folders and TFDS catalog datasets
+    also 'val') of the run's dataset (``config.dataset``) in ``data_dir``: a release folder or a TFDS build, class
+    folders or a TFDS data folder, read as training read it (the run's ``data_options``: the same carved splits).
+    Records name the dataset, split and example index; images kept in records (TFDS) are decoded from them. Raises
+    `DatasetError` or ValueError (one line, nothing written) for data that cannot be read, a split the data does not
+    have, or classes that are not the model's."""
     from delib_jax.job.inputs import check_classes
 
-    inputs = dataset_inputs(config.dataset, data_dir, split)
+    inputs = dataset_inputs(config.dataset, data_dir, split, options=getattr(config, "data_options", None))
     check_classes(inputs, config.class_names)
     return explain_files(model, config, inputs, out, options=options, model_id=model_id, examples=examples,
                          report=report, **explain_options)  # fmt: skip

@@ -173,7 +173,9 @@ def test_delib_explain_data_dir(data, capsys, tmp_path):
         assert not (tmp_path / "never").exists()
     code, err = _cli([*base, "--data-dir", data["release"], "--split", "validation", "--out", tmp_path / "never"],
                      capsys)  # fmt: skip
-    assert code == 2 and "invalid choice" in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1 and "no split 'validation': split must be one of test, train" in lines[0], err
+    assert not (tmp_path / "never").exists()
     # the report's thumbnails come from the build's records; --json describes the examples
     out2 = tmp_path / "json"
     code, err = _cli([*base, "--data-dir", data["build"], "--json", "--out", out2], capsys)

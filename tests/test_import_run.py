@@ -215,7 +215,7 @@ def test_run_config_of_an_imported_run():
     assert RunConfig.from_json({**old, "dataset": "cub"}).imported_from is None
     with pytest.raises(ValueError, match="'imported_from' must be a string or null"):
         RunConfig.from_json({**config.to_json(), "imported_from": 3})
-    with pytest.raises(ValueError, match="dataset 'imagenet' is not 'cub', 'ade20k' or null"):
+    with pytest.raises(ValueError, match="dataset 'imagenet' is not one of 'cub', 'ade20k', 'folder', 'tfds' or null"):
         RunConfig.from_json({**config.to_json(), "dataset": "imagenet"})
     with pytest.raises(ValueError, match="vit_b_16 takes only 224 px inputs"):
         RunConfig(arch="vit_b_16", num_classes=2, class_names=["a", "b"], crop=256, resize=288)

@@ -309,18 +309,18 @@ def _write_json(path: Path, data) -> None:
 
 
 def _test_images(config, data_dir: Path, options: FaithfulnessOptions):
-    """(number of images, iterator of normalised image batches) of a seeded sample of the test split."""
-    from delib_jax.data import load_ade20k, load_cub
-    from delib_jax.data.pipeline import ade20k_source, cub_source, eval_pipeline
+    """(number of images, iterator of normalised image batches) of a seeded sample of the test split of the run's
+    data (read with its recorded options: class folders and TFDS catalog datasets give the same test split as in
+    training)."""
+    from delib_jax.data import class_names, dataset_kind, load_dataset
+    from delib_jax.data.pipeline import eval_pipeline
 
     if config.dataset is None:  # an imported run: no dataset of its own, a folder of images
         return _folder_images(config, data_dir, options)
-    if config.dataset == "cub":
-        ds, make, names = load_cub(data_dir), cub_source, None
-        names = ds.class_names
-    else:
-        ds, make = load_ade20k(data_dir), ade20k_source
-        names = ds.scene_names
+    kind = dataset_kind(config.dataset)  # CUB / ADE20K (release or TFDS build), class folders, a TFDS catalog dataset
+    ds = load_dataset(config.dataset, data_dir, options=config.data_options)
+    make = kind.source
+    names = class_names(ds)
     if list(names) != list(config.class_names):
         raise UsageError(
             f"the dataset at {data_dir} does not have the run's {config.num_classes} classes in its "
@@ -450,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a trained run directory")
     p.add_argument(
         "--data-dir",
-        help="the run's dataset folder (CUB_200_2011 / ADEChallengeData2016), or for a run imported with delib "
-        "import a folder of your images",
+        help="the run's dataset folder (CUB_200_2011 / ADEChallengeData2016 or a TFDS build, its class folders, the "
+        "TFDS data folder of its catalog dataset), or for a run imported with delib import a folder of your images",
     )
     p.add_argument("--synthetic", action="store_true", help="use the synthetic dataset the run was trained on")
     p.add_argument("--out", required=True, help="output folder")

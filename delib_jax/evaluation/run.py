@@ -204,8 +204,7 @@ def evaluate(
         if data_dir is None:
             raise UsageError("give --data-dir (the run does not record its dataset)")
     for c, cfg in zip(checkpoints, configs):
-        if cfg.dataset != dataset:
-            raise UsageError(f"{c} was trained on {cfg.dataset}, not {dataset}")
+        check_protocol(dataset, c, cfg)
     ds = _load_dataset(dataset, data_dir, progress)
     names = ds.class_names if dataset == "cub" else ds.scene_names
     for c, cfg in zip(checkpoints, configs):
@@ -319,6 +318,24 @@ def evaluate(
     return summary
 
 
+GROUND_TRUTH = {"cub": "CUB-200-2011's part keypoints", "ade20k": "ADE20K's object masks"}
+
+
+def check_protocol(dataset: str, checkpoint: Path, config) -> None:
+    """`UsageError` (one line) unless the run was trained on ``dataset``: the paper's protocols score insecurities
+    against CUB-200-2011's parts or ADE20K's objects, which no other data has."""
+    if config.dataset == dataset:
+        return
+    from delib_jax.data import KINDS
+
+    kind = KINDS.get(config.dataset)
+    what = "imported from weights, with no dataset" if kind is None else f"trained on {kind.title}"
+    raise UsageError(
+        f"{checkpoint} was {what}: eval.{dataset}'s protocol needs {GROUND_TRUTH[dataset]}, so it evaluates runs "
+        f"trained on that dataset only; python -m eval.faithfulness compares attributions on any dataset"
+    )
+
+
 def main(dataset: str, argv: Sequence[str] | None = None) -> int:
     """Command-line entry: one clear message (exit 2) for bad input, never a traceback."""
     parser = build_parser(dataset)
@@ -329,6 +346,10 @@ def main(dataset: str, argv: Sequence[str] | None = None) -> int:
         for c in args.checkpoint:
             if not Path(c).is_dir():
                 raise UsageError(f"checkpoint run directory not found: {c}")
+            if Path(c, "config.json").is_file():  # another dataset's run: said before asking for the data
+                from delib_jax.checkpoint import load_run_config
+
+                check_protocol(dataset, Path(c), load_run_config(c))
         if args.data_dir is None and not args.synthetic:
             raise UsageError(
                 f"give --data-dir with the {DATASETS[dataset]} folder, or --synthetic to evaluate on "

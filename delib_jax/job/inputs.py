@@ -1,4 +1,5 @@
-"""What the job explains: files, or the examples of one split of a dataset (a release folder or a TFDS build).
+"""What the job explains: files, or the examples of one split of a dataset (a release folder or a TFDS build of CUB /
+ADE20K, class folders, a TFDS catalog dataset).
 
 Both (`delib_jax.job.folder.PathList` for files, `DatasetInputs`) are sequences of source names (what the records
 call ``source``) with three methods the stages use: ``fingerprint(i)`` (what resume compares, None: unreadable),
@@ -19,7 +20,9 @@ import numpy as np
 from delib_jax._reader import StoredImage
 from delib_jax.job.folder import PathList, fingerprint
 
-SPLITS = ("test", "train")  # "test": CUB's test split, ADE20K's validation split (the held-out images)
+# The splits any dataset kind has (`delib_jax.data.DatasetKind.splits`): "test" is CUB's test split, ADE20K's
+# validation split (the held-out images); class folders and TFDS catalog datasets also have "val".
+SPLITS = ("test", "val", "train")
 
 
 Payload = str | StoredImage
@@ -33,23 +36,36 @@ def file_inputs(files: Iterable[str | os.PathLike]) -> PathList:
 class DatasetInputs(Sequence):
     """The examples of ``split`` of a loaded dataset (`delib_jax.data.load_dataset`), in dataset order.
 
-    Item k is the source name of the k-th example: its file for a release folder, ``BUILD::images/NAME`` (CUB) or
-    ``BUILD::STEM.jpg`` (ADE20K) for a TFDS build, whose image is read from the build's records by random access.
-    Records name the dataset, the split and the example's index (`describe`).
+    Item k is the source name of the k-th example: its file for a release folder or class folders,
+    ``BUILD::images/NAME`` (CUB) or ``BUILD::STEM.jpg`` (ADE20K) for a TFDS build, ``VERSION_DIR::SPLIT/KEY`` for a
+    TFDS catalog dataset, whose images are read from the records by random access. Records name the dataset, the
+    split and the example's index (`describe`). ``options``: the dataset's `load_dataset` options (class folders,
+    TFDS catalog datasets), recorded in the manifest so that a resume reads the same split.
     """
 
-    def __init__(self, ds, dataset: str, split: str, path: str | Path):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.ds, self.dataset, self.split, self.path = ds, dataset, split, Path(path)
+    def __init__(self, ds, dataset: str, split: str, path: str | Path, options: dict | None = None):
+        from delib_jax.data import dataset_kind, split_name
+
+        kind = dataset_kind(dataset)
+        ours = split_name(split) if kind.name in ("folder", "tfds") else split
+        if ours not in kind.splits:
+            raise ValueError(f"{kind.title} has no split {split!r}: split must be one of {', '.join(kind.splits)}")
+        self.ds, self.dataset, self.split, self.path, self.options = ds, dataset, ours, Path(path), options
         self.records = getattr(ds, "records", None)
-        self.indices = np.flatnonzero(np.asarray(ds.is_train, bool) == (split == "train")).astype(np.int64)
+        if hasattr(ds, "indices"):  # an ImageDataset: its own splits
+            self.indices = ds.indices(ours)
+        else:
+            self.indices = np.flatnonzero(np.asarray(ds.is_train, bool) == (ours == "train")).astype(np.int64)
         # a TFDS build is never rewritten in place: a rebuild writes a new dataset_info.json
         self._build_stat = fingerprint(Path(ds.root) / "dataset_info.json") if self.records is not None else None
 
     @property
     def form(self) -> str:
-        return "release" if self.records is None else "tfds"
+        """How the images are stored: 'release' (a release folder's files), 'files' (class folders) or 'tfds' (the
+        records of a TFDS build or catalog dataset)."""
+        if self.records is not None:
+            return "tfds"
+        return "files" if self.dataset == "folder" else "release"
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -87,15 +103,20 @@ class DatasetInputs(Sequence):
 
     def manifest(self) -> dict[str, Any]:
         """What the manifest records of the input: a resumed run must read the same split of the same data."""
-        return {"dataset": self.dataset, "split": self.split, "form": self.form, "path": str(self.path.resolve())}
+        data = {"dataset": self.dataset, "split": self.split, "form": self.form, "path": str(self.path.resolve())}
+        return data if self.options is None else {**data, "options": self.options}
 
 
-def dataset_inputs(dataset: str, path: str | Path, split: str = "test", *, report=None) -> DatasetInputs:
-    """The examples of ``split`` of ``dataset`` ('cub' or 'ade20k') in ``path``: a release folder or a TFDS build,
-    recognised as training recognises it (`delib_jax.data.load_dataset`); `DatasetError` (one line) otherwise."""
+def dataset_inputs(
+    dataset: str, path: str | Path, split: str = "test", *, options: dict | None = None, report=None
+) -> DatasetInputs:
+    """The examples of ``split`` of ``dataset`` (a kind of `delib_jax.data.KINDS`: 'cub', 'ade20k', 'folder', 'tfds')
+    in ``path``, read with its ``options`` as training reads it (`delib_jax.data.load_dataset`); `DatasetError` (one
+    line) otherwise, ValueError for a split it does not have."""
     from delib_jax.data import load_dataset
 
-    return DatasetInputs(load_dataset(dataset, path, report=report), dataset, split, path)
+    ds = load_dataset(dataset, path, options=options, report=report)
+    return DatasetInputs(ds, dataset, split, path, getattr(ds, "options", None))
 
 
 class RecordPayloads:
@@ -126,7 +147,9 @@ class RecordPayloads:
 
 def check_classes(inputs: DatasetInputs, class_names: Sequence[str]) -> None:
     """ValueError (one line) unless the dataset's classes are the model's (the same names in the same order)."""
-    names = list(getattr(inputs.ds, "class_names", None) or getattr(inputs.ds, "scene_names", ()))
+    from delib_jax.data import class_names as names_of
+
+    names = list(names_of(inputs.ds))
     if [str(n) for n in names] != [str(n) for n in class_names]:
         first = next((k for k, (a, b) in enumerate(zip(names, class_names)) if str(a) != str(b)), None)
         where = "" if first is None else f"; class {first} is {names[first]!r} there, {class_names[first]!r} here"
@@ -142,7 +165,9 @@ def manifest_inputs(manifest: dict[str, Any], *, report=None) -> DatasetInputs |
     from delib_jax.data import DatasetError
 
     try:
-        return dataset_inputs(str(data["dataset"]), str(data["path"]), str(data["split"]))
+        options = data.get("options")
+        return dataset_inputs(str(data["dataset"]), str(data["path"]), str(data["split"]),
+                              options=options if isinstance(options, dict) else None)  # fmt: skip
     except (KeyError, OSError, ValueError, DatasetError) as e:
         if report is not None:
             report(f"the run's data ({data.get('path')}) cannot be read: {e}")

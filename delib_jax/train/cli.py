@@ -1,5 +1,6 @@
-"""Command lines ``python -m train.cub`` and ``python -m train.ade20k``: flags -> `RunConfig` -> `fit`; and
-``python -m train.hardness``: a run's hardness head alone -> `delib_jax.train.hardness.fit_hardness`.
+"""Command lines ``python -m train.cub``, ``python -m train.ade20k`` and ``python -m train.images`` (class folders or
+a TFDS catalog dataset): flags -> `RunConfig` -> `fit`; and ``python -m train.hardness``: a run's hardness head
+alone -> `delib_jax.train.hardness.fit_hardness`.
 
 Exit status: 0 done, 2 the run could not start or continue as asked (bad flags, missing data, nothing to resume,
 missing weights file, ...) or diverged (NaN loss): one line on stderr; 130 interrupted (resume with ``--resume``).
@@ -46,29 +47,69 @@ TRAINING_FLAGS = (
 )  # fmt: skip
 
 
+IMAGES = "images"  # python -m train.images: class folders ('folder') or a TFDS catalog dataset ('tfds')
+
+
 def build_parser(dataset: str) -> argparse.ArgumentParser:
-    info = DATASETS[dataset]
-    p = argparse.ArgumentParser(
-        prog=f"python -m train.{dataset}",
-        description=(
-            f"Train a classifier jointly with its hardness predictor on {info['title']}; checkpoints (latest and best "
-            "by validation), metrics.jsonl and config.json go to --out.\n"
-            f"Example: python -m train.{dataset} --data-dir /data/{info['folder']} --arch resnet50 "
-            f"--weights resnet50.safetensors --out runs/{dataset}_resnet50\n"
-            f"Quick start: python -m train.{dataset} --synthetic --out /tmp/run_{dataset}"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    data = p.add_argument_group("data and run")
-    data.add_argument(
-        "--data-dir",
-        type=Path,
-        help=f"the {info['folder']} folder (or its parent), or a TFDS build "
-        "of it (python -m delib_jax.data.tfds build)",
-    )
-    data.add_argument("--synthetic", action="store_true",
-                      help=f"train on {info['synthetic']}, generated into --data-dir (default OUT/synthetic_data) "
-                           "if absent")  # fmt: skip
+    if dataset == IMAGES:
+        p = argparse.ArgumentParser(
+            prog="python -m train.images",
+            description=(
+                "Train a classifier jointly with its hardness predictor on your own labelled images: class folders "
+                "(DIR/CLASS/*.jpg, or DIR/{train,val,test}/CLASS/*.jpg) or a TensorFlow Datasets catalog dataset "
+                "prepared in a local TFDS data folder; checkpoints (latest and best by validation), metrics.jsonl and "
+                "config.json (with the class names and the splits) go to --out.\n"
+                "Example: python -m train.images --data-dir /data/pets --arch resnet50 --weights "
+                "resnet50.safetensors --out runs/pets\n"
+                "Example: python -m train.images --tfds beans --tfds-data-dir ~/tensorflow_datasets --out runs/beans"
+            ),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        data = p.add_argument_group("data and run")
+        data.add_argument(
+            "--data-dir",
+            type=Path,
+            help="a folder of class folders (DIR/CLASS/*.jpg), or of split "
+            "folders of class folders (DIR/train/CLASS/*.jpg, val, test)",
+        )
+        data.add_argument("--tfds", metavar="NAME[:VERSION]",
+                          help="a TFDS catalog dataset (NAME[/CONFIG][:VERSION]), prepared in --tfds-data-dir in "
+                               "ArrayRecord format (tfds build NAME --file_format array_record); nothing is "
+                               "downloaded")  # fmt: skip
+        data.add_argument(
+            "--tfds-data-dir", type=Path, help="the TFDS data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+        )
+        data.add_argument("--image-feature", help="with --tfds: the image feature (default: found from the dataset)")
+        data.add_argument(
+            "--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)"
+        )
+        data.add_argument("--test-fraction", type=float,
+                          help="where the data gives no test split: each class's share carved for test (default "
+                               "0.1; seeded by --seed, recorded in the run)")  # fmt: skip
+        data.set_defaults(synthetic=False)
+    else:
+        info = DATASETS[dataset]
+        p = argparse.ArgumentParser(
+            prog=f"python -m train.{dataset}",
+            description=(
+                f"Train a classifier jointly with its hardness predictor on {info['title']}; checkpoints (latest and "
+                "best by validation), metrics.jsonl and config.json go to --out.\n"
+                f"Example: python -m train.{dataset} --data-dir /data/{info['folder']} --arch resnet50 "
+                f"--weights resnet50.safetensors --out runs/{dataset}_resnet50\n"
+                f"Quick start: python -m train.{dataset} --synthetic --out /tmp/run_{dataset}"
+            ),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        data = p.add_argument_group("data and run")
+        data.add_argument(
+            "--data-dir",
+            type=Path,
+            help=f"the {info['folder']} folder (or its parent), or a TFDS build "
+            "of it (python -m delib_jax.data.tfds build)",
+        )
+        data.add_argument("--synthetic", action="store_true",
+                          help=f"train on {info['synthetic']}, generated into --data-dir (default "
+                               "OUT/synthetic_data) if absent")  # fmt: skip
     data.add_argument("--out", type=Path, help="run directory (required)")
     data.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     data.add_argument(
@@ -121,6 +162,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
 
 
 def missing_data_message(dataset: str) -> str:
+    if dataset not in DATASETS:  # train.images, or its kinds of data ('folder', 'tfds')
+        return ("no dataset given: point --data-dir at a folder of class folders (DIR/CLASS/*.jpg), or give --tfds "
+                "NAME of a TFDS catalog dataset prepared in --tfds-data-dir")  # fmt: skip
     info = DATASETS[dataset]
     return (
         f"no dataset given: point --data-dir at the {info['folder']} folder of {info['title']} (download: "
@@ -140,6 +184,10 @@ def _positive(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be positive and finite, got {args.lr}")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(args, name, None)
+        if v is not None and not 0 < v < 1:  # False for NaN
+            raise UsageError(f"--{name.replace('_', '-')} must lie in (0, 1), got {v}")
     if args.momentum is not None and not 0 <= args.momentum < 1:  # False for NaN
         raise UsageError(f"--momentum must lie in [0, 1), got {args.momentum}")
     if args.weight_decay is not None and not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
@@ -221,10 +269,56 @@ def _holds_other_data(dataset: str, data_dir: Path) -> bool:
     return data_dir.exists() and any(data_dir.iterdir())
 
 
+def images_data(args: argparse.Namespace) -> tuple[str, Path, dict]:
+    """``python -m train.images``'s data: (kind 'folder' or 'tfds', path, `load_dataset` options) from the flags."""
+    if args.tfds and args.data_dir is not None:
+        raise UsageError("give --data-dir (class folders) or --tfds NAME (a TFDS catalog dataset), not both")
+    given = [f for f in ("tfds_data_dir", "image_feature", "label_feature") if getattr(args, f) is not None]
+    if given and not args.tfds:
+        raise UsageError(f"--{given[0].replace('_', '-')} goes with --tfds NAME (a TFDS catalog dataset)")
+    options = {"val_fraction": 0.1 if args.val_fraction is None else args.val_fraction,
+               "test_fraction": 0.1 if args.test_fraction is None else args.test_fraction,
+               "seed": args.seed or 0}  # fmt: skip
+    if not args.tfds:
+        return "folder", Path(args.data_dir), options
+    from delib_jax.data.catalog import default_data_dir
+
+    features = {k: getattr(args, k) for k in ("image_feature", "label_feature") if getattr(args, k) is not None}
+    return "tfds", args.tfds_data_dir or default_data_dir(), {"name": args.tfds, **features, **options}
+
+
+def _check_images_resume(args: argparse.Namespace, stored) -> None:
+    """``train.images --resume``: the data flags given must name the run's data."""
+    options = stored.data_options or {}
+    conflicts = []
+    if args.tfds is not None and (stored.dataset != "tfds" or not _same_tfds(args.tfds, options.get("name", ""))):
+        conflicts.append(f"--tfds {args.tfds} (the run has {options.get('name') or 'class folders'})")
+    if args.tfds_data_dir is not None and Path(args.tfds_data_dir).expanduser().absolute() != Path(stored.data_dir):
+        conflicts.append(f"--tfds-data-dir {args.tfds_data_dir} (the run has {stored.data_dir})")
+    for name in ("test_fraction", "image_feature", "label_feature"):
+        v = getattr(args, name)
+        if v is not None and v != options.get(name):
+            conflicts.append(f"--{name.replace('_', '-')} {v} (the run has {options.get(name)})")
+    if conflicts:
+        raise UsageError("--resume continues the run as configured; drop or fix " + ", ".join(conflicts))
+
+
+def _same_tfds(given: str, recorded: str) -> bool:
+    """Whether --tfds NAME[/CONFIG][:VERSION] names the recorded dataset (NAME[/CONFIG]:VERSION)."""
+    from delib_jax.data.catalog import parse_name
+
+    try:
+        (a, ca, va), (b, cb, vb) = parse_name(given), parse_name(recorded)
+    except ValueError:
+        return False
+    return a == b and (ca is None or ca == cb) and (va is None or va == vb)
+
+
 def make_config(dataset: str, args: argparse.Namespace):
-    """A new run's `RunConfig` from the flags (dataset read for its class names)."""
+    """A new run's `RunConfig` from the flags (dataset read for its class names; for ``train.images`` also its
+    splits, recorded in ``data_options``)."""
     from delib_jax.checkpoint import RunConfig
-    from delib_jax.data import IMAGENET_STATS, load_dataset
+    from delib_jax.data import IMAGENET_STATS, class_names, load_dataset
     from delib_jax.data.transforms import CUB_STATS
 
     arch = args.arch or ("small" if args.synthetic else "resnet50")
@@ -235,14 +329,15 @@ def make_config(dataset: str, args: argparse.Namespace):
         merged.pop("epochs", None)
     if "crop" in given and "resize" not in given:  # keep the crop/resize ratio of 224/256
         merged["resize"] = round(merged["crop"] * 256 / 224)
-    ds = load_dataset(dataset, args.data_dir, report=lambda line: print(line, file=sys.stderr))
-    names = list(ds.class_names if dataset == "cub" else ds.scene_names)
+    kind, path, options = images_data(args) if dataset == IMAGES else (dataset, Path(args.data_dir), None)
+    ds = load_dataset(kind, path, options=options, report=lambda line: print(line, file=sys.stderr))
+    names = list(class_names(ds))
     stats = CUB_STATS if dataset == "cub" else IMAGENET_STATS
     weights = str(Path(args.weights).absolute()) if args.weights else None
     return RunConfig(
-        num_classes=len(names), class_names=names, dataset=dataset, mean=stats.mean, std=stats.std,
-        data_dir=str(Path(args.data_dir).absolute()), synthetic=bool(args.synthetic),
-        **{**merged, "weights": weights},
+        num_classes=len(names), class_names=names, dataset=kind, mean=stats.mean, std=stats.std,
+        data_dir=str(Path(path).expanduser().absolute()), synthetic=bool(args.synthetic),
+        data_options=getattr(ds, "options", None), **{**merged, "weights": weights},
     )  # fmt: skip
 
 
@@ -265,12 +360,20 @@ def check_resume_flags(args: argparse.Namespace, stored, names: Sequence[str] = 
         raise UsageError("--resume continues the run as configured; drop or fix " + ", ".join(conflicts))
 
 
+def _check_command(dataset: str, stored, out: Path) -> None:
+    """``--resume`` with the command that trained the run (train.images for class folders and TFDS catalog data)."""
+    command = IMAGES if stored.dataset in ("folder", "tfds") else stored.dataset
+    if command != dataset:
+        raise UsageError(f"{out} was trained on {stored.dataset} data: continue it with python -m "
+                         f"train.{command} --out {out} --resume")  # fmt: skip
+
+
 def run(dataset: str, argv: Sequence[str] | None) -> int:
     args = build_parser(dataset).parse_args(argv)
     _positive(args)
     if not args.resume:
         _check_crop(args)
-    if not args.resume and not args.synthetic and args.data_dir is None:
+    if not args.resume and not args.synthetic and args.data_dir is None and not getattr(args, "tfds", None):
         raise UsageError(missing_data_message(dataset))
     if args.out is None:
         raise UsageError("--out RUN_DIR is required (where config.json, checkpoints/ and metrics.jsonl go)")
@@ -285,7 +388,10 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
             raise UsageError(f"nothing to resume: {args.out} holds no training run (no config.json); drop --resume "
                              "to start one")  # fmt: skip
         stored = load_run_config(args.out)
+        _check_command(dataset, stored, args.out)
         check_resume_flags(args, stored)
+        if dataset == IMAGES:
+            _check_images_resume(args, stored)
         init_distributed(args)
         if stored.synthetic:
             _synthetic_once(dataset, Path(stored.data_dir))
@@ -299,7 +405,7 @@ def run(dataset: str, argv: Sequence[str] | None) -> int:
             from delib_jax.models import read_state_dict
 
             read_state_dict(args.weights)
-        if not args.synthetic and not Path(args.data_dir).exists():
+        if args.data_dir is not None and not args.synthetic and not Path(args.data_dir).exists():
             raise UsageError(f"--data-dir {args.data_dir} does not exist. " + missing_data_message(dataset))
         init_distributed(args)
         if args.synthetic:
@@ -354,7 +460,19 @@ def build_hardness_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--data-dir", type=Path, help="the release folder (or its parent) or a TFDS build (default: the run's)"
     )
-    run.add_argument("--dataset", choices=tuple(DATASETS), help="default: the run's (required for an imported run)")
+    run.add_argument("--dataset", choices=(*DATASETS, "folder"),
+                     help="cub, ade20k, or folder (class folders in --data-dir); default: the run's (required for an "
+                          "imported run)")  # fmt: skip
+    run.add_argument(
+        "--tfds",
+        metavar="NAME[:VERSION]",
+        help="a TFDS catalog dataset prepared in --tfds-data-dir (ArrayRecord) instead of --data-dir",
+    )
+    run.add_argument(
+        "--tfds-data-dir", type=Path, help="the TFDS data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+    run.add_argument("--image-feature", help="with --tfds: the image feature (default: found from the dataset)")
+    run.add_argument("--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)")
     run.add_argument("--synthetic", action="store_true",
                      help="the synthetic dataset, generated into --data-dir (default: the run's synthetic data, "
                           "else RUN/synthetic_data) if absent")  # fmt: skip
@@ -399,11 +517,18 @@ def run_hardness(argv: Sequence[str] | None) -> int:
             _synthetic_if_absent(stored.dataset, Path(stored.data_dir))
         summary = fit_hardness(run_dir, resume=True, **common)
     else:
-        dataset = args.dataset or run_config.dataset
+        data_options = _hardness_tfds(args)
+        dataset = "tfds" if data_options else args.dataset or run_config.dataset
         if dataset is None:
-            raise UsageError(f"{run_dir} records no dataset (an imported run): give --dataset cub or ade20k and "
-                             "--data-dir")  # fmt: skip
+            raise UsageError(f"{run_dir} records no dataset (an imported run): give --dataset cub, ade20k or folder "
+                             "and --data-dir, or --tfds NAME")  # fmt: skip
+        if args.synthetic and dataset not in DATASETS:
+            raise UsageError(f"--synthetic generates cub or ade20k data, not {dataset}")
         data_dir, synthetic = args.data_dir, args.synthetic
+        if data_options:
+            from delib_jax.data.catalog import default_data_dir
+
+            data_dir = args.tfds_data_dir or default_data_dir()
         if data_dir is None and dataset == run_config.dataset and run_config.data_dir is not None:
             if not synthetic or run_config.synthetic:
                 data_dir, synthetic = Path(run_config.data_dir), synthetic or run_config.synthetic
@@ -415,7 +540,7 @@ def run_hardness(argv: Sequence[str] | None) -> int:
             raise UsageError(f"--data-dir {data_dir} does not exist. " + missing_data_message(dataset))
         options = {name: getattr(args, name) for name in HEAD_FLAGS}
         summary = fit_hardness(run_dir, dataset=dataset, data_dir=data_dir, synthetic=synthetic, retrain=args.retrain,
-                               **options, **common)  # fmt: skip
+                               data_options=data_options, **options, **common)  # fmt: skip
     if summary.get("already_done"):
         print(f"nothing to resume: the hardness head of {run_dir} was trained and committed already")
     print(
@@ -424,6 +549,19 @@ def run_hardness(argv: Sequence[str] | None) -> int:
         f"{summary['test_hardness_loss']:.4f}; {run_dir} has its hardness head (config.json: hardness 'head')"
     )
     return 0
+
+
+def _hardness_tfds(args: argparse.Namespace) -> dict | None:
+    """``train.hardness --tfds NAME``: the catalog dataset's `load_dataset` options (None without --tfds)."""
+    given = [f for f in ("tfds_data_dir", "image_feature", "label_feature") if getattr(args, f) is not None]
+    if not args.tfds:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} goes with --tfds NAME (a TFDS catalog dataset)")
+        return None
+    if args.data_dir is not None or args.dataset is not None or args.synthetic:
+        raise UsageError("--tfds NAME names the data: drop --data-dir, --dataset and --synthetic")
+    features = {k: getattr(args, k) for k in ("image_feature", "label_feature") if getattr(args, k) is not None}
+    return {"name": args.tfds, **features}
 
 
 def _synthetic_if_absent(dataset: str, data_dir: Path) -> Path:

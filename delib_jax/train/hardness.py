@@ -47,6 +47,7 @@ from delib_jax.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    OPTIONED,
     RunCheckpoints,
     RunConfig,
     build_model,
@@ -70,9 +71,9 @@ from delib_jax.train.run import (
     _disk_full,
     _remove_unsaved_start,
     is_disk_full,
-    load_splits,
     make_pipelines,
     prepare_run,
+    run_splits,
     total_steps,
     train_loop,
 )
@@ -126,11 +127,18 @@ def check_run(run_dir: str | Path, *, retrain: bool = False, resume: bool = Fals
 
 
 def hardness_config(
-    run_config: RunConfig, *, dataset: str, data_dir: str | Path, synthetic: bool = False, **given: Any
+    run_config: RunConfig,
+    *,
+    dataset: str,
+    data_dir: str | Path,
+    synthetic: bool = False,
+    data_options: dict | None = None,
+    **given: Any,
 ) -> RunConfig:
     """The configuration of a head's training (``RUN/hardness_training/config.json``): the run's, with a hardness
-    head, the data given and the training hyper-parameters ``given`` (`HEAD_FLAGS`; None: `HEAD_DEFAULTS`, the run's
-    batch size and checkpoint interval, a validation per epoch)."""
+    head, the data given (``data_options``: how class folders or a TFDS catalog dataset are read, resolved) and the
+    training hyper-parameters ``given`` (`HEAD_FLAGS`; None: `HEAD_DEFAULTS`, the run's batch size and checkpoint
+    interval, a validation per epoch)."""
     unknown = set(given) - set(HEAD_FLAGS)
     if unknown:
         raise TypeError(f"unknown hardness training options: {', '.join(sorted(unknown))}")
@@ -141,7 +149,7 @@ def hardness_config(
     merged = {**base, **{k: v for k, v in given.items() if v is not None}}
     return dataclasses.replace(
         run_config, hardness="head", dataset=dataset, data_dir=str(Path(data_dir).absolute()),
-        synthetic=bool(synthetic), **merged,
+        synthetic=bool(synthetic), data_options=data_options, **merged,
     )  # fmt: skip
 
 
@@ -151,6 +159,7 @@ def fit_hardness(
     dataset: str | None = None,
     data_dir: str | Path | None = None,
     synthetic: bool = False,
+    data_options: dict | None = None,
     retrain: bool = False,
     resume: bool = False,
     progress: bool = True,
@@ -166,6 +175,9 @@ def fit_hardness(
       run_dir: the run (config.json and a 'best' checkpoint); its classifier is never changed.
       dataset, data_dir, synthetic: the data (default: the run's dataset and folder); its class count must be the
         run's. Ignored on resume (the training's config.json is authoritative).
+      data_options: how class folders ('folder') or a TFDS catalog dataset ('tfds', its name required) are read
+        (`delib_jax.data.load_dataset`; default: the run's when it is its data, else the run's validation fraction
+        and seed).
       retrain: replace the head of a run that has one (else ValueError).
       resume: continue the training in ``RUN/hardness_training`` from its latest checkpoint, or finish its commit.
       options: lr, batch_size, epochs, steps, checkpoint_every, eval_every (`hardness_config`).
@@ -194,12 +206,15 @@ def fit_hardness(
     else:
         dataset = dataset or run_config.dataset
         if dataset is None:
-            raise ValueError(f"{run_dir} records no dataset (an imported run): give the dataset (--dataset cub|ade20k)")
+            raise ValueError(f"{run_dir} records no dataset (an imported run): give the dataset (--dataset cub, "
+                             "ade20k or folder, or --tfds NAME)")  # fmt: skip
         if data_dir is None:
             if dataset != run_config.dataset or run_config.data_dir is None:
                 raise ValueError(f"no data given for {run_dir}: give the {dataset} folder (--data-dir)")
             data_dir, synthetic = run_config.data_dir, synthetic or run_config.synthetic
-        config = hardness_config(run_config, dataset=dataset, data_dir=data_dir, synthetic=synthetic, **options)
+        data_options = _data_options(run_config, dataset, data_dir, data_options)
+        config = hardness_config(run_config, dataset=dataset, data_dir=data_dir, synthetic=synthetic,
+                                 data_options=data_options, **options)  # fmt: skip
     existed = work.exists()
     quiet_orbax_leftovers()
     try:
@@ -213,6 +228,25 @@ def fit_hardness(
             raise _disk_full(work, config, resumable=(work / CONFIG_FILE).is_file()) from None
         raise
     return {**summary, "wall_s": time.perf_counter() - t_start}
+
+
+def _data_options(run_config: RunConfig, dataset: str, data_dir: str | Path, given: dict | None) -> dict | None:
+    """The resolved `load_dataset` options of the head's data: None for CUB / ADE20K; for class folders and TFDS
+    catalog datasets ``given`` over the run's own (its data) or its validation fraction and seed, read once to
+    resolve them (a catalog dataset's version and features) and to check the data before anything is written."""
+    if dataset not in OPTIONED:
+        if given:
+            raise ValueError(f"{dataset} takes no dataset options, got {', '.join(sorted(given))}")
+        return None
+    from delib_jax.data import load_dataset
+
+    same = dataset == run_config.dataset and Path(data_dir).absolute() == Path(run_config.data_dir or "").absolute()
+    base = dict(run_config.data_options or {}) if same else {"val_fraction": run_config.val_fraction,
+                                                              "seed": run_config.seed}  # fmt: skip
+    if given and "name" in given and base.get("name") and given["name"] != base["name"]:
+        base = {k: v for k, v in base.items() if k in ("val_fraction", "test_fraction", "seed")}
+    ds = load_dataset(dataset, data_dir, options={**base, **(given or {})})
+    return ds.options
 
 
 def _fit_hardness(
@@ -230,7 +264,7 @@ def _fit_hardness(
     """`fit_hardness` once both configurations are known: the data, the class count and the classifier are checked
     before the training's config.json is written."""
     work = run_dir / HARDNESS_DIR
-    splits = load_splits(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
+    splits = run_splits(config)
     names = splits.class_names
     if len(names) != run_config.num_classes:
         raise ValueError(

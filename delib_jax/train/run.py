@@ -33,6 +33,7 @@ from delib_jax.checkpoint import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    OPTIONED,
     CheckpointError,
     RunCheckpoints,
     RunConfig,
@@ -41,8 +42,8 @@ from delib_jax.checkpoint import (
     quiet_orbax_leftovers,
     save_run_config,
 )
-from delib_jax.data import load_dataset
-from delib_jax.data.pipeline import Pipeline, Source, ade20k_source, cub_source, eval_pipeline, train_pipeline
+from delib_jax.data import class_names, dataset_kind, load_dataset
+from delib_jax.data.pipeline import Pipeline, Source, eval_pipeline, train_pipeline
 from delib_jax.progress import progress_bar
 from delib_jax.train.loop import (
     TrainState,
@@ -58,7 +59,8 @@ from delib_jax.train.loop import (
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """Training, validation (carved from the official training split) and test sources, and the class names."""
+    """Training, validation (carved from the official training split, or the dataset's own) and test sources, and
+    the class names."""
 
     train: Source
     val: Source
@@ -80,12 +82,25 @@ def split_validation(train_indices: np.ndarray, fraction: float, seed: int) -> t
     return np.sort(train_indices[perm[n_val:]]), np.sort(train_indices[perm[:n_val]])
 
 
-def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed: int) -> Splits:
-    """Read CUB-200-2011 ('cub') or ADE20K ('ade20k') and split it (raises the readers' DatasetError; ValueError for
-    a CUB class without training images, which the classifier could never learn)."""
+def load_splits(
+    dataset: str,
+    data_dir: str | Path,
+    *,
+    val_fraction: float,
+    seed: int,
+    options: dict | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Splits:
+    """Read ``dataset`` (a kind of `delib_jax.data.KINDS`, with its ``options``) and split it (raises the readers'
+    DatasetError; ValueError for a CUB class without training images, which the classifier could never learn).
+
+    CUB-200-2011 and ADE20K: a validation split of ``val_fraction`` carved from the official training split (seeded);
+    class folders and TFDS catalog datasets: their own train / val / test splits (given, or carved by the reader
+    with the fractions and seed of ``options``). ``report``: `load_dataset`'s."""
+    kind = dataset_kind(dataset)
+    ds = load_dataset(dataset, data_dir, options=options, report=report)
+    names = list(class_names(ds))
     if dataset == "cub":
-        ds, make = load_dataset("cub", data_dir), cub_source
-        names = list(ds.class_names)
         empty = np.flatnonzero(np.bincount(ds.labels[ds.is_train], minlength=len(names)) == 0)
         if len(empty):
             shown = ", ".join(names[i] for i in empty[:5]) + (f" ... ({len(empty)} classes)" if len(empty) > 5 else "")
@@ -93,13 +108,16 @@ def load_splits(dataset: str, data_dir: str | Path, *, val_fraction: float, seed
                 f"{data_dir}: no training images for class {shown} (image_class_labels.txt, train_test_split.txt): "
                 "give every class of classes.txt training images"
             )
-    elif dataset == "ade20k":
-        ds, make = load_dataset("ade20k", data_dir), ade20k_source
-        names = list(ds.scene_names)
-    else:
-        raise ValueError(f"dataset must be 'cub' or 'ade20k', got {dataset!r}")
+    if dataset in OPTIONED:
+        return Splits(kind.source(ds, "train"), kind.source(ds, "val"), kind.source(ds, "test"), names)
     train, val = split_validation(np.flatnonzero(ds.is_train), val_fraction, seed)
-    return Splits(make(ds, indices=train), make(ds, indices=val), make(ds, "test"), names)
+    return Splits(kind.source(ds, indices=train), kind.source(ds, indices=val), kind.source(ds, "test"), names)
+
+
+def run_splits(config: RunConfig) -> Splits:
+    """`load_splits` of the data a run's configuration names."""
+    return load_splits(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed,
+                       options=config.data_options)  # fmt: skip
 
 
 def total_steps(config: RunConfig, steps_per_epoch: int) -> int:
@@ -388,7 +406,7 @@ def _fit(
 ) -> dict[str, Any]:
     """`fit` once the configuration is known: everything that can fail on the data or weights runs before config.json
     of a new run is written."""
-    splits = load_splits(config.dataset, config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
+    splits = run_splits(config)
     mesh = make_mesh()
     train_pipe, evals = make_pipelines(config, splits, mesh, num_threads=num_threads, num_workers=num_workers)
     n_steps = total_steps(config, train_pipe.steps_per_epoch)
@@ -643,6 +661,7 @@ def restore_best(ckpt: RunCheckpoints, like: TrainState, mesh) -> TrainState:
 
 __all__ = [
     "DiskFull", "MetricsLog", "Splits", "TrainingDiverged", "checkpoint_bytes", "evaluate", "fit", "is_disk_full",
-    "load_splits", "make_pipelines", "prepare_run", "restore_best", "restore_train_state", "split_validation",
+    "load_splits", "make_pipelines", "prepare_run", "restore_best", "restore_train_state", "run_splits",
+    "split_validation",
     "total_steps", "train_loop",
 ]  # fmt: skip
