@@ -222,3 +222,22 @@ def test_listing_opens_no_image(tmp_path):
     assert took < 5, took
     with pytest.raises(DatasetError, match="cannot decode|cannot identify|cannot read"):
         read_example(dataset_source("folder", ds, "train"), 0)
+
+
+def test_the_images_benchmark(capsys):
+    """``python -m benchmarks.images``: the CUB reader, its images as class folders and as a catalog dataset, in
+    turns; and the listing of many files."""
+    import json
+
+    from benchmarks import images
+
+    argv = ["--synthetic", "--size", "40", "--images-per-class", "2", "--batch", "2", "--steps", "1", "--rounds", "2",
+            "--crop", "32", "--threads", "2"]  # fmt: skip
+    assert images.main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["source"] for r in records] == ["cub", "folder", "tfds"]
+    assert records[0]["ratio_to_cub"] == 1.0 and all(r["images_per_cpu_s"] > 0 for r in records)
+    assert {r["train_images"] for r in records} == {10}  # the same images from each source
+    assert images.main(["--listing", "500", "--classes", "5", "--rounds", "1"]) == 0
+    listed = json.loads(capsys.readouterr().out.strip())
+    assert listed["files"] == 500 and listed["splits"] == {"train": 400, "val": 50, "test": 50}
