@@ -263,3 +263,32 @@ def test_a_tfds_catalog_dataset_trains_and_explains(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
     model, _ = load_model(run)
     assert model.hardness_kind == "head"
+
+
+def test_the_hardness_head_of_an_imported_run_from_class_folders(folders, tmp_path, capsys):
+    """A run imported from weights (no dataset, no hardness predictor) gets its head from class folders whose
+    classes it has; data it cannot read is one line, with nothing written."""
+    from delib_jax.checkpoint import RunConfig
+    from delib_jax.train.hardness import HARDNESS_DIR
+
+    ds = load_dataset("folder", folders)
+    run = tmp_path / "imported"
+    config = RunConfig(arch="small", num_classes=3, class_names=list(ds.class_names), dataset=None, hardness="none",
+                       crop=32, resize=36, imported_from=str(tmp_path / "weights.pth"), batch_size=4,
+                       checkpoint_every=2)  # fmt: skip
+    _save_random_run(run, config)
+    for argv, message in [
+        ([], "records no dataset (an imported run): give --dataset cub, ade20k or folder"),
+        (["--tfds", "nope", "--tfds-data-dir", tmp_path], "no prepared TFDS dataset 'nope'"),
+        (["--dataset", "folder", "--data-dir", tmp_path / "nowhere"], "does not exist"),
+        (["--tfds", "nope", "--data-dir", folders], "--tfds NAME names the data: drop --data-dir"),
+    ]:
+        code, err = _run(hardness_main, ["--checkpoint", run, "--steps", "2", *argv], capsys)
+        _one_error(code, err, message)
+        assert not (run / HARDNESS_DIR).exists() and load_run_config(run) == config
+    code, err = _run(hardness_main, ["--checkpoint", run, "--dataset", "folder", "--data-dir", folders, "--steps", "2",
+                                     "--no-progress"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert load_run_config(run).hardness == "head"
+    trained = load_run_config(run / HARDNESS_DIR)
+    assert trained.dataset == "folder" and trained.data_options == ds.options
