@@ -221,7 +221,30 @@ def _figure(explanation: Explanation, image: np.ndarray, *, examples, max_insecu
     if quiet and items:
         fig.suptitle(f"{quiet} negligible insecurities not drawn (a class with p < {NEGLIGIBLE_PROBABILITY:.0%})",
                      fontsize=7, color="#777")  # fmt: skip
+    _settle(fig)
     return fig
+
+
+SNAP = 64  # axes are fixed at multiples of 1/SNAP of a pixel
+
+
+def _settle(fig) -> None:
+    """Lay the figure out once (constrained layout), then fix every axes where the layout put it, rounded to 1/SNAP
+    of a pixel, and turn the layout engine off: a figure is a pure function of its inputs. (The layout solver's
+    answer varies in its last bits from one process to another, about 1e-15 of the figure; that moved the
+    anti-aliased edges of the insecurities' outlines by one colour level in some pixels, so that two runs of the
+    same command drew different PNG files.)"""
+    engine = fig.get_layout_engine()
+    if engine is None:
+        return
+    engine.execute(fig)
+    width, height = fig.bbox.width, fig.bbox.height
+    for ax in fig.axes:
+        x0, y0, x1, y1 = ax.get_position(original=True).extents
+        x0, x1 = (round(v * width * SNAP) / (width * SNAP) for v in (x0, x1))
+        y0, y1 = (round(v * height * SNAP) / (height * SNAP) for v in (y0, y1))
+        ax.set_position((x0, y0, x1 - x0, y1 - y0), which="both")
+    fig.set_layout_engine("none")
 
 
 def figure_png(explanation: Explanation, image: np.ndarray, **kw) -> bytes:
