@@ -15,7 +15,7 @@ writer_shares_img_s (the readable strengths the writer computes, alone),
 figures_s_per_core (figures drawn by one process),
 bytes_per_image (the explanations folder), max_rss_mb (this process's peak). Random weights without --checkpoint.
 
-    python -m benchmarks.explain --memory --images 1000 10000 100000 [--figures]
+    python -m benchmarks.explain --memory [--images 50 1600 10000] [--repeats 3] [--figures]
 
 measures instead the peak memory of all the job's processes at each image count, and how soon a resume starts
 (`benchmarks.explain_memory`).
@@ -247,7 +247,8 @@ def main(argv=None) -> int:
         "--data-dir", help="explain a split of CUB instead: its release folder or a TFDS build (e.g. pre-resized)"
     )
     p.add_argument("--split", choices=("test", "train"), default="test", help="with --data-dir (default: test)")
-    p.add_argument("--images", type=int, nargs="+", default=[200], help="images (with --memory: several counts)")
+    p.add_argument("--images", type=int, nargs="+", default=None,
+                   help="images (default 200; with --memory: several counts, default 50 1600 10000)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=1, help="with --memory: runs per image count (medians)")
     p.add_argument(
         "--figures-stub",
@@ -273,10 +274,10 @@ def main(argv=None) -> int:
         from benchmarks import explain_memory
 
         figures = "stub" if args.figures_stub else args.figures
-        result = explain_memory.run(args.images, figures, repeats=args.repeats)
+        result = explain_memory.run(args.images or list(explain_memory.COUNTS), figures, repeats=args.repeats)
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return 0
-    args.images = args.images[0]
+    args.images = (args.images or [200])[0]
     result = run(args)
     print(json.dumps(result) if args.json else "\n".join(f"{k:>18}: {v}" for k, v in result.items()))
     return 0

@@ -409,6 +409,9 @@ _IMAGE_HINT = (".jpg", ".png", ".tif", ".bmp", ".webp")
 
 def _run_explain(args: argparse.Namespace) -> int:
     _check_explain_args(args)
+    from delib_jax import _malloc
+
+    _malloc.bound_heap()  # before the model is loaded (`delib_jax._malloc`)
     from tqdm import tqdm
 
     from delib_jax import _xla

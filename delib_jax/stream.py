@@ -35,7 +35,7 @@ from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from delib_jax import _multihost, _reader
+from delib_jax import _malloc, _multihost, _reader
 from delib_jax import store as st
 from delib_jax.data.transforms import IMAGENET_STATS, Normalization
 from delib_jax.job.device import DeviceStep
@@ -131,6 +131,7 @@ def explain_files(
     from delib_jax.checkpoint import check_model_config
     from delib_jax.models import split_leaves
 
+    _malloc.bound_heap()  # XLA's per-batch temporaries returned when freed, not kept (`delib_jax._malloc`)
     model = ex.as_model(model)
     check_model_config(model, config)  # a model of another run: one line, before anything is compiled or written
     out = Path(out)

@@ -43,8 +43,8 @@ def test_repeated_runs_give_medians_and_their_growth(monkeypatch, tmp_path):
             out.mkdir(parents=True, exist_ok=True)
             (out / "done").touch()
             order.append(n)
-            return {"max_rss_mb": next(peaks), "hwm_mb": 600.0 + n, "wall_s": 1.0, "resuming_s": None,
-                    "plan_s": None}  # fmt: skip
+            return {"max_rss_mb": next(peaks), "hwm_mb": 600.0 + n, "main_hwm_mb": 400.0 + n, "wall_s": 1.0,
+                    "resuming_s": None, "plan_s": None}  # fmt: skip
         return {"max_rss_mb": 400.0, "hwm_mb": 450.0, "wall_s": 1.0, "resuming_s": 2.0 + n / 10, "plan_s": 0.1}
 
     monkeypatch.setattr(explain_memory, "measure", fake_measure)
@@ -57,4 +57,5 @@ def test_repeated_runs_give_medians_and_their_growth(monkeypatch, tmp_path):
     assert small["max_rss_mb"] == [500.0, 530.0, 540.0] and large["max_rss_mb"] == [520.0, 505.0, 510.0]
     assert small["median_max_rss_mb"] == 530.0 and large["median_max_rss_mb"] == 510.0
     assert result["growth"] == round(510 / 530 - 1, 4) and result["growth_hwm"] == round(620 / 610 - 1, 4)
+    assert large["main_hwm_mb"] == [420.0] * 3 and result["growth_main_hwm"] == round(420 / 410 - 1, 4)
     assert small["resume_s"] == [3.0] * 3 and large["plan_s"] == [0.1] * 3 and result["repeats"] == 3
