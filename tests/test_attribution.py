@@ -140,7 +140,7 @@ def test_generic_path_on_smooth_head_matches_brute_force():
             ref = _reference(clf, None, a, "entropy", second)
             got = attribute(clf, a, score="entropy", second_order=second, **EQ2)
             assert _rel_err(got.maps, ref) <= 1e-6
-        with pytest.raises(ValueError, match="needs a PoolMLPHead"):
+        with pytest.raises(ValueError, match="needs a head with exact per-location derivatives"):
             attribute(clf, a, score="entropy", path="fast")
 
 

@@ -626,6 +626,25 @@ def test_random_damage_three_views_agree_and_one_resume_repairs(clean):
     check()
 
 
+def test_a_manifest_whose_seal_or_run_id_is_blanked_is_repaired_by_one_resume(clean):
+    """Spaces over the manifest's seal or run id (what the property test found on CI): the manifest may still parse,
+    without its seal, with a key renamed or the run id gone. That is damage, not another model: one resume writes
+    the manifest anew, explains everything again, and the folder verifies clean and serves the clean run."""
+    files, clean_out, expected, _ = clean
+    content = (clean_out / st.MANIFEST).read_bytes()
+    for key in (b'"check"', b'"run"'):
+        for shift in range(-6, 7, 3):
+            at = content.find(key) + shift
+            with tempfile.TemporaryDirectory() as d:
+                out = Path(d) / "out"
+                shutil.copytree(clean_out, out, symlinks=True)
+                (out / st.MANIFEST).write_bytes(content[:at] + b" " * 44 + content[at + 44 :])
+                synthetic_job(out, files)
+                verdict = st.verify_folder(out)
+                assert not verdict.problems, (key, shift, verdict)
+                assert stored(out) == expected, (key, shift)
+
+
 # ---------------------------------------------------------------------------------------------- the real job
 
 

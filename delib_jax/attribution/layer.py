@@ -134,8 +134,8 @@ def resolve_order(order: str, head, second: str | None, num_locations: int, num_
     if order != "auto":
         if order == "tangent" and not has_taylor(head, second):
             raise ValueError(
-                f"order='tangent' needs a head with exact per-location logit derivatives (`taylor`: PoolMLPHead, "
-                f"NormHead, the ViT head), got {type(head).__name__}; use order='forward' or 'reverse'"
+                f"order='tangent' needs a head with logit tangents and their exact derivatives (`taylor`: "
+                f"PoolMLPHead, NormHead, the ViT head), got {type(head).__name__}; use order='forward' or 'reverse'"
             )
         return order
     if has_taylor(head, second):

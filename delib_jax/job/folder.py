@@ -133,15 +133,16 @@ def check_manifest(out: Path, manifest: dict[str, Any], report: Callable[[str], 
     try:
         previous = st.read_manifest(out)
     except st.StoreDamage as e:
-        path = out / st.MANIFEST
-        if not path.is_file() or path.is_symlink() or not _ours(out):
-            raise JobError(f"{e}; move it away, or choose another --out") from None
-        run = hashlib.blake2b(path.read_bytes() + b"\0repaired", digest_size=16).hexdigest()
-        st.replace_manifest(out, st.sealed_manifest({**manifest, "run": run}))
-        (report or _notices.setdefault(out, []).append)(
-            f"{e}: written anew; every stored result of this folder is explained again"
-        )
-        return run
+        return _repair_manifest(out, manifest, e, report)
+    if previous is not None and "check" not in previous:
+        # Unsealed: a manifest of an earlier version, or a sealed one whose seal the damage took away. Keys this
+        # version never writes, or a run id / settings the layout cannot read, are damage, not another model.
+        try:
+            st.layout(previous, out / st.MANIFEST)
+            if set(previous) - set(manifest) - {"run"}:
+                raise st.StoreDamage(out / st.MANIFEST, "the manifest holds fields no delib explain writes")
+        except st.StoreDamage as e:
+            return _repair_manifest(out, manifest, e, report)
     if previous is None:
         st._no_follow(out / st.MANIFEST, out)
         run = st.new_run_id()
@@ -161,6 +162,21 @@ def check_manifest(out: Path, manifest: dict[str, Any], report: Callable[[str], 
             "choose another --out or empty that folder"
         )
     st.layout({**previous, "run": run}, out / st.MANIFEST)  # a damaged run id or settings: one line
+    return run
+
+
+def _repair_manifest(out: Path, manifest: dict[str, Any], damage: Exception, report) -> str:
+    """Write a damaged OUT/manifest.json of a folder of explanations anew (a new run id derived from the damaged
+    bytes, so that processes of one job finding the same damage write the same manifest); `JobError` where the file
+    is not the job's to repair. Returns the new run id."""
+    path = out / st.MANIFEST
+    if not path.is_file() or path.is_symlink() or not _ours(out):
+        raise JobError(f"{damage}; move it away, or choose another --out") from None
+    run = hashlib.blake2b(path.read_bytes() + b"\0repaired", digest_size=16).hexdigest()
+    st.replace_manifest(out, st.sealed_manifest({**manifest, "run": run}))
+    (report or _notices.setdefault(out, []).append)(
+        f"{damage}: written anew; every stored result of this folder is explained again"
+    )
     return run
 
 

@@ -84,7 +84,10 @@ class WindowAttention(nnx.Module):
         """Relative position bias (heads, N, N) of one window, N = wh ww."""
         n = self.window[0] * self.window[1]
         table = self.relative_position_bias_table[...]
-        return table[self.relative_position_index].reshape(n, n, -1).transpose(2, 0, 1)
+        # int32 rows (the table is small): a numpy int64 index met JAX's int32 indices after x64 had been on and off
+        # in one process ("lax.add requires the same dtypes")
+        rows = np.asarray(self.relative_position_index, np.int32)
+        return jnp.take(table, rows, axis=0).reshape(n, n, -1).transpose(2, 0, 1)
 
     def __call__(self, x: Array) -> Array:
         b, h, w, c = x.shape
