@@ -15,7 +15,7 @@ writer_shares_img_s (the readable strengths the writer computes, alone),
 figures_s_per_core (figures drawn by one process),
 bytes_per_image (the explanations folder), max_rss_mb (this process's peak). Random weights without --checkpoint.
 
-    python -m benchmarks.explain --memory [--images 50 1600 10000] [--repeats 3] [--figures]
+    python -m benchmarks.explain --memory [--images 50 1600 10000] [--repeats 3] [--figures] [--class-folders]
 
 measures instead the peak memory of all the job's processes at each image count, and how soon a resume starts
 (`benchmarks.explain_memory`).
@@ -255,6 +255,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="with --memory: figures on, each written as a plain PNG instead of drawn (benchmarks/explain_memory.py)",
     )
+    p.add_argument(
+        "--class-folders",
+        action="store_true",
+        help="with --memory: the images as the test split of class folders, explained by split (delib explain --data-dir)",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=200)
     p.add_argument("--crop", type=int, default=224)
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
         from benchmarks import explain_memory
 
         figures = "stub" if args.figures_stub else args.figures
-        result = explain_memory.run(args.images or list(explain_memory.COUNTS), figures, repeats=args.repeats)
+        result = explain_memory.run(args.images or list(explain_memory.COUNTS), figures, repeats=args.repeats,
+                                    class_folders=args.class_folders)  # fmt: skip
         print(json.dumps(result) if args.json else json.dumps(result, indent=1))
         return 0
     args.images = (args.images or [200])[0]

@@ -37,7 +37,7 @@ def test_repeated_runs_give_medians_and_their_growth(monkeypatch, tmp_path):
     peaks = iter([500.0, 520.0, 530.0, 505.0, 540.0, 510.0])  # first runs of 10, 20, then resumes: see below
     order: list[int] = []
 
-    def fake_measure(folder, out, figures, batch, limit):
+    def fake_measure(folder, out, figures, batch, limit, layout="files"):
         n = sum(1 for _ in folder.rglob("*.png"))
         if not (out / "done").exists():  # the first run of this folder
             out.mkdir(parents=True, exist_ok=True)
