@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--class-folders",
         action="store_true",
-        help="with --memory: the images as the test split of class folders, explained by split (delib explain --data-dir)",
+        help="with --memory: the images as the test split of class folders, explained as delib explain --data-dir does",
     )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--classes", type=int, default=200)
