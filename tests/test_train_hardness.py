@@ -2,6 +2,7 @@
 stay bit for bit, the head trains (its validation loss falls), the run's checkpoints and config.json gain it (and a
 kill at any point leaves the run loadable), resume after Ctrl-C or a kill is exact, errors are one line."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -123,8 +124,10 @@ def test_errors_are_one_line_and_write_nothing(data, tmp_path, capsys):
     assert "separate hardness network" in _error(["--checkpoint", network], capsys)
 
     four = config_only(tmp_path / "four", data, num_classes=4)  # a classifier of 4 classes, a dataset of 3
+    config = load_run_config(four)
+    save_run_config(four, dataclasses.replace(config, class_names=["a", *config.class_names[1:]]))  # one not its
     err = _error(["--checkpoint", four, "--steps", "2"], capsys)
-    assert "has 3 classes, the classifier of" in err and " 4: give the dataset it was trained on" in err
+    assert "has 3 classes, the classifier of" in err and " 4, and class '001.Pink_Winged_Finch' is not one" in err
     assert "nothing to resume" in _error(["--checkpoint", four, "--resume"], capsys)
 
     head = config_only(tmp_path / "head", data, hardness="head")
@@ -326,4 +329,83 @@ def test_an_imported_run_gets_a_head_from_the_dataset_named(trained, data, tmp_p
     with RunCheckpoints(run, create=False) as ckpt:
         assert ckpt.step("latest") is None and ckpt.step("best") == 0
     np.testing.assert_array_equal(logits(before), logits(run))
+    assert load_model(run)[0].hardness_kind == "head"
+
+
+# --------------------------------------------------------------------------------------- classes matched by name
+
+
+def test_match_classes_by_name_never_guesses():
+    from delib_jax.data import match_classes
+
+    model = ["tench", "great white shark", "crane", "Tiger Cat", "crane"]  # ImageNet names "crane" twice
+    mapping, why = match_classes(["great_white_shark", "tiger-cat", "tench"], model)
+    assert why == "" and mapping.tolist() == [1, 3, 0] and mapping.dtype == np.int64
+    assert match_classes(["Tiger Cat", "tench"], model)[0].tolist() == [3, 0]  # exact names first
+    assert match_classes(["shark", "tench"], model) == (None, "class 'shark' is not one of the model's 5 classes")
+    assert match_classes(["crane"], model) == (None, "class 'crane' could be the model's class 2 ('crane') and 4 "
+                                                     "('crane')")  # fmt: skip
+    assert match_classes(["tench", "TENCH "], model) == (None, "classes 'tench' and 'TENCH ' are both the model's "
+                                                               "'tench'")  # fmt: skip
+
+
+def test_relabel_maps_a_subset_by_name_and_a_full_set_by_index(data, tmp_path):
+    from delib_jax.train.hardness import relabel
+    from delib_jax.train.run import load_splits
+
+    folders = tmp_path / "folders"
+    for k, name in enumerate(("002.yellow winged warbler", "EXTRA_1")):
+        (folders / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (40 * k, 9 * i, 0)).save(folders / name / f"{i}.png")
+    splits = load_splits("folder", folders, val_fraction=0.1, seed=0, options={"test_fraction": 0.2})
+    model = [*load_cub(data).class_names, "extra 0", "extra 1"]
+    moved, note = relabel(splits, model, "the folders", Path("RUN"))
+    assert note == ("the 2 classes of the folders are matched to the classifier's 5 by name; '002.yellow winged "
+                    "warbler' is '002.Yellow_Winged_Warbler'")  # fmt: skip
+    assert moved.class_names == ["002.Yellow_Winged_Warbler", "extra 1"]
+    for a, b in ((moved.train, splits.train), (moved.val, splits.val), (moved.test, splits.test)):
+        np.testing.assert_array_equal(a.labels, np.array([1, 4])[b.labels])
+        assert a.image_paths == b.image_paths
+    same, note = relabel(splits, ["x", "y"], "the folders", Path("RUN"))  # as many classes, other names
+    assert same is splits and note.endswith("labels are matched by index") and "class '002.yellow" in note
+    assert relabel(splits, list(splits.class_names), "the folders", Path("RUN")) == (splits, "")
+
+
+@pytest.mark.slow
+def test_an_imported_run_gets_a_head_from_class_folders_of_some_of_its_classes(trained, data, tmp_path, capsys,
+                                                                               monkeypatch):  # fmt: skip
+    """Class folders named as two of an imported classifier's three classes (spelled as folders are): the head
+    trains on labels that are the classifier's indices, said in one note."""
+    from delib_jax.checkpoint import write_run
+    from delib_jax.train import hardness
+
+    before, _, _ = trained
+    model, config = load_model(before)
+    imported = dataclasses.replace(config, dataset=None, data_dir=None, synthetic=False, imported_from="/x/w.pth")
+    run = write_run(tmp_path / "run", model, imported)
+    folders = tmp_path / "folders"
+    cub = load_cub(data)
+    for c, name in ((2, "003.green winged sparrow"), (0, "001.PINK_WINGED_FINCH")):
+        (folders / name).mkdir(parents=True)
+        for i in np.flatnonzero(cub.labels == c):
+            Image.open(cub.image_paths[i]).save(folders / name / f"{i}.png")
+    seen = []
+
+    def pipelines(config, splits, *args, **kwargs):
+        seen.append(splits)
+        return make_pipelines(config, splits, *args, **kwargs)
+
+    make_pipelines = hardness.make_pipelines
+    monkeypatch.setattr(hardness, "make_pipelines", pipelines)
+    argv = ["--checkpoint", run, "--dataset", "folder", "--data-dir", folders, "--steps", "4", "--batch-size", "4",
+            "--no-progress", "--threads", "2"]  # fmt: skip
+    assert hardness_main([str(a) for a in argv]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the 2 classes of {folders} (folder) are matched to the classifier's 3 by name; " in err
+    assert "'001.PINK_WINGED_FINCH' is '001.Pink_Winged_Finch'" in err  # the first class named otherwise
+    (splits,) = seen
+    for source in (splits.train, splits.val, splits.test):
+        want = [0 if "/001.PINK_WINGED_FINCH/" in p else 2 for p in map(str, source.image_paths)]
+        assert source.labels.tolist() == want and len(want)
     assert load_model(run)[0].hardness_kind == "head"

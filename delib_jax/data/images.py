@@ -220,6 +220,37 @@ def check_classes(title: str, class_names: Sequence[str]) -> None:
             )
 
 
+def _name_key(name: str) -> str:
+    """A class name as folders spell it loosely: case, underscores, hyphens and runs of spaces ignored."""
+    return " ".join(str(name).replace("_", " ").replace("-", " ").casefold().split())
+
+
+def match_classes(data_names: Sequence[str], model_names: Sequence[str]) -> tuple[np.ndarray | None, str]:
+    """Each of the data's classes as a class of a model, by name: ((C_data,) int64 model class index, "") when every
+    data class names exactly one model class (the same name, or the same up to case, ``_``, ``-`` and spaces:
+    folder ``great_white_shark`` is ImageNet's "great white shark"), else (None, one line saying which class does
+    not and why). A subset of the model's classes, or the same classes in another order, maps; indices are never
+    guessed."""
+    exact: dict[str, list[int]] = {}
+    loose: dict[str, list[int]] = {}
+    for k, n in enumerate(model_names):
+        exact.setdefault(str(n), []).append(k)
+        loose.setdefault(_name_key(n), []).append(k)
+    out = np.empty(len(data_names), np.int64)
+    taken: dict[int, str] = {}
+    for i, name in enumerate(data_names):
+        found = exact.get(str(name)) or loose.get(_name_key(name), [])
+        if not found:
+            return None, f"class {name!r} is not one of the model's {len(model_names)} classes"
+        if len(found) > 1:
+            both = " and ".join(f"{k} ({model_names[k]!r})" for k in found[:2])
+            return None, f"class {name!r} could be the model's class {both}"
+        if found[0] in taken:
+            return None, f"classes {taken[found[0]]!r} and {name!r} are both the model's {model_names[found[0]]!r}"
+        out[i], taken[found[0]] = found[0], str(name)
+    return out, ""
+
+
 def image_source(ds: ImageDataset, split: str = "train", *, indices: np.ndarray | None = None):
     """The pipeline `Source` of ``split`` of ``ds`` (or of explicit example ``indices``)."""
     from delib_jax.data.pipeline import Source
@@ -245,5 +276,6 @@ def with_options(options: Mapping[str, Any] | None, **defaults: Any) -> dict[str
 
 __all__ = [
     "DEFAULT_TEST_FRACTION", "DEFAULT_VAL_FRACTION", "SPLITS", "SPLIT_NAMES", "ImageDataset", "Names", "carve",
-    "check_classes", "check_fractions", "hash_order", "image_source", "quotas", "split_name", "with_options",
+    "check_classes", "check_fractions", "hash_order", "image_source", "match_classes", "quotas", "split_name",
+    "with_options",
 ]  # fmt: skip

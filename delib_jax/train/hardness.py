@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from delib_jax.checkpoint import (
     quiet_orbax_leftovers,
     save_run_config,
 )
+from delib_jax.data import match_classes
 from delib_jax.models import DeliberativeModel, hardness_head
 from delib_jax.train.loop import (
     HEAD_PARAMS,
@@ -68,6 +69,7 @@ from delib_jax.train.loop import (
     make_optimizer,
 )
 from delib_jax.train.run import (
+    Splits,
     _disk_full,
     _remove_unsaved_start,
     is_disk_full,
@@ -173,8 +175,8 @@ def fit_hardness(
 
     Args:
       run_dir: the run (config.json and a 'best' checkpoint); its classifier is never changed.
-      dataset, data_dir, synthetic: the data (default: the run's dataset and folder); its class count must be the
-        run's. Ignored on resume (the training's config.json is authoritative).
+      dataset, data_dir, synthetic: the data (default: the run's dataset and folder); its classes are the run's,
+        or matched to them (`relabel`). Ignored on resume (the training's config.json is authoritative).
       data_options: how class folders ('folder') or a TFDS catalog dataset ('tfds', its name required) are read
         (`delib_jax.data.load_dataset`; default: the run's when it is its data, else the run's validation fraction
         and seed).
@@ -249,6 +251,31 @@ def _data_options(run_config: RunConfig, dataset: str, data_dir: str | Path, giv
     return ds.options
 
 
+def relabel(splits: Splits, model_names: Sequence[str], title: str, run_dir: Path) -> tuple[Splits, str]:
+    """``splits`` with labels that are the classifier's class indices, and a line to say how they were matched ("" when
+    the classes are the classifier's). By name where every class of the data is one of the classifier's (a subset,
+    or another order: `delib_jax.data.match_classes`); else by index where the counts agree (ImageNet's class
+    folders are named by WordNet ID, in the order of its class indices); else ValueError (one line)."""
+    names = list(splits.class_names)
+    if names == [str(n) for n in model_names]:
+        return splits, ""
+    mapping, why = match_classes(names, model_names)
+    if mapping is None:
+        if len(names) == len(model_names):
+            return splits, f"the class names of {title} are not {run_dir}'s ({why}); labels are matched by index"
+        raise ValueError(
+            f"{title} has {len(names)} classes, the classifier of {run_dir} {len(model_names)}, and {why}: give "
+            "the dataset it was trained on, or class folders named as its classes"
+        )
+    moved = {f: dataclasses.replace(getattr(splits, f), labels=mapping[getattr(splits, f).labels])
+             for f in ("train", "val", "test")}  # fmt: skip
+    renamed = next((f"{n!r} is {model_names[k]!r}" for n, k in zip(names, mapping) if n != model_names[k]), None)
+    how = f"; {renamed}" if renamed else ""
+    return dataclasses.replace(splits, **moved, class_names=[str(model_names[k]) for k in mapping]), (
+        f"the {len(names)} classes of {title} are matched to the classifier's {len(model_names)} by name{how}"
+    )
+
+
 def _fit_hardness(
     run_dir: Path,
     run_config: RunConfig,
@@ -265,15 +292,9 @@ def _fit_hardness(
     before the training's config.json is written."""
     work = run_dir / HARDNESS_DIR
     splits = run_splits(config)
-    names = splits.class_names
-    if len(names) != run_config.num_classes:
-        raise ValueError(
-            f"{config.data_dir} ({config.dataset}) has {len(names)} classes, the classifier of {run_dir} "
-            f"{run_config.num_classes}: give the dataset it was trained on (--data-dir, --dataset)"
-        )
-    if list(names) != list(run_config.class_names) and not resume:
-        print(f"note: the class names of {config.data_dir} differ from {run_dir}'s; labels are matched by index",
-              file=sys.stderr)  # fmt: skip
+    splits, note = relabel(splits, run_config.class_names, f"{config.data_dir} ({config.dataset})", run_dir)
+    if note and not resume:
+        print(f"note: {note}", file=sys.stderr)
     mesh = make_mesh()
     train_pipe, evals = make_pipelines(config, splits, mesh, num_threads=num_threads, num_workers=num_workers)
     n_steps = total_steps(config, train_pipe.steps_per_epoch)
