@@ -59,7 +59,7 @@ def test_read_by_name_the_newest_version(data_dir):
     assert ds.counts() == {"train": 12, "val": 3, "test": 6}
     assert lines[0] == f"data: the TFDS dataset tiny_shapes:1.1.0 in {data_dir}: 21 images of 3 classes; 12 train, " \
                        "3 val, 6 test"  # fmt: skip
-    assert lines[1].endswith("its splits extra (not train, validation or test)")
+    assert lines[1].endswith("its splits extra (not train, validation or test; --tfds-split maps one)")
     assert ds.options == {"name": "tiny_shapes:1.1.0", "image_feature": "image", "label_feature": "label",
                           "splits": {"train": "train", "val": "validation", "test": "test"}, "val_fraction": 0.1,
                           "test_fraction": 0.1, "seed": 0}  # fmt: skip

@@ -234,12 +234,28 @@ def test_a_tfds_catalog_dataset_trains_and_explains(tmp_path, capsys):
 
     data = tmp_path / "tensorflow_datasets"
     examples = {split: [(jpeg(_pixels(k % 3, k)), k % 3) for k in range(n)] for split, n in
-                (("train", 18), ("test", 6))}  # fmt: skip
+                (("train", 18), ("test", 6), ("extra", 3))}  # fmt: skip
     prepare("tiny_birds", data, examples, list(CLASSES))
     run = tmp_path / "run"
     argv = ["--tfds", "tiny_birds", "--tfds-data-dir", data, "--out", run, "--steps", "2", *SMALL]
     code, err = _run(lambda a: train("images", a), argv, capsys)
     assert code == 0 and "18 train, 0 val" not in err and "2 val (carved)" in err, err
+    assert "its splits extra (not train, validation or test; --tfds-split maps one)" in err
+    # its other split taken as the test split, from the command line; bad mappings are one line
+    mapped = tmp_path / "mapped"
+    base = ["--tfds", "tiny_birds", "--tfds-data-dir", data, "--out", mapped, "--steps", "2", *SMALL]
+    twice = "--tfds-split names test twice: give each of train, val and test once"
+    for extra, message in [(["test"], "'test' is not OURS=THEIRS"), (["tests=extra"], "'tests=extra' is not OURS"),
+                           (["train=train", "test=nope"], "cannot map splits 'nope'"),
+                           (["test=extra", "testing=test"], twice)]:  # fmt: skip
+        flags = [x for pair in extra for x in ("--tfds-split", pair)]
+        code, err = _run(lambda a: train("images", a), [*base, *flags], capsys)
+        _one_error(code, err, message)
+        assert not mapped.exists()
+    flags = ["--tfds-split", "train=train", "--tfds-split", "test=extra"]
+    code, err = _run(lambda a: train("images", a), [*base, *flags], capsys)
+    assert code == 0 and "16 train, 2 val (carved), 3 test" in err and "its splits test (not mapped)" in err, err
+    assert load_run_config(mapped).data_options["splits"] == {"train": "train", "test": "extra"}
     config = load_run_config(run)
     assert config.dataset == "tfds" and config.data_dir == str(data) and config.class_names == list(CLASSES)
     assert config.data_options["name"] == "tiny_birds:1.0.0" and config.data_options["label_feature"] == "label"
@@ -282,6 +298,7 @@ def test_the_hardness_head_of_an_imported_run_from_class_folders(folders, tmp_pa
         (["--tfds", "nope", "--tfds-data-dir", tmp_path], "no prepared TFDS dataset 'nope'"),
         (["--dataset", "folder", "--data-dir", tmp_path / "nowhere"], "does not exist"),
         (["--tfds", "nope", "--data-dir", folders], "--tfds NAME names the data: drop --data-dir"),
+        (["--dataset", "folder", "--data-dir", folders, "--tfds-split", "test=extra"], "--tfds-split goes with --tfds"),
     ]:
         code, err = _run(hardness_main, ["--checkpoint", run, "--steps", "2", *argv], capsys)
         _one_error(code, err, message)

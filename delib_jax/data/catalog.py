@@ -242,7 +242,8 @@ def load_catalog(
     split_a = carve(np.concatenate(split_ix), labels_a, names, missing=missing, val_fraction=val_fraction,
                     test_fraction=test_fraction, seed=seed)  # fmt: skip
     unused = [s for s in theirs if s not in mapping.values()]
-    notes = (f"left out of {title}: its splits {', '.join(unused)} (not train, validation or test)",) if unused else ()
+    why = "not train, validation or test; --tfds-split maps one" if splits is None else "not mapped"
+    notes = (f"left out of {title}: its splits {', '.join(unused)} ({why})",) if unused else ()
     options = {
         "name": full, "image_feature": image_feature,
         "label_feature": label_feature, "splits": mapping, "val_fraction": float(val_fraction),

@@ -83,6 +83,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
         data.add_argument(
             "--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)"
         )
+        data.add_argument("--tfds-split", action="append", metavar="OURS=THEIRS",
+                          help="with --tfds: take the dataset's split THEIRS as train, val or test (repeat for each; "
+                               "default: its splits by name, the rest left out)")  # fmt: skip
         data.add_argument("--test-fraction", type=float,
                           help="where the data gives no test split: each class's share carved for test (default "
                                "0.1; seeded by --seed, recorded in the run)")  # fmt: skip
@@ -273,7 +276,9 @@ def images_data(args: argparse.Namespace) -> tuple[str, Path, dict]:
     """``python -m train.images``'s data: (kind 'folder' or 'tfds', path, `load_dataset` options) from the flags."""
     if args.tfds and args.data_dir is not None:
         raise UsageError("give --data-dir (class folders) or --tfds NAME (a TFDS catalog dataset), not both")
-    given = [f for f in ("tfds_data_dir", "image_feature", "label_feature") if getattr(args, f) is not None]
+    given = [
+        f for f in ("tfds_data_dir", "image_feature", "label_feature", "tfds_split") if getattr(args, f) is not None
+    ]
     if given and not args.tfds:
         raise UsageError(f"--{given[0].replace('_', '-')} goes with --tfds NAME (a TFDS catalog dataset)")
     options = {"val_fraction": 0.1 if args.val_fraction is None else args.val_fraction,
@@ -283,8 +288,33 @@ def images_data(args: argparse.Namespace) -> tuple[str, Path, dict]:
         return "folder", Path(args.data_dir), options
     from delib_jax.data.catalog import default_data_dir
 
-    features = {k: getattr(args, k) for k in ("image_feature", "label_feature") if getattr(args, k) is not None}
-    return "tfds", args.tfds_data_dir or default_data_dir(), {"name": args.tfds, **features, **options}
+    return "tfds", args.tfds_data_dir or default_data_dir(), {"name": args.tfds, **_tfds_features(args), **options}
+
+
+def _tfds_splits(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--tfds-split OURS=THEIRS`` (repeated) -> {ours: theirs}, ours one of train, val, test; `UsageError` (one
+    line) otherwise; None when not given."""
+    from delib_jax.data import split_name
+
+    if not args.tfds_split:
+        return None
+    splits: dict[str, str] = {}
+    for text in args.tfds_split:
+        ours, eq, theirs = text.partition("=")
+        ours = split_name(ours.strip())
+        if not eq or not theirs.strip() or ours is None:
+            raise UsageError(f"--tfds-split {text!r} is not OURS=THEIRS with OURS train, val or test (e.g. test=extra)")
+        if ours in splits:
+            raise UsageError(f"--tfds-split names {ours} twice: give each of train, val and test once")
+        splits[ours] = theirs.strip()
+    return splits
+
+
+def _tfds_features(args: argparse.Namespace) -> dict:
+    """--image-feature, --label-feature and --tfds-split as `load_dataset` options (those given)."""
+    out = {k: getattr(args, k) for k in ("image_feature", "label_feature") if getattr(args, k) is not None}
+    splits = _tfds_splits(args)
+    return out if splits is None else {**out, "splits": splits}
 
 
 def _check_images_resume(args: argparse.Namespace, stored) -> None:
@@ -299,6 +329,10 @@ def _check_images_resume(args: argparse.Namespace, stored) -> None:
         v = getattr(args, name)
         if v is not None and v != options.get(name):
             conflicts.append(f"--{name.replace('_', '-')} {v} (the run has {options.get(name)})")
+    splits = _tfds_splits(args)
+    if splits is not None and splits != options.get("splits"):
+        given = " ".join(f"{k}={v}" for k, v in splits.items())
+        conflicts.append(f"--tfds-split {given} (the run has {options.get('splits')})")
     if conflicts:
         raise UsageError("--resume continues the run as configured; drop or fix " + ", ".join(conflicts))
 
@@ -473,6 +507,12 @@ def build_hardness_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--image-feature", help="with --tfds: the image feature (default: found from the dataset)")
     run.add_argument("--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)")
+    run.add_argument(
+        "--tfds-split",
+        action="append",
+        metavar="OURS=THEIRS",
+        help="with --tfds: take the dataset's split THEIRS as train, val or test (repeat for each)",
+    )
     run.add_argument("--synthetic", action="store_true",
                      help="the synthetic dataset, generated into --data-dir (default: the run's synthetic data, "
                           "else RUN/synthetic_data) if absent")  # fmt: skip
@@ -553,15 +593,16 @@ def run_hardness(argv: Sequence[str] | None) -> int:
 
 def _hardness_tfds(args: argparse.Namespace) -> dict | None:
     """``train.hardness --tfds NAME``: the catalog dataset's `load_dataset` options (None without --tfds)."""
-    given = [f for f in ("tfds_data_dir", "image_feature", "label_feature") if getattr(args, f) is not None]
+    given = [
+        f for f in ("tfds_data_dir", "image_feature", "label_feature", "tfds_split") if getattr(args, f) is not None
+    ]
     if not args.tfds:
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} goes with --tfds NAME (a TFDS catalog dataset)")
         return None
     if args.data_dir is not None or args.dataset is not None or args.synthetic:
         raise UsageError("--tfds NAME names the data: drop --data-dir, --dataset and --synthetic")
-    features = {k: getattr(args, k) for k in ("image_feature", "label_feature") if getattr(args, k) is not None}
-    return {"name": args.tfds, **features}
+    return {"name": args.tfds, **_tfds_features(args)}
 
 
 def _synthetic_if_absent(dataset: str, data_dir: Path) -> Path:
