@@ -124,6 +124,14 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
         "or the TFDS data folder of its catalog dataset (as for training); records name the dataset, split and "
         "example index",
     )  # fmt: skip
+    p.add_argument("--dataset", choices=("cub", "ade20k", "folder"), default=None,
+                   help="with --data-dir: what it holds when it is not the run's data (required for a run imported "
+                        "from weights): cub, ade20k, or folder (class folders; val and test carved as training "
+                        "carves them, 0.1 each, seed 0); its classes must be the run's, or each one of them by "
+                        "name")  # fmt: skip
+    p.add_argument("--tfds", metavar="NAME[:VERSION]", default=None,
+                   help="with --data-dir (a TFDS data folder): a TFDS catalog dataset to explain instead of the run's "
+                        "data")  # fmt: skip
     p.add_argument(
         "--split", default="test", metavar="SPLIT",  # delib_jax.job.inputs.SPLITS
         help="with --data-dir: test, train, or for class folders and TFDS catalog datasets also val (the splits as "
@@ -218,6 +226,8 @@ def _check_explain_args(args: argparse.Namespace) -> None:
     if bool(args.inputs) == bool(args.data_dir):
         raise UsageError("give image files or folders, or --data-dir DIR (a dataset's split), not both"
                          if args.inputs else "give image files or folders to explain, or --data-dir DIR")  # fmt: skip
+    if (args.dataset or args.tfds) and not args.data_dir:
+        raise UsageError(f"--{'dataset' if args.dataset else 'tfds'} says what --data-dir holds: give --data-dir DIR")
     if args.coverage is not None and not 0.01 <= args.coverage <= 0.90:
         raise UsageError(f"--coverage must lie between 1% and 90% (0.01..0.9), got {args.coverage:g}")
     if args.k < 2:
@@ -333,34 +343,60 @@ def _score(args: argparse.Namespace, model) -> tuple[str, str | None]:
     return args.score, None
 
 
+def _explain_data(args: argparse.Namespace, config) -> tuple[str, dict | None]:
+    """--dataset / --tfds against the run's data: (the kind to read --data-dir as, its `load_dataset` options: the
+    run's where it is the run's data, else the defaults)."""
+    if args.tfds and args.dataset:
+        raise UsageError("give --dataset or --tfds NAME, not both")
+    if args.tfds:
+        kind, given = "tfds", {"name": args.tfds}
+    elif args.dataset:
+        kind, given = args.dataset, None
+    elif config.dataset is None:
+        source = f" (imported from {config.imported_from})" if config.imported_from else ""
+        raise UsageError(f"--data-dir: {args.checkpoint}{source} names no dataset: say what {args.data_dir} holds "
+                         "(--dataset folder for class folders, --tfds NAME, --dataset cub or ade20k), or explain "
+                         "image files or folders instead")  # fmt: skip
+    else:
+        return config.dataset, config.data_options
+    same = kind == config.dataset and config.data_dir and Path(args.data_dir).absolute() == Path(config.data_dir)
+    if same and (kind != "tfds" or _same_catalog(args.tfds, (config.data_options or {}).get("name", ""))):
+        return kind, config.data_options  # the run's own data: its splits as training carved them
+    return kind, given
+
+
+def _same_catalog(given: str, recorded: str) -> bool:
+    """Whether --tfds NAME[/CONFIG][:VERSION] names the recorded catalog dataset (NAME[/CONFIG]:VERSION)."""
+    name, _, version = given.partition(":")
+    return recorded.partition(":")[0] == name and (not version or recorded.partition(":")[2] == version)
+
+
 def _dataset_inputs(args: argparse.Namespace, config, report: Callable[[str], None]):
-    """--data-dir, --split: the examples of that split of the run's dataset (`delib_jax.job.inputs.DatasetInputs`),
-    checked against the model's classes; one line for anything wrong."""
-    from delib_jax.data import DatasetError
+    """--data-dir, --split (--dataset, --tfds): the examples of that split of the run's dataset, or of the data
+    named (`delib_jax.job.inputs.DatasetInputs`), checked against the model's classes; one line for anything
+    wrong."""
+    from delib_jax.data import DatasetError, dataset_kind
     from delib_jax.job.inputs import check_classes, dataset_inputs
 
-    if config.dataset is None:
-        source = f" (imported from {config.imported_from})" if config.imported_from else ""
-        raise UsageError(f"--data-dir: {args.checkpoint}{source} names no dataset its classes come from; explain "
-                         "image files or folders instead")  # fmt: skip
+    kind, options = _explain_data(args, config)
     if not Path(args.data_dir).exists():
-        from delib_jax.data import dataset_kind
-
-        raise UsageError(f"--data-dir {args.data_dir} does not exist (give {dataset_kind(config.dataset).needs})")
+        raise UsageError(f"--data-dir {args.data_dir} does not exist (give {dataset_kind(kind).needs})")
     found: list[str] = []  # which form the folder holds: said once the data is known to fit (errors come first)
     try:
-        inputs = dataset_inputs(config.dataset, args.data_dir, args.split, options=config.data_options,
-                                report=found.append)  # fmt: skip
-        check_classes(inputs, config.class_names)
+        inputs = dataset_inputs(kind, args.data_dir, args.split, options=options, report=found.append)
+        note = check_classes(inputs, config.class_names, f"the model of {args.checkpoint}",
+                             by_index=config.imported_from is not None)  # fmt: skip
     except DatasetError as e:  # names the folder and what is wrong
         raise UsageError(str(e)) from None
     except (ValueError, OSError) as e:
         raise UsageError(f"--data-dir {args.data_dir}: {e}") from None
     if not len(inputs):
-        raise UsageError(f"--data-dir {args.data_dir}: the {config.dataset} data there has no {inputs.split} images")
+        raise UsageError(f"--data-dir {args.data_dir}: the {kind} data there has no {inputs.split} images")
     for line in found:
         report(line)
-    report(f"{len(inputs)} {inputs.split} images of {config.dataset} ({inputs.form} in {args.data_dir})")
+    if note:
+        report(note)
+    report(f"{len(inputs)} {inputs.split} images of {kind} ({inputs.form} in {args.data_dir})")
     return inputs
 
 

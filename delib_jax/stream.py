@@ -197,6 +197,8 @@ def explain_dataset(
     out: str | Path,
     *,
     split: str = "test",
+    dataset: str | None = None,
+    data_options: Mapping[str, Any] | None = None,
     options: JobOptions = JobOptions(),  # noqa: B008 -- a frozen dataclass
     model_id: Mapping[str, Any] | None = None,
     examples: Mapping[int, Path] | None = None,
@@ -206,13 +208,24 @@ def explain_dataset(
     """`explain_files` over the examples of ``split`` ('test' or 'train'; class folders and TFDS catalog datasets
     also 'val') of the run's dataset (``config.dataset``) in ``data_dir``: a release folder or a TFDS build, class
     folders or a TFDS data folder, read as training read it (the run's ``data_options``: the same carved splits).
+    ``dataset`` and ``data_options`` read other data instead (a kind of `delib_jax.data.KINDS` and its options; a
+    run imported from weights names none): its classes must be the model's, or each one of them by name (a line
+    says so; for an imported run as many classes also match by index, `delib_jax.job.inputs.check_classes`).
     Records name the dataset, split and example index; images kept in records (TFDS) are decoded from them. Raises
     `DatasetError` or ValueError (one line, nothing written) for data that cannot be read, a split the data does not
     have, or classes that are not the model's."""
     from delib_jax.job.inputs import check_classes
 
-    inputs = dataset_inputs(config.dataset, data_dir, split, options=getattr(config, "data_options", None))
-    check_classes(inputs, config.class_names)
+    if dataset is None and config.dataset is None:
+        raise ValueError("the run names no dataset (imported from weights?): give dataset ('folder', 'tfds', ...)")
+    own = dataset is None or dataset == config.dataset
+    kind = config.dataset if dataset is None else dataset
+    if data_options is None and own:
+        data_options = getattr(config, "data_options", None)
+    inputs = dataset_inputs(kind, data_dir, split, options=dict(data_options) if data_options is not None else None)
+    note = check_classes(inputs, config.class_names, by_index=getattr(config, "imported_from", None) is not None)
+    if note:
+        report(note)
     return explain_files(model, config, inputs, out, options=options, model_id=model_id, examples=examples,
                          report=report, **explain_options)  # fmt: skip
 

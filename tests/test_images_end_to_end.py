@@ -309,3 +309,70 @@ def test_the_hardness_head_of_an_imported_run_from_class_folders(folders, tmp_pa
     assert load_run_config(run).hardness == "head"
     trained = load_run_config(run / HARDNESS_DIR)
     assert trained.dataset == "folder" and trained.data_options == ds.options
+
+
+def test_an_imported_classifier_explains_a_split_of_class_folders_of_its_classes(folders, tmp_path, capsys):
+    """A classifier imported from weights knows more classes than the folders hold: --dataset folder reads them,
+    the folders' classes matched to its own by name (said in one line), records naming the split and example;
+    the same command resumes. Folders it cannot match are one line, nothing written; as many classes as it has,
+    named otherwise (ImageNet's WordNet IDs), match by index for an imported run only."""
+    from delib_jax.checkpoint import RunConfig
+
+    model_names = ["tench", "Red Fox", "grün", "blue jay", "goldfish"]  # the folders': red fox, Blue_jay, grün
+    run = tmp_path / "imported"
+    config = RunConfig(arch="small", num_classes=5, class_names=model_names, dataset=None, hardness="none", crop=32,
+                       resize=36, imported_from=str(tmp_path / "weights.pth"))  # fmt: skip
+    _save_random_run(run, config)
+    out = tmp_path / "out"
+    argv = ["explain", "--checkpoint", run, "--data-dir", folders, "--dataset", "folder", "--split", "test", "--out",
+            out, "--workers", "0", "--no-figures", "--top-n", "3", "--k", "2"]  # fmt: skip
+    code, err = _run(delib, argv, capsys)
+    assert code == 0, err
+    assert f"the 3 classes of the class folders in {folders} are matched by name to those of the model of {run} " \
+           "(5 classes); 'Blue_jay' is 'blue jay'" in err  # fmt: skip
+    ds = load_dataset("folder", folders)
+    rows = list(st.read_records(out))
+    assert [r["index"] for r in rows] == ds.indices("test").tolist() and {r["split"] for r in rows} == {"test"}
+    assert all(r["dataset"] == "folder" for r in rows)
+    assert st.read_manifest(out)["data"]["options"] == ds.options
+    code, err = _run(delib, argv, capsys)
+    assert code == 0 and f"resuming: {len(rows)} images already explained" in err, err
+
+    for extra, message in [
+        ([], "names no dataset: say what"),
+        (["--dataset", "folder", "--tfds", "x"], "give --dataset or --tfds NAME, not both"),
+    ]:
+        code, err = _run(delib, [*argv[:5], *extra, "--out", tmp_path / "never"], capsys)
+        _one_error(code, err, message)
+    code, err = _run(delib, ["explain", "--checkpoint", run, "--dataset", "folder", "--out", tmp_path / "never",
+                             "photo.jpg"], capsys)  # fmt: skip
+    _one_error(code, err, "--dataset says what --data-dir holds")
+    other = RunConfig(**{**config.__dict__, "class_names": ["tench", "goldfish", "red fox", "carp", "eel"]})
+    _save_random_run(tmp_path / "other", other)
+    code, err = _run(delib, [*argv[:2], tmp_path / "other", *argv[3:9], "--out", tmp_path / "never"], capsys)
+    _one_error(code, err, "has 3 classes, the model of")
+    assert "and class 'Blue_jay' is not one of the model's 5 classes" in err
+    assert not (tmp_path / "never").exists()
+
+    wnids = RunConfig(**{**config.__dict__, "num_classes": 3, "class_names": ["n01", "n02", "n03"]})
+    _save_random_run(tmp_path / "wnids", wnids)
+    code, err = _run(delib, [*argv[:2], tmp_path / "wnids", *argv[3:9], "--out", tmp_path / "by_index",
+                             *argv[11:]], capsys)  # fmt: skip
+    assert code == 0 and "labels are matched by index" in err, err
+    trained = RunConfig(**{**wnids.__dict__, "imported_from": None, "dataset": "folder"})
+    _save_random_run(tmp_path / "trained", trained)
+    code, err = _run(delib, [*argv[:2], tmp_path / "trained", *argv[3:9], "--out", tmp_path / "never"], capsys)
+    _one_error(code, err, "are not those of the model of")
+    assert not (tmp_path / "never").exists()
+    # the same from Python: explain_dataset(..., dataset="folder")
+    from delib_jax.stream import JobOptions, explain_dataset
+
+    model, config = load_model(run)
+    said = []
+    with pytest.raises(ValueError, match="the run names no dataset"):
+        explain_dataset(model, config, folders, tmp_path / "never", split="val")
+    summary = explain_dataset(model, config, folders, tmp_path / "val", split="val", dataset="folder",
+                              options=JobOptions(workers=0, figures=False, progress=False), report=said.append,
+                              top_n=3, k=2, score="entropy")  # fmt: skip
+    assert summary.explained == len(ds.indices("val")) > 0 and "matched by name" in said[0]
+    assert not (tmp_path / "never").exists()

@@ -361,8 +361,8 @@ def test_relabel_maps_a_subset_by_name_and_a_full_set_by_index(data, tmp_path):
     splits = load_splits("folder", folders, val_fraction=0.1, seed=0, options={"test_fraction": 0.2})
     model = [*load_cub(data).class_names, "extra 0", "extra 1"]
     moved, note = relabel(splits, model, "the folders", Path("RUN"))
-    assert note == ("the 2 classes of the folders are matched to the classifier's 5 by name; '002.yellow winged "
-                    "warbler' is '002.Yellow_Winged_Warbler'")  # fmt: skip
+    assert note == ("the 2 classes of the folders are matched by name to those of the classifier of RUN (5 classes); "
+                    "'002.yellow winged warbler' is '002.Yellow_Winged_Warbler'")  # fmt: skip
     assert moved.class_names == ["002.Yellow_Winged_Warbler", "extra 1"]
     for a, b in ((moved.train, splits.train), (moved.val, splits.val), (moved.test, splits.test)):
         np.testing.assert_array_equal(a.labels, np.array([1, 4])[b.labels])
@@ -402,7 +402,10 @@ def test_an_imported_run_gets_a_head_from_class_folders_of_some_of_its_classes(t
             "--no-progress", "--threads", "2"]  # fmt: skip
     assert hardness_main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
-    assert f"note: the 2 classes of {folders} (folder) are matched to the classifier's 3 by name; " in err
+    assert (
+        f"note: the 2 classes of {folders} (folder) are matched by name to those of the classifier of {run} (3 "
+        "classes); " in err
+    )
     assert "'001.PINK_WINGED_FINCH' is '001.Pink_Winged_Finch'" in err  # the first class named otherwise
     (splits,) = seen
     for source in (splits.train, splits.val, splits.test):

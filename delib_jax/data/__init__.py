@@ -20,7 +20,7 @@ from delib_jax.data.cub import (
     load_cub,
 )
 from delib_jax.data.folders import load_folders
-from delib_jax.data.images import SPLITS, ImageDataset, match_classes, split_name
+from delib_jax.data.images import SPLITS, ImageDataset, class_correspondence, match_classes, split_name
 from delib_jax.data.loading import KINDS, DatasetKind, class_names, dataset_kind, dataset_source, load_dataset
 from delib_jax.data.sources import DataSource, TfdsBuild, find_source, find_tfds_builds
 from delib_jax.data.transforms import CUB_STATS, IMAGENET_STATS, Normalization, Plan
@@ -45,6 +45,7 @@ __all__ = [
     "Plan",
     "TfdsBuild",
     "attribute_groups",
+    "class_correspondence",
     "class_names",
     "dataset_kind",
     "dataset_source",

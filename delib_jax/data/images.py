@@ -251,6 +251,33 @@ def match_classes(data_names: Sequence[str], model_names: Sequence[str]) -> tupl
     return out, ""
 
 
+def class_correspondence(
+    data_names: Sequence[str], model_names: Sequence[str], title: str, model: str, *, by_index: bool = True
+) -> tuple[np.ndarray | None, str]:
+    """How a dataset's classes are a model's: (None, "") when they are the same; (data class -> model class index,
+    a line saying so) when each is one of the model's by name (`match_classes`: a subset, or another order); else,
+    with ``by_index`` where the counts agree, (None, a line: labels matched by index, as ImageNet's class folders
+    named by WordNet ID sort in the order of its class indices); else ValueError (one line naming the first class
+    the model lacks). ``title`` and ``model`` name the two in the lines ("the class folders in DIR", "the
+    classifier of RUN")."""
+    names = [str(n) for n in data_names]
+    if names == [str(n) for n in model_names]:
+        return None, ""
+    mapping, why = match_classes(names, model_names)
+    if mapping is not None:
+        renamed = next((f"{n!r} is {model_names[k]!r}" for n, k in zip(names, mapping) if n != model_names[k]), None)
+        return mapping, (f"the {len(names)} classes of {title} are matched by name to those of {model} "
+                         f"({len(model_names)} classes){'; ' + renamed if renamed else ''}")  # fmt: skip
+    if len(names) == len(model_names):
+        if by_index:
+            return None, f"the class names of {title} are not those of {model} ({why}); labels are matched by index"
+        raise ValueError(f"the classes of {title} are not those of {model}: {why}")
+    raise ValueError(
+        f"{title} has {len(names)} classes, {model} {len(model_names)}, and {why}: give the data it was trained "
+        "on, or class folders named as its classes"
+    )
+
+
 def image_source(ds: ImageDataset, split: str = "train", *, indices: np.ndarray | None = None):
     """The pipeline `Source` of ``split`` of ``ds`` (or of explicit example ``indices``)."""
     from delib_jax.data.pipeline import Source
@@ -276,6 +303,6 @@ def with_options(options: Mapping[str, Any] | None, **defaults: Any) -> dict[str
 
 __all__ = [
     "DEFAULT_TEST_FRACTION", "DEFAULT_VAL_FRACTION", "SPLITS", "SPLIT_NAMES", "ImageDataset", "Names", "carve",
-    "check_classes", "check_fractions", "hash_order", "image_source", "match_classes", "quotas", "split_name",
-    "with_options",
+    "check_classes", "check_fractions", "class_correspondence", "hash_order", "image_source", "match_classes",
+    "quotas", "split_name", "with_options",
 ]  # fmt: skip

@@ -145,15 +145,17 @@ class RecordPayloads:
         return StoredImage(record["source"], b"")  # the build is gone or changed: unreadable, said by the reader
 
 
-def check_classes(inputs: DatasetInputs, class_names: Sequence[str]) -> None:
-    """ValueError (one line) unless the dataset's classes are the model's (the same names in the same order)."""
+def check_classes(inputs: DatasetInputs, class_names: Sequence[str], model: str = "the model", *,
+                  by_index: bool = False) -> str:  # fmt: skip
+    """ "" when the dataset's classes are the model's (the same names in the same order); a line saying how they
+    correspond when each is one of the model's by name (a subset, another order), or with ``by_index`` (a model
+    imported from weights) when there are as many; else ValueError (one line):
+    `delib_jax.data.class_correspondence`."""
+    from delib_jax.data import class_correspondence
     from delib_jax.data import class_names as names_of
 
-    names = list(names_of(inputs.ds))
-    if [str(n) for n in names] != [str(n) for n in class_names]:
-        first = next((k for k, (a, b) in enumerate(zip(names, class_names)) if str(a) != str(b)), None)
-        where = "" if first is None else f"; class {first} is {names[first]!r} there, {class_names[first]!r} here"
-        raise ValueError(f"its {len(names)} classes are not the model's {len(class_names)}{where}")
+    title = getattr(inputs.ds, "title", None) or f"the {inputs.dataset} data in {inputs.path}"
+    return class_correspondence(list(names_of(inputs.ds)), list(class_names), title, model, by_index=by_index)[1]
 
 
 def manifest_inputs(manifest: dict[str, Any], *, report=None) -> DatasetInputs | None:

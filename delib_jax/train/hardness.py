@@ -56,7 +56,7 @@ from delib_jax.checkpoint import (
     quiet_orbax_leftovers,
     save_run_config,
 )
-from delib_jax.data import match_classes
+from delib_jax.data import class_correspondence
 from delib_jax.models import DeliberativeModel, hardness_head
 from delib_jax.train.loop import (
     HEAD_PARAMS,
@@ -253,27 +253,14 @@ def _data_options(run_config: RunConfig, dataset: str, data_dir: str | Path, giv
 
 def relabel(splits: Splits, model_names: Sequence[str], title: str, run_dir: Path) -> tuple[Splits, str]:
     """``splits`` with labels that are the classifier's class indices, and a line to say how they were matched ("" when
-    the classes are the classifier's). By name where every class of the data is one of the classifier's (a subset,
-    or another order: `delib_jax.data.match_classes`); else by index where the counts agree (ImageNet's class
-    folders are named by WordNet ID, in the order of its class indices); else ValueError (one line)."""
-    names = list(splits.class_names)
-    if names == [str(n) for n in model_names]:
-        return splits, ""
-    mapping, why = match_classes(names, model_names)
+    the classes are the classifier's): `delib_jax.data.class_correspondence` (by name, else by index where the
+    counts agree, else ValueError)."""
+    mapping, note = class_correspondence(splits.class_names, model_names, title, f"the classifier of {run_dir}")
     if mapping is None:
-        if len(names) == len(model_names):
-            return splits, f"the class names of {title} are not {run_dir}'s ({why}); labels are matched by index"
-        raise ValueError(
-            f"{title} has {len(names)} classes, the classifier of {run_dir} {len(model_names)}, and {why}: give "
-            "the dataset it was trained on, or class folders named as its classes"
-        )
+        return splits, note
     moved = {f: dataclasses.replace(getattr(splits, f), labels=mapping[getattr(splits, f).labels])
              for f in ("train", "val", "test")}  # fmt: skip
-    renamed = next((f"{n!r} is {model_names[k]!r}" for n, k in zip(names, mapping) if n != model_names[k]), None)
-    how = f"; {renamed}" if renamed else ""
-    return dataclasses.replace(splits, **moved, class_names=[str(model_names[k]) for k in mapping]), (
-        f"the {len(names)} classes of {title} are matched to the classifier's {len(model_names)} by name{how}"
-    )
+    return dataclasses.replace(splits, **moved, class_names=[str(model_names[k]) for k in mapping]), note
 
 
 def _fit_hardness(
