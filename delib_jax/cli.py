@@ -359,16 +359,16 @@ def _explain_data(args: argparse.Namespace, config) -> tuple[str, dict | None]:
                          "image files or folders instead")  # fmt: skip
     else:
         return config.dataset, config.data_options
-    same = kind == config.dataset and config.data_dir and Path(args.data_dir).absolute() == Path(config.data_dir)
-    if same and (kind != "tfds" or _same_catalog(args.tfds, (config.data_options or {}).get("name", ""))):
+    from delib_jax.data.catalog import names_same
+
+    same = bool(config.data_dir) and Path(args.data_dir).absolute() == Path(config.data_dir).absolute()
+    if (
+        same
+        and kind == config.dataset
+        and (kind != "tfds" or names_same(args.tfds, (config.data_options or {}).get("name", "")))
+    ):
         return kind, config.data_options  # the run's own data: its splits as training carved them
     return kind, given
-
-
-def _same_catalog(given: str, recorded: str) -> bool:
-    """Whether --tfds NAME[/CONFIG][:VERSION] names the recorded catalog dataset (NAME[/CONFIG]:VERSION)."""
-    name, _, version = given.partition(":")
-    return recorded.partition(":")[0] == name and (not version or recorded.partition(":")[2] == version)
 
 
 def _dataset_inputs(args: argparse.Namespace, config, report: Callable[[str], None]):

@@ -272,6 +272,12 @@ def test_a_tfds_catalog_dataset_trains_and_explains(tmp_path, capsys):
     assert len(list((out / "thumbs").glob("*"))) == 2 and len(list((out / "figures").glob("*.png"))) == 2
     manifest = st.read_manifest(out)
     assert manifest["data"]["options"] == config.data_options
+    # the run's own catalog dataset named with --tfds: read with the run's options (the same carved split)
+    code, err = _run(delib, ["explain", "--checkpoint", run, "--data-dir", data, "--tfds", "tiny_birds", "--split",
+                             "val", "--out", tmp_path / "named", "--workers", "0", "--top-n", "3", "--k", "2",
+                             "--no-figures"], capsys)  # fmt: skip
+    assert code == 0, err
+    assert [r["source"] for r in st.read_records(tmp_path / "named")] == [r["source"] for r in rows]
     # a data folder without the dataset: one line, nothing written
     code, err = _run(delib, ["explain", "--checkpoint", run, "--data-dir", tmp_path, "--out", tmp_path / "never"],
                      capsys)  # fmt: skip

@@ -271,6 +271,16 @@ def _labels(source, n: int, feature: str, path: Path, split: str) -> np.ndarray:
     return out
 
 
+def names_same(given: str, recorded: str) -> bool:
+    """Whether ``given`` (NAME[/CONFIG][:VERSION], as on a command line) names the ``recorded`` dataset
+    (NAME[/CONFIG]:VERSION, as a run records it): a config or version left out matches any."""
+    try:
+        (a, ca, va), (b, cb, vb) = parse_name(given), parse_name(recorded)
+    except ValueError:
+        return False
+    return a == b and (ca is None or ca == cb) and (va is None or va == vb)
+
+
 def load(path: str | Path | None, options: Mapping[str, Any] | None = None) -> ImageDataset:
     """`load_catalog` with the TFDS data folder ``path`` and a run's recorded ``options`` (``name`` required)."""
     o = with_options(options, name=None, image_feature=None, label_feature=None, splits=None,
@@ -280,4 +290,4 @@ def load(path: str | Path | None, options: Mapping[str, Any] | None = None) -> I
     return load_catalog(o.pop("name"), path, **o)
 
 
-__all__ = ["CatalogRecords", "default_data_dir", "find_prepared", "load", "load_catalog", "parse_name"]
+__all__ = ["CatalogRecords", "default_data_dir", "find_prepared", "load", "load_catalog", "names_same", "parse_name"]

@@ -321,7 +321,9 @@ def _check_images_resume(args: argparse.Namespace, stored) -> None:
     """``train.images --resume``: the data flags given must name the run's data."""
     options = stored.data_options or {}
     conflicts = []
-    if args.tfds is not None and (stored.dataset != "tfds" or not _same_tfds(args.tfds, options.get("name", ""))):
+    from delib_jax.data.catalog import names_same
+
+    if args.tfds is not None and (stored.dataset != "tfds" or not names_same(args.tfds, options.get("name", ""))):
         conflicts.append(f"--tfds {args.tfds} (the run has {options.get('name') or 'class folders'})")
     if args.tfds_data_dir is not None and Path(args.tfds_data_dir).expanduser().absolute() != Path(stored.data_dir):
         conflicts.append(f"--tfds-data-dir {args.tfds_data_dir} (the run has {stored.data_dir})")
@@ -335,17 +337,6 @@ def _check_images_resume(args: argparse.Namespace, stored) -> None:
         conflicts.append(f"--tfds-split {given} (the run has {options.get('splits')})")
     if conflicts:
         raise UsageError("--resume continues the run as configured; drop or fix " + ", ".join(conflicts))
-
-
-def _same_tfds(given: str, recorded: str) -> bool:
-    """Whether --tfds NAME[/CONFIG][:VERSION] names the recorded dataset (NAME[/CONFIG]:VERSION)."""
-    from delib_jax.data.catalog import parse_name
-
-    try:
-        (a, ca, va), (b, cb, vb) = parse_name(given), parse_name(recorded)
-    except ValueError:
-        return False
-    return a == b and (ca is None or ca == cb) and (va is None or va == vb)
 
 
 def make_config(dataset: str, args: argparse.Namespace):
