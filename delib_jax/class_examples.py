@@ -102,10 +102,15 @@ def class_examples(
     per_class: int = PER_CLASS,
     report: Callable[[str], None] = print,
     progress: bool = True,
+    data: tuple[str, str | Path, dict | None, np.ndarray | None] | None = None,
 ) -> dict[int, Path | np.ndarray]:
     """Class index -> example image of that class from the run's training split (module docstring), read from
     RUN_DIR/class_examples/ or computed once and kept there; {} when the training data is not reachable. A run
-    folder that cannot be written to gives the examples in memory (uint8 thumbnails) without keeping them."""
+    folder that cannot be written to gives the examples in memory (uint8 thumbnails) without keeping them.
+    ``data``: (kind, folder, options, data class -> model class index or None) to take them from the training
+    split of other data instead (a run imported from weights has none of its own): the model's classes it holds."""
+    import dataclasses
+
     from delib_jax.data import load_dataset
     from delib_jax.data.pipeline import read_example
     from delib_jax.explanation import atomic_write, write_json
@@ -113,6 +118,11 @@ def class_examples(
 
     run_dir = Path(run_dir)
     folder = run_dir / EXAMPLES_DIR
+    mapping = None
+    if data is not None:
+        kind, data_dir, options, mapping = data
+        config = dataclasses.replace(config, dataset=kind, data_dir=str(Path(data_dir).absolute()),
+                                     data_options=options)  # fmt: skip
     key = _key(run_dir, config, which, per_class)
     cached = cached_examples(folder, key)
     if cached is not None:
@@ -124,6 +134,8 @@ def class_examples(
         return {}
     try:
         ds = load_dataset(config.dataset, config.data_dir, options=getattr(config, "data_options", None))
+        if mapping is not None:  # the data's labels as the model's class indices
+            ds = dataclasses.replace(ds, labels=np.asarray(mapping)[ds.labels])
         chosen, probability, source = choose_examples(model, config, ds, per_class=per_class, progress=progress)
         thumbnails = {c: load_example(np.asarray(read_example(source, pos)[0]), THUMBNAIL) for c, pos in chosen.items()}
     except (OSError, ValueError) as e:  # DatasetError is a ValueError

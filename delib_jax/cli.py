@@ -492,6 +492,14 @@ def _run_explain(args: argparse.Namespace) -> int:
         examples = _read_examples(args.examples, config.class_names)
     elif args.no_examples or args.no_figures:
         examples = {}
+    elif config.imported_from is not None and not config.data_dir and args.data_dir:
+        from delib_jax.data import class_correspondence
+        from delib_jax.data import class_names as names_of
+
+        names = list(names_of(files.ds))  # its classes checked against the model's already: the mapping, if any
+        mapping, _ = class_correspondence(names, config.class_names, "the data", "the model", by_index=True)
+        examples = class_examples(args.checkpoint, model, config, which=args.which, report=report,
+                                  data=(files.dataset, args.data_dir, files.options, mapping))  # fmt: skip
     elif config.imported_from is not None and not config.data_dir:
         report(f"no class examples in the figures: {args.checkpoint} was imported (delib import) and has no training "
                "data; give --examples JSON to show some")  # fmt: skip

@@ -343,6 +343,13 @@ def test_an_imported_classifier_explains_a_split_of_class_folders_of_its_classes
     assert st.read_manifest(out)["data"]["options"] == ds.options
     code, err = _run(delib, argv, capsys)
     assert code == 0 and f"resuming: {len(rows)} images already explained" in err, err
+    # with figures: class examples from the folders' training split, under the model's class indices
+    code, err = _run(delib, [*argv[:9], "--out", tmp_path / "figures", *argv[11:-5], "--top-n", "3", "--k", "2"],
+                     capsys)  # fmt: skip
+    assert code == 0 and "class examples: 3 classes, kept in" in err, err
+    chosen = json.loads((run / "class_examples" / "examples.json").read_text())["files"]
+    assert sorted(map(int, chosen)) == [1, 2, 3]  # red fox, grün, blue jay; not tench or goldfish
+    assert len(list((tmp_path / "figures" / "figures").glob("*.png"))) == len(rows)
 
     for extra, message in [
         ([], "names no dataset: say what"),
