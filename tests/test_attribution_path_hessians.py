@@ -139,7 +139,8 @@ def test_completeness_rows_sum_to_integrated_gradients_and_total_to_the_differen
 
 @pytest.mark.slow
 def test_float32_within_the_stated_residual_and_chunking_is_exact():
-    model64 = _tiny(1)
+    with jax.enable_x64(True):
+        model64 = _tiny(1)  # float64 parameters holding model32's values (drawn in float32)
     model32 = _tiny(1, jnp.float32)
     images = _images((2, 4, 4, 3), seed=1, dtype=np.float32)
     with jax.enable_x64(True):
