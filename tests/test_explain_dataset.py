@@ -139,7 +139,7 @@ def test_resume_refusals_and_unreadable_examples(data, tmp_path):
     # a dataset whose classes are not the model's: one line, nothing written
     other = tmp_path / "other"
     make_cub(other, classes=4, images_per_class=2, size=48, seed=2)
-    with pytest.raises(ValueError, match="has 4 classes, the model 3, and class '.*' is not one of the model's 3"):
+    with pytest.raises(ValueError, match="has 4 classes and the model has 3; class '.*' is not one of the model's 3"):
         _job(data, other, tmp_path / "never")
     assert not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="split must be one of"):

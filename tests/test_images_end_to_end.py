@@ -363,8 +363,8 @@ def test_an_imported_classifier_explains_a_split_of_class_folders_of_its_classes
     other = RunConfig(**{**config.__dict__, "class_names": ["tench", "goldfish", "red fox", "carp", "eel"]})
     _save_random_run(tmp_path / "other", other)
     code, err = _run(delib, [*argv[:2], tmp_path / "other", *argv[3:9], "--out", tmp_path / "never"], capsys)
-    _one_error(code, err, "has 3 classes, the model of")
-    assert "and class 'Blue_jay' is not one of the model's 5 classes" in err
+    _one_error(code, err, "has 3 classes and the model of")
+    assert " has 5; class 'Blue_jay' is not one of the model's 5 classes" in err
     assert not (tmp_path / "never").exists()
 
     wnids = RunConfig(**{**config.__dict__, "num_classes": 3, "class_names": ["n01", "n02", "n03"]})

@@ -127,7 +127,7 @@ def test_errors_are_one_line_and_write_nothing(data, tmp_path, capsys):
     config = load_run_config(four)
     save_run_config(four, dataclasses.replace(config, class_names=["a", *config.class_names[1:]]))  # one not its
     err = _error(["--checkpoint", four, "--steps", "2"], capsys)
-    assert "has 3 classes, the classifier of" in err and " 4, and class '001.Pink_Winged_Finch' is not one" in err
+    assert "has 3 classes and the classifier of" in err and " has 4; class '001.Pink_Winged_Finch' is not one" in err
     assert "nothing to resume" in _error(["--checkpoint", four, "--resume"], capsys)
 
     head = config_only(tmp_path / "head", data, hardness="head")

@@ -273,7 +273,7 @@ def class_correspondence(
             return None, f"the class names of {title} are not those of {model} ({why}); labels are matched by index"
         raise ValueError(f"the classes of {title} are not those of {model}: {why}")
     raise ValueError(
-        f"{title} has {len(names)} classes, {model} {len(model_names)}, and {why}: give the data it was trained "
+        f"{title} has {len(names)} classes and {model} has {len(model_names)}; {why}: give the data it was trained "
         "on, or class folders named as its classes"
     )
 

@@ -8,13 +8,14 @@ prepared dataset is read (`delib_jax.data.catalog`).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from delib_jax.data.tfds import _quiet_tfds
 
 
 def prepare(
@@ -68,27 +69,10 @@ def prepare(
 
     Builder.name = name
     kwargs = {"config": config} if config else {}
-    with tempfile.TemporaryDirectory() as downloads, _quiet():
+    with tempfile.TemporaryDirectory() as downloads, _quiet_tfds():
         builder = Builder(data_dir=str(data_dir), file_format="array_record", **kwargs)
         builder.download_and_prepare(download_dir=downloads)
     return Path(builder.data_dir)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Without TFDS's progress bars and its "Downloading and preparing" lines."""
-    import tensorflow_datasets as tfds
-    from absl import logging
-
-    verbosity = logging.get_verbosity()
-    tfds.display_progress_bar(False)
-    logging.set_verbosity(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logging.set_verbosity(verbosity)
-        tfds.display_progress_bar(True)
 
 
 def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:

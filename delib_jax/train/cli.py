@@ -72,20 +72,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
             help="a folder of class folders (DIR/CLASS/*.jpg), or of split "
             "folders of class folders (DIR/train/CLASS/*.jpg, val, test)",
         )
-        data.add_argument("--tfds", metavar="NAME[:VERSION]",
-                          help="a TFDS catalog dataset (NAME[/CONFIG][:VERSION]), prepared in --tfds-data-dir in "
-                               "ArrayRecord format (tfds build NAME --file_format array_record); nothing is "
-                               "downloaded")  # fmt: skip
-        data.add_argument(
-            "--tfds-data-dir", type=Path, help="the TFDS data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
-        )
-        data.add_argument("--image-feature", help="with --tfds: the image feature (default: found from the dataset)")
-        data.add_argument(
-            "--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)"
-        )
-        data.add_argument("--tfds-split", action="append", metavar="OURS=THEIRS",
-                          help="with --tfds: take the dataset's split THEIRS as train, val or test (repeat for each; "
-                               "default: its splits by name, the rest left out)")  # fmt: skip
+        _add_tfds_flags(data)
         data.add_argument("--test-fraction", type=float,
                           help="where the data gives no test split: each class's share carved for test (default "
                                "0.1; seeded by --seed, recorded in the run)")  # fmt: skip
@@ -291,6 +278,23 @@ def images_data(args: argparse.Namespace) -> tuple[str, Path, dict]:
     return "tfds", args.tfds_data_dir or default_data_dir(), {"name": args.tfds, **_tfds_features(args), **options}
 
 
+def _add_tfds_flags(group) -> None:
+    """--tfds, --tfds-data-dir, --image-feature, --label-feature and --tfds-split: a TFDS catalog dataset as the
+    data, instead of --data-dir (read by `images_data`, `_tfds_features`)."""
+    group.add_argument("--tfds", metavar="NAME[:VERSION]",
+                       help="a TFDS catalog dataset (NAME[/CONFIG][:VERSION]), prepared in --tfds-data-dir in "
+                            "ArrayRecord format (tfds build NAME --file_format array_record), instead of --data-dir; "
+                            "nothing is downloaded")  # fmt: skip
+    group.add_argument(
+        "--tfds-data-dir", type=Path, help="the TFDS data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    )
+    group.add_argument("--image-feature", help="with --tfds: the image feature (default: found from the dataset)")
+    group.add_argument("--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)")
+    group.add_argument("--tfds-split", action="append", metavar="OURS=THEIRS",
+                       help="with --tfds: take the dataset's split THEIRS as train, val or test (repeat for each; "
+                            "default: its splits by name, the rest left out)")  # fmt: skip
+
+
 def _tfds_splits(args: argparse.Namespace) -> dict[str, str] | None:
     """``--tfds-split OURS=THEIRS`` (repeated) -> {ours: theirs}, ours one of train, val, test; `UsageError` (one
     line) otherwise; None when not given."""
@@ -488,22 +492,7 @@ def build_hardness_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", choices=(*DATASETS, "folder"),
                      help="cub, ade20k, or folder (class folders in --data-dir); default: the run's (required for an "
                           "imported run)")  # fmt: skip
-    run.add_argument(
-        "--tfds",
-        metavar="NAME[:VERSION]",
-        help="a TFDS catalog dataset prepared in --tfds-data-dir (ArrayRecord) instead of --data-dir",
-    )
-    run.add_argument(
-        "--tfds-data-dir", type=Path, help="the TFDS data folder (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)"
-    )
-    run.add_argument("--image-feature", help="with --tfds: the image feature (default: found from the dataset)")
-    run.add_argument("--label-feature", help="with --tfds: the class-label feature (default: found from the dataset)")
-    run.add_argument(
-        "--tfds-split",
-        action="append",
-        metavar="OURS=THEIRS",
-        help="with --tfds: take the dataset's split THEIRS as train, val or test (repeat for each)",
-    )
+    _add_tfds_flags(run)
     run.add_argument("--synthetic", action="store_true",
                      help="the synthetic dataset, generated into --data-dir (default: the run's synthetic data, "
                           "else RUN/synthetic_data) if absent")  # fmt: skip
